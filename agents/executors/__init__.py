@@ -1,0 +1,52 @@
+"""Executors: the one port through which an agent does a task's work.
+
+Each adapter takes a TaskContext and returns a result dict, or raises TaskFailed (a business
+failure: recorded, never retried) or TransientError (retried with backoff up to max_attempts).
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+
+class TaskFailed(Exception):
+    """The task ran and failed; the message is recorded as the task's error, `result` as its result."""
+
+    def __init__(self, message: str, result: dict | None = None):
+        super().__init__(message)
+        self.result = result or {}
+
+
+class TransientError(Exception):
+    """The executor could not run the task this time (network, busy tool); try again later."""
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    task_id: str
+    session_id: str
+    key: str
+    title: str
+    capability: str
+    instructions: str
+    params: dict
+    workspace: Path
+    attempt: int
+    timeout_s: float
+    defaults: dict = field(default_factory=dict)
+
+
+class Executor(Protocol):
+    kind: str
+
+    def execute(self, ctx: TaskContext) -> dict: ...
+
+
+def build_executor(kind: str, defaults: dict | None = None) -> Executor:
+    from .scripted import ScriptedExecutor
+    from .shell import ShellExecutor
+
+    executors = {"scripted": ScriptedExecutor, "shell": ShellExecutor}
+    if kind not in executors:
+        raise ValueError(f"unknown executor {kind!r}; choose one of {', '.join(sorted(executors))}")
+    return executors[kind](**(defaults or {}))

@@ -1,0 +1,60 @@
+import os
+import shlex
+import signal
+import subprocess
+import tempfile
+
+from django.conf import settings
+
+from . import TaskContext, TaskFailed
+
+
+class ShellExecutor:
+    """Runs the operator-configured command for the task's capability in the session workspace.
+
+    The command comes only from settings.SHELL_EXECUTOR_COMMANDS, never from API input. It runs
+    with a scrubbed environment, in its own process group (so a timeout kills its children too),
+    and with its output captured to a file and capped.
+    """
+
+    kind = "shell"
+    _KEPT_ENV = ("PATH", "LANG", "LC_ALL", "VIRTUAL_ENV")
+
+    def __init__(self, commands: dict | None = None, output_limit: int | None = None) -> None:
+        self.commands = commands if commands is not None else settings.SHELL_EXECUTOR_COMMANDS
+        self.output_limit = output_limit or settings.SHELL_EXECUTOR_OUTPUT_LIMIT
+
+    def execute(self, ctx: TaskContext) -> dict:
+        command = self.commands.get(ctx.capability)
+        if not command:
+            raise TaskFailed(f"no shell command is configured for capability {ctx.capability!r}")
+        ctx.workspace.mkdir(parents=True, exist_ok=True)
+        env = {k: os.environ[k] for k in self._KEPT_ENV if k in os.environ}
+        env.update(HOME=str(ctx.workspace), TMPDIR=tempfile.gettempdir(), CI="true")
+        with tempfile.TemporaryFile() as sink:
+            proc = subprocess.Popen(
+                shlex.split(command),
+                cwd=ctx.workspace,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            try:
+                exit_code = proc.wait(timeout=ctx.timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                raise TaskFailed(f"{command!r} timed out after {ctx.timeout_s:g}s") from None
+            output, truncated = self._read_capped(sink)
+        result = {"command": command, "exit_code": exit_code, "output": output, "output_truncated": truncated}
+        if exit_code != 0:
+            raise TaskFailed(f"{command!r} exited with {exit_code}: {output[-2000:]}", result=result)
+        return result
+
+    def _read_capped(self, sink) -> tuple[str, bool]:
+        size = sink.seek(0, os.SEEK_END)
+        sink.seek(max(0, size - self.output_limit))
+        # Keep the tail: the end of a test run or lint report is where the verdict is.
+        return sink.read().decode("utf-8", errors="replace"), size > self.output_limit

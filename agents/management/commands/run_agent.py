@@ -1,0 +1,103 @@
+import logging
+import os
+import re
+import socket
+import threading
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+from django.db import close_old_connections
+
+from agents.models import Agent
+from agents.runtime import AgentRuntime, set_current_agent
+from orchestrator_project.celery import app
+from tasks.models import CAPABILITIES
+
+logger = logging.getLogger(__name__)
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,99}$")
+
+
+class Command(BaseCommand):
+    help = "Run one agent: a Celery worker consuming cap.<capability> queues and agent.<name>."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--name", required=True, help="unique agent name (lowercase letters, digits, - and _)")
+        parser.add_argument("--capabilities", required=True, help="comma-separated, e.g. code_generation,testing")
+        parser.add_argument("--executor", required=True, choices=Agent.Executor.values)
+        parser.add_argument("--concurrency", type=int, default=1, help="tasks run at once (default 1)")
+        parser.add_argument("--duration", type=float, default=0.0, help="scripted: default seconds per task")
+        parser.add_argument("--fail-rate", type=float, default=0.0, help="scripted: default failure chance 0..1")
+        parser.add_argument("--loglevel", default="INFO")
+
+    def handle(self, *args, name, capabilities, executor, concurrency, duration, fail_rate, loglevel, **options):
+        caps = self._parse_capabilities(capabilities)
+        if not NAME_PATTERN.match(name):
+            raise CommandError(f"--name {name!r}: use lowercase letters, digits, '-' and '_' (at most 100)")
+        if not 1 <= concurrency <= 64:
+            raise CommandError("--concurrency must be between 1 and 64")
+        if duration < 0 or not 0 <= fail_rate <= 1:
+            raise CommandError("--duration must be >= 0 and --fail-rate between 0 and 1")
+        defaults = {"duration_s": duration, "fail_rate": fail_rate} if executor == Agent.Executor.SCRIPTED else {}
+        agent = register_agent(name=name, capabilities=caps, executor=executor, concurrency=concurrency)
+        set_current_agent(AgentRuntime(agent.pk, agent.name, executor, defaults))
+        stop = start_heartbeat(agent)
+        self.stderr.write(f"agent {name} consuming {', '.join(agent.queues)} with the {executor} executor")
+        try:
+            app.worker_main(
+                [
+                    "worker",
+                    f"--hostname={name}@{socket.gethostname()}",
+                    f"--queues={','.join(agent.queues)}",
+                    f"--concurrency={concurrency}",
+                    f"--loglevel={loglevel}",
+                    "--without-mingle",
+                    "--without-gossip",
+                ]
+            )
+        finally:
+            stop.set()
+            close_old_connections()
+            Agent.objects.filter(pk=agent.pk).update(status=Agent.Status.OFFLINE, current_load=0)
+
+    def _parse_capabilities(self, raw: str) -> list[str]:
+        caps = [c.strip() for c in raw.split(",") if c.strip()]
+        unknown = sorted(set(caps) - set(CAPABILITIES))
+        if not caps or unknown:
+            raise CommandError(
+                f"unknown capabilities: {', '.join(unknown) or '(none given)'}; known: {', '.join(CAPABILITIES)}"
+            )
+        return sorted(set(caps))
+
+
+def register_agent(*, name: str, capabilities: list[str], executor: str, concurrency: int) -> Agent:
+    agent, _ = Agent.objects.update_or_create(
+        name=name,
+        defaults={
+            "capabilities": capabilities,
+            "executor": executor,
+            "concurrency": concurrency,
+            "current_load": 0,
+            "status": Agent.Status.ONLINE,
+            "hostname": socket.gethostname(),
+            "pid": os.getpid(),
+        },
+    )
+    agent.heartbeat()
+    return agent
+
+
+def start_heartbeat(agent: Agent) -> threading.Event:
+    """Beat from the worker's main process; Beat's sweep marks silent agents offline."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(settings.AGENT_HEARTBEAT_SECONDS):
+            try:
+                close_old_connections()
+                agent.heartbeat()
+            except Exception:  # the database may be restarting; try again next beat
+                logger.warning("heartbeat of agent %s failed", agent.name, exc_info=True)
+
+    threading.Thread(target=beat, name=f"heartbeat-{agent.name}", daemon=True).start()
+    return stop
+

@@ -1,0 +1,24 @@
+from django.contrib import admin
+from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from rest_framework.routers import DefaultRouter
+
+from agents.views import AgentViewSet
+from sessions.views import SessionViewSet
+from tasks.views import TaskViewSet
+
+from . import health
+
+router = DefaultRouter()
+router.register("sessions", SessionViewSet, basename="session")
+router.register("tasks", TaskViewSet, basename="task")
+router.register("agents", AgentViewSet, basename="agent")
+
+urlpatterns = [
+    path("api/v1/", include(router.urls)),
+    path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
+    path("health/live/", health.live, name="health-live"),
+    path("health/ready/", health.ready, name="health-ready"),
+    path("admin/", admin.site.urls),
+]

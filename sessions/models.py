@@ -1,0 +1,250 @@
+import json
+import logging
+import uuid
+from collections.abc import Callable
+from datetime import timedelta
+
+from django.conf import settings
+from django.core.serializers.json import DjangoJSONEncoder
+from django.db import models, transaction
+from django.utils import timezone
+
+from .locking import redis_client, session_lock
+
+logger = logging.getLogger(__name__)
+
+
+class InvalidTransition(Exception):
+    """A session cannot move from its current status to the requested one (HTTP 409)."""
+
+    def __init__(self, session_id, from_status: str, to_status: str, allowed: list[str], why: str = ""):
+        self.session_id = session_id
+        self.from_status = from_status
+        self.to_status = to_status
+        self.allowed = allowed
+        detail = why or f"allowed from {from_status}: {', '.join(allowed) or 'none (terminal)'}"
+        super().__init__(f"cannot move session from {from_status} to {to_status}; {detail}")
+
+
+class StaleFencingToken(Exception):
+    """A lock holder whose lease expired tried to write after a newer holder."""
+
+
+class Status(models.TextChoices):
+    PENDING = "pending"
+    QUEUED = "queued"
+    RUNNING = "running"
+    DEGRADED = "degraded"
+    PAUSED = "paused"
+    COMPLETED = "completed"
+    PARTIALLY_COMPLETED = "partially_completed"
+    FAILED = "failed"
+    TIMEOUT = "timeout"
+    STOPPED = "stopped"
+    CANCELLED = "cancelled"
+    ORPHANED = "orphaned"
+
+
+S = Status
+_RUN_OUTCOMES = {S.COMPLETED, S.PARTIALLY_COMPLETED, S.FAILED, S.TIMEOUT, S.PAUSED, S.STOPPED, S.ORPHANED}
+
+# DESIGN §4: the only legal moves. Anything else raises InvalidTransition.
+TRANSITIONS: dict[str, frozenset[str]] = {
+    S.PENDING: frozenset({S.QUEUED, S.CANCELLED, S.FAILED}),
+    S.QUEUED: frozenset({S.RUNNING, S.PAUSED, S.CANCELLED, S.FAILED, S.ORPHANED}),
+    S.RUNNING: frozenset(_RUN_OUTCOMES | {S.DEGRADED}),
+    S.DEGRADED: frozenset(_RUN_OUTCOMES | {S.RUNNING}),
+    S.PAUSED: frozenset({S.QUEUED, S.RUNNING, S.STOPPED, S.CANCELLED}),
+    S.FAILED: frozenset({S.QUEUED}),
+    S.TIMEOUT: frozenset({S.QUEUED}),
+    S.STOPPED: frozenset({S.QUEUED}),
+    S.ORPHANED: frozenset({S.QUEUED}),
+    S.COMPLETED: frozenset(),
+    S.PARTIALLY_COMPLETED: frozenset(),
+    S.CANCELLED: frozenset(),
+}
+TERMINAL = frozenset(status for status, targets in TRANSITIONS.items() if not targets)
+RETRYABLE = frozenset({S.FAILED, S.TIMEOUT, S.STOPPED, S.ORPHANED})
+# Settled: no task of the session may start while the session is in one of these.
+SETTLED = TERMINAL | RETRYABLE
+ACTIVE = frozenset({S.QUEUED, S.RUNNING, S.DEGRADED})
+
+
+class Session(models.Model):
+    Status = Status
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.PROTECT, related_name="sessions")
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    title = models.CharField(max_length=200)
+    requirements = models.TextField()
+    status = models.CharField(max_length=24, choices=Status.choices, default=Status.PENDING, db_index=True)
+    version = models.PositiveIntegerField(default=0)
+    # API priority 0..9, 9 most urgent; see broker_priority.
+    priority = models.PositiveSmallIntegerField(default=5)
+    timeout_seconds = models.PositiveIntegerField(default=3600)
+    deadline = models.DateTimeField(null=True, blank=True)
+    max_retries = models.PositiveSmallIntegerField(default=3)
+    retry_count = models.PositiveSmallIntegerField(default=0)
+    idempotency_key = models.CharField(max_length=128, null=True, blank=True)
+    fencing_token = models.BigIntegerField(default=0)
+    metadata = models.JSONField(default=dict, blank=True)
+    result = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["tenant", "idempotency_key"],
+                condition=models.Q(idempotency_key__isnull=False),
+                name="unique_idempotency_key_per_tenant",
+            ),
+            models.CheckConstraint(condition=models.Q(priority__lte=9), name="priority_0_to_9"),
+        ]
+        indexes = [models.Index(fields=["tenant", "status"])]
+
+    def __str__(self) -> str:
+        return f"{self.title} ({self.status})"
+
+    @property
+    def broker_priority(self) -> int:
+        # The Redis transport consumes priority 0 first; our API says 9 is most urgent.
+        return 9 - self.priority
+
+    def allowed_targets(self) -> list[str]:
+        return sorted(TRANSITIONS[self.status])
+
+    def check_transition(self, to: str) -> None:
+        if to not in TRANSITIONS[self.status]:
+            raise InvalidTransition(self.pk, self.status, to, self.allowed_targets())
+        if self.status in RETRYABLE and to == S.QUEUED and self.retry_count >= self.max_retries:
+            raise InvalidTransition(
+                self.pk, self.status, to, [], why=f"retry limit reached ({self.retry_count}/{self.max_retries})"
+            )
+
+    def transition(
+        self,
+        to: str,
+        *,
+        reason: str,
+        actor: str = "system",
+        only_from: frozenset[str] | None = None,
+        effects: Callable[["Session"], None] | None = None,
+    ) -> "SessionEvent | None":
+        """Move the session to `to`: the one way any status changes (DESIGN §4).
+
+        Lock (fencing token) -> row lock -> validate -> write row + event -> commit -> publish
+        -> release. `effects(locked_row)` runs inside the same transaction, for work that must
+        commit with the transition. With `only_from`, a session that is no longer in one of
+        those statuses is left alone and None is returned: for workers that race each other.
+        """
+        with session_lock(self.pk) as token, transaction.atomic():
+            row = Session.objects.select_for_update().get(pk=self.pk)
+            if only_from is not None and row.status not in only_from:
+                return None
+            row.check_transition(to)
+            if token < row.fencing_token:
+                raise StaleFencingToken(f"token {token} is older than {row.fencing_token} on session {row.pk}")
+            event = row._write_transition(to, reason=reason, actor=actor, token=token)
+            if effects is not None:
+                effects(row)
+            transaction.on_commit(lambda: publish_event(event))
+        self.refresh_from_db()
+        return event
+
+    def _write_transition(self, to: str, *, reason: str, actor: str, token: int) -> "SessionEvent":
+        from_status = self.status
+        now = timezone.now()
+        self.status = to
+        self.version += 1
+        self.fencing_token = token
+        fields = ["status", "version", "fencing_token", "updated_at"]
+        if to == S.QUEUED:
+            if from_status in RETRYABLE:
+                self.retry_count += 1
+                fields.append("retry_count")
+            self.deadline = now + timedelta(seconds=self.timeout_seconds)
+            self.finished_at = None
+            fields += ["deadline", "finished_at"]
+        if to == S.RUNNING and self.started_at is None:
+            self.started_at = now
+            fields.append("started_at")
+        if to in SETTLED:
+            self.finished_at = now
+            fields.append("finished_at")
+        self.save(update_fields=fields)
+        return SessionEvent.objects.create(
+            session=self,
+            from_status=from_status,
+            to_status=to,
+            reason=reason[:500],
+            actor=actor[:100],
+            fencing_token=token,
+            version=self.version,
+        )
+
+
+class SessionEvent(models.Model):
+    """Append-only audit log of session transitions; replaying it gives the row's status."""
+
+    session = models.ForeignKey(Session, on_delete=models.CASCADE, related_name="events")
+    from_status = models.CharField(max_length=24, choices=Status.choices)
+    to_status = models.CharField(max_length=24, choices=Status.choices)
+    reason = models.CharField(max_length=500)
+    actor = models.CharField(max_length=100)
+    fencing_token = models.BigIntegerField()
+    version = models.PositiveIntegerField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+
+    def __str__(self) -> str:
+        return f"{self.from_status} -> {self.to_status}"
+
+    def save(self, *args, **kwargs):
+        if self.pk is not None:
+            raise ValueError("session events are append-only")
+        super().save(*args, **kwargs)
+
+    def as_message(self) -> dict:
+        return {
+            "id": self.pk,
+            "session": str(self.session_id),
+            "from_status": self.from_status,
+            "to_status": self.to_status,
+            "reason": self.reason,
+            "actor": self.actor,
+            "version": self.version,
+            "created_at": self.created_at,
+        }
+
+
+def publish_event(event: SessionEvent) -> None:
+    """Tell live subscribers (after commit); the event row is the durable copy."""
+    try:
+        payload = json.dumps(event.as_message(), cls=DjangoJSONEncoder)
+        redis_client().publish(f"session-events:{event.session_id}", payload)
+    except Exception:
+        logger.warning("could not publish event %s of session %s", event.pk, event.session_id, exc_info=True)
+
+
+class Checkpoint(models.Model):
+    """What a session had completed at a point in time; a retry resumes from the latest one."""
+
+    session = models.ForeignKey(Session, on_delete=models.CASCADE, related_name="checkpoints")
+    task = models.ForeignKey("tasks.Task", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    completed_task_keys = models.JSONField(default=list)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+
+    def __str__(self) -> str:
+        return f"checkpoint {self.pk} of {self.session_id}"

@@ -1,0 +1,191 @@
+import json
+
+from django.conf import settings
+from rest_framework import serializers
+
+from tasks.dag import DagError, validate_dag
+from tasks.models import CAPABILITIES, Task
+from tasks.services import task_counts
+
+from .models import Checkpoint, Session, SessionEvent
+
+KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+METADATA_MAX_BYTES = 16_384
+
+
+class StrictCharField(serializers.CharField):
+    """A string, and only a string: DRF would otherwise turn 123 into "123"."""
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StrictIntegerField(serializers.IntegerField):
+    def to_internal_value(self, data):
+        if isinstance(data, bool) or not isinstance(data, int):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StrictBooleanField(serializers.BooleanField):
+    def to_internal_value(self, data):
+        if not isinstance(data, bool):
+            self.fail("invalid", input=data)
+        return data
+
+
+class StrictNumberField(serializers.FloatField):
+    def to_internal_value(self, data):
+        if isinstance(data, bool) or not isinstance(data, int | float):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class RejectUnknownFieldsMixin:
+    """A misspelt field ("depends" for "depends_on") is an error, not silently dropped."""
+
+    def validate(self, attrs):
+        unknown = sorted(set(self.initial_data) - set(self.fields)) if isinstance(self.initial_data, dict) else []
+        if unknown:
+            raise serializers.ValidationError({name: ["unknown field"] for name in unknown})
+        return super().validate(attrs)
+
+
+class ScriptedParamsSerializer(serializers.Serializer):
+    """The params the scripted executor reads; others pass through to other executors."""
+
+    duration_s = StrictNumberField(min_value=0, max_value=3600, required=False)
+    fail_rate = StrictNumberField(min_value=0, max_value=1, required=False)
+    output = StrictCharField(max_length=10_000, required=False, allow_blank=True)
+
+
+class TaskSpecSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
+    key = serializers.RegexField(KEY_PATTERN, max_length=64)
+    title = StrictCharField(max_length=200)
+    capability = serializers.ChoiceField(choices=CAPABILITIES)
+    depends_on = serializers.ListField(child=StrictCharField(max_length=64), default=list, max_length=500)
+    required = StrictBooleanField(default=True)
+    instructions = StrictCharField(allow_blank=True, default="")
+    params = serializers.DictField(default=dict)
+    max_attempts = StrictIntegerField(min_value=1, max_value=10, default=3)
+
+    def validate_instructions(self, value: str) -> str:
+        if len(value) > settings.MAX_TEXT_CHARS:
+            raise serializers.ValidationError(f"at most {settings.MAX_TEXT_CHARS} characters")
+        return value
+
+    def validate_params(self, value: dict) -> dict:
+        if len(json.dumps(value)) > METADATA_MAX_BYTES:
+            raise serializers.ValidationError(f"at most {METADATA_MAX_BYTES} bytes of JSON")
+        scripted = ScriptedParamsSerializer(data={k: v for k, v in value.items() if k in ("duration_s", "fail_rate", "output")})
+        scripted.is_valid(raise_exception=True)
+        return value
+
+
+class SessionCreateSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
+    tenant = serializers.SlugField(required=False, help_text="Tenant slug; needed only if you belong to several.")
+    title = StrictCharField(max_length=200, required=False, help_text="Defaults to the requirements' first line.")
+    requirements = StrictCharField()
+    priority = StrictIntegerField(min_value=0, max_value=9, default=5, help_text="0..9, 9 most urgent.")
+    timeout_seconds = StrictIntegerField(min_value=1, max_value=7 * 86400, default=3600)
+    max_retries = StrictIntegerField(min_value=0, max_value=10, default=3)
+    metadata = serializers.DictField(default=dict)
+    tasks = TaskSpecSerializer(many=True, required=False)
+
+    def validate_requirements(self, value: str) -> str:
+        if not value.strip():
+            raise serializers.ValidationError("must not be empty")
+        if len(value) > settings.MAX_TEXT_CHARS:
+            raise serializers.ValidationError(f"at most {settings.MAX_TEXT_CHARS} characters")
+        return value
+
+    def validate_metadata(self, value: dict) -> dict:
+        if len(json.dumps(value)) > METADATA_MAX_BYTES:
+            raise serializers.ValidationError(f"at most {METADATA_MAX_BYTES} bytes of JSON")
+        return value
+
+    def validate_tasks(self, value: list) -> list:
+        if not value:
+            raise serializers.ValidationError("send at least one task, or leave tasks out")
+        if len(value) > settings.MAX_TASKS_PER_SESSION:
+            raise serializers.ValidationError(
+                f"{len(value)} tasks exceed the maximum of {settings.MAX_TASKS_PER_SESSION} per session"
+            )
+        try:
+            validate_dag(value)
+        except DagError as exc:
+            raise serializers.ValidationError({exc.path.removeprefix("tasks"): [exc.message]}) from None
+        return value
+
+    def validate(self, attrs):
+        attrs = super().validate(attrs)
+        attrs.setdefault("title", attrs["requirements"].strip().splitlines()[0][:200])
+        return attrs
+
+
+class SessionSerializer(serializers.ModelSerializer):
+    tenant = serializers.SlugRelatedField(slug_field="slug", read_only=True)
+    task_counts = serializers.SerializerMethodField()
+    progress = serializers.SerializerMethodField()
+    allowed_transitions = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Session
+        fields = [
+            "id",
+            "tenant",
+            "title",
+            "requirements",
+            "status",
+            "version",
+            "priority",
+            "timeout_seconds",
+            "deadline",
+            "max_retries",
+            "retry_count",
+            "metadata",
+            "result",
+            "task_counts",
+            "progress",
+            "allowed_transitions",
+            "created_at",
+            "started_at",
+            "finished_at",
+        ]
+        read_only_fields = fields
+
+    def get_task_counts(self, session: Session) -> dict[str, int]:
+        # List views annotate n_<status> (one query per page); a single object counts here.
+        if not hasattr(session, "_task_counts"):
+            if hasattr(session, "n_pending"):
+                session._task_counts = {s: getattr(session, f"n_{s}") for s in Task.Status.values}
+            else:
+                session._task_counts = task_counts(session.tasks.only("status"))
+        return session._task_counts
+
+    def get_progress(self, session: Session) -> float:
+        """Share of tasks that reached a final status, 0..1."""
+        counts = self.get_task_counts(session)
+        total = sum(counts.values())
+        return round(sum(counts[s] for s in Task.FINISHED) / total, 4) if total else 0.0
+
+    def get_allowed_transitions(self, session: Session) -> list[str]:
+        return session.allowed_targets()
+
+
+class EventSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = SessionEvent
+        fields = ["id", "from_status", "to_status", "reason", "actor", "version", "created_at"]
+        read_only_fields = fields
+
+
+class CheckpointSerializer(serializers.ModelSerializer):
+    task = serializers.SlugRelatedField(slug_field="key", read_only=True)
+
+    class Meta:
+        model = Checkpoint
+        fields = ["id", "task", "completed_task_keys", "created_at"]
+        read_only_fields = fields

@@ -1,0 +1,140 @@
+"""Session workflows that cross apps: create with its DAG, and the operator's transitions."""
+
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from tasks.models import Task
+from tasks.services import release_ready_tasks
+
+from .models import ACTIVE, RETRYABLE, InvalidTransition, Session
+
+S = Session.Status
+TS = Task.Status
+
+
+def default_tasks(requirements: str, title: str) -> list[dict]:
+    """A session sent without tasks gets one code_generation task from its requirements."""
+    return [
+        {
+            "key": "implement",
+            "title": title[:200],
+            "capability": "code_generation",
+            "depends_on": [],
+            "required": True,
+            "instructions": requirements,
+            "params": {},
+        }
+    ]
+
+
+def create_session(*, tenant, user, data: dict, idempotency_key: str | None = None) -> tuple[Session, bool]:
+    """Create a session and its task DAG in one transaction; returns (session, created).
+
+    `data` is validated input (see SessionCreateSerializer). With an idempotency key already
+    used in this tenant, the existing session is returned and nothing is written.
+    """
+    if idempotency_key:
+        existing = Session.objects.filter(tenant=tenant, idempotency_key=idempotency_key).first()
+        if existing:
+            return existing, False
+    specs = data.get("tasks") or default_tasks(data["requirements"], data["title"])
+    try:
+        with transaction.atomic():
+            session = Session.objects.create(
+                tenant=tenant,
+                created_by=user,
+                title=data["title"],
+                requirements=data["requirements"],
+                priority=data["priority"],
+                timeout_seconds=data["timeout_seconds"],
+                max_retries=data["max_retries"],
+                metadata=data.get("metadata") or {},
+                idempotency_key=idempotency_key or None,
+            )
+            _create_tasks(session, specs)
+    except IntegrityError:
+        # Two requests with the same key raced; the other one's session is the answer.
+        existing = Session.objects.filter(tenant=tenant, idempotency_key=idempotency_key).first()
+        if idempotency_key and existing:
+            return existing, False
+        raise
+    return session, True
+
+
+def _create_tasks(session: Session, specs: list[dict]) -> None:
+    tasks = Task.objects.bulk_create(
+        Task(
+            session=session,
+            key=spec["key"],
+            title=spec["title"],
+            capability=spec["capability"],
+            required=spec.get("required", True),
+            instructions=spec.get("instructions", ""),
+            params=spec.get("params") or {},
+            max_attempts=spec.get("max_attempts", 3),
+            position=position,
+        )
+        for position, spec in enumerate(specs)
+    )
+    by_key = {task.key: task for task in tasks}
+    Edge = Task.depends_on.through
+    Edge.objects.bulk_create(
+        Edge(from_task_id=by_key[spec["key"]].pk, to_task_id=by_key[dep].pk)
+        for spec in specs
+        for dep in spec.get("depends_on", [])
+    )
+
+
+def _dispatch_after_commit(session: Session) -> None:
+    from tasks.tasks import dispatch_session
+
+    session_id = str(session.pk)
+    transaction.on_commit(lambda: dispatch_session.apply_async((session_id,), priority=session.broker_priority))
+
+
+def start_session(session: Session, *, actor: str) -> None:
+    def queue_ready_tasks(row: Session) -> None:
+        release_ready_tasks(row.pk)
+        _dispatch_after_commit(row)
+
+    session.transition(S.QUEUED, reason="started", actor=actor, effects=queue_ready_tasks)
+
+
+def pause_session(session: Session, *, actor: str) -> None:
+    # Running tasks finish; run_task starts nothing new while the session is paused.
+    session.transition(S.PAUSED, reason="paused", actor=actor)
+
+
+def resume_session(session: Session, *, actor: str) -> None:
+    running = session.tasks.filter(status=TS.RUNNING).exists()
+    session.transition(
+        S.RUNNING if running else S.QUEUED, reason="resumed", actor=actor, effects=_dispatch_after_commit
+    )
+
+
+def cancel_session(session: Session, *, actor: str) -> None:
+    """Cancel a session that has not run or is paused; stop one that is running."""
+
+    def cancel_open_tasks(row: Session) -> None:
+        row.tasks.filter(status__in=(TS.PENDING, TS.QUEUED)).update(
+            status=TS.CANCELLED, finished_at=timezone.now(), error=f"session {row.status} by {actor}"
+        )
+
+    target = S.STOPPED if session.status in ACTIVE - {S.QUEUED} else S.CANCELLED
+    session.transition(target, reason=f"{target} by {actor}", actor=actor, effects=cancel_open_tasks)
+
+
+def retry_session(session: Session, *, actor: str) -> None:
+    """Resume a failed, timed-out, stopped or orphaned session from its last checkpoint:
+    completed tasks keep their results; everything else runs again."""
+    if session.status not in RETRYABLE:
+        raise InvalidTransition(session.pk, session.status, S.QUEUED, session.allowed_targets())
+
+    def reset_unfinished_tasks(row: Session) -> None:
+        row.tasks.exclude(status__in=(TS.COMPLETED, TS.RUNNING)).update(
+            status=TS.PENDING, attempts=0, error="", agent=None, started_at=None, finished_at=None, queued_at=None
+        )
+        release_ready_tasks(row.pk)
+        _dispatch_after_commit(row)
+
+    session.transition(S.QUEUED, reason=f"retry by {actor}", actor=actor, effects=reset_unfinished_tasks)

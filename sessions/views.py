@@ -1,0 +1,113 @@
+import django_filters
+from django.db.models import Count, Q
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import mixins, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.exceptions import ValidationError
+from rest_framework.response import Response
+
+from tasks.models import Task
+from tasks.serializers import TaskSerializer
+from tenants.permissions import TenantScopedMixin, tenant_for_write
+
+from . import services
+from .models import Session
+from .serializers import CheckpointSerializer, EventSerializer, SessionCreateSerializer, SessionSerializer
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+
+class SessionFilter(django_filters.FilterSet):
+    status = django_filters.MultipleChoiceFilter(choices=Session.Status.choices)
+    priority = django_filters.NumberFilter()
+    created_after = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
+    created_before = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
+    search = django_filters.CharFilter(method="filter_search", help_text="Words in the title or requirements.")
+
+    class Meta:
+        model = Session
+        fields = ["status", "priority"]
+
+    def filter_search(self, queryset, name, value):
+        return queryset.filter(Q(title__icontains=value) | Q(requirements__icontains=value))
+
+
+def _actor(request) -> str:
+    return f"user:{request.user.get_username()}"
+
+
+def _transition_action(name: str, service, summary: str):
+    def transition(self, request, pk=None):
+        session = self.get_object()
+        service(session, actor=_actor(request))
+        return Response(SessionSerializer(self.get_object()).data, status=status.HTTP_202_ACCEPTED)
+
+    # DRF matches an action's function name to its attribute name.
+    transition.__name__ = name
+    decorated = action(detail=True, methods=["post"], url_path=name, url_name=name)(transition)
+    return extend_schema(request=None, responses={202: SessionSerializer}, summary=summary)(decorated)
+
+
+class SessionViewSet(
+    TenantScopedMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.CreateModelMixin, viewsets.GenericViewSet
+):
+    queryset = Session.objects.select_related("tenant").annotate(
+        **{f"n_{s}": Count("tasks", filter=Q(tasks__status=s), distinct=True) for s in Task.Status.values}
+    )
+    serializer_class = SessionSerializer
+    filterset_class = SessionFilter
+
+    @extend_schema(
+        request=SessionCreateSerializer,
+        responses={201: SessionSerializer, 200: SessionSerializer},
+        parameters=[OpenApiParameter(IDEMPOTENCY_HEADER, str, OpenApiParameter.HEADER, required=False)],
+    )
+    def create(self, request, *args, **kwargs):
+        key = request.headers.get(IDEMPOTENCY_HEADER)
+        if key is not None and not (0 < len(key) <= 128):
+            raise ValidationError({IDEMPOTENCY_HEADER: ["must be 1 to 128 characters"]})
+        payload = SessionCreateSerializer(data=request.data)
+        payload.is_valid(raise_exception=True)
+        tenant = tenant_for_write(request.user, payload.validated_data.pop("tenant", None))
+        session, created = services.create_session(
+            tenant=tenant, user=request.user, data=payload.validated_data, idempotency_key=key
+        )
+        body = SessionSerializer(self.get_queryset().get(pk=session.pk)).data
+        code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
+        return Response(body, status=code, headers={"Location": f"{request.path}{session.pk}/"})
+
+    start = _transition_action("start", services.start_session, "Start: compile the DAG and dispatch it")
+    pause = _transition_action("pause", services.pause_session, "Pause: running tasks finish, nothing new starts")
+    resume = _transition_action("resume", services.resume_session, "Resume a paused session")
+    cancel = _transition_action("cancel", services.cancel_session, "Cancel (stop, if running)")
+    retry = _transition_action("retry", services.retry_session, "Retry from the last checkpoint")
+
+    def _page(self, queryset, serializer_class):
+        page = self.paginate_queryset(queryset)
+        return self.get_paginated_response(serializer_class(page, many=True).data)
+
+    @extend_schema(responses=TaskSerializer(many=True))
+    @action(detail=True, methods=["get"])
+    def tasks(self, request, pk=None):
+        session = self.get_object()
+        return self._page(session.tasks.select_related("agent").prefetch_related("depends_on"), TaskSerializer)
+
+    @extend_schema(
+        responses=EventSerializer(many=True),
+        parameters=[OpenApiParameter("after", int, description="Only events with a larger id.")],
+    )
+    @action(detail=True, methods=["get"])
+    def events(self, request, pk=None):
+        session = self.get_object()
+        events = session.events.all()
+        after = request.query_params.get("after")
+        if after is not None:
+            if not after.isdigit():
+                raise ValidationError({"after": ["must be an event id (a whole number)"]})
+            events = events.filter(id__gt=int(after))
+        return self._page(events, EventSerializer)
+
+    @extend_schema(responses=CheckpointSerializer(many=True))
+    @action(detail=True, methods=["get"])
+    def checkpoints(self, request, pk=None):
+        return self._page(self.get_object().checkpoints.select_related("task"), CheckpointSerializer)

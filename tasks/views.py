@@ -1,0 +1,12 @@
+from rest_framework import mixins, viewsets
+
+from tenants.permissions import TenantScopedMixin
+
+from .models import Task
+from .serializers import TaskSerializer
+
+
+class TaskViewSet(TenantScopedMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    queryset = Task.objects.select_related("agent").prefetch_related("depends_on")
+    serializer_class = TaskSerializer
+    tenant_field = "session__tenant"
