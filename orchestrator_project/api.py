@@ -45,7 +45,9 @@ def flatten_errors(detail, path: str = "") -> dict[str, list[str]]:
 
 
 def error_response(code: str, message: str, details, http_status: int, headers=None) -> Response:
-    return Response({"error": {"code": code, "message": message, "details": details}}, status=http_status, headers=headers)
+    return Response(
+        {"error": {"code": code, "message": message, "details": details}}, status=http_status, headers=headers
+    )
 
 
 def exception_handler(exc, context):

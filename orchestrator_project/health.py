@@ -36,4 +36,6 @@ def ready(request):
         except Exception as exc:
             results[name] = f"error: {exc.__class__.__name__}"
     healthy = all(value == "ok" for value in results.values())
-    return JsonResponse({"status": "ok" if healthy else "unavailable", "checks": results}, status=200 if healthy else 503)
+    return JsonResponse(
+        {"status": "ok" if healthy else "unavailable", "checks": results}, status=200 if healthy else 503
+    )

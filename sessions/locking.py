@@ -6,7 +6,7 @@ overwrite the write of the holder that came after it.
 """
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from functools import cache
 
 import redis
@@ -33,8 +33,6 @@ def session_lock(session_id) -> Iterator[int]:
     try:
         yield client.incr(f"fence:session:{session_id}")
     finally:
-        try:
+        # If the lease ran out while we held it, the fencing token already protected the row.
+        with suppress(LockError):
             lock.release()
-        except LockError:
-            # The lease ran out while we held it; the fencing token already protected the row.
-            pass

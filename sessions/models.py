@@ -88,7 +88,8 @@ class Session(models.Model):
     deadline = models.DateTimeField(null=True, blank=True)
     max_retries = models.PositiveSmallIntegerField(default=3)
     retry_count = models.PositiveSmallIntegerField(default=0)
-    idempotency_key = models.CharField(max_length=128, null=True, blank=True)
+    # NULL, not "", for "no key": the unique constraint must ignore sessions without one.
+    idempotency_key = models.CharField(max_length=128, null=True, blank=True)  # noqa: DJ001
     fencing_token = models.BigIntegerField(default=0)
     metadata = models.JSONField(default=dict, blank=True)
     result = models.JSONField(default=dict, blank=True)

@@ -46,11 +46,12 @@ class StrictNumberField(serializers.FloatField):
 class RejectUnknownFieldsMixin:
     """A misspelt field ("depends" for "depends_on") is an error, not silently dropped."""
 
-    def validate(self, attrs):
-        unknown = sorted(set(self.initial_data) - set(self.fields)) if isinstance(self.initial_data, dict) else []
-        if unknown:
-            raise serializers.ValidationError({name: ["unknown field"] for name in unknown})
-        return super().validate(attrs)
+    def to_internal_value(self, data):
+        if isinstance(data, dict):
+            unknown = sorted(set(data) - set(self.fields))
+            if unknown:
+                raise serializers.ValidationError({name: ["unknown field"] for name in unknown})
+        return super().to_internal_value(data)
 
 
 class ScriptedParamsSerializer(serializers.Serializer):
@@ -79,7 +80,9 @@ class TaskSpecSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
     def validate_params(self, value: dict) -> dict:
         if len(json.dumps(value)) > METADATA_MAX_BYTES:
             raise serializers.ValidationError(f"at most {METADATA_MAX_BYTES} bytes of JSON")
-        scripted = ScriptedParamsSerializer(data={k: v for k, v in value.items() if k in ("duration_s", "fail_rate", "output")})
+        scripted = ScriptedParamsSerializer(
+            data={k: v for k, v in value.items() if k in ("duration_s", "fail_rate", "output")}
+        )
         scripted.is_valid(raise_exception=True)
         return value
 

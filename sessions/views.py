@@ -49,7 +49,11 @@ def _transition_action(name: str, service, summary: str):
 
 
 class SessionViewSet(
-    TenantScopedMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.CreateModelMixin, viewsets.GenericViewSet
+    TenantScopedMixin,
+    mixins.ListModelMixin,
+    mixins.RetrieveModelMixin,
+    mixins.CreateModelMixin,
+    viewsets.GenericViewSet,
 ):
     queryset = Session.objects.select_related("tenant").annotate(
         **{f"n_{s}": Count("tasks", filter=Q(tasks__status=s), distinct=True) for s in Task.Status.values}

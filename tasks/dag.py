@@ -17,7 +17,9 @@ def validate_dag(specs: Sequence[Mapping]) -> None:
     index_of: dict[str, int] = {}
     for i, spec in enumerate(specs):
         if spec["key"] in index_of:
-            raise DagError(f"tasks[{i}].key", f"duplicate task key {spec['key']!r} (first used by tasks[{index_of[spec['key']]}])")
+            raise DagError(
+                f"tasks[{i}].key", f"duplicate task key {spec['key']!r} (first used by tasks[{index_of[spec['key']]}])"
+            )
         index_of[spec["key"]] = i
     for i, spec in enumerate(specs):
         seen: set[str] = set()
@@ -53,7 +55,7 @@ def find_cycle(deps: Mapping[str, Sequence[str]]) -> list[str] | None:
                 colour[path.pop()] = black
                 iters.pop()
             elif colour[nxt] == grey:
-                return path[path.index(nxt) :] + [nxt]
+                return [*path[path.index(nxt) :], nxt]
             elif colour[nxt] == white:
                 colour[nxt] = grey
                 path.append(nxt)

@@ -34,7 +34,7 @@ class RetryTask(Exception):
 
 
 def upstream_verdict(ups: list[Task]) -> str:
-    """"blocked" if a required upstream failed, was skipped or cancelled; "ready" if every
+    """ "blocked" if a required upstream failed, was skipped or cancelled; "ready" if every
     upstream completed (or was optional and failed or skipped); otherwise "waiting"."""
     if any(up.status == TS.CANCELLED or (up.required and up.status in (TS.FAILED, TS.SKIPPED)) for up in ups):
         return "blocked"

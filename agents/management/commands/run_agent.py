@@ -50,8 +50,6 @@ class Command(BaseCommand):
                     f"--queues={','.join(agent.queues)}",
                     f"--concurrency={concurrency}",
                     f"--loglevel={loglevel}",
-                    "--without-mingle",
-                    "--without-gossip",
                 ]
             )
         finally:
@@ -100,4 +98,3 @@ def start_heartbeat(agent: Agent) -> threading.Event:
 
     threading.Thread(target=beat, name=f"heartbeat-{agent.name}", daemon=True).start()
     return stop
-
