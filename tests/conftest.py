@@ -1,0 +1,147 @@
+"""Fixtures on the real services: PostgreSQL (pytest-django's test database), Redis (a database
+of its own, see tests/settings.py) and real Celery worker processes for end-to-end tests."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+from django.conf import settings
+from django.core.management import call_command
+from rest_framework.test import APIClient
+
+from sessions.locking import redis_client
+from tenants.models import Membership
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 30.0, interval: float = 0.1, what: str = "condition"):
+    """Poll `predicate` until it returns something truthy; fail with `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+@pytest.fixture(autouse=True)
+def clean_redis():
+    redis_client().flushdb()
+    yield
+
+
+def member_client(tenant_slug: str, username: str, role: str = Membership.Role.DEVELOPER) -> APIClient:
+    """An API client authenticated as a member of the tenant (created through the real command)."""
+    from io import StringIO
+
+    out = StringIO()
+    call_command("bootstrap_tenant", tenant_slug, user=username, role=role, stdout=out, stderr=StringIO())
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {out.getvalue().strip().splitlines()[-1]}")
+    return client
+
+
+@pytest.fixture
+def api(db) -> APIClient:
+    return member_client("acme", "alice")
+
+
+def dag_payload(**overrides) -> dict:
+    """A 6-task DAG with a fan-out (design -> api, ui, tests) and a fan-in (-> review -> docs)."""
+    payload = {
+        "title": "Rate limiting",
+        "requirements": "Add rate limiting to the payments API",
+        "tasks": [
+            {"key": "design", "title": "Design", "capability": "system_design"},
+            {"key": "api", "title": "API", "capability": "code_generation", "depends_on": ["design"]},
+            {"key": "ui", "title": "UI", "capability": "code_generation", "depends_on": ["design"]},
+            {"key": "tests", "title": "Tests", "capability": "test_generation", "depends_on": ["design"]},
+            {"key": "review", "title": "Review", "capability": "code_review", "depends_on": ["api", "ui", "tests"]},
+            {"key": "docs", "title": "Docs", "capability": "documentation", "depends_on": ["review"]},
+        ],
+    }
+    payload.update(overrides)
+    return payload
+
+
+class Stack:
+    """Real Celery worker processes: one orchestrator worker and agents started by run_agent."""
+
+    def __init__(self) -> None:
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.logs = ROOT / ".pytest-workers"
+        self.logs.mkdir(exist_ok=True)
+
+    def env(self) -> dict:
+        db = settings.DATABASES["default"]
+        return {
+            **os.environ,
+            "DJANGO_SETTINGS_MODULE": "orchestrator_project.settings",
+            "DEBUG": "true",
+            # The worker must use pytest's test database, not the one DATABASE_URL names.
+            "DATABASE_URL": f"postgres://{quote(db['USER'])}:{quote(db['PASSWORD'] or '')}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
+            "DB_CONN_MAX_AGE": "0",
+            "REDIS_URL": settings.REDIS_URL,
+            "PYTHONUNBUFFERED": "1",
+        }
+
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(argv, cwd=ROOT, env=self.env(), stdout=log, stderr=subprocess.STDOUT)
+        self.procs[name] = proc
+        return proc
+
+    def orchestrator(self) -> subprocess.Popen:
+        return self._spawn(
+            "orchestrator",
+            [sys.executable, "-m", "celery", "-A", "orchestrator_project", "worker", "-Q", "orchestrator,housekeeping",
+             "-n", "orchestrator-test@%h", "-c", "2", "--loglevel=INFO"],
+        )  # fmt: skip
+
+    def agent(self, name: str, capabilities: list[str], *, concurrency: int = 2, duration: float = 0.0):
+        proc = self._spawn(
+            name,
+            [sys.executable, "manage.py", "run_agent", "--name", name, "--executor", "scripted",
+             "--capabilities", ",".join(capabilities), "--concurrency", str(concurrency),
+             "--duration", str(duration)],
+        )  # fmt: skip
+        from agents.models import Agent
+
+        wait_until(lambda: Agent.objects.filter(name=name, status="online").exists(), what=f"agent {name} online")
+        return proc
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+ALL_BUILD = ["system_design", "code_generation"]
+ALL_QA = ["test_generation", "code_review", "documentation", "testing"]
+
+
+@pytest.fixture
+def stack(transactional_db):
+    """An orchestrator worker and two scripted agents, builder and reviewer."""
+    running = Stack()
+    try:
+        running.orchestrator()
+        yield running
+    finally:
+        running.stop()

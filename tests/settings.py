@@ -1,0 +1,24 @@
+"""Test settings: the real settings module, pointed at a Redis database of its own.
+
+The environment is adjusted before the real settings read it, so that the Celery worker
+processes the tests start (which read the same variables) agree with the test process.
+"""
+
+import os
+
+os.environ.setdefault("DEBUG", "true")
+os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/orchestrator")
+os.environ["REDIS_URL"] = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+os.environ.pop("CELERY_BROKER_URL", None)
+os.environ.pop("CELERY_RESULT_BACKEND", None)
+os.environ.setdefault("AGENT_HEARTBEAT_SECONDS", "1")
+os.environ.setdefault("TASK_DEADLINE_SECONDS", "120")
+
+from orchestrator_project.settings import *  # noqa: E402, F403
+from orchestrator_project.settings import DATABASES  # noqa: E402
+
+if DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
+    raise RuntimeError("the test suite runs on PostgreSQL: set DATABASE_URL to a postgres:// URL")
+
+REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"] = {"user": "100000/min"}  # noqa: F405
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
