@@ -1,0 +1,190 @@
+"""The task hand-offs of tasks/services.py on the real database, in-process."""
+
+import threading
+
+import pytest
+from django.db import connection
+
+from agents.executors import TransientError
+from agents.models import Agent
+from agents.runtime import AgentRuntime
+from sessions.models import Session
+from tasks.models import Task
+from tasks.services import RetryTask, claim_task, execute_task, release_ready_tasks, settle_session
+from tenants.models import Tenant
+
+TS = Task.Status
+
+
+def make_session(edges: dict[str, list[str]], *, status: str = "running", optional=()) -> Session:
+    tenant, _ = Tenant.objects.get_or_create(slug="acme", defaults={"name": "Acme"})
+    session = Session.objects.create(tenant=tenant, title="t", requirements="r", status=status)
+    tasks = {
+        key: Task.objects.create(
+            session=session, key=key, title=key, capability="code_generation", position=i, required=key not in optional
+        )
+        for i, key in enumerate(edges)
+    }
+    for key, deps in edges.items():
+        tasks[key].depends_on.set([tasks[d] for d in deps])
+    return session
+
+
+def runtime(executor=None) -> AgentRuntime:
+    agent, _ = Agent.objects.get_or_create(name="builder", defaults={"executor": "scripted", "status": "online"})
+    result = AgentRuntime(agent.pk, agent.name, "scripted", {})
+    if executor is not None:
+        result._executor = executor
+    return result
+
+
+def statuses(session: Session) -> dict[str, str]:
+    return dict(session.tasks.values_list("key", "status"))
+
+
+def test_release_queues_roots_and_waits_for_upstreams(db):
+    session = make_session({"a": [], "b": ["a"], "c": []})
+
+    release_ready_tasks(session.pk)
+
+    assert statuses(session) == {"a": "queued", "b": "pending", "c": "queued"}
+
+
+def test_a_failed_required_task_skips_every_descendant(db):
+    session = make_session({"a": [], "b": ["a"], "c": ["b"], "d": []})
+    session.tasks.filter(key="a").update(status=TS.FAILED)
+
+    release_ready_tasks(session.pk)
+
+    assert statuses(session) == {"a": "failed", "b": "skipped", "c": "skipped", "d": "queued"}
+    assert "upstream a failed" in session.tasks.get(key="b").error
+
+
+def test_a_failed_optional_task_does_not_block_its_dependents(db):
+    session = make_session({"a": [], "b": ["a"]}, optional={"a"})
+    session.tasks.filter(key="a").update(status=TS.FAILED)
+
+    release_ready_tasks(session.pk)
+
+    assert statuses(session)["b"] == "queued"
+
+
+@pytest.mark.parametrize(
+    ("final", "optional", "outcome"),
+    [
+        ({"a": "completed", "b": "completed"}, (), "completed"),
+        ({"a": "completed", "b": "failed"}, ("b",), "partially_completed"),
+        ({"a": "completed", "b": "skipped"}, ("b",), "partially_completed"),
+        ({"a": "failed", "b": "completed"}, ("b",), "failed"),
+        ({"a": "cancelled", "b": "completed"}, (), "failed"),
+    ],
+)
+def test_settle_session_outcomes(db, final, optional, outcome):
+    session = make_session({"a": [], "b": []}, optional=optional)
+    for key, status in final.items():
+        session.tasks.filter(key=key).update(status=status)
+
+    assert settle_session(session.pk) == outcome
+
+    row = Session.objects.get(pk=session.pk)
+    assert row.status == outcome
+    assert row.result["task_counts"]["completed"] == list(final.values()).count("completed")
+
+
+def test_settle_session_waits_while_anything_can_still_run(db):
+    session = make_session({"a": [], "b": []})
+    session.tasks.filter(key="a").update(status=TS.COMPLETED)
+    session.tasks.filter(key="b").update(status=TS.RUNNING)
+
+    assert settle_session(session.pk) is None
+    assert Session.objects.get(pk=session.pk).status == "running"
+
+
+def test_racing_claims_give_the_task_to_exactly_one_worker(transactional_db):
+    session = make_session({"a": []})
+    session.tasks.update(status=TS.QUEUED)
+    task = session.tasks.get()
+    agent_runtime = runtime()
+    barrier = threading.Barrier(8)
+    wins = []
+
+    def claim():
+        try:
+            barrier.wait()
+            attempt = claim_task(Task.objects.get(pk=task.pk), agent_runtime)
+            if attempt is not None:
+                wins.append(attempt)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=claim) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert wins == [1]
+    task.refresh_from_db()
+    assert (task.status, task.attempts, task.agent_id) == ("running", 1, agent_runtime.agent_id)
+
+
+def test_a_paused_session_starts_nothing(db):
+    session = make_session({"a": []}, status="paused")
+    session.tasks.update(status=TS.QUEUED)
+
+    assert execute_task(task_id=session.tasks.get().pk, runtime=runtime()) == "session paused"
+    assert statuses(session) == {"a": "queued"}
+
+
+class FlakyExecutor:
+    kind = "flaky"
+
+    def __init__(self, failures: int):
+        self.failures = failures
+
+    def execute(self, ctx):
+        if ctx.attempt <= self.failures:
+            raise TransientError(f"tool busy on attempt {ctx.attempt}")
+        return {"output": "ok"}
+
+
+def test_a_transient_error_requeues_with_backoff_then_succeeds(db):
+    session = make_session({"a": []})
+    session.tasks.update(status=TS.QUEUED)
+    task_id = session.tasks.get().pk
+    flaky = runtime(FlakyExecutor(failures=2))
+
+    backoffs = []
+    for _ in range(2):
+        with pytest.raises(RetryTask) as retry:
+            execute_task(task_id=task_id, runtime=flaky)
+        backoffs.append(retry.value.countdown)
+        assert statuses(session) == {"a": "queued"}
+    assert execute_task(task_id=task_id, runtime=flaky) == "completed"
+
+    assert backoffs == [2.0, 4.0]
+    assert session.tasks.get().attempts == 3
+
+
+def test_transient_errors_fail_the_task_after_max_attempts(db):
+    session = make_session({"a": []})
+    session.tasks.update(status=TS.QUEUED, max_attempts=2)
+    task_id = session.tasks.get().pk
+    flaky = runtime(FlakyExecutor(failures=5))
+
+    with pytest.raises(RetryTask):
+        execute_task(task_id=task_id, runtime=flaky)
+    assert execute_task(task_id=task_id, runtime=flaky) == "failed"
+
+    task = session.tasks.get()
+    assert task.status == "failed" and "gave up after 2 attempts" in task.error
+
+
+def test_a_message_for_a_task_whose_upstream_runs_asks_to_be_redelivered(db):
+    session = make_session({"a": [], "b": ["a"]})
+    session.tasks.filter(key="a").update(status=TS.RUNNING)
+
+    with pytest.raises(RetryTask):
+        execute_task(task_id=session.tasks.get(key="b").pk, runtime=runtime())
+
+    assert statuses(session)["b"] == "pending"
