@@ -16,6 +16,7 @@ from django.utils import timezone
 
 from agents.executors import TaskContext, TaskFailed, TransientError
 from agents.runtime import AgentRuntime
+from sessions.locking import LockUnavailable
 from sessions.models import ACTIVE, Checkpoint, Session
 
 from .models import Task
@@ -104,12 +105,16 @@ def execute_task(*, task_id, runtime: AgentRuntime) -> str:
     if attempt is None:
         return "taken"
     if session.status == Session.Status.QUEUED:
-        session.transition(
-            Session.Status.RUNNING,
-            reason=f"task {task.key} claimed by {runtime.name}",
-            actor=f"agent:{runtime.name}",
-            only_from=frozenset({Session.Status.QUEUED}),
-        )
+        try:
+            session.transition(
+                Session.Status.RUNNING,
+                reason=f"task {task.key} claimed by {runtime.name}",
+                actor=f"agent:{runtime.name}",
+                only_from=frozenset({Session.Status.QUEUED}),
+            )
+        except LockUnavailable:
+            # The claimed task must run regardless; settle_session moves a queued session on.
+            logger.warning("session %s stays queued: its lock is busy", session.pk)
     return _run_claimed(task, attempt, runtime)
 
 

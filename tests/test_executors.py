@@ -9,7 +9,9 @@ from agents.executors.scripted import ScriptedExecutor
 from agents.executors.shell import ShellExecutor
 
 
-def context(tmp_path: Path, capability: str = "testing", params: dict | None = None, timeout: float = 30) -> TaskContext:
+def context(
+    tmp_path: Path, capability: str = "testing", params: dict | None = None, timeout: float = 30
+) -> TaskContext:
     return TaskContext(
         task_id="t1",
         session_id="s1",
@@ -72,7 +74,7 @@ def test_shell_refuses_a_capability_without_a_configured_command(tmp_path):
 def test_shell_kills_a_hanging_command_at_its_timeout(tmp_path):
     executor = ShellExecutor(commands={"testing": python("import time; time.sleep(60)")})
 
-    with pytest.raises(TaskFailed, match="timed out after 0.5s"):
+    with pytest.raises(TaskFailed, match=r"timed out after 0\.5s"):
         executor.execute(context(tmp_path, timeout=0.5))
 
 
