@@ -119,6 +119,11 @@ class Stack:
         wait_until(lambda: Agent.objects.filter(name=name, status="online").exists(), what=f"agent {name} online")
         return proc
 
+    def print_log_tails(self, lines: int = 40) -> None:
+        for name in self.procs:
+            tail = (self.logs / f"{name}.log").read_text(errors="replace").splitlines()[-lines:]
+            print(f"--- last {lines} lines of {name} ---", *tail, sep="\n")
+
     def stop(self) -> None:
         for proc in self.procs.values():
             if proc.poll() is None:
@@ -136,12 +141,22 @@ ALL_BUILD = ["system_design", "code_generation"]
 ALL_QA = ["test_generation", "code_review", "documentation", "testing"]
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report
+
+
 @pytest.fixture
-def stack(transactional_db):
-    """An orchestrator worker and two scripted agents, builder and reviewer."""
+def stack(request, transactional_db):
+    """Real worker processes: an orchestrator worker now, agents as the test asks for them."""
     running = Stack()
     try:
         running.orchestrator()
         yield running
     finally:
         running.stop()
+        report = getattr(request.node, "report_call", None)
+        if report is not None and report.failed:
+            running.print_log_tails()

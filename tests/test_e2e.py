@@ -202,3 +202,17 @@ def test_the_same_task_message_delivered_twice_runs_once(client, stack):
     task.refresh_from_db()
     assert task.attempts == 1
     assert Agent.objects.get(name="builder").tasks_completed == 1
+
+
+def test_two_roots_and_consecutive_parallel_levels_run_to_completed(client, agents):
+    # Levels [a, b] -> [c, d] -> [e]: a chord whose body is another chord.
+    edges = {"a": [], "b": [], "c": ["a"], "d": ["b"], "e": ["c", "d"]}
+    payload = {
+        "requirements": "two independent streams joined at the end",
+        "tasks": [{"key": k, "title": k, "capability": "code_generation", "depends_on": v} for k, v in edges.items()],
+    }
+
+    session_id = create_and_start(client, payload)
+    body = wait_for_status(client, session_id, {"completed", "failed", "partially_completed"})
+
+    assert body["status"] == "completed" and body["task_counts"]["completed"] == 5
