@@ -5,15 +5,25 @@ import logging
 
 from django.core.exceptions import PermissionDenied
 from django.http import Http404
-from rest_framework import exceptions, status
+from rest_framework import exceptions, parsers, status
 from rest_framework.pagination import PageNumberPagination
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
-from sessions.locking import LockUnavailable
-from sessions.models import InvalidTransition, StaleFencingToken
+from sessions.locking import LockUnavailable, StaleFencingToken
+from sessions.models import InvalidTransition
 
 logger = logging.getLogger(__name__)
+
+
+class JSONParser(parsers.JSONParser):
+    """DRF's JSON parser; a body nested deeper than the recursion limit is a 400, not a 500."""
+
+    def parse(self, stream, media_type=None, parser_context=None):
+        try:
+            return super().parse(stream, media_type, parser_context)
+        except RecursionError:
+            raise exceptions.ParseError("JSON parse error - nested too deeply") from None
 
 
 class Pagination(PageNumberPagination):
@@ -27,6 +37,10 @@ def flatten_errors(detail, path: str = "") -> dict[str, list[str]]:
     if isinstance(detail, dict):
         flat: dict[str, list[str]] = {}
         for key, value in detail.items():
+            if isinstance(key, int):
+                # ListField and ListSerializer report their items' errors keyed by index.
+                flat.update(flatten_errors(value, f"{path}[{key}]"))
+                continue
             key = str(key)
             child = f"{path}{key}" if key.startswith("[") else f"{path}.{key}" if path else key
             if key == "non_field_errors":

@@ -26,10 +26,6 @@ class InvalidTransition(Exception):
         super().__init__(f"cannot move session from {from_status} to {to_status}; {detail}")
 
 
-class StaleFencingToken(Exception):
-    """A lock holder whose lease expired tried to write after a newer holder."""
-
-
 class Status(models.TextChoices):
     PENDING = "pending"
     QUEUED = "queued"
@@ -145,13 +141,12 @@ class Session(models.Model):
         commit with the transition. With `only_from`, a session that is no longer in one of
         those statuses is left alone and None is returned: for workers that race each other.
         """
-        with session_lock(self.pk) as token, transaction.atomic():
+        with session_lock(self.pk) as lease, transaction.atomic():
             row = Session.objects.select_for_update().get(pk=self.pk)
             if only_from is not None and row.status not in only_from:
                 return None
             row.check_transition(to)
-            if token < row.fencing_token:
-                raise StaleFencingToken(f"token {token} is older than {row.fencing_token} on session {row.pk}")
+            token = lease.check_against(row.fencing_token)
             event = row._write_transition(to, reason=reason, actor=actor, token=token)
             if effects is not None:
                 effects(row)

@@ -11,11 +11,19 @@ from .models import Checkpoint, Session, SessionEvent
 
 KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 METADATA_MAX_BYTES = 16_384
+JSON_MAX_DEPTH = 32
 
 
 class StrictCharField(serializers.CharField):
     """A string, and only a string: DRF would otherwise turn 123 into "123"."""
 
+    def to_internal_value(self, data):
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StrictRegexField(serializers.RegexField):
     def to_internal_value(self, data):
         if not isinstance(data, str):
             self.fail("invalid")
@@ -43,6 +51,36 @@ class StrictNumberField(serializers.FloatField):
         return super().to_internal_value(data)
 
 
+def _check_json_string(text: str) -> None:
+    # jsonb rejects U+0000, and a lone surrogate (JSON "\ud800") cannot be encoded as UTF-8.
+    if "\x00" in text:
+        raise serializers.ValidationError("must not contain NUL characters (\\u0000)")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise serializers.ValidationError("must not contain unpaired surrogate characters") from None
+
+
+def validate_json_object(value: dict) -> dict:
+    """Free-form JSON (metadata, params) that PostgreSQL's jsonb can store and we can re-encode:
+    valid UTF-8 text without NUL characters, bounded nesting and size."""
+    stack = [(value, 1)]
+    while stack:  # iterative: a deeply nested value must not exhaust the Python stack
+        item, depth = stack.pop()
+        if depth > JSON_MAX_DEPTH:
+            raise serializers.ValidationError(f"nested deeper than {JSON_MAX_DEPTH} levels")
+        if isinstance(item, str):
+            _check_json_string(item)
+        elif isinstance(item, dict):
+            stack.extend((key, depth) for key in item)
+            stack.extend((child, depth + 1) for child in item.values())
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item)
+    if len(json.dumps(value)) > METADATA_MAX_BYTES:
+        raise serializers.ValidationError(f"at most {METADATA_MAX_BYTES} bytes of JSON")
+    return value
+
+
 class RejectUnknownFieldsMixin:
     """A misspelt field ("depends" for "depends_on") is an error, not silently dropped."""
 
@@ -63,7 +101,9 @@ class ScriptedParamsSerializer(serializers.Serializer):
 
 
 class TaskSpecSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
-    key = serializers.RegexField(KEY_PATTERN, max_length=64)
+    """One node of a client-sent DAG; `depends_on` lists keys of other tasks in the same request."""
+
+    key = StrictRegexField(KEY_PATTERN, max_length=64)
     title = StrictCharField(max_length=200)
     capability = serializers.ChoiceField(choices=CAPABILITIES)
     depends_on = serializers.ListField(child=StrictCharField(max_length=64), default=list, max_length=500)
@@ -78,8 +118,7 @@ class TaskSpecSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
         return value
 
     def validate_params(self, value: dict) -> dict:
-        if len(json.dumps(value)) > METADATA_MAX_BYTES:
-            raise serializers.ValidationError(f"at most {METADATA_MAX_BYTES} bytes of JSON")
+        validate_json_object(value)
         scripted = ScriptedParamsSerializer(
             data={k: v for k, v in value.items() if k in ("duration_s", "fail_rate", "output")}
         )
@@ -88,6 +127,8 @@ class TaskSpecSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
 
 
 class SessionCreateSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
+    """A new session; without `tasks` it gets one code_generation task. Unknown fields are rejected."""
+
     tenant = serializers.SlugField(required=False, help_text="Tenant slug; needed only if you belong to several.")
     title = StrictCharField(max_length=200, required=False, help_text="Defaults to the requirements' first line.")
     requirements = StrictCharField()
@@ -105,9 +146,7 @@ class SessionCreateSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
         return value
 
     def validate_metadata(self, value: dict) -> dict:
-        if len(json.dumps(value)) > METADATA_MAX_BYTES:
-            raise serializers.ValidationError(f"at most {METADATA_MAX_BYTES} bytes of JSON")
-        return value
+        return validate_json_object(value)
 
     def validate_tasks(self, value: list) -> list:
         if not value:

@@ -128,7 +128,8 @@ def retry_session(session: Session, *, actor: str) -> None:
     """Resume a failed, timed-out, stopped or orphaned session from its last checkpoint:
     completed tasks keep their results; everything else runs again."""
     if session.status not in RETRYABLE:
-        raise InvalidTransition(session.pk, session.status, S.QUEUED, session.allowed_targets())
+        why = f"retry works only from {', '.join(sorted(RETRYABLE))}"
+        raise InvalidTransition(session.pk, session.status, S.QUEUED, session.allowed_targets(), why=why)
 
     def reset_unfinished_tasks(row: Session) -> None:
         row.tasks.exclude(status__in=(TS.COMPLETED, TS.RUNNING)).update(

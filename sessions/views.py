@@ -55,8 +55,14 @@ class SessionViewSet(
     mixins.CreateModelMixin,
     viewsets.GenericViewSet,
 ):
-    queryset = Session.objects.select_related("tenant").annotate(
-        **{f"n_{s}": Count("tasks", filter=Q(tasks__status=s), distinct=True) for s in Task.Status.values}
+    """Coding sessions of the caller's tenants: create, follow, and move through their lifecycle."""
+
+    # GROUP BY (from the counts) drops Meta.ordering, so order explicitly; pk breaks ties so that
+    # pages never overlap or skip.
+    queryset = (
+        Session.objects.select_related("tenant")
+        .annotate(**{f"n_{s}": Count("tasks", filter=Q(tasks__status=s), distinct=True) for s in Task.Status.values})
+        .order_by("-created_at", "-pk")
     )
     serializer_class = SessionSerializer
     filterset_class = SessionFilter
@@ -106,7 +112,8 @@ class SessionViewSet(
         events = session.events.all()
         after = request.query_params.get("after")
         if after is not None:
-            if not after.isdigit():
+            # str.isdigit() accepts "²", which int() rejects: only ASCII digits are an id.
+            if not (after.isascii() and after.isdigit()):
                 raise ValidationError({"after": ["must be an event id (a whole number)"]})
             events = events.filter(id__gt=int(after))
         return self._page(events, EventSerializer)

@@ -119,9 +119,14 @@ def execute_task(*, task_id, runtime: AgentRuntime) -> str:
 
 
 def claim_task(task: Task, runtime: AgentRuntime) -> int | None:
-    """queued -> running for this agent, only if nobody else claimed it and the session is active."""
+    """queued -> running for this agent, only if nobody else claimed it.
+
+    The filter must stay on the task row's own columns: a filter across a relation makes Django
+    write `WHERE id IN (subquery)`, and PostgreSQL's re-check after waiting on the row lock does
+    not re-run the subquery, so two racing claims would both win.
+    """
     now = timezone.now()
-    claimed = Task.objects.filter(pk=task.pk, status=TS.QUEUED, session__status__in=ACTIVE).update(
+    claimed = Task.objects.filter(pk=task.pk, status=TS.QUEUED).update(
         status=TS.RUNNING,
         attempts=F("attempts") + 1,
         agent_id=runtime.agent_id,

@@ -7,6 +7,8 @@ from .serializers import TaskSerializer
 
 
 class TaskViewSet(TenantScopedMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    """One task of a session in the caller's tenants, with its result."""
+
     queryset = Task.objects.select_related("agent").prefetch_related("depends_on")
     serializer_class = TaskSerializer
     tenant_field = "session__tenant"

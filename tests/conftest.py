@@ -88,7 +88,9 @@ class Stack:
             "DJANGO_SETTINGS_MODULE": "orchestrator_project.settings",
             "DEBUG": "true",
             # The worker must use pytest's test database, not the one DATABASE_URL names.
-            "DATABASE_URL": f"postgres://{quote(db['USER'])}:{quote(db['PASSWORD'] or '')}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
+            "DATABASE_URL": (
+                f"postgres://{quote(db['USER'])}:{quote(db['PASSWORD'] or '')}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
+            ),
             "DB_CONN_MAX_AGE": "0",
             "REDIS_URL": settings.REDIS_URL,
             "PYTHONUNBUFFERED": "1",

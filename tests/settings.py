@@ -14,8 +14,8 @@ os.environ.pop("CELERY_RESULT_BACKEND", None)
 os.environ.setdefault("AGENT_HEARTBEAT_SECONDS", "1")
 os.environ.setdefault("TASK_DEADLINE_SECONDS", "120")
 
-from orchestrator_project.settings import *  # noqa: E402, F403
-from orchestrator_project.settings import DATABASES  # noqa: E402
+from orchestrator_project.settings import *  # noqa: F403
+from orchestrator_project.settings import DATABASES
 
 if DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
     raise RuntimeError("the test suite runs on PostgreSQL: set DATABASE_URL to a postgres:// URL")

@@ -1,11 +1,12 @@
 """Every (from, to) pair of DESIGN §4, legal and illegal, through Session.transition."""
 
 import itertools
+import time
 
 import pytest
 
-from sessions.locking import redis_client
-from sessions.models import TRANSITIONS, InvalidTransition, Session, SessionEvent, StaleFencingToken
+from sessions.locking import StaleFencingToken, redis_client, session_lock
+from sessions.models import TRANSITIONS, InvalidTransition, Session, SessionEvent
 from tenants.models import Tenant
 
 S = Session.Status
@@ -94,15 +95,30 @@ def test_retry_counts_and_sets_a_new_deadline(db):
     assert row.deadline is not None and row.finished_at is None
 
 
-def test_write_with_a_stale_fencing_token_is_rejected(db):
+def test_a_holder_whose_lease_expired_cannot_write_after_the_next_holder(db, settings):
+    settings.SESSION_LOCK_TTL_SECONDS = 1
     session = make_session(S.PENDING)
-    # A newer holder has already written with a larger token than the counter will hand out next.
-    Session.objects.filter(pk=session.pk).update(fencing_token=10**9)
 
-    with pytest.raises(StaleFencingToken):
-        session.transition(S.QUEUED, reason="late writer")
+    with session_lock(session.pk) as stale:
+        time.sleep(1.2)  # the lease runs out while this holder is stalled
+        session.transition(S.QUEUED, reason="the next holder")
+        row = Session.objects.get(pk=session.pk)
+        with pytest.raises(StaleFencingToken):
+            stale.check_against(row.fencing_token)
 
-    assert Session.objects.get(pk=session.pk).status == S.PENDING
+    assert Session.objects.get(pk=session.pk).status == S.QUEUED
+
+
+def test_a_fencing_counter_lost_with_redis_is_rebased_above_the_row(db):
+    session = make_session(S.PENDING)
+    session.transition(S.QUEUED, reason="start")
+    stored = Session.objects.get(pk=session.pk).fencing_token
+    redis_client().flushdb()  # Redis restarted without persistence: the counter is gone
+
+    event = session.transition(S.RUNNING, reason="claimed")
+
+    assert event.fencing_token > stored
+    assert Session.objects.get(pk=session.pk).fencing_token == event.fencing_token
 
 
 def test_only_from_leaves_a_session_that_moved_on_alone(db):

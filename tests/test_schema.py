@@ -1,0 +1,100 @@
+"""The OpenAPI schema is the contract other-language clients are written against (issue 2): it is
+served, valid, warning-free, and carries every field of the create request and of the objects."""
+
+import pytest
+import yaml
+from django.core.management import call_command
+
+CREATE_FIELDS = {"title", "requirements", "priority", "timeout_seconds", "max_retries", "metadata", "tasks"}
+TASK_SPEC_FIELDS = {"key", "title", "capability", "depends_on", "required", "instructions", "params"}
+
+
+@pytest.fixture
+def schema(client, db) -> dict:
+    response = client.get("/api/schema/", {"format": "json"})
+    assert response.status_code == 200
+    return response.json()
+
+
+def resolve(schema: dict, node: dict) -> dict:
+    while "$ref" in node:
+        node = schema["components"]["schemas"][node["$ref"].rsplit("/", 1)[-1]]
+    return node
+
+
+def create_request_schema(schema: dict) -> dict:
+    body = schema["paths"]["/api/v1/sessions/"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    return resolve(schema, body)
+
+
+def test_schema_is_served_without_authentication(client, db):
+    response = client.get("/api/schema/")
+
+    assert response.status_code == 200
+    assert yaml.safe_load(response.content)["openapi"].startswith("3.")
+
+
+def test_api_docs_page_is_served(client, db):
+    response = client.get("/api/docs/")
+
+    assert response.status_code == 200
+    assert b"swagger" in response.content.lower()
+
+
+def test_create_request_schema_has_every_contract_field(schema):
+    create = create_request_schema(schema)
+
+    assert set(create["properties"]) >= CREATE_FIELDS
+    assert create["required"] == ["requirements"]
+    assert create["properties"]["priority"]["minimum"] == 0
+    assert create["properties"]["priority"]["maximum"] == 9
+    task_spec = resolve(schema, create["properties"]["tasks"]["items"])
+    assert set(task_spec["properties"]) >= TASK_SPEC_FIELDS
+    assert set(task_spec["required"]) == {"key", "title", "capability"}
+    assert task_spec["properties"]["depends_on"]["type"] == "array"
+    capability = resolve(schema, task_spec["properties"]["capability"])
+    assert "code_generation" in capability["enum"]
+    assert "mind_reading" not in capability["enum"]
+
+
+def test_create_documents_the_idempotency_key_header(schema):
+    parameters = schema["paths"]["/api/v1/sessions/"]["post"]["parameters"]
+
+    assert {"in": "header", "name": "Idempotency-Key"}.items() <= parameters[0].items()
+
+
+def test_response_objects_carry_the_contract_fields(schema):
+    components = schema["components"]["schemas"]
+
+    assert {"id", "status", "version", "priority", "created_at", "task_counts"} <= set(
+        components["Session"]["properties"]
+    )
+    assert {"id", "key", "status", "capability", "depends_on", "agent", "attempts", "result", "error"} <= set(
+        components["Task"]["properties"]
+    )
+    assert {"id", "from_status", "to_status", "reason", "created_at"} <= set(components["Event"]["properties"])
+    assert {"count", "next", "previous", "results"} <= set(components["PaginatedSessionList"]["properties"])
+
+
+@pytest.mark.parametrize("action", ["start", "pause", "resume", "cancel", "retry"])
+def test_transitions_are_documented_as_202(schema, action):
+    operation = schema["paths"][f"/api/v1/sessions/{{id}}/{action}/"]["post"]
+
+    assert "202" in operation["responses"]
+    assert "requestBody" not in operation
+
+
+def test_operation_descriptions_do_not_leak_implementation_docstrings(schema):
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            assert "queryset" not in operation.get("description", ""), f"{method} {path}"
+
+
+def test_spectacular_command_validates_without_warnings(db, tmp_path):
+    target = tmp_path / "schema.yaml"
+
+    call_command("spectacular", "--validate", "--fail-on-warn", "--file", str(target))
+
+    written = yaml.safe_load(target.read_text())
+    assert "/api/v1/sessions/{id}/events/" in written["paths"]
+    assert set(create_request_schema(written)["properties"]) >= CREATE_FIELDS
