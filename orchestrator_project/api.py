@@ -5,7 +5,7 @@ import logging
 
 from django.core.exceptions import PermissionDenied
 from django.http import Http404
-from rest_framework import exceptions, parsers, status
+from rest_framework import exceptions, status
 from rest_framework.pagination import PageNumberPagination
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
@@ -14,16 +14,6 @@ from sessions.locking import LockUnavailable, StaleFencingToken
 from sessions.models import InvalidTransition
 
 logger = logging.getLogger(__name__)
-
-
-class JSONParser(parsers.JSONParser):
-    """DRF's JSON parser; a body nested deeper than the recursion limit is a 400, not a 500."""
-
-    def parse(self, stream, media_type=None, parser_context=None):
-        try:
-            return super().parse(stream, media_type, parser_context)
-        except RecursionError:
-            raise exceptions.ParseError("JSON parse error - nested too deeply") from None
 
 
 class Pagination(PageNumberPagination):

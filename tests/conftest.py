@@ -118,7 +118,13 @@ class Stack:
         )  # fmt: skip
         from agents.models import Agent
 
-        wait_until(lambda: Agent.objects.filter(name=name, status="online").exists(), what=f"agent {name} online")
+        def online() -> bool:
+            if proc.poll() is not None:
+                self.print_log_tails()
+                raise AssertionError(f"agent {name} exited with {proc.returncode} before coming online")
+            return Agent.objects.filter(name=name, status="online").exists()
+
+        wait_until(online, what=f"agent {name} online")
         return proc
 
     def print_log_tails(self, lines: int = 40) -> None:
