@@ -22,3 +22,4 @@ if DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
 
 REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"] = {"user": "100000/min"}  # noqa: F405
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+STATIC_ROOT = None  # the tests serve no collected static files; WhiteNoise would warn it is missing
