@@ -26,6 +26,12 @@ class Agent(models.Model):
     concurrency = models.PositiveSmallIntegerField(default=1)
     current_load = models.IntegerField(default=0)
     hostname = models.CharField(max_length=255, blank=True)
+    # The Celery worker's node name (name@host), the destination of remote control commands.
+    worker_name = models.CharField(max_length=255, blank=True)
+    # Higher tiers are preferred when the score is otherwise equal (e.g. bigger machines).
+    tier = models.PositiveSmallIntegerField(default=0)
+    # Exponentially weighted mean task duration, for routing; None until the first task.
+    ewma_duration_s = models.FloatField(null=True, blank=True)
     pid = models.PositiveIntegerField(null=True, blank=True)
     last_heartbeat = models.DateTimeField(null=True, blank=True)
     tasks_completed = models.PositiveIntegerField(default=0)

@@ -88,6 +88,10 @@ class Session(models.Model):
     idempotency_key = models.CharField(max_length=128, null=True, blank=True)  # noqa: DJ001
     fencing_token = models.BigIntegerField(default=0)
     metadata = models.JSONField(default=dict, blank=True)
+    # The decomposition template the DAG came from ("" for a client-sent DAG).
+    template = models.CharField(max_length=40, blank=True)
+    # On the first failed required task, cancel everything that has not started.
+    fail_fast = models.BooleanField(default=False)
     result = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     updated_at = models.DateTimeField(auto_now=True)

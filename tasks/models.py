@@ -60,6 +60,19 @@ class Task(models.Model):
     result = models.JSONField(default=dict, blank=True)
     error = models.TextField(blank=True)
     position = models.PositiveIntegerField(default=0)
+    # PERT estimate in hours; expected duration = (o + 4m + p) / 6.
+    estimate_optimistic_h = models.FloatField(default=1.0)
+    estimate_likely_h = models.FloatField(default=1.0)
+    estimate_pessimistic_h = models.FloatField(default=1.0)
+    # When set, the task runs only on this agent (queue agent.<name>).
+    pinned_agent = models.CharField(max_length=100, blank=True)
+    # Per-task deadline; None means settings.TASK_DEADLINE_SECONDS.
+    timeout_seconds = models.PositiveIntegerField(null=True, blank=True)
+    # False for tasks whose run_task message is sent when the database releases them (the parts
+    # of a DAG that a canvas cannot express without a barrier), True for canvas nodes.
+    via_canvas = models.BooleanField(default=True)
+    # The id of the last run_task message sent for this task, so cancel can revoke it.
+    message_id = models.CharField(max_length=64, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     queued_at = models.DateTimeField(null=True, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
@@ -75,4 +88,8 @@ class Task(models.Model):
 
     @property
     def queue(self) -> str:
-        return capability_queue(self.capability)
+        return f"agent.{self.pinned_agent}" if self.pinned_agent else capability_queue(self.capability)
+
+    @property
+    def expected_hours(self) -> float:
+        return (self.estimate_optimistic_h + 4 * self.estimate_likely_h + self.estimate_pessimistic_h) / 6
