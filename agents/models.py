@@ -3,6 +3,7 @@ from datetime import timedelta
 from django.conf import settings
 from django.db import models
 from django.db.models import Case, F, Value, When
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 
@@ -68,6 +69,11 @@ class Agent(models.Model):
     def task_started(self) -> None:
         Agent.objects.filter(pk=self.pk).update(current_load=F("current_load") + 1)
 
-    def task_finished(self, *, succeeded: bool) -> None:
+    def task_finished(self, *, succeeded: bool, duration_s: float) -> None:
         counter = "tasks_completed" if succeeded else "tasks_failed"
-        Agent.objects.filter(pk=self.pk).update(current_load=F("current_load") - 1, **{counter: F(counter) + 1})
+        Agent.objects.filter(pk=self.pk).update(
+            current_load=F("current_load") - 1,
+            # EWMA with alpha 0.2; the first task sets it (NULL * x is NULL, so Coalesce picks it).
+            ewma_duration_s=Coalesce(F("ewma_duration_s") * 0.8 + duration_s * 0.2, Value(duration_s)),
+            **{counter: F(counter) + 1},
+        )

@@ -1,10 +1,9 @@
 """Session workflows that cross apps: create with its DAG, and the operator's transitions."""
 
 from django.db import IntegrityError, transaction
-from django.utils import timezone
 
 from tasks.models import Task
-from tasks.services import release_ready_tasks
+from tasks.services import release_ready_tasks, stop_open_tasks
 
 from .models import ACTIVE, RETRYABLE, InvalidTransition, Session
 
@@ -116,9 +115,7 @@ def cancel_session(session: Session, *, actor: str) -> None:
     """Cancel a session that has not run or is paused; stop one that is running."""
 
     def cancel_open_tasks(row: Session) -> None:
-        row.tasks.filter(status__in=(TS.PENDING, TS.QUEUED)).update(
-            status=TS.CANCELLED, finished_at=timezone.now(), error=f"session {row.status} by {actor}"
-        )
+        stop_open_tasks(row.pk, reason=f"session {row.status} by {actor}", revoke=True)
 
     target = S.STOPPED if session.status in ACTIVE - {S.QUEUED} else S.CANCELLED
     session.transition(target, reason=f"{target} by {actor}", actor=actor, effects=cancel_open_tasks)

@@ -1,14 +1,21 @@
-"""Compile a session's unfinished task DAG into a Celery canvas.
+"""Compile a session's unfinished task DAG into a Celery canvas, exactly where canvas can say it.
 
-The DAG is cut into topological levels; a level of one task is a plain signature, a level of
-several is a group, and Celery turns "group followed by anything" in a chain into a chord, so
+A series-parallel (SP) DAG is a single task, tasks in parallel (a group) or parts in series (a
+chain), recursively. Those compile exactly: a group followed by anything in a chain becomes a
+chord, so nothing waits for an unrelated task:
 
-    a -> (b, c) -> d        becomes        chain(a, chord([b, c], chord-body d ... finalize))
+    design -> (api, ui) -> review          chain(design, group(api, ui), review, finalize)
+                                           = chain(design, chord([api, ui], review), finalize)
 
-Every node is run_task.si(task_id) on the task's capability queue with the session's broker
-priority; the last link is finalize_session on the orchestrator queue. Messages are hints:
-run_task re-checks the database, so a node that arrives early waits for its upstreams.
+A part that is not SP (e.g. A->C, A->D, B->D: D needs both, C only A) would need a barrier in
+canvas - C would wait for B. Such a part, and everything after it in series, is instead released
+from the database: run_task sends a task's message when its last upstream completes
+(services.settle_dependents). See docs/CANVAS.md.
 """
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 from celery import chain, group
 from celery.canvas import Signature
@@ -18,15 +25,144 @@ from sessions.models import Session
 from .dag import topological_levels
 from .models import Task
 
+# An SP expression: a task key, ("chain", [parts]) or ("group", [parts]).
+Expr = str | tuple[str, list]
+
+
+@dataclass
+class Plan:
+    canvas: Expr | None
+    released: set[str] = field(default_factory=set)
+
+
+class _Graph:
+    def __init__(self, deps: Mapping[str, Sequence[str]]):
+        self.order = list(deps)
+        self.ups = {k: {d for d in deps[k] if d in deps} for k in self.order}
+        self.downs: dict[str, set[str]] = {k: set() for k in self.order}
+        for key, ups in self.ups.items():
+            for up in ups:
+                self.downs[up].add(key)
+        topo = [key for level in topological_levels(deps) for key in level]
+        self.desc = self._closure(self.downs, reversed(topo))
+        self.anc = self._closure(self.ups, topo)
+
+    @staticmethod
+    def _closure(edges: dict[str, set[str]], order) -> dict[str, frozenset[str]]:
+        """Everything reachable along `edges`; `order` visits a node after all its targets."""
+        result: dict[str, frozenset[str]] = {}
+        for node in order:
+            result[node] = frozenset(edges[node]).union(*(result[t] for t in edges[node]))
+        return result
+
+    def components(self, nodes: frozenset[str]) -> list[frozenset[str]]:
+        """Weakly connected components of `nodes`, in input order."""
+        left, parts = set(nodes), []
+        for start in (k for k in self.order if k in nodes):
+            if start not in left:
+                continue
+            part, stack = set(), [start]
+            while stack:
+                node = stack.pop()
+                if node in left:
+                    left.discard(node)
+                    part.add(node)
+                    stack.extend((self.ups[node] | self.downs[node]) & nodes)
+            parts.append(frozenset(part))
+        return parts
+
+    def first_series_part(self, nodes: frozenset[str]) -> frozenset[str] | None:
+        """The smallest down-closed P such that every other node descends from all of P.
+
+        Grow P from the sources: a node that does not descend from every member of P cannot come
+        after P, so it joins P (with its ancestors). If P swallows everything, there is no series
+        cut and the (connected) part is not SP.
+        """
+        part = {k for k in nodes if not (self.ups[k] & nodes)}
+        while True:
+            after = set(nodes - part)
+            for member in part:
+                after &= self.desc[member]
+            missing = nodes - part - after
+            if not missing:
+                return frozenset(part) if after else None
+            for node in missing:
+                part |= {node} | (self.anc[node] & nodes)
+
+
+def plan_dag(deps: Mapping[str, Sequence[str]], blocked: set[str] = frozenset()) -> Plan:
+    """Split a DAG into an exact SP canvas and the keys the database must release.
+
+    `blocked` keys wait on something outside the DAG that is still running (after a resume);
+    they and their descendants are released from the database.
+    """
+    graph = _Graph(deps)
+    released = set(blocked)
+    for key in blocked:
+        released |= graph.desc[key]
+    expr, more = _compile(graph, frozenset(k for k in graph.order if k not in released))
+    return Plan(expr, released | more)
+
+
+def _compile(graph: _Graph, nodes: frozenset[str]) -> tuple[Expr | None, set[str]]:
+    if not nodes:
+        return None, set()
+    if len(nodes) == 1:
+        return next(iter(nodes)), set()
+    components = graph.components(nodes)
+    if len(components) > 1:
+        compiled = [_compile(graph, c) for c in components]
+        exprs = [e for e, _ in compiled if e is not None]
+        released = set().union(*(r for _, r in compiled))
+        return (("group", exprs) if len(exprs) > 1 else exprs[0] if exprs else None), released
+    return _compile_series(graph, nodes)
+
+
+def _compile_series(graph: _Graph, nodes: frozenset[str]) -> tuple[Expr | None, set[str]]:
+    steps: list[Expr] = []
+    rest = nodes
+    while rest:
+        # A single node or a disconnected remainder (parallel parts) is the last step of the chain.
+        last = len(rest) == 1 or len(graph.components(rest)) > 1
+        first = rest if last else graph.first_series_part(rest)
+        if first is None:
+            # Not SP: canvas would need a barrier here. This part and all after it are released.
+            return _as_chain(steps), set(rest)
+        expr, released = _compile(graph, first)
+        rest = rest - first
+        if expr is not None:
+            steps.append(expr)
+        if released:
+            return _as_chain(steps), released | set(rest)
+    return _as_chain(steps), set()
+
+
+def _as_chain(steps: list[Expr]) -> Expr | None:
+    return None if not steps else steps[0] if len(steps) == 1 else ("chain", steps)
+
 
 def node_signature(task: Task, priority: int) -> Signature:
     from .tasks import run_task
 
-    return run_task.si(str(task.pk)).set(queue=task.queue, priority=priority)
+    options = {"queue": task.queue, "priority": priority, "task_id": str(uuid.uuid4())}
+    if task.timeout_seconds:
+        options.update(soft_time_limit=task.timeout_seconds, time_limit=task.timeout_seconds + 60)
+    return run_task.si(str(task.pk)).set(**options)
 
 
-def build_canvas(session: Session) -> Signature | None:
-    """The canvas for every pending or queued task of the session, or None if there is none."""
+def _to_signature(expr: Expr, nodes: dict[str, Signature]) -> Signature:
+    if isinstance(expr, str):
+        return nodes[expr]
+    kind, parts = expr
+    built = [_to_signature(part, nodes) for part in parts]
+    return chain(*built) if kind == "chain" else group(built)
+
+
+def build_canvas(session: Session) -> tuple[Signature | None, list[Task]]:
+    """The canvas for the session's pending and queued tasks, and the tasks left to the database.
+
+    Canvas nodes get fresh message ids (stored on the task so cancel can revoke them).
+    """
     from .tasks import finalize_session
 
     tasks = {
@@ -36,11 +172,24 @@ def build_canvas(session: Session) -> Signature | None:
         .order_by("position")
     }
     if not tasks:
-        return None
+        return None, []
     deps = {key: [up.key for up in task.depends_on.all()] for key, task in tasks.items()}
-    steps = []
-    for level in topological_levels(deps):
-        nodes = [node_signature(tasks[key], session.broker_priority) for key in level]
-        steps.append(nodes[0] if len(nodes) == 1 else group(nodes))
-    steps.append(finalize_session.si(str(session.pk)).set(queue="orchestrator", priority=session.broker_priority))
-    return chain(*steps)
+    waiting_outside = {
+        key
+        for key, task in tasks.items()
+        if any(up.key not in tasks and up.status == Task.Status.RUNNING for up in task.depends_on.all())
+    }
+    plan = plan_dag(deps, waiting_outside)
+    nodes = {
+        key: node_signature(task, session.broker_priority) for key, task in tasks.items() if key not in plan.released
+    }
+    for key, task in tasks.items():
+        task.via_canvas = key not in plan.released
+        task.message_id = nodes[key].id if task.via_canvas else ""
+    Task.objects.bulk_update(tasks.values(), ["via_canvas", "message_id"])
+    released = [tasks[key] for key in tasks if key in plan.released]
+    if plan.canvas is None:
+        return None, released
+    final = finalize_session.si(str(session.pk)).set(queue="orchestrator", priority=session.broker_priority)
+    steps = plan.canvas[1] if isinstance(plan.canvas, tuple) and plan.canvas[0] == "chain" else [plan.canvas]
+    return chain(*(_to_signature(step, nodes) for step in steps), final), released

@@ -6,17 +6,22 @@ finds the work already taken and returns without doing anything.
 """
 
 import logging
+import time
+import uuid
 from datetime import timedelta
 
+from celery import current_app
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
-from agents.executors import TaskContext, TaskFailed, TransientError
+from agents.executors import TaskAborted, TaskContext, TaskFailed, TransientError
+from agents.models import Agent
+from agents.routing import affinity_agent, queue_for
 from agents.runtime import AgentRuntime
-from sessions.locking import LockUnavailable
+from sessions.locking import LockUnavailable, redis_client
 from sessions.models import ACTIVE, Checkpoint, Session
 
 from .models import Task
@@ -75,17 +80,43 @@ def release_ready_tasks(session_id) -> None:
                 changed = True
 
 
-def settle_dependents(task: Task) -> None:
-    """After `task` finished, queue or skip its direct dependents, and skips transitively."""
+def settle_dependents(task: Task, priority: int) -> None:
+    """After `task` finished, queue or skip its dependents (skips transitively), and send the
+    messages of newly queued tasks that the database releases rather than a canvas."""
     stack = [task]
     while stack:
         finished = stack.pop()
         for down in finished.dependents.filter(status=TS.PENDING).prefetch_related("depends_on"):
-            if _promote(down, list(down.depends_on.all())) == TS.SKIPPED:
+            promoted = _promote(down, list(down.depends_on.all()))
+            if promoted == TS.SKIPPED:
                 stack.append(down)
+            elif promoted == TS.QUEUED and not down.via_canvas:
+                dispatch_task(down, priority=priority)
 
 
-def execute_task(*, task_id, runtime: AgentRuntime) -> str:
+def dispatch_task(task: Task, *, priority: int) -> None:
+    """Send one run_task message after commit, on the queue routing picks (pin, affinity or
+    capability), and remember its id so a cancel can revoke it."""
+    from .tasks import run_task
+
+    queue = queue_for(task)
+    message_id = str(uuid.uuid4())
+    Task.objects.filter(pk=task.pk).update(message_id=message_id)
+    options = {"queue": queue, "priority": priority, "task_id": message_id}
+    if task.timeout_seconds:
+        options.update(soft_time_limit=task.timeout_seconds, time_limit=task.timeout_seconds + 60)
+    transaction.on_commit(lambda: run_task.apply_async((str(task.pk),), **options))
+
+
+class RedirectTask(Exception):
+    """Deliver this message to another queue instead (workspace affinity)."""
+
+    def __init__(self, queue: str):
+        super().__init__(queue)
+        self.queue = queue
+
+
+def execute_task(*, task_id, runtime: AgentRuntime, delivered_to: str = "") -> str:
     """Claim, run and record one task on this agent; returns what happened, for the log."""
     task = Task.objects.select_related("session").filter(pk=task_id).first()
     if task is None:
@@ -96,11 +127,14 @@ def execute_task(*, task_id, runtime: AgentRuntime) -> str:
     if task.status == TS.PENDING:
         verdict = _promote(task, list(task.depends_on.all()))
         if verdict == TS.SKIPPED:
-            settle_dependents(task)
+            settle_dependents(task, session.broker_priority)
             return "skipped"
         if verdict is None:
             # An upstream is still running (e.g. after a resume); poll instead of waiting on it.
             raise RetryTask(countdown=None, reason="upstream still running")
+    if task.status in Task.FINISHED or task.status == TS.RUNNING:
+        return "taken"
+    _follow_affinity(task, runtime, delivered_to)
     attempt = claim_task(task, runtime)
     if attempt is None:
         return "taken"
@@ -118,6 +152,16 @@ def execute_task(*, task_id, runtime: AgentRuntime) -> str:
     return _run_claimed(task, attempt, runtime)
 
 
+def _follow_affinity(task: Task, runtime: AgentRuntime, delivered_to: str) -> None:
+    """A canvas node arrives on its capability queue; if an upstream's agent (warm workspace)
+    can take it now, hand the message over. Messages on agent.<name> queues are never moved."""
+    if task.pinned_agent or not delivered_to.startswith("cap.") or not task.depends_on.exists():
+        return
+    preferred = affinity_agent(task)
+    if preferred is not None and preferred.name != runtime.name:
+        raise RedirectTask(f"agent.{preferred.name}")
+
+
 def claim_task(task: Task, runtime: AgentRuntime) -> int | None:
     """queued -> running for this agent, only if nobody else claimed it.
 
@@ -131,7 +175,7 @@ def claim_task(task: Task, runtime: AgentRuntime) -> int | None:
         attempts=F("attempts") + 1,
         agent_id=runtime.agent_id,
         started_at=now,
-        lease_expires_at=now + timedelta(seconds=settings.TASK_DEADLINE_SECONDS),
+        lease_expires_at=now + timedelta(seconds=task_timeout(task)),
         error="",
     )
     if not claimed:
@@ -140,45 +184,56 @@ def claim_task(task: Task, runtime: AgentRuntime) -> int | None:
     return task.attempts
 
 
-def _run_claimed(task: Task, attempt: int, runtime: AgentRuntime) -> str:
-    from agents.models import Agent
+def task_timeout(task: Task) -> int:
+    return task.timeout_seconds or settings.TASK_DEADLINE_SECONDS
 
+
+def abort_key(task_id) -> str:
+    return f"abort:task:{task_id}"
+
+
+def _context(task: Task, attempt: int) -> TaskContext:
+    key = abort_key(task.pk)
+    return TaskContext(
+        task_id=str(task.pk),
+        session_id=str(task.session_id),
+        key=task.key,
+        title=task.title,
+        capability=task.capability,
+        instructions=task.instructions,
+        params=task.params,
+        workspace=settings.WORKSPACE_ROOT / str(task.session_id),
+        attempt=attempt,
+        timeout_s=float(task_timeout(task)),
+        should_abort=lambda: bool(redis_client().exists(key)),
+    )
+
+
+def _run_claimed(task: Task, attempt: int, runtime: AgentRuntime) -> str:
     agent = Agent(pk=runtime.agent_id)
     agent.task_started()
-    succeeded = False
+    started = time.monotonic()
+    ctx = _context(task, attempt)
+    outcome, result, error = TS.FAILED, {}, ""
     try:
-        ctx = TaskContext(
-            task_id=str(task.pk),
-            session_id=str(task.session_id),
-            key=task.key,
-            title=task.title,
-            capability=task.capability,
-            instructions=task.instructions,
-            params=task.params,
-            workspace=settings.WORKSPACE_ROOT / str(task.session_id),
-            attempt=attempt,
-            timeout_s=float(settings.TASK_DEADLINE_SECONDS),
-        )
-        try:
-            result = runtime.executor.execute(ctx)
-        except TransientError as exc:
-            return _retry_or_fail(task, attempt, str(exc))
-        except TaskFailed as exc:
-            record_outcome(task, attempt, TS.FAILED, result=exc.result, error=str(exc))
-            return "failed"
-        except SoftTimeLimitExceeded:
-            record_outcome(task, attempt, TS.FAILED, error=f"deadline of {ctx.timeout_s:g}s exceeded")
-            return "failed"
-        except Exception as exc:
-            # An executor bug must not kill the canvas: record it as the task's failure.
-            logger.exception("executor %s crashed on task %s", runtime.executor_kind, task.pk)
-            record_outcome(task, attempt, TS.FAILED, error=f"executor error: {exc!r}")
-            return "failed"
-        record_outcome(task, attempt, TS.COMPLETED, result=result)
-        succeeded = True
-        return "completed"
+        result = runtime.executor.execute(ctx)
+        outcome = TS.COMPLETED
+    except TransientError as exc:
+        return _retry_or_fail(task, attempt, str(exc))
+    except TaskFailed as exc:
+        result, error = exc.result, str(exc)
+    except TaskAborted as exc:
+        outcome, error = TS.CANCELLED, f"aborted: {exc}"
+    except SoftTimeLimitExceeded:
+        error = f"deadline of {ctx.timeout_s:g}s exceeded"
+    except Exception as exc:
+        # An executor bug must not kill the canvas: record it as the task's failure.
+        logger.exception("executor %s crashed on task %s", runtime.executor_kind, task.pk)
+        error = f"executor error: {exc!r}"
     finally:
-        agent.task_finished(succeeded=succeeded)
+        agent.task_finished(succeeded=outcome == TS.COMPLETED, duration_s=time.monotonic() - started)
+    record_outcome(task, attempt, outcome, result=result, error=error)
+    return outcome
 
 
 def _retry_or_fail(task: Task, attempt: int, error: str) -> str:
@@ -194,7 +249,10 @@ def _retry_or_fail(task: Task, attempt: int, error: str) -> str:
 
 
 def record_outcome(task: Task, attempt: int, status: str, *, result: dict | None = None, error: str = "") -> None:
-    """running -> completed|failed for this attempt; a stale attempt (taken over) changes nothing."""
+    """running -> completed|failed|cancelled for this attempt, then settle what follows from it.
+
+    A stale attempt (the task was taken over) changes nothing.
+    """
     with transaction.atomic():
         recorded = Task.objects.filter(pk=task.pk, status=TS.RUNNING, attempts=attempt).update(
             status=status, result=result or {}, error=error[:5000], finished_at=timezone.now(), lease_expires_at=None
@@ -202,8 +260,38 @@ def record_outcome(task: Task, attempt: int, status: str, *, result: dict | None
         if recorded and status == TS.COMPLETED:
             done = Task.objects.filter(session_id=task.session_id, status=TS.COMPLETED).values_list("key", flat=True)
             Checkpoint.objects.create(session_id=task.session_id, task_id=task.pk, completed_task_keys=sorted(done))
-    if recorded:
-        settle_dependents(task)
+    if not recorded:
+        return
+    session = Session.objects.only("priority", "fail_fast").get(pk=task.session_id)
+    if status == TS.FAILED and task.required and session.fail_fast:
+        stop_open_tasks(session.pk, reason=f"fail-fast: required task {task.key} failed", revoke=False)
+    settle_dependents(task, session.broker_priority)
+    if not Task.objects.filter(session_id=task.session_id, status__in=UNFINISHED).exists():
+        # The last task settles the session; the canvas's finalize_session may find it done.
+        from .tasks import finalize_session
+
+        finalize_session.apply_async((str(task.session_id),), priority=session.broker_priority)
+
+
+def stop_open_tasks(session_id, *, reason: str, revoke: bool) -> None:
+    """Cancel every task that has not started, and ask running executors to abort.
+
+    With `revoke`, queued messages are revoked too (cancel/stop: the session will not finish
+    its canvas). Fail-fast does not revoke: the cancelled nodes must still flow through the
+    canvas quickly so that its chords complete.
+    """
+    open_tasks = Task.objects.filter(session_id=session_id, status__in=(TS.PENDING, TS.QUEUED))
+    message_ids = [m for m in open_tasks.values_list("message_id", flat=True) if m] if revoke else []
+    open_tasks.update(status=TS.CANCELLED, finished_at=timezone.now(), error=reason[:5000])
+    running = list(Task.objects.filter(session_id=session_id, status=TS.RUNNING).values_list("pk", flat=True))
+
+    def signal_workers() -> None:
+        if message_ids:
+            current_app.control.revoke(message_ids)
+        for task_id in running:
+            redis_client().set(abort_key(task_id), reason, ex=24 * 3600)
+
+    transaction.on_commit(signal_workers)
 
 
 def settle_session(session_id) -> str | None:

@@ -19,8 +19,16 @@ def run_task(self, task_id: str) -> str:
         # Routed to a worker that is not an agent: put it back for a real agent.
         logger.error("run_task %s reached worker %s, which is not an agent", task_id, self.request.hostname)
         raise self.retry(countdown=5, max_retries=None)
+    delivered_to = (self.request.delivery_info or {}).get("routing_key") or ""
     try:
-        outcome = services.execute_task(task_id=task_id, runtime=runtime)
+        outcome = services.execute_task(task_id=task_id, runtime=runtime, delivered_to=delivered_to)
+    except services.RedirectTask as exc:
+        # retry() keeps the message id, so a chord still counts this node; exchange and routing
+        # key must be replaced too, or the original delivery info routes it back.
+        logger.info("task %s follows its upstream's agent to %s", task_id, exc.queue)
+        raise self.retry(
+            countdown=0, max_retries=None, queue=exc.queue, exchange=exc.queue, routing_key=exc.queue
+        ) from exc
     except services.RetryTask as exc:
         countdown = exc.countdown if exc.countdown is not None else min(10.0, 0.5 * 2**self.request.retries)
         raise self.retry(countdown=countdown, max_retries=None) from exc
@@ -35,15 +43,20 @@ def finalize_session(session_id: str) -> str | None:
 
 @shared_task(name="tasks.dispatch_session", acks_late=True, reject_on_worker_lost=True)
 def dispatch_session(session_id: str) -> bool:
-    """Compile the session's unfinished DAG into a canvas and send it."""
+    """Send the session's unfinished DAG: a canvas for its series-parallel part, single messages
+    for the tasks the database releases that are ready now."""
     from sessions.models import ACTIVE, Session
 
     session = Session.objects.filter(pk=session_id).first()
     if session is None or session.status not in ACTIVE:
         return False
-    canvas = build_canvas(session)
-    if canvas is None:
+    canvas, released = build_canvas(session)
+    if canvas is None and not released:
         services.settle_session(session_id)
         return False
-    canvas.apply_async()
+    if canvas is not None:
+        canvas.apply_async()
+    for task in released:
+        if task.status == task.Status.QUEUED:
+            services.dispatch_task(task, priority=session.broker_priority)
     return True

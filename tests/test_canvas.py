@@ -1,9 +1,65 @@
+import pytest
 from celery.canvas import _chain, chord, group
 
 from sessions.models import Session
-from tasks.canvas import build_canvas
+from tasks.canvas import build_canvas, plan_dag
 from tasks.models import Task
 from tenants.models import Tenant
+
+
+@pytest.mark.parametrize(
+    ("edges", "canvas", "released"),
+    [
+        ({"a": [], "b": ["a"], "c": ["b"]}, ("chain", ["a", "b", "c"]), set()),
+        ({"a": [], "b": ["a"], "c": ["a"], "d": ["b", "c"]}, ("chain", ["a", ("group", ["b", "c"]), "d"]), set()),
+        # Complete bipartite {a, b} -> {c, d} is series-parallel without any single shared node.
+        (
+            {"a": [], "b": [], "c": ["a", "b"], "d": ["a", "b"]},
+            ("chain", [("group", ["a", "b"]), ("group", ["c", "d"])]),
+            set(),
+        ),
+        # Two independent streams joined at the end: a chord whose header is a group of chains.
+        (
+            {"a": [], "b": [], "c": ["a"], "d": ["b"], "e": ["c", "d"]},
+            ("chain", [("group", [("chain", ["a", "c"]), ("chain", ["b", "d"])]), "e"]),
+            set(),
+        ),
+        # The "N" shape (A->C, A->D, B->D) is not series-parallel: the database releases it all.
+        ({"A": [], "B": [], "C": ["A"], "D": ["A", "B"]}, None, {"A", "B", "C", "D"}),
+        # Canvas up to the non-SP part; it and everything after it are released.
+        (
+            {"x": [], "A": ["x"], "B": ["x"], "C": ["A"], "D": ["A", "B"], "E": ["C", "D"]},
+            "x",
+            {"A", "B", "C", "D", "E"},
+        ),
+        # An independent branch keeps its canvas next to a released non-SP part.
+        (
+            {"A": [], "B": [], "C": ["A"], "D": ["A", "B"], "p": [], "q": ["p"]},
+            ("chain", ["p", "q"]),
+            {"A", "B", "C", "D"},
+        ),
+    ],
+    ids=["chain", "diamond", "bipartite", "two-streams", "n-shape", "sp-then-n", "n-beside-chain"],
+)
+def test_plan_compiles_series_parallel_exactly_and_releases_the_rest(edges, canvas, released):
+    plan = plan_dag(edges)
+
+    assert plan.canvas == canvas
+    assert plan.released == released
+
+
+def test_tasks_waiting_on_a_running_task_outside_the_plan_are_released():
+    plan = plan_dag({"b": ["running-upstream"], "c": ["b"], "d": []}, blocked={"b"})
+
+    assert plan.canvas == "d" and plan.released == {"b", "c"}
+
+
+def test_a_long_chain_plans_without_recursion_limits():
+    keys = [f"t{i}" for i in range(1500)]
+
+    plan = plan_dag({key: keys[i - 1 : i] for i, key in enumerate(keys)})
+
+    assert plan.canvas == ("chain", keys) and not plan.released
 
 
 def make_session(edges: dict[str, list[str]], priority: int = 5) -> Session:
@@ -33,25 +89,46 @@ def test_a_diamond_compiles_to_a_chain_with_a_chord_and_finalize(db):
     session = make_session({"a": [], "b": ["a"], "c": ["a"], "d": ["b", "c"]})
     ids = {t.key: str(t.pk) for t in session.tasks.all()}
 
-    steps = flatten(build_canvas(session))
+    canvas, released = build_canvas(session)
 
-    assert steps == [
+    assert released == []
+    assert flatten(canvas) == [
         [("tasks.run_task", (ids["a"],), "cap.code_generation")],
-        [
-            ("tasks.run_task", (ids["b"],), "cap.code_generation"),
-            ("tasks.run_task", (ids["c"],), "cap.code_generation"),
-        ],
+        [("tasks.run_task", (ids["b"],), "cap.code_generation"), ("tasks.run_task", (ids["c"],), "cap.code_generation")],
         [("tasks.run_task", (ids["d"],), "cap.code_generation")],
         [("tasks.finalize_session", (str(session.pk),), "orchestrator")],
     ]
+    stored = dict(session.tasks.values_list("key", "message_id"))
+    assert all(stored.values()) and len(set(stored.values())) == 4
 
 
-def test_nodes_carry_the_session_priority_inverted_for_redis(db):
+def test_nodes_carry_the_session_priority_inverted_for_redis_and_pinned_queues(db):
     session = make_session({"a": []}, priority=9)
+    session.tasks.update(pinned_agent="gpu-box")
 
-    canvas = build_canvas(session)
+    canvas, _ = build_canvas(session)
 
-    assert {s.options["priority"] for s in canvas.tasks} == {0}
+    first = canvas.tasks[0]
+    assert first.options["priority"] == 0 and first.options["queue"] == "agent.gpu-box"
+
+
+def test_a_per_task_deadline_becomes_the_messages_time_limits(db):
+    session = make_session({"a": []})
+    session.tasks.update(timeout_seconds=30)
+
+    canvas, _ = build_canvas(session)
+
+    assert canvas.tasks[0].options["soft_time_limit"] == 30 and canvas.tasks[0].options["time_limit"] == 90
+
+
+def test_released_tasks_are_marked_and_get_no_canvas_node(db):
+    session = make_session({"A": [], "B": [], "C": ["A"], "D": ["A", "B"]})
+
+    canvas, released = build_canvas(session)
+
+    assert canvas is None
+    assert sorted(t.key for t in released) == ["A", "B", "C", "D"]
+    assert not session.tasks.filter(via_canvas=True).exists()
 
 
 def test_finished_tasks_are_left_out_of_a_resumed_canvas(db):
@@ -59,13 +136,13 @@ def test_finished_tasks_are_left_out_of_a_resumed_canvas(db):
     session.tasks.filter(key="a").update(status=Task.Status.COMPLETED)
     ids = {t.key: str(t.pk) for t in session.tasks.all()}
 
-    steps = flatten(build_canvas(session))
+    canvas, _ = build_canvas(session)
 
-    assert [step[0][1] for step in steps[:-1]] == [(ids["b"],), (ids["c"],)]
+    assert [step[0][1] for step in flatten(canvas)[:-1]] == [(ids["b"],), (ids["c"],)]
 
 
 def test_nothing_left_to_run_compiles_to_nothing(db):
     session = make_session({"a": []})
     session.tasks.update(status=Task.Status.COMPLETED)
 
-    assert build_canvas(session) is None
+    assert build_canvas(session) == (None, [])

@@ -152,17 +152,18 @@ def test_pause_stops_new_tasks_and_resume_finishes_the_session(client, agents):
     assert Task.objects.get(session_id=session_id, key="one").attempts == 1
 
 
-def test_cancel_while_running_stops_the_session_and_cancels_open_tasks(client, agents):
-    session_id = create_and_start(client, chain_payload(1.0))
+def test_cancel_while_running_aborts_the_executor_and_cancels_open_tasks(client, agents):
+    session_id = create_and_start(client, chain_payload(30.0))
     wait_until(lambda: task_status(session_id, "one") == "running", what="task one running")
 
     response = client.post(f"/api/v1/sessions/{session_id}/cancel/")
 
     assert response.status_code == 202 and response.json()["status"] == "stopped"
-    wait_until(lambda: task_status(session_id, "one") == "completed", what="the running task to finish")
-    time.sleep(1.5)
+    # The scripted executor would sleep 30 s; the abort signal ends it within a poll.
+    wait_until(lambda: task_status(session_id, "one") == "cancelled", timeout=10, what="task one aborted")
     statuses = dict(Task.objects.filter(session_id=session_id).values_list("key", "status"))
-    assert statuses == {"one": "completed", "two": "cancelled", "three": "cancelled"}
+    assert statuses == {"one": "cancelled", "two": "cancelled", "three": "cancelled"}
+    assert "aborted" in Task.objects.get(session_id=session_id, key="one").error
     assert Session.objects.get(pk=session_id).status == "stopped"
 
 

@@ -4,7 +4,8 @@ Each adapter takes a TaskContext and returns a result dict, or raises TaskFailed
 failure: recorded, never retried) or TransientError (retried with backoff up to max_attempts).
 """
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -21,6 +22,14 @@ class TransientError(Exception):
     """The executor could not run the task this time (network, busy tool); try again later."""
 
 
+class TaskAborted(Exception):
+    """An operator stopped the session (or fail-fast did) while the task ran; the executor gave up."""
+
+
+def never() -> bool:
+    return False
+
+
 @dataclass(frozen=True)
 class TaskContext:
     task_id: str
@@ -33,7 +42,8 @@ class TaskContext:
     workspace: Path
     attempt: int
     timeout_s: float
-    defaults: dict = field(default_factory=dict)
+    # Polled by long-running executors; True once the task should stop (cancel, stop, fail-fast).
+    should_abort: Callable[[], bool] = never
 
 
 class Executor(Protocol):

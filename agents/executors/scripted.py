@@ -1,7 +1,7 @@
 import random
 import time
 
-from . import TaskContext, TaskFailed
+from . import TaskAborted, TaskContext, TaskFailed
 
 
 class ScriptedExecutor:
@@ -19,8 +19,11 @@ class ScriptedExecutor:
     def execute(self, ctx: TaskContext) -> dict:
         settings = {**self.defaults, **{k: v for k, v in ctx.params.items() if k in self.defaults}}
         duration = float(settings["duration_s"])
-        if duration > 0:
-            time.sleep(duration)
+        deadline = time.monotonic() + duration
+        while (left := deadline - time.monotonic()) > 0:
+            if ctx.should_abort():
+                raise TaskAborted(f"{ctx.key} aborted after {duration - left:.1f}s")
+            time.sleep(min(left, 0.2))
         if random.random() < float(settings["fail_rate"]):
             raise TaskFailed(f"simulated failure of {ctx.key} (fail_rate={settings['fail_rate']})")
         output = settings["output"] or f"simulated {ctx.capability} for {ctx.title!r}"

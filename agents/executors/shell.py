@@ -3,10 +3,11 @@ import shlex
 import signal
 import subprocess
 import tempfile
+import time
 
 from django.conf import settings
 
-from . import TaskContext, TaskFailed
+from . import TaskAborted, TaskContext, TaskFailed
 
 
 class ShellExecutor:
@@ -41,17 +42,26 @@ class ShellExecutor:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-            try:
-                exit_code = proc.wait(timeout=ctx.timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                raise TaskFailed(f"{command!r} timed out after {ctx.timeout_s:g}s") from None
+            exit_code = self._wait(proc, command, ctx)
             output, truncated = self._read_capped(sink)
         result = {"command": command, "exit_code": exit_code, "output": output, "output_truncated": truncated}
         if exit_code != 0:
             raise TaskFailed(f"{command!r} exited with {exit_code}: {output[-2000:]}", result=result)
         return result
+
+    def _wait(self, proc: subprocess.Popen, command: str, ctx: TaskContext) -> int:
+        """Wait for the command, killing its whole process group on timeout or abort."""
+        deadline = time.monotonic() + ctx.timeout_s
+        while True:
+            try:
+                return proc.wait(timeout=min(0.5, max(0.01, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                if ctx.should_abort() or time.monotonic() >= deadline:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    if ctx.should_abort():
+                        raise TaskAborted(f"{command!r} aborted") from None
+                    raise TaskFailed(f"{command!r} timed out after {ctx.timeout_s:g}s") from None
 
     def _read_capped(self, sink) -> tuple[str, bool]:
         size = sink.seek(0, os.SEEK_END)

@@ -1,0 +1,53 @@
+"""Which queue a task's message goes to.
+
+Capability queues (cap.<capability>) balance load for free: whichever agent with the capability
+is free first takes the message. Two cases route explicitly to agent.<name>:
+
+- pinning: a task created with "agent": "<name>" runs only there, waiting while it is busy;
+- workspace affinity: a task follows the agent that ran one of its upstream tasks (it has the
+  workspace warm), if that agent has the capability, is live, not draining, and has a free slot.
+  With several such upstream agents, the best score wins.
+
+Score (0..1.1, higher is better), documented in docs/ROUTING.md:
+
+    score = 0.5 * success + 0.3 * free + 0.2 * speed + 0.1 * tier / 3
+    success = (completed + 1) / (completed + failed + 1)     # a new agent starts at 1.0
+    free    = 1 - current_load / concurrency
+    speed   = 1 / (1 + ewma_duration_s / 60)                  # a new agent (no history) gets 1.0
+
+The optimistic priors mean a brand-new agent with a free slot scores at least as well as any
+proven one, so it receives work and earns a history.
+"""
+
+from .models import Agent
+
+
+def score(agent: Agent) -> float:
+    done = agent.tasks_completed + agent.tasks_failed
+    success = (agent.tasks_completed + 1) / (done + 1)
+    free = max(0.0, 1 - agent.current_load / max(1, agent.concurrency))
+    speed = 1.0 if agent.ewma_duration_s is None else 1 / (1 + agent.ewma_duration_s / 60)
+    return 0.5 * success + 0.3 * free + 0.2 * speed + 0.1 * min(agent.tier, 3) / 3
+
+
+def can_take(agent: Agent, capability: str) -> bool:
+    return (
+        agent.is_live
+        and agent.status != Agent.Status.DRAINING
+        and capability in agent.capabilities
+        and agent.current_load < agent.concurrency
+    )
+
+
+def affinity_agent(task) -> Agent | None:
+    """The best live upstream agent that can take `task` now, or None."""
+    upstream_agents = Agent.objects.filter(tasks__in=task.depends_on.all()).distinct()
+    candidates = [agent for agent in upstream_agents if can_take(agent, task.capability)]
+    return max(candidates, key=score, default=None)
+
+
+def queue_for(task) -> str:
+    if task.pinned_agent:
+        return f"agent.{task.pinned_agent}"
+    preferred = affinity_agent(task)
+    return f"agent.{preferred.name}" if preferred else task.queue
