@@ -18,6 +18,8 @@ class AgentSerializer(serializers.ModelSerializer):
             "queues",
             "executor",
             "concurrency",
+            "tier",
+            "ewma_duration_s",
             "current_load",
             "hostname",
             "last_heartbeat",

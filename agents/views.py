@@ -1,7 +1,25 @@
-from rest_framework import viewsets
+from drf_spectacular.utils import extend_schema
+from rest_framework import status, viewsets
+from rest_framework.decorators import action
+from rest_framework.permissions import BasePermission
+from rest_framework.response import Response
 
+from tenants.models import Membership
+
+from . import services
 from .models import Agent
 from .serializers import AgentSerializer
+
+
+class IsOperator(BasePermission):
+    """Agents are shared by every tenant: only operators and admins may steer them."""
+
+    message = "Only operators and admins may drain or resume agents."
+
+    def has_permission(self, request, view) -> bool:
+        roles = (Membership.Role.ADMIN, Membership.Role.OPERATOR)
+        user = request.user
+        return bool(user and user.is_authenticated and user.memberships.filter(role__in=roles).exists())
 
 
 class AgentViewSet(viewsets.ReadOnlyModelViewSet):
@@ -10,3 +28,19 @@ class AgentViewSet(viewsets.ReadOnlyModelViewSet):
     queryset = Agent.objects.all()
     serializer_class = AgentSerializer
     filterset_fields = ["status", "executor"]
+
+    def get_permissions(self):
+        # Agents have no tenant, so steering them is a platform role, not a tenant object check.
+        return [IsOperator()] if self.action in ("drain", "resume") else super().get_permissions()
+
+    @extend_schema(request=None, responses={202: AgentSerializer}, summary="Stop consuming; finish in-flight work")
+    @action(detail=True, methods=["post"])
+    def drain(self, request, pk=None):
+        services.drain_agent(self.get_object())
+        return Response(AgentSerializer(self.get_object()).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(request=None, responses={202: AgentSerializer}, summary="Consume the agent's queues again")
+    @action(detail=True, methods=["post"])
+    def resume(self, request, pk=None):
+        services.resume_agent(self.get_object())
+        return Response(AgentSerializer(self.get_object()).data, status=status.HTTP_202_ACCEPTED)

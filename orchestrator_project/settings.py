@@ -192,6 +192,8 @@ MAX_TEXT_CHARS = env_int("MAX_TEXT_CHARS", 20_000, minimum=100)
 TASK_DEADLINE_SECONDS = env_int("TASK_DEADLINE_SECONDS", 1800, minimum=1)
 AGENT_HEARTBEAT_SECONDS = env_int("AGENT_HEARTBEAT_SECONDS", 5, minimum=1)
 AGENT_OFFLINE_AFTER_SECONDS = env_int("AGENT_OFFLINE_AFTER_SECONDS", 30, minimum=2)
+# A running session whose ready task has had no live agent this long turns degraded.
+DEGRADED_AFTER_SECONDS = env_int("DEGRADED_AFTER_SECONDS", 15)
 WORKSPACE_ROOT = Path(env_str("WORKSPACE_ROOT", str(BASE_DIR / "workspaces")))
 SESSION_LOCK_TTL_SECONDS = env_int("SESSION_LOCK_TTL_SECONDS", 30, minimum=1)
 
@@ -226,7 +228,10 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_CREATE_MISSING_QUEUES = True
 CELERY_TASK_DEFAULT_QUEUE = "orchestrator"
 CELERY_TASK_DEFAULT_PRIORITY = 4
-CELERY_TASK_ROUTES = {"agents.mark_silent_agents_offline": {"queue": "housekeeping"}}
+CELERY_TASK_ROUTES = {
+    "agents.mark_silent_agents_offline": {"queue": "housekeeping"},
+    "sessions.sweep_degraded_sessions": {"queue": "housekeeping"},
+}
 CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]

@@ -32,7 +32,7 @@ def run_task(self, task_id: str) -> str:
     except services.RetryTask as exc:
         countdown = exc.countdown if exc.countdown is not None else min(10.0, 0.5 * 2**self.request.retries)
         raise self.retry(countdown=countdown, max_retries=None) from exc
-    logger.info("task %s on %s: %s", task_id, runtime.name, outcome)
+    logger.info("task %s on %s (from %s): %s", task_id, runtime.name, delivered_to, outcome)
     return outcome
 
 

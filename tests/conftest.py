@@ -16,6 +16,7 @@ from django.core.management import call_command
 from rest_framework.test import APIClient
 
 from sessions.locking import redis_client
+from tasks.models import Task
 from tenants.models import Membership
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,6 +72,44 @@ def dag_payload(**overrides) -> dict:
     }
     payload.update(overrides)
     return payload
+
+
+def create_and_start(client, payload: dict) -> str:
+    created = client.post("/api/v1/sessions/", payload, format="json")
+    assert created.status_code == 201, created.content
+    session_id = created.json()["id"]
+    started = client.post(f"/api/v1/sessions/{session_id}/start/")
+    assert started.status_code == 202, started.content
+    return session_id
+
+
+def wait_for_status(client, session_id: str, statuses: set[str], timeout: float = 60) -> dict:
+    def settled():
+        body = client.get(f"/api/v1/sessions/{session_id}/").json()
+        return body if body["status"] in statuses else None
+
+    return wait_until(settled, timeout=timeout, what=f"session {session_id} to reach {statuses}")
+
+
+def chain_payload(seconds: float) -> dict:
+    keys = ["one", "two", "three"]
+    return {
+        "requirements": "a chain of three slow tasks",
+        "tasks": [
+            {
+                "key": key,
+                "title": key,
+                "capability": "code_generation",
+                "depends_on": keys[:i][-1:],
+                "params": {"duration_s": seconds},
+            }
+            for i, key in enumerate(keys)
+        ],
+    }
+
+
+def task_status(session_id: str, key: str) -> str:
+    return Task.objects.get(session_id=session_id, key=key).status
 
 
 class Stack:

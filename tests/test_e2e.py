@@ -13,26 +13,19 @@ from sessions.models import Checkpoint, Session, SessionEvent
 from tasks.models import Task
 from tasks.tasks import run_task
 
-from .conftest import ALL_BUILD, ALL_QA, dag_payload, member_client, wait_until
+from .conftest import (
+    ALL_BUILD,
+    ALL_QA,
+    chain_payload,
+    create_and_start,
+    dag_payload,
+    member_client,
+    task_status,
+    wait_for_status,
+    wait_until,
+)
 
 pytestmark = pytest.mark.e2e
-
-
-def create_and_start(client, payload: dict) -> str:
-    created = client.post("/api/v1/sessions/", payload, format="json")
-    assert created.status_code == 201, created.content
-    session_id = created.json()["id"]
-    started = client.post(f"/api/v1/sessions/{session_id}/start/")
-    assert started.status_code == 202, started.content
-    return session_id
-
-
-def wait_for_status(client, session_id: str, statuses: set[str], timeout: float = 60) -> dict:
-    def settled():
-        body = client.get(f"/api/v1/sessions/{session_id}/").json()
-        return body if body["status"] in statuses else None
-
-    return wait_until(settled, timeout=timeout, what=f"session {session_id} to reach {statuses}")
 
 
 def event_path(session_id: str) -> list[str]:
@@ -112,27 +105,6 @@ def test_a_failed_optional_task_ends_partially_completed(client, agents):
     statuses = dict(Task.objects.filter(session_id=session_id).values_list("key", "status"))
     assert statuses["ui"] == "failed"
     assert statuses["review"] == statuses["docs"] == "completed"
-
-
-def chain_payload(seconds: float) -> dict:
-    keys = ["one", "two", "three"]
-    return {
-        "requirements": "a chain of three slow tasks",
-        "tasks": [
-            {
-                "key": key,
-                "title": key,
-                "capability": "code_generation",
-                "depends_on": keys[:i][-1:],
-                "params": {"duration_s": seconds},
-            }
-            for i, key in enumerate(keys)
-        ],
-    }
-
-
-def task_status(session_id: str, key: str) -> str:
-    return Task.objects.get(session_id=session_id, key=key).status
 
 
 def test_pause_stops_new_tasks_and_resume_finishes_the_session(client, agents):

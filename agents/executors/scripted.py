@@ -1,14 +1,15 @@
 import random
 import time
 
-from . import TaskAborted, TaskContext, TaskFailed
+from . import TaskAborted, TaskContext, TaskFailed, TransientError
 
 
 class ScriptedExecutor:
     """A simulator for demos, tests and benchmarks. Its results always say they are simulated.
 
     Task params override the agent's defaults: duration_s (seconds to sleep), fail_rate (0..1,
-    the chance of a business failure) and output (the text to return).
+    the chance of a business failure) and output (the text to return). transient_failures: N
+    makes the first N attempts raise a transient error, to exercise retries with backoff.
     """
 
     kind = "scripted"
@@ -17,6 +18,8 @@ class ScriptedExecutor:
         self.defaults = {"duration_s": duration_s, "fail_rate": fail_rate, "output": output}
 
     def execute(self, ctx: TaskContext) -> dict:
+        if ctx.attempt <= int(ctx.params.get("transient_failures", 0)):
+            raise TransientError(f"simulated transient error on attempt {ctx.attempt}")
         settings = {**self.defaults, **{k: v for k, v in ctx.params.items() if k in self.defaults}}
         duration = float(settings["duration_s"])
         deadline = time.monotonic() + duration

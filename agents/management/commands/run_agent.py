@@ -4,6 +4,7 @@ import re
 import socket
 import threading
 
+from celery.signals import worker_ready
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 from django.db import close_old_connections
@@ -40,7 +41,14 @@ class Command(BaseCommand):
         defaults = {"duration_s": duration, "fail_rate": fail_rate} if executor == Agent.Executor.SCRIPTED else {}
         agent = register_agent(name=name, capabilities=caps, executor=executor, concurrency=concurrency)
         set_current_agent(AgentRuntime(agent.pk, agent.name, executor, defaults))
-        stop = start_heartbeat(agent)
+        stop = threading.Event()
+
+        # Online only once the worker consumes (and receives control commands such as drain).
+        @worker_ready.connect(weak=False)
+        def go_online(**kwargs) -> None:
+            agent.heartbeat()
+            start_heartbeat(agent, stop)
+
         self.stderr.write(f"agent {name} consuming {', '.join(agent.queues)} with the {executor} executor")
         try:
             app.worker_main(
@@ -75,18 +83,17 @@ def register_agent(*, name: str, capabilities: list[str], executor: str, concurr
             "executor": executor,
             "concurrency": concurrency,
             "current_load": 0,
-            "status": Agent.Status.ONLINE,
+            "status": Agent.Status.OFFLINE,
             "hostname": socket.gethostname(),
+            "worker_name": f"{name}@{socket.gethostname()}",
             "pid": os.getpid(),
         },
     )
-    agent.heartbeat()
     return agent
 
 
-def start_heartbeat(agent: Agent) -> threading.Event:
+def start_heartbeat(agent: Agent, stop: threading.Event) -> None:
     """Beat from the worker's main process; Beat's sweep marks silent agents offline."""
-    stop = threading.Event()
 
     def beat() -> None:
         while not stop.wait(settings.AGENT_HEARTBEAT_SECONDS):
@@ -97,4 +104,3 @@ def start_heartbeat(agent: Agent) -> threading.Event:
                 logger.warning("heartbeat of agent %s failed", agent.name, exc_info=True)
 
     threading.Thread(target=beat, name=f"heartbeat-{agent.name}", daemon=True).start()
-    return stop

@@ -1,0 +1,46 @@
+"""Housekeeping sweeps over sessions, run by Beat on the housekeeping queue."""
+
+from datetime import timedelta
+
+from django.conf import settings
+from django.utils import timezone
+
+from agents.models import Agent
+from tasks.models import Task
+
+from .models import Session
+
+S = Session.Status
+
+
+def _stranded_reason(task: Task, live_agents: list[Agent]) -> str | None:
+    """Why no live agent can take this ready task, or None if one can."""
+    if task.pinned_agent:
+        if any(a.name == task.pinned_agent for a in live_agents):
+            return None
+        return f"task {task.key} is pinned to agent {task.pinned_agent}, which is not live"
+    if any(task.capability in a.capabilities for a in live_agents):
+        return None
+    return f"task {task.key} needs {task.capability} and no live agent has it"
+
+
+def sweep_degraded_sessions() -> dict[str, int]:
+    """running -> degraded when a ready task has had no live agent for DEGRADED_AFTER_SECONDS;
+    degraded -> running once every ready task has one again. Each move writes its reason."""
+    live_agents = [
+        a for a in Agent.objects.exclude(status__in=(Agent.Status.OFFLINE, Agent.Status.DRAINING)) if a.is_live
+    ]
+    stale = timezone.now() - timedelta(seconds=settings.DEGRADED_AFTER_SECONDS)
+    moved = {"degraded": 0, "recovered": 0}
+    sessions = Session.objects.filter(status__in=(S.RUNNING, S.DEGRADED), tasks__status=Task.Status.QUEUED).distinct()
+    for session in sessions:
+        queued = session.tasks.filter(status=Task.Status.QUEUED)
+        if session.status == S.RUNNING:
+            reasons = [r for t in queued.filter(queued_at__lt=stale) if (r := _stranded_reason(t, live_agents))]
+            if reasons and session.transition(S.DEGRADED, reason="; ".join(reasons), only_from=frozenset({S.RUNNING})):
+                moved["degraded"] += 1
+        elif not any(_stranded_reason(t, live_agents) for t in queued):
+            reason = "every ready task has a live agent again"
+            if session.transition(S.RUNNING, reason=reason, only_from=frozenset({S.DEGRADED})):
+                moved["recovered"] += 1
+    return moved
