@@ -94,7 +94,10 @@ def test_a_diamond_compiles_to_a_chain_with_a_chord_and_finalize(db):
     assert released == []
     assert flatten(canvas) == [
         [("tasks.run_task", (ids["a"],), "cap.code_generation")],
-        [("tasks.run_task", (ids["b"],), "cap.code_generation"), ("tasks.run_task", (ids["c"],), "cap.code_generation")],
+        [
+            ("tasks.run_task", (ids["b"],), "cap.code_generation"),
+            ("tasks.run_task", (ids["c"],), "cap.code_generation"),
+        ],
         [("tasks.run_task", (ids["d"],), "cap.code_generation")],
         [("tasks.finalize_session", (str(session.pk),), "orchestrator")],
     ]
