@@ -14,7 +14,6 @@ from celery import current_app
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F
 from django.utils import timezone
 
 from agents.executors import TaskAborted, TaskContext, TaskFailed, TransientError
@@ -155,7 +154,7 @@ def execute_task(*, task_id, runtime: AgentRuntime, delivered_to: str = "") -> s
 def _follow_affinity(task: Task, runtime: AgentRuntime, delivered_to: str) -> None:
     """A canvas node arrives on its capability queue; if an upstream's agent (warm workspace)
     can take it now, hand the message over. Messages on agent.<name> queues are never moved."""
-    if task.pinned_agent or not delivered_to.startswith("cap.") or not task.depends_on.exists():
+    if task.pinned_agent or not delivered_to.startswith("cap."):
         return
     preferred = affinity_agent(task)
     if preferred is not None and preferred.name != runtime.name:
@@ -170,9 +169,10 @@ def claim_task(task: Task, runtime: AgentRuntime) -> int | None:
     not re-run the subquery, so two racing claims would both win.
     """
     now = timezone.now()
-    claimed = Task.objects.filter(pk=task.pk, status=TS.QUEUED).update(
+    # Matching the attempt count we read makes the new count known without reading it back.
+    claimed = Task.objects.filter(pk=task.pk, status=TS.QUEUED, attempts=task.attempts).update(
         status=TS.RUNNING,
-        attempts=F("attempts") + 1,
+        attempts=task.attempts + 1,
         agent_id=runtime.agent_id,
         started_at=now,
         lease_expires_at=now + timedelta(seconds=task_timeout(task)),
@@ -180,7 +180,7 @@ def claim_task(task: Task, runtime: AgentRuntime) -> int | None:
     )
     if not claimed:
         return None
-    task.refresh_from_db(fields=["attempts", "status", "agent"])
+    task.attempts, task.status, task.agent_id = task.attempts + 1, TS.RUNNING, runtime.agent_id
     return task.attempts
 
 
@@ -262,7 +262,7 @@ def record_outcome(task: Task, attempt: int, status: str, *, result: dict | None
             Checkpoint.objects.create(session_id=task.session_id, task_id=task.pk, completed_task_keys=sorted(done))
     if not recorded:
         return
-    session = Session.objects.only("priority", "fail_fast").get(pk=task.session_id)
+    session = task.session  # loaded with the task; priority and fail_fast do not change
     if status == TS.FAILED and task.required and session.fail_fast:
         stop_open_tasks(session.pk, reason=f"fail-fast: required task {task.key} failed", revoke=False)
     settle_dependents(task, session.broker_priority)
