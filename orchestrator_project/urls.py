@@ -5,7 +5,7 @@ from rest_framework.routers import DefaultRouter
 
 from agents.views import AgentViewSet
 from sessions.views import SessionViewSet
-from tasks.views import TaskViewSet
+from tasks.views import DecompositionPreviewView, TaskViewSet
 
 from . import health
 
@@ -15,6 +15,7 @@ router.register("tasks", TaskViewSet, basename="task")
 router.register("agents", AgentViewSet, basename="agent")
 
 urlpatterns = [
+    path("api/v1/decompositions/preview/", DecompositionPreviewView.as_view(), name="decomposition-preview"),
     path("api/v1/", include(router.urls)),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),

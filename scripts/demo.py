@@ -2,8 +2,9 @@
 
 `make demo` runs this after scripts/ensure_services.py. It starts scripts/up.sh (web, the
 orchestrator worker, two scripted agents, beat, Flower) on its own database, Redis database and
-ports, so it never collides with a running `make up` or with the test suite; submits a DAG
-through the REST API, prints every transition as it happens, then stops everything it started.
+ports, so it never collides with a running `make up` or with the test suite; submits plain
+requirements through the REST API - first to the preview endpoint, printing the DAG the analyzer
+chose, then as a session - prints every transition as it happens, then stops everything it started.
 Exit code 0 means the session reached `completed`.
 
 Only the standard library and httpx: this is also an example of a client of the API.
@@ -40,21 +41,14 @@ POLL_S = 0.3
 # Statuses after which nothing more happens without an operator (DESIGN §4).
 SETTLED = {"completed", "partially_completed", "cancelled", "failed", "timeout", "stopped", "orphaned"}
 
-# design -> {api, persistence, tests} -> review -> docs: a fan-out of three and a fan-in, over
-# capabilities that only the builder (design, code) or only the reviewer (tests, review, docs) has.
-DEMO_TASKS: list[dict[str, Any]] = [
-    {"key": "design", "title": "Design the rate limiter", "capability": "system_design", "depends_on": []},
-    {"key": "api", "title": "Add the limit to the API", "capability": "code_generation", "depends_on": ["design"]},
-    {"key": "persistence", "title": "Store counters", "capability": "code_generation", "depends_on": ["design"]},
-    {"key": "tests", "title": "Write the tests", "capability": "test_generation", "depends_on": ["design"]},
-    {
-        "key": "review",
-        "title": "Review the change",
-        "capability": "code_review",
-        "depends_on": ["api", "persistence", "tests"],
-    },
-    {"key": "docs", "title": "Document the limits", "capability": "documentation", "depends_on": ["review"]},
-]
+# Plain requirements, no tasks: the analyzer picks the template and the capabilities. The builder
+# and the reviewer together have every capability, so whatever it picks can run.
+DEMO_TITLE = "Demo: add rate limiting to the payments API"
+DEMO_REQUIREMENTS = (
+    "Add per-client rate limiting to the payments API, with tests and docs.\n"
+    "Each client gets a configurable number of requests per minute; requests above it are answered "
+    "with HTTP 429 and a Retry-After header."
+)
 
 
 class DemoError(Exception):
@@ -241,25 +235,44 @@ def agents_online(client: httpx.Client, since: datetime) -> bool:
     )
 
 
-def print_dag(tasks: list[dict[str, Any]]) -> None:
-    say(f"\nSubmitting a session of {len(tasks)} tasks:")
-    for task in tasks:
+def session_body() -> dict[str, Any]:
+    return {
+        "title": DEMO_TITLE,
+        "requirements": DEMO_REQUIREMENTS,
+        "priority": 5,
+        "timeout_seconds": int(SESSION_DEADLINE_S),
+    }
+
+
+def print_plan(preview: dict[str, Any]) -> None:
+    """The DAG the analyzer chose, as the preview endpoint describes it."""
+    analysis = preview["analysis"]
+    say("\nRequirements:")
+    for line in DEMO_REQUIREMENTS.splitlines():
+        say(f"  > {line}")
+    say(f"\nThe analyzer chose the {preview['template']!r} template ({analysis['complexity']} complexity).")
+    say(f"  keywords:     {', '.join(analysis['keywords'])}")
+    say(f"  capabilities: {', '.join(analysis['capabilities'])}")
+    on_path = set(preview["critical_path"])
+    say(f"\n  {'task':<16} {'capability':<20} {'expected h':>11}  after")
+    for task in preview["tasks"]:
+        star = "*" if task["key"] in on_path else " "
         upstream = ", ".join(task["depends_on"]) or "(starts first)"
-        say(f"  {task['key']:<12} {task['capability']:<16} after {upstream}")
+        optional = "" if task["required"] else "  (optional)"
+        say(f"  {task['key']:<16} {task['capability']:<20} {task['expected_hours']:>10.2f}{star}  {upstream}{optional}")
+    say(f"\n  critical path (*): {' -> '.join(preview['critical_path'])}")
+    say(
+        f"  estimated makespan: {preview['estimated_makespan_hours']:.2f} h with enough agents (PERT expected"
+        " durations; the demo's scripted agents spend about half a second per task)"
+    )
 
 
 def submit_session(client: httpx.Client) -> str:
-    tasks = [{**task, "params": {"duration_s": 1.0}} for task in DEMO_TASKS]
-    print_dag(tasks)
-    body = {
-        "title": "Demo: add rate limiting to the payments API",
-        "requirements": "Add per-client rate limiting to the payments API, with tests and docs.",
-        "priority": 5,
-        "timeout_seconds": int(SESSION_DEADLINE_S),
-        "tasks": tasks,
-    }
+    body = session_body()
+    print_plan(api(client, "POST", "/api/v1/decompositions/preview/", json=body))
     session = api(client, "POST", "/api/v1/sessions/", json=body)
-    say(f"Created session {session['id']} (status {session['status']}); starting it.\n")
+    template = session["template"]
+    say(f"\nCreated session {session['id']} (status {session['status']}, template {template!r}); starting it.\n")
     api(client, "POST", f"/api/v1/sessions/{session['id']}/start/")
     return session["id"]
 
@@ -305,7 +318,7 @@ def task_changes(tasks: list[dict[str, Any]], seen: dict[str, str]) -> Timeline:
         for old, new in pairwise(path):
             where = f"  on {task['agent']}" if task["agent"] and new != "queued" else ""
             stamp = task[STATUS_TIME_FIELD.get(new, "finished_at")]
-            changes.append((parse_time(stamp), f"  task {task['key']:<12} {old} -> {new}{where}"))
+            changes.append((parse_time(stamp), f"  task {task['key']:<16} {old} -> {new}{where}"))
     return changes
 
 
@@ -342,10 +355,10 @@ def follow_session(client: httpx.Client, session_id: str, stack: subprocess.Pope
 def print_summary(client: httpx.Client, session_id: str) -> None:
     session = api(client, "GET", f"/api/v1/sessions/{session_id}/")
     say(f"\nSession {session_id}: {session['status']}")
-    say(f"  {'task':<12} {'capability':<16} {'status':<11} agent")
+    say(f"  {'task':<16} {'capability':<20} {'status':<11} agent")
     for task in fetch_tasks(client, session_id):
         error = f"  error: {task['error']}" if task["error"] else ""
-        say(f"  {task['key']:<12} {task['capability']:<16} {task['status']:<11} {task['agent'] or '-'}{error}")
+        say(f"  {task['key']:<16} {task['capability']:<20} {task['status']:<11} {task['agent'] or '-'}{error}")
 
 
 def print_where_to_look(database_url: str) -> None:

@@ -1,9 +1,12 @@
 import json
 
 from django.conf import settings
+from django.db.models import Prefetch
 from rest_framework import serializers
 
 from tasks.dag import DagError, validate_dag
+from tasks.decomposition import TEMPLATE_NAMES, critical_path, nodes_from_tasks
+from tasks.decomposition.analyzer import HIGH, LOW, MEDIUM
 from tasks.models import CAPABILITIES, Task
 from tasks.services import task_counts
 
@@ -12,6 +15,7 @@ from .models import Checkpoint, Session, SessionEvent
 KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 METADATA_MAX_BYTES = 16_384
 JSON_MAX_DEPTH = 32
+MAX_ESTIMATE_HOURS = 10_000
 
 
 class StrictCharField(serializers.CharField):
@@ -100,6 +104,21 @@ class ScriptedParamsSerializer(serializers.Serializer):
     output = StrictCharField(max_length=10_000, required=False, allow_blank=True)
 
 
+class EstimateSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
+    """A PERT estimate in hours; the expected duration is (optimistic + 4 * likely + pessimistic) / 6."""
+
+    optimistic = StrictNumberField(min_value=0, max_value=MAX_ESTIMATE_HOURS)
+    likely = StrictNumberField(min_value=0, max_value=MAX_ESTIMATE_HOURS)
+    pessimistic = StrictNumberField(min_value=0, max_value=MAX_ESTIMATE_HOURS)
+
+    def validate(self, attrs):
+        if attrs["likely"] < attrs["optimistic"]:
+            raise serializers.ValidationError({"likely": ["must be at least optimistic"]})
+        if attrs["pessimistic"] < attrs["likely"]:
+            raise serializers.ValidationError({"pessimistic": ["must be at least likely"]})
+        return attrs
+
+
 class TaskSpecSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
     """One node of a client-sent DAG; `depends_on` lists keys of other tasks in the same request."""
 
@@ -111,6 +130,7 @@ class TaskSpecSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
     instructions = StrictCharField(allow_blank=True, default="")
     params = serializers.DictField(default=dict)
     max_attempts = StrictIntegerField(min_value=1, max_value=10, default=3)
+    estimate = EstimateSerializer(required=False, help_text="PERT estimate in hours; one hour each if left out.")
 
     def validate_instructions(self, value: str) -> str:
         if len(value) > settings.MAX_TEXT_CHARS:
@@ -127,7 +147,8 @@ class TaskSpecSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
 
 
 class SessionCreateSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
-    """A new session; without `tasks` it gets one code_generation task. Unknown fields are rejected."""
+    """A new session: `tasks` is an explicit DAG; without it the requirements are decomposed by the
+    named `template` or the one the analyzer infers. Unknown fields are rejected."""
 
     tenant = serializers.SlugField(required=False, help_text="Tenant slug; needed only if you belong to several.")
     title = StrictCharField(max_length=200, required=False, help_text="Defaults to the requirements' first line.")
@@ -136,6 +157,14 @@ class SessionCreateSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
     timeout_seconds = StrictIntegerField(min_value=1, max_value=7 * 86400, default=3600)
     max_retries = StrictIntegerField(min_value=0, max_value=10, default=3)
     metadata = serializers.DictField(default=dict)
+    template = serializers.ChoiceField(
+        choices=TEMPLATE_NAMES,
+        required=False,
+        help_text="Decomposition template; inferred from the requirements if left out. Not with `tasks`.",
+        error_messages={
+            "invalid_choice": f'unknown template "{{input}}"; known templates: {", ".join(TEMPLATE_NAMES)}'
+        },
+    )
     tasks = TaskSpecSerializer(many=True, required=False)
 
     def validate_requirements(self, value: str) -> str:
@@ -163,6 +192,10 @@ class SessionCreateSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
 
     def validate(self, attrs):
         attrs = super().validate(attrs)
+        if "template" in attrs and "tasks" in attrs:
+            raise serializers.ValidationError(
+                {"template": ["leave template out when you send tasks: an explicit DAG has no template"]}
+            )
         attrs.setdefault("title", attrs["requirements"].strip().splitlines()[0][:200])
         return attrs
 
@@ -188,6 +221,7 @@ class SessionSerializer(serializers.ModelSerializer):
             "max_retries",
             "retry_count",
             "metadata",
+            "template",
             "result",
             "task_counts",
             "progress",
@@ -217,6 +251,35 @@ class SessionSerializer(serializers.ModelSerializer):
         return session.allowed_targets()
 
 
+class SessionDetailSerializer(SessionSerializer):
+    """One session, with its critical path by expected duration (the list leaves it out: it needs
+    the session's tasks and edges)."""
+
+    critical_path = serializers.SerializerMethodField(help_text="Task keys, upstream first.")
+    estimated_makespan_hours = serializers.SerializerMethodField(
+        help_text="Total expected duration along the critical path: the makespan with enough agents."
+    )
+
+    class Meta(SessionSerializer.Meta):
+        fields = [*SessionSerializer.Meta.fields, "critical_path", "estimated_makespan_hours"]
+        read_only_fields = fields
+
+    def _critical_path(self, session: Session):
+        if not hasattr(session, "_critical_path"):
+            estimates = ("estimate_optimistic_h", "estimate_likely_h", "estimate_pessimistic_h")
+            tasks = session.tasks.only("key", *estimates).prefetch_related(
+                Prefetch("depends_on", queryset=Task.objects.only("key"))
+            )
+            session._critical_path = critical_path(nodes_from_tasks(tasks))
+        return session._critical_path
+
+    def get_critical_path(self, session: Session) -> list[str]:
+        return self._critical_path(session).keys
+
+    def get_estimated_makespan_hours(self, session: Session) -> float:
+        return round(self._critical_path(session).hours, 2)
+
+
 class EventSerializer(serializers.ModelSerializer):
     class Meta:
         model = SessionEvent
@@ -231,3 +294,41 @@ class CheckpointSerializer(serializers.ModelSerializer):
         model = Checkpoint
         fields = ["id", "task", "completed_task_keys", "created_at"]
         read_only_fields = fields
+
+
+class PlannedTaskSerializer(serializers.Serializer):
+    key = serializers.CharField()
+    title = serializers.CharField()
+    capability = serializers.ChoiceField(choices=CAPABILITIES)
+    depends_on = serializers.ListField(child=serializers.CharField())
+    required = serializers.BooleanField()
+    instructions = serializers.CharField()
+    params = serializers.DictField()
+    estimate = EstimateSerializer()
+    expected_hours = serializers.FloatField(help_text="PERT mean: (optimistic + 4 * likely + pessimistic) / 6.")
+
+
+class AnalysisSerializer(serializers.Serializer):
+    complexity = serializers.ChoiceField(choices=[LOW, MEDIUM, HIGH])
+    keywords = serializers.ListField(child=serializers.CharField(), help_text="Whole words matched, in text order.")
+    concerns = serializers.ListField(child=serializers.CharField())
+    # A plain string child: a second enum of the capabilities would get a second name in the schema.
+    capabilities = serializers.ListField(
+        child=serializers.CharField(), help_text="Capabilities the requirements call for (see Task.capability)."
+    )
+    template_scores = serializers.DictField(child=serializers.IntegerField())
+
+
+class DecompositionPreviewSerializer(serializers.Serializer):
+    """What creating a session with the same body would produce; nothing is stored."""
+
+    template = serializers.CharField(allow_blank=True, help_text='The template used; "" for an explicit DAG.')
+    analysis = AnalysisSerializer()
+    tasks = PlannedTaskSerializer(many=True)
+    edges = serializers.ListField(
+        child=serializers.ListField(child=serializers.CharField(), min_length=2, max_length=2),
+        help_text="[upstream, downstream] task keys.",
+    )
+    topological_order = serializers.ListField(child=serializers.CharField())
+    critical_path = serializers.ListField(child=serializers.CharField(), help_text="By expected duration.")
+    estimated_makespan_hours = serializers.FloatField()

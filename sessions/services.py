@@ -1,7 +1,9 @@
 """Session workflows that cross apps: create with its DAG, and the operator's transitions."""
 
+from django.conf import settings
 from django.db import IntegrityError, transaction
 
+from tasks.decomposition import plan_session
 from tasks.models import Task
 from tasks.services import release_ready_tasks, stop_open_tasks
 
@@ -11,32 +13,24 @@ S = Session.Status
 TS = Task.Status
 
 
-def default_tasks(requirements: str, title: str) -> list[dict]:
-    """A session sent without tasks gets one code_generation task from its requirements."""
-    return [
-        {
-            "key": "implement",
-            "title": title[:200],
-            "capability": "code_generation",
-            "depends_on": [],
-            "required": True,
-            "instructions": requirements,
-            "params": {},
-        }
-    ]
-
-
 def create_session(*, tenant, user, data: dict, idempotency_key: str | None = None) -> tuple[Session, bool]:
     """Create a session and its task DAG in one transaction; returns (session, created).
 
-    `data` is validated input (see SessionCreateSerializer). With an idempotency key already
-    used in this tenant, the existing session is returned and nothing is written.
+    `data` is validated input (see SessionCreateSerializer): the DAG is its `tasks`, or else the
+    decomposition of its requirements by the named or inferred template. With an idempotency key
+    already used in this tenant, the existing session is returned and nothing is written. Raises
+    tasks.dag.DagError when the decomposition cannot be used (see plan_session).
     """
     if idempotency_key:
         existing = Session.objects.filter(tenant=tenant, idempotency_key=idempotency_key).first()
         if existing:
             return existing, False
-    specs = data.get("tasks") or default_tasks(data["requirements"], data["title"])
+    plan = plan_session(
+        requirements=data["requirements"],
+        template=data.get("template"),
+        tasks=data.get("tasks"),
+        max_tasks=settings.MAX_TASKS_PER_SESSION,
+    )
     try:
         with transaction.atomic():
             session = Session.objects.create(
@@ -48,9 +42,10 @@ def create_session(*, tenant, user, data: dict, idempotency_key: str | None = No
                 timeout_seconds=data["timeout_seconds"],
                 max_retries=data["max_retries"],
                 metadata=data.get("metadata") or {},
+                template=plan.template,
                 idempotency_key=idempotency_key or None,
             )
-            _create_tasks(session, specs)
+            _create_tasks(session, plan.tasks)
     except IntegrityError:
         # Two requests with the same key raced; the other one's session is the answer.
         existing = Session.objects.filter(tenant=tenant, idempotency_key=idempotency_key).first()
@@ -72,6 +67,7 @@ def _create_tasks(session: Session, specs: list[dict]) -> None:
             params=spec.get("params") or {},
             max_attempts=spec.get("max_attempts", 3),
             position=position,
+            **_estimate_fields(spec.get("estimate")),
         )
         for position, spec in enumerate(specs)
     )
@@ -82,6 +78,16 @@ def _create_tasks(session: Session, specs: list[dict]) -> None:
         for spec in specs
         for dep in spec.get("depends_on", [])
     )
+
+
+def _estimate_fields(estimate: dict | None) -> dict[str, float]:
+    if not estimate:
+        return {}  # the model's default estimate
+    return {
+        "estimate_optimistic_h": estimate["optimistic"],
+        "estimate_likely_h": estimate["likely"],
+        "estimate_pessimistic_h": estimate["pessimistic"],
+    }
 
 
 def _dispatch_after_commit(session: Session) -> None:

@@ -6,13 +6,20 @@ from rest_framework.decorators import action
 from rest_framework.exceptions import ValidationError
 from rest_framework.response import Response
 
+from tasks.dag import DagError
 from tasks.models import Task
 from tasks.serializers import TaskSerializer
 from tenants.permissions import TenantScopedMixin, tenant_for_write
 
 from . import services
 from .models import Session
-from .serializers import CheckpointSerializer, EventSerializer, SessionCreateSerializer, SessionSerializer
+from .serializers import (
+    CheckpointSerializer,
+    EventSerializer,
+    SessionCreateSerializer,
+    SessionDetailSerializer,
+    SessionSerializer,
+)
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 
@@ -67,9 +74,13 @@ class SessionViewSet(
     serializer_class = SessionSerializer
     filterset_class = SessionFilter
 
+    def get_serializer_class(self):
+        # The critical path needs the session's tasks and edges: detail only, not per list row.
+        return SessionDetailSerializer if self.action == "retrieve" else SessionSerializer
+
     @extend_schema(
         request=SessionCreateSerializer,
-        responses={201: SessionSerializer, 200: SessionSerializer},
+        responses={201: SessionDetailSerializer, 200: SessionDetailSerializer},
         parameters=[OpenApiParameter(IDEMPOTENCY_HEADER, str, OpenApiParameter.HEADER, required=False)],
     )
     def create(self, request, *args, **kwargs):
@@ -79,10 +90,13 @@ class SessionViewSet(
         payload = SessionCreateSerializer(data=request.data)
         payload.is_valid(raise_exception=True)
         tenant = tenant_for_write(request.user, payload.validated_data.pop("tenant", None))
-        session, created = services.create_session(
-            tenant=tenant, user=request.user, data=payload.validated_data, idempotency_key=key
-        )
-        body = SessionSerializer(self.get_queryset().get(pk=session.pk)).data
+        try:
+            session, created = services.create_session(
+                tenant=tenant, user=request.user, data=payload.validated_data, idempotency_key=key
+            )
+        except DagError as exc:
+            raise ValidationError({exc.path: [exc.message]}) from None
+        body = SessionDetailSerializer(self.get_queryset().get(pk=session.pk)).data
         code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
         return Response(body, status=code, headers={"Location": f"{request.path}{session.pk}/"})
 

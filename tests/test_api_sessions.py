@@ -130,14 +130,17 @@ def test_create_keeps_task_fields_and_defaults_title_from_requirements(api):
     assert task.max_attempts == 2
 
 
-def test_create_without_tasks_gets_one_code_generation_task(api):
-    body = create(api, {"title": "Small change", "requirements": "Add a health endpoint"})
+def test_create_without_tasks_decomposes_the_requirements(api):
+    body = create(api, {"title": "Small change", "requirements": "Fix the crash in the health endpoint"})
 
-    assert body["task_counts"]["pending"] == 1
-    task = Task.objects.get(session_id=body["id"])
-    assert task.capability == "code_generation"
-    assert task.instructions == "Add a health endpoint"
-    assert not task.depends_on.exists()
+    session = Session.objects.get(pk=body["id"])
+    assert session.template == "bugfix"
+    assert body["template"] == "bugfix"
+    assert body["task_counts"]["pending"] == session.tasks.count() > 1
+    fix = session.tasks.get(key="fix")
+    assert fix.capability == "bug_fixing"
+    assert "> Fix the crash in the health endpoint" in fix.instructions
+    assert {t.key for t in fix.depends_on.all()} == {"root_cause"}
 
 
 def test_create_as_member_of_several_tenants_names_the_tenant(db):
@@ -255,12 +258,12 @@ def test_list_page_size_accepts_200_and_caps_larger_values_at_200(api):
 
 def test_list_is_newest_first_with_task_counts(api):
     older = create(api)
-    newer = create(api, {"requirements": "one task please"})
+    newer = create(api, {"requirements": "Fix the crash", "template": "bugfix"})
 
     results = api.get(SESSIONS).json()["results"]
 
     assert [s["id"] for s in results] == [newer["id"], older["id"]]
-    assert results[0]["task_counts"]["pending"] == 1
+    assert results[0]["task_counts"]["pending"] == 7
     assert results[1]["task_counts"]["pending"] == 6
 
 
