@@ -4,6 +4,7 @@ from django.conf import settings
 from django.db.models import Prefetch
 from rest_framework import serializers
 
+from agents.models import Agent
 from tasks.dag import DagError, validate_dag
 from tasks.decomposition import TEMPLATE_NAMES, critical_path, nodes_from_tasks
 from tasks.decomposition.analyzer import HIGH, LOW, MEDIUM
@@ -102,6 +103,7 @@ class ScriptedParamsSerializer(serializers.Serializer):
     duration_s = StrictNumberField(min_value=0, max_value=3600, required=False)
     fail_rate = StrictNumberField(min_value=0, max_value=1, required=False)
     output = StrictCharField(max_length=10_000, required=False, allow_blank=True)
+    transient_failures = StrictIntegerField(min_value=0, max_value=10, required=False)
 
 
 class EstimateSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
@@ -131,16 +133,43 @@ class TaskSpecSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
     params = serializers.DictField(default=dict)
     max_attempts = StrictIntegerField(min_value=1, max_value=10, default=3)
     estimate = EstimateSerializer(required=False, help_text="PERT estimate in hours; one hour each if left out.")
+    agent = serializers.RegexField(
+        r"^[a-z0-9][a-z0-9_-]{0,99}$",
+        required=False,
+        help_text="Pin the task to this agent: it runs only there, waiting while the agent is busy.",
+    )
+    timeout_seconds = StrictIntegerField(
+        min_value=1,
+        max_value=7 * 86400,
+        required=False,
+        help_text="This task's deadline; default TASK_DEADLINE_SECONDS.",
+    )
 
     def validate_instructions(self, value: str) -> str:
         if len(value) > settings.MAX_TEXT_CHARS:
             raise serializers.ValidationError(f"at most {settings.MAX_TEXT_CHARS} characters")
         return value
 
+    def validate_agent(self, value: str) -> str:
+        # The agent must be registered; whether it is online is a runtime matter (degraded).
+        if not Agent.objects.filter(name=value).exists():
+            raise serializers.ValidationError(f"no agent named {value!r} is registered")
+        return value
+
+    def validate(self, attrs):
+        attrs = super().validate(attrs)
+        if "agent" in attrs:
+            capabilities = Agent.objects.get(name=attrs["agent"]).capabilities
+            if attrs["capability"] not in capabilities:
+                raise serializers.ValidationError(
+                    {"agent": [f"agent {attrs['agent']!r} does not have capability {attrs['capability']!r}"]}
+                )
+        return attrs
+
     def validate_params(self, value: dict) -> dict:
         validate_json_object(value)
         scripted = ScriptedParamsSerializer(
-            data={k: v for k, v in value.items() if k in ("duration_s", "fail_rate", "output")}
+            data={k: v for k, v in value.items() if k in ScriptedParamsSerializer().fields}
         )
         scripted.is_valid(raise_exception=True)
         return value
@@ -156,6 +185,7 @@ class SessionCreateSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
     priority = StrictIntegerField(min_value=0, max_value=9, default=5, help_text="0..9, 9 most urgent.")
     timeout_seconds = StrictIntegerField(min_value=1, max_value=7 * 86400, default=3600)
     max_retries = StrictIntegerField(min_value=0, max_value=10, default=3)
+    fail_fast = StrictBooleanField(default=False, help_text="On the first failed required task, cancel the rest.")
     metadata = serializers.DictField(default=dict)
     template = serializers.ChoiceField(
         choices=TEMPLATE_NAMES,
@@ -219,6 +249,7 @@ class SessionSerializer(serializers.ModelSerializer):
             "timeout_seconds",
             "deadline",
             "max_retries",
+            "fail_fast",
             "retry_count",
             "metadata",
             "template",

@@ -41,6 +41,7 @@ def create_session(*, tenant, user, data: dict, idempotency_key: str | None = No
                 priority=data["priority"],
                 timeout_seconds=data["timeout_seconds"],
                 max_retries=data["max_retries"],
+                fail_fast=data.get("fail_fast", False),
                 metadata=data.get("metadata") or {},
                 template=plan.template,
                 idempotency_key=idempotency_key or None,
@@ -66,6 +67,8 @@ def _create_tasks(session: Session, specs: list[dict]) -> None:
             instructions=spec.get("instructions", ""),
             params=spec.get("params") or {},
             max_attempts=spec.get("max_attempts", 3),
+            pinned_agent=spec.get("agent", ""),
+            timeout_seconds=spec.get("timeout_seconds"),
             position=position,
             **_estimate_fields(spec.get("estimate")),
         )

@@ -414,9 +414,9 @@ def test_exactly_the_maximum_number_of_tasks_is_accepted(api, settings):
         (dag_payload(titel="typo"), "titel"),
         (dag_payload(status="completed"), "status"),
         (tasks(one_task(depends=["x"])), "tasks[0].depends"),
-        (tasks(one_task(agent="builder")), "tasks[0].agent"),
+        (tasks(one_task(assignee="builder")), "tasks[0].assignee"),
     ],
-    ids=["top-level-typo", "read-only-field", "task-typo", "task-agent"],
+    ids=["top-level-typo", "read-only-field", "task-typo", "task-assignee"],
 )
 def test_unknown_field_is_400_naming_it(api, payload, path):
     error = error_of(post(api, payload), 400)
@@ -573,3 +573,43 @@ def test_idempotency_key_of_128_characters_is_accepted(api):
 
     assert response.status_code == 201
     assert Session.objects.get().idempotency_key == "k" * 128
+
+
+# Pinning, per-task deadlines and fail-fast (issue 3)
+
+
+@pytest.mark.parametrize(
+    ("payload", "path"),
+    [
+        (tasks(one_task(timeout_seconds="60")), "tasks[0].timeout_seconds"),
+        (tasks(one_task(timeout_seconds=0)), "tasks[0].timeout_seconds"),
+        (tasks(one_task(agent=7)), "tasks[0].agent"),
+        (tasks(one_task(agent="Has Spaces")), "tasks[0].agent"),
+        (tasks(one_task(params={"transient_failures": "2"})), "tasks[0].params.transient_failures"),
+        ({"requirements": "Do the thing", "fail_fast": "yes"}, "fail_fast"),
+    ],
+    ids=["timeout-string", "timeout-zero", "agent-int", "agent-bad-name", "transient-string", "fail-fast-string"],
+)
+def test_bad_pinning_deadline_or_fail_fast_is_400(api, payload, path):
+    error = error_of(post(api, payload), 400)
+
+    assert path in error["details"], error["details"]
+    assert_nothing_written()
+
+
+def test_pinning_to_an_unregistered_agent_is_400(api):
+    error = error_of(post(api, tasks(one_task(agent="gpu-box"))), 400)
+
+    assert "no agent named 'gpu-box'" in error["details"]["tasks[0].agent"][0]
+    assert_nothing_written()
+
+
+def test_pinning_to_an_agent_without_the_capability_is_400(api):
+    from agents.models import Agent
+
+    Agent.objects.create(name="reviewer", executor="scripted", capabilities=["code_review"])
+
+    error = error_of(post(api, tasks(one_task(agent="reviewer"))), 400)
+
+    assert "does not have capability 'code_generation'" in error["details"]["tasks[0].agent"][0]
+    assert_nothing_written()

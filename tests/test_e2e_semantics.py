@@ -32,12 +32,10 @@ def spec(key: str, deps: list[str], seconds: float = 0.0, capability: str = "cod
 
 
 def create(client, tasks: list[dict], **fields) -> str:
-    response = client.post("/api/v1/sessions/", {"requirements": "semantics", "tasks": tasks}, format="json")
+    payload = {"requirements": "semantics", "tasks": tasks, **fields}
+    response = client.post("/api/v1/sessions/", payload, format="json")
     assert response.status_code == 201, response.content
-    session_id = response.json()["id"]
-    if fields:
-        Session.objects.filter(pk=session_id).update(**fields)
-    return session_id
+    return response.json()["id"]
 
 
 def start(client, session_id: str) -> None:
@@ -77,8 +75,7 @@ def test_transient_errors_retry_with_backoff_until_the_task_succeeds(client, sta
 
 def test_a_task_past_its_own_deadline_fails_and_fails_the_session(client, stack):
     stack.agent("builder", ["code_generation"])
-    session_id = create(client, [spec("slow", [], 20.0)])
-    Task.objects.filter(session_id=session_id).update(timeout_seconds=1)
+    session_id = create(client, [spec("slow", [], 20.0) | {"timeout_seconds": 1}])
 
     start(client, session_id)
     body = wait_for_status(client, session_id, SETTLED, timeout=30)
@@ -97,6 +94,7 @@ def test_fail_fast_cancels_the_rest_when_a_required_task_fails(client, stack):
         spec("review", ["api", "ui", "db"]),
     ]
     session_id = create(client, tasks, fail_fast=True)
+    assert Session.objects.get(pk=session_id).fail_fast
 
     start(client, session_id)
     body = wait_for_status(client, session_id, SETTLED, timeout=20)
@@ -136,8 +134,7 @@ def test_a_pinned_task_runs_only_on_its_agent_and_degrades_the_session_while_it_
     settings.DEGRADED_AFTER_SECONDS = 0
     stack.agent("builder", ["code_generation"], concurrency=2)
     Agent.objects.create(name="gpu-box", executor="scripted", capabilities=["code_generation"], status="offline")
-    session_id = create(client, [spec("prep", [], 0.0), spec("train", ["prep"], 0.0)])
-    Task.objects.filter(session_id=session_id, key="train").update(pinned_agent="gpu-box")
+    session_id = create(client, [spec("prep", [], 0.0), spec("train", ["prep"], 0.0) | {"agent": "gpu-box"}])
 
     start(client, session_id)
     wait_until(lambda: task_status(session_id, "train") == "queued", what="the pinned task to be ready")
