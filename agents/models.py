@@ -66,9 +66,6 @@ class Agent(models.Model):
             ),
         )
 
-    def task_started(self) -> None:
-        Agent.objects.filter(pk=self.pk).update(current_load=F("current_load") + 1)
-
     def task_finished(self, *, succeeded: bool, duration_s: float) -> None:
         counter = "tasks_completed" if succeeded else "tasks_failed"
         Agent.objects.filter(pk=self.pk).update(

@@ -239,6 +239,10 @@ CELERY_RESULT_EXPIRES = 24 * 3600
 CELERY_WORKER_SEND_TASK_EVENTS = True
 CELERY_TASK_SEND_SENT_EVENT = True
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# Celery's Django fix-up closes the database connection around every task unless this is set;
+# reconnecting per task dominated short tasks. Stale connections are still dropped before each
+# task (tasks/tasks.py, task_prerun), by CONN_MAX_AGE and the health checks.
+CELERY_DB_REUSE_MAX = env_int("CELERY_DB_REUSE_MAX", 1000)
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 CELERY_TIMEZONE = TIME_ZONE
 

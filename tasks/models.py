@@ -80,7 +80,9 @@ class Task(models.Model):
     lease_expires_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
-        ordering = ["session", "position"]
+        # By the column, not the relation: ordering by "session" joins sessions into every query.
+        ordering = ["session_id", "position"]
+        indexes = [models.Index(fields=["session", "status"], name="task_session_status")]
         constraints = [models.UniqueConstraint(fields=["session", "key"], name="unique_task_key_per_session")]
 
     def __str__(self) -> str:

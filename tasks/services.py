@@ -14,6 +14,7 @@ from celery import current_app
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Count, F, Q
 from django.utils import timezone
 
 from agents.executors import TaskAborted, TaskContext, TaskFailed, TransientError
@@ -38,59 +39,79 @@ class RetryTask(Exception):
         self.countdown = countdown
 
 
-def upstream_verdict(ups: list[Task]) -> str:
-    """ "blocked" if a required upstream failed, was skipped or cancelled; "ready" if every
-    upstream completed (or was optional and failed or skipped); otherwise "waiting"."""
-    if any(up.status == TS.CANCELLED or (up.required and up.status in (TS.FAILED, TS.SKIPPED)) for up in ups):
-        return "blocked"
-    if all(up.status == TS.COMPLETED or (not up.required and up.status in (TS.FAILED, TS.SKIPPED)) for up in ups):
-        return "ready"
-    return "waiting"
+# An upstream blocks its dependents if it was cancelled, or is required and failed or was
+# skipped; it satisfies them if it completed, or is optional and failed or was skipped.
+_BLOCKING = Q(status=TS.CANCELLED) | Q(required=True, status__in=(TS.FAILED, TS.SKIPPED))
+_SATISFYING = Q(status=TS.COMPLETED) | Q(required=False, status__in=(TS.FAILED, TS.SKIPPED))
 
 
-def _promote(task: Task, ups: list[Task]) -> str | None:
-    """Move a pending task to queued or skipped from its upstreams' state; returns the new status."""
-    verdict = upstream_verdict(ups)
+def _with_upstream_counts(tasks):
+    """Annotate each task with how many upstreams block it and how many it still waits for.
+
+    Counting in SQL keeps a fan-in of hundreds of upstreams from loading them all, once per
+    upstream that finishes.
+    """
+    blocking = Q(depends_on__status=TS.CANCELLED) | Q(
+        depends_on__required=True, depends_on__status__in=(TS.FAILED, TS.SKIPPED)
+    )
+    satisfying = Q(depends_on__status=TS.COMPLETED) | Q(
+        depends_on__required=False, depends_on__status__in=(TS.FAILED, TS.SKIPPED)
+    )
+    return tasks.annotate(
+        n_blocking=Count("depends_on", filter=blocking),
+        n_waiting=Count("depends_on") - Count("depends_on", filter=satisfying),
+    )
+
+
+def _promote(task: Task) -> str | None:
+    """Move an annotated pending task to queued or skipped; returns the status it moved to."""
     now = timezone.now()
-    if verdict == "ready":
-        moved = Task.objects.filter(pk=task.pk, status=TS.PENDING).update(status=TS.QUEUED, queued_at=now)
-        return TS.QUEUED if moved else None
-    if verdict == "blocked":
-        culprit = next(up for up in ups if up.status in (TS.FAILED, TS.SKIPPED, TS.CANCELLED))
+    if task.n_blocking:
+        culprit = Task.objects.filter(_BLOCKING, dependents=task).values_list("key", "status").first()
+        reason = f"skipped: upstream {culprit[0]} {culprit[1]}" if culprit else "skipped: upstream did not complete"
         moved = Task.objects.filter(pk=task.pk, status=TS.PENDING).update(
-            status=TS.SKIPPED, finished_at=now, error=f"skipped: upstream {culprit.key} {culprit.status}"
+            status=TS.SKIPPED, finished_at=now, error=reason
         )
         return TS.SKIPPED if moved else None
+    if task.n_waiting == 0:
+        moved = Task.objects.filter(pk=task.pk, status=TS.PENDING).update(status=TS.QUEUED, queued_at=now)
+        return TS.QUEUED if moved else None
     return None
 
 
 def release_ready_tasks(session_id) -> None:
     """Queue every pending task of the session whose upstreams allow it; skip the blocked ones.
 
-    Tasks are visited in creation order, which the API guarantees to be topological only for
-    valid DAGs, so we loop until nothing changes (at most depth + 1 passes).
+    A skip can block further tasks, so loop until nothing changes (at most depth + 1 passes).
     """
     changed = True
     while changed:
-        changed = False
-        pending = Task.objects.filter(session_id=session_id, status=TS.PENDING).prefetch_related("depends_on")
-        for task in pending:
-            if _promote(task, list(task.depends_on.all())) is not None:
-                changed = True
+        pending = _with_upstream_counts(Task.objects.filter(session_id=session_id, status=TS.PENDING))
+        changed = any([_promote(task) is not None for task in pending])
 
 
-def settle_dependents(task: Task, priority: int) -> None:
+def settle_dependents(task: Task, priority: int) -> bool:
     """After `task` finished, queue or skip its dependents (skips transitively), and send the
-    messages of newly queued tasks that the database releases rather than a canvas."""
+    messages of newly queued tasks that the database releases rather than a canvas.
+
+    Returns whether a dependent is left to run (so the session cannot be finished yet).
+    """
+    left_to_run = False
     stack = [task]
     while stack:
         finished = stack.pop()
-        for down in finished.dependents.filter(status=TS.PENDING).prefetch_related("depends_on"):
-            promoted = _promote(down, list(down.depends_on.all()))
+        # Select the dependents by id: filtering through `dependents` here would reuse the join
+        # the counts need, and count only the upstream that just finished.
+        dependents = Task.objects.filter(pk__in=finished.dependents.values("pk"), status=TS.PENDING)
+        for down in _with_upstream_counts(dependents):
+            promoted = _promote(down)
             if promoted == TS.SKIPPED:
                 stack.append(down)
-            elif promoted == TS.QUEUED and not down.via_canvas:
+                continue
+            left_to_run = True
+            if promoted == TS.QUEUED and not down.via_canvas:
                 dispatch_task(down, priority=priority)
+    return left_to_run
 
 
 def dispatch_task(task: Task, *, priority: int) -> None:
@@ -124,7 +145,7 @@ def execute_task(*, task_id, runtime: AgentRuntime, delivered_to: str = "") -> s
     if session.status not in ACTIVE:
         return f"session {session.status}"
     if task.status == TS.PENDING:
-        verdict = _promote(task, list(task.depends_on.all()))
+        verdict = _promote(_with_upstream_counts(Task.objects.filter(pk=task.pk)).get())
         if verdict == TS.SKIPPED:
             settle_dependents(task, session.broker_priority)
             return "skipped"
@@ -169,15 +190,18 @@ def claim_task(task: Task, runtime: AgentRuntime) -> int | None:
     not re-run the subquery, so two racing claims would both win.
     """
     now = timezone.now()
-    # Matching the attempt count we read makes the new count known without reading it back.
-    claimed = Task.objects.filter(pk=task.pk, status=TS.QUEUED, attempts=task.attempts).update(
-        status=TS.RUNNING,
-        attempts=task.attempts + 1,
-        agent_id=runtime.agent_id,
-        started_at=now,
-        lease_expires_at=now + timedelta(seconds=task_timeout(task)),
-        error="",
-    )
+    with transaction.atomic():
+        # Matching the attempt count we read makes the new count known without reading it back.
+        claimed = Task.objects.filter(pk=task.pk, status=TS.QUEUED, attempts=task.attempts).update(
+            status=TS.RUNNING,
+            attempts=task.attempts + 1,
+            agent_id=runtime.agent_id,
+            started_at=now,
+            lease_expires_at=now + timedelta(seconds=task_timeout(task)),
+            error="",
+        )
+        if claimed:
+            Agent.objects.filter(pk=runtime.agent_id).update(current_load=F("current_load") + 1)
     if not claimed:
         return None
     task.attempts, task.status, task.agent_id = task.attempts + 1, TS.RUNNING, runtime.agent_id
@@ -210,8 +234,6 @@ def _context(task: Task, attempt: int) -> TaskContext:
 
 
 def _run_claimed(task: Task, attempt: int, runtime: AgentRuntime) -> str:
-    agent = Agent(pk=runtime.agent_id)
-    agent.task_started()
     started = time.monotonic()
     ctx = _context(task, attempt)
     outcome, result, error = TS.FAILED, {}, ""
@@ -219,7 +241,7 @@ def _run_claimed(task: Task, attempt: int, runtime: AgentRuntime) -> str:
         result = runtime.executor.execute(ctx)
         outcome = TS.COMPLETED
     except TransientError as exc:
-        return _retry_or_fail(task, attempt, str(exc))
+        return _retry_or_fail(task, attempt, str(exc), runtime, time.monotonic() - started)
     except TaskFailed as exc:
         result, error = exc.result, str(exc)
     except TaskAborted as exc:
@@ -230,30 +252,46 @@ def _run_claimed(task: Task, attempt: int, runtime: AgentRuntime) -> str:
         # An executor bug must not kill the canvas: record it as the task's failure.
         logger.exception("executor %s crashed on task %s", runtime.executor_kind, task.pk)
         error = f"executor error: {exc!r}"
-    finally:
-        agent.task_finished(succeeded=outcome == TS.COMPLETED, duration_s=time.monotonic() - started)
-    record_outcome(task, attempt, outcome, result=result, error=error)
+    finished = (runtime.agent_id, time.monotonic() - started)
+    record_outcome(task, attempt, outcome, result=result, error=error, finished_on=finished)
     return outcome
 
 
-def _retry_or_fail(task: Task, attempt: int, error: str) -> str:
+def _retry_or_fail(task: Task, attempt: int, error: str, runtime: AgentRuntime, duration_s: float) -> str:
+    finished = (runtime.agent_id, duration_s)
     if attempt >= task.max_attempts:
-        record_outcome(task, attempt, TS.FAILED, error=f"gave up after {attempt} attempts: {error}")
+        error = f"gave up after {attempt} attempts: {error}"
+        record_outcome(task, attempt, TS.FAILED, error=error, finished_on=finished)
         return "failed"
-    requeued = Task.objects.filter(pk=task.pk, status=TS.RUNNING, attempts=attempt).update(
-        status=TS.QUEUED, error=f"attempt {attempt} failed: {error}", lease_expires_at=None
-    )
+    with transaction.atomic():
+        Agent(pk=runtime.agent_id).task_finished(succeeded=False, duration_s=duration_s)
+        requeued = Task.objects.filter(pk=task.pk, status=TS.RUNNING, attempts=attempt).update(
+            status=TS.QUEUED, error=f"attempt {attempt} failed: {error}", lease_expires_at=None
+        )
     if not requeued:
         return "taken"
     raise RetryTask(countdown=min(60.0, 2.0**attempt), reason=error)
 
 
-def record_outcome(task: Task, attempt: int, status: str, *, result: dict | None = None, error: str = "") -> None:
+def record_outcome(
+    task: Task,
+    attempt: int,
+    status: str,
+    *,
+    result: dict | None = None,
+    error: str = "",
+    finished_on: tuple[int, float] | None = None,
+) -> None:
     """running -> completed|failed|cancelled for this attempt, then settle what follows from it.
 
-    A stale attempt (the task was taken over) changes nothing.
+    `finished_on` is (agent id, seconds): the agent's load and counters change in the same
+    transaction as the task. A stale attempt (the task was taken over) changes nothing else.
+    Dependents are settled after the commit: two upstreams finishing at once must each see the
+    other's committed status, or their shared dependent would be left pending.
     """
     with transaction.atomic():
+        if finished_on is not None:
+            Agent(pk=finished_on[0]).task_finished(succeeded=status == TS.COMPLETED, duration_s=finished_on[1])
         recorded = Task.objects.filter(pk=task.pk, status=TS.RUNNING, attempts=attempt).update(
             status=status, result=result or {}, error=error[:5000], finished_at=timezone.now(), lease_expires_at=None
         )
@@ -265,8 +303,8 @@ def record_outcome(task: Task, attempt: int, status: str, *, result: dict | None
     session = task.session  # loaded with the task; priority and fail_fast do not change
     if status == TS.FAILED and task.required and session.fail_fast:
         stop_open_tasks(session.pk, reason=f"fail-fast: required task {task.key} failed", revoke=False)
-    settle_dependents(task, session.broker_priority)
-    if not Task.objects.filter(session_id=task.session_id, status__in=UNFINISHED).exists():
+    left_to_run = settle_dependents(task, session.broker_priority)
+    if not left_to_run and not Task.objects.filter(session_id=task.session_id, status__in=UNFINISHED).exists():
         # The last task settles the session; the canvas's finalize_session may find it done.
         from .tasks import finalize_session
 

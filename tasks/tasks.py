@@ -3,6 +3,8 @@
 import logging
 
 from celery import shared_task
+from celery.signals import task_prerun
+from django.db import close_old_connections
 
 from agents.runtime import current_agent
 
@@ -10,6 +12,13 @@ from . import services
 from .canvas import build_canvas
 
 logger = logging.getLogger(__name__)
+
+
+@task_prerun.connect
+def drop_stale_connections(**kwargs) -> None:
+    # Connections are reused across tasks (CELERY_DB_REUSE_MAX); like a web request, each task
+    # starts by dropping a connection that is too old or failed its health check.
+    close_old_connections()
 
 
 @shared_task(name="tasks.run_task", bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=False)

@@ -10,7 +10,7 @@ from agents.models import Agent
 from agents.runtime import AgentRuntime
 from sessions.models import Session
 from tasks.models import Task
-from tasks.services import RetryTask, claim_task, execute_task, release_ready_tasks, settle_session
+from tasks.services import RetryTask, claim_task, execute_task, release_ready_tasks, settle_dependents, settle_session
 from tenants.models import Tenant
 
 TS = Task.Status
@@ -188,3 +188,27 @@ def test_a_message_for_a_task_whose_upstream_runs_asks_to_be_redelivered(db):
         execute_task(task_id=session.tasks.get(key="b").pk, runtime=runtime())
 
     assert statuses(session)["b"] == "pending"
+
+
+def test_a_fan_in_counts_every_upstream_whichever_finishes_last(db):
+    session = make_session({"a": [], "b": [], "c": [], "d": ["a", "b", "c"]})
+    session.tasks.filter(key="a").update(status=TS.FAILED)
+    session.tasks.filter(key="b").update(status=TS.COMPLETED)
+    session.tasks.filter(key="c").update(status=TS.COMPLETED)
+
+    settle_dependents(session.tasks.get(key="c"), priority=4)
+
+    assert statuses(session)["d"] == "skipped"
+
+
+def test_a_fan_in_is_queued_only_when_its_last_upstream_completes(db):
+    session = make_session({"a": [], "b": [], "d": ["a", "b"]})
+    session.tasks.filter(key="a").update(status=TS.COMPLETED)
+    session.tasks.filter(key="b").update(status=TS.RUNNING)
+
+    settle_dependents(session.tasks.get(key="a"), priority=4)
+    assert statuses(session)["d"] == "pending"
+
+    session.tasks.filter(key="b").update(status=TS.COMPLETED)
+    settle_dependents(session.tasks.get(key="b"), priority=4)
+    assert statuses(session)["d"] == "queued"
