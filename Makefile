@@ -1,6 +1,7 @@
 # make demo   - run one real session end to end on the local stack, then stop
 # make test   - lint, migration check and the whole test suite (what CI runs)
 # make up     - run the whole stack in the foreground (API :8000, Flower :5555)
+# make bench  - benchmarks (not part of CI)
 
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -13,7 +14,7 @@ export REDIS_URL ?= redis://127.0.0.1:6379/0
 export WEB_PORT ?= 8000
 export FLOWER_PORT ?= 5555
 
-.PHONY: venv services up demo test lint format clean
+.PHONY: venv services up demo bench test lint format clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required: sudo apt-get install -y python3 python3-venv")'
@@ -32,6 +33,9 @@ up: services
 
 demo: services
 	$(BIN)/python scripts/demo.py
+
+bench: services
+	$(BIN)/python -m bench
 
 lint: venv
 	$(BIN)/ruff check .

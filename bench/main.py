@@ -1,0 +1,95 @@
+"""`python -m bench`: prepare the bench resources, profile, start workers, run B1 and B2, report."""
+
+import argparse
+import os
+import platform
+import signal
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+from bench import BenchError
+from bench.env import RUN_DIR, bench_environment, configure_django, prepare_services
+
+JSON_PATH = RUN_DIR / "bench.json"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--repeats", type=int, default=3, choices=range(1, 11), metavar="1..10")
+    parser.add_argument("--unit", type=float, default=0.5, help="B2's duration unit in seconds (default 0.5)")
+    parser.add_argument("--skip-profile", action="store_true", help="skip the in-process SQL profile")
+    args = parser.parse_args(argv)
+    if not 0.05 <= args.unit <= 5:
+        parser.error("--unit must be between 0.05 and 5 seconds")
+    return args
+
+
+def raise_interrupt(signum: int, frame: Any) -> None:
+    # `kill` or a CI timeout then cleans up exactly like Ctrl-C does.
+    raise KeyboardInterrupt
+
+
+def run(args: argparse.Namespace, env: dict[str, str]) -> dict:
+    prepare_services(env)
+    configure_django(env)
+    # Imported only now: they need Django set up on the bench database.
+    from bench.b1 import run_b1
+    from bench.b2 import run_b2
+    from bench.ours import bench_tenant, forget_earlier_runs
+    from bench.queries import profile_queries
+    from bench.workers import Workers
+    from sessions.locking import redis_client
+
+    # Messages, locks and fencing counters of an interrupted earlier run must not leak in.
+    redis_client().flushdb()
+    tenant = bench_tenant()
+    forget_earlier_runs(tenant)
+    results: dict[str, Any] = {"started_at": datetime.now(UTC).isoformat(timespec="seconds"), "host": host()}
+    if not args.skip_profile:
+        print("profiling execute_task in process ...", file=sys.stderr, flush=True)
+        results["profile"] = profile_queries(tenant)
+        redis_client().flushdb()  # the messages the profile sent, which no worker is to run
+    workers = Workers(env)
+    try:
+        workers.orchestrator()
+        print("B1: dispatch overhead ...", file=sys.stderr, flush=True)
+        results["b1"] = run_b1(workers, tenant, args.repeats)
+        print("B2: makespan ...", file=sys.stderr, flush=True)
+        results["b2"] = run_b2(workers, tenant, args.repeats, args.unit)
+    finally:
+        # A second Ctrl-C must not interrupt the clean-up half-way and leave workers behind.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        workers.stop_all()
+    return results
+
+
+def host() -> dict:
+    return {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+
+
+def print_report(results: dict) -> None:
+    from bench.report import b1_text, b2_text, profile_text, write_json
+
+    sections = [b1_text(results["b1"]), b2_text(results["b2"])]
+    if "profile" in results:
+        sections.append(profile_text(results["profile"]))
+    print("\n\n".join(sections))
+    print()
+    print(write_json(results, JSON_PATH))
+    print(f"(also written to {JSON_PATH})", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, raise_interrupt)
+    try:
+        results = run(args, bench_environment())
+    except BenchError as exc:
+        print(f"bench failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted; every worker the benchmark started is stopped", file=sys.stderr)
+        return 130
+    print_report(results)
+    return 0

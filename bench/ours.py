@@ -1,0 +1,79 @@
+"""Running a DAG through our system: create_session, start_session, wait for the settled status."""
+
+import time
+from dataclasses import dataclass
+
+from django.db import connection
+from django.db.models import Max, Min
+
+from bench import BenchError
+from bench.shapes import Spec
+from sessions.models import SETTLED, Session
+from sessions.services import create_session, start_session
+from tasks.models import Task
+from tenants.models import Tenant
+
+# Cheap enough (one indexed primary-key read) to poll often; 10 ms is far below the durations measured.
+POLL_S = 0.01
+
+
+@dataclass
+class SessionRun:
+    elapsed_s: float  # start_session() called -> settled status seen
+    busy_s: float  # first task's started_at -> last task's finished_at
+
+
+def bench_tenant() -> Tenant:
+    tenant, _ = Tenant.objects.get_or_create(slug="bench", defaults={"name": "Benchmarks"})
+    return tenant
+
+
+def forget_earlier_runs(tenant: Tenant) -> None:
+    """Delete the sessions of earlier runs, so that every run starts from tables of the same size."""
+    Session.objects.filter(tenant=tenant).delete()
+    vacuum()
+
+
+def vacuum() -> None:
+    """VACUUM (ANALYZE) the bench database: outside the timed part of every run.
+
+    PostgreSQL may run without autovacuum (this machine's CI configuration turns it off); dead
+    rows of earlier runs (every task row is updated four times) would then make each index scan
+    slower than the one before, and the planner would go on planning for empty tables."""
+    with connection.cursor() as cursor:
+        cursor.execute("VACUUM (ANALYZE)")
+
+
+def new_session(tenant: Tenant, title: str, specs: list[Spec]) -> Session:
+    data = {
+        "title": title,
+        "requirements": f"benchmark: {title}",
+        "priority": 5,
+        "timeout_seconds": 600,
+        "max_retries": 0,
+        "tasks": specs,
+    }
+    session, _ = create_session(tenant=tenant, user=None, data=data)
+    return session
+
+
+def run_session(tenant: Tenant, title: str, specs: list[Spec], *, timeout_s: float) -> SessionRun:
+    vacuum()
+    session = new_session(tenant, title, specs)
+    started = time.perf_counter()
+    start_session(session, actor="bench")
+    status = wait_settled(session.pk, timeout_s)
+    elapsed = time.perf_counter() - started
+    if status != Session.Status.COMPLETED:
+        raise BenchError(f"session {title} ({session.pk}) ended {status}, not completed; see .run/*.log")
+    span = Task.objects.filter(session=session).aggregate(first=Min("started_at"), last=Max("finished_at"))
+    return SessionRun(elapsed_s=elapsed, busy_s=(span["last"] - span["first"]).total_seconds())
+
+
+def wait_settled(session_id, timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    while (status := Session.objects.filter(pk=session_id).values_list("status", flat=True).get()) not in SETTLED:
+        if time.monotonic() > deadline:
+            raise BenchError(f"session {session_id} still {status} after {timeout_s:g}s; see .run/*.log")
+        time.sleep(POLL_S)
+    return status

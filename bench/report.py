@@ -1,0 +1,89 @@
+"""The printed tables and the JSON file."""
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [[str(h) for h in headers]] + [[fmt(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def fmt(value: object) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return str(value)
+
+
+def b1_text(b1: dict) -> str:
+    rows = [
+        (r["shape"], r["tasks"], r["ours_ms_per_task"], r["raw_ms_per_task"], r["ratio"], f"<= {r['target']}", r["met"])
+        for r in b1["rows"]
+    ]
+    headers = ("shape", "tasks", "ours ms/task", "raw ms/task", "ratio", "target", "met?")
+    return "\n".join(
+        [
+            f"B1 dispatch overhead (median of {b1['repeats']} runs)",
+            table(headers, rows),
+            f"workers: {b1['workers']}",
+            f"measured: {b1['measured']}",
+        ]
+    )
+
+
+def b2_text(b2: dict) -> str:
+    rows = [
+        (r["shape"], r["tasks"], r["critical_path_s"], r["makespan_s"], f"{r['ratio']:.3f}",
+         r["end_to_end_s"], f"{r['end_to_end_ratio']:.3f}", f"<= {r['target']}", r["met"])
+        for r in b2["rows"]
+    ]  # fmt: skip
+    headers = (
+        "shape",
+        "tasks",
+        "critical path s",
+        "makespan s",
+        "ratio",
+        "end-to-end s",
+        "e2e ratio",
+        "target",
+        "met?",
+    )
+    return "\n".join(
+        [
+            f"B2 makespan (unit {b2['unit_s']:g} s, median of {b2['repeats']} runs)",
+            table(headers, rows),
+            f"workers: {b2['workers']}",
+            f"makespan: {b2['makespan']}",
+            f"end-to-end: {b2['end_to_end']}",
+        ]
+    )
+
+
+def profile_text(profile: dict) -> str:
+    rows = [
+        (r["shape"], r["node"], r["tasks"], r["queries"], r["ms_per_task"], r["sql_ms_per_task"])
+        for r in profile["rows"]
+    ]
+    lines = [
+        "Where our per-task time goes: SQL per execute_task",
+        table(("shape", "node", "tasks", "queries", "ms/task", "SQL ms/task"), rows),
+        f"measured: {profile['measured']}",
+    ]
+    for r in profile["rows"]:
+        if r["node"] in ("others", "member"):
+            lines.append(f"statements of a typical {r['shape']} {r['node']} task:")
+            lines += [f"  {b['count']:3d} x {b['ms']:6.2f} ms  {label}" for label, b in r["breakdown"].items()]
+    return "\n".join(lines)
+
+
+def write_json(results: dict, path: Path) -> str:
+    text = json.dumps(results, indent=2)
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(text + "\n")
+    return text
