@@ -30,24 +30,33 @@ def score(agent: Agent) -> float:
     return 0.5 * success + 0.3 * free + 0.2 * speed + 0.1 * min(agent.tier, 3) / 3
 
 
-def can_take(agent: Agent, capability: str) -> bool:
+def can_take(agent: Agent, capability: str, pending: int = 0) -> bool:
+    """Live, not draining, has the capability and a free slot (`pending`: slots promised to
+    messages sent but not yet claimed)."""
     return (
         agent.is_live
         and agent.status != Agent.Status.DRAINING
         and capability in agent.capabilities
-        and agent.current_load < agent.concurrency
+        and agent.current_load + pending < agent.concurrency
     )
 
 
-def affinity_agent(task) -> Agent | None:
+def affinity_agent(task, routed: dict[str, int] | None = None) -> Agent | None:
     """The best live upstream agent that can take `task` now, or None."""
+    routed = routed or {}
     upstream_agents = Agent.objects.filter(tasks__in=task.depends_on.all()).distinct()
-    candidates = [agent for agent in upstream_agents if can_take(agent, task.capability)]
+    candidates = [a for a in upstream_agents if can_take(a, task.capability, routed.get(a.name, 0))]
     return max(candidates, key=score, default=None)
 
 
-def queue_for(task) -> str:
+def queue_for(task, routed: dict[str, int] | None = None) -> str:
+    """The queue for a task's next message. `routed` counts what the caller already sent to each
+    agent in this round, so a fan-out does not pile onto the one agent that had a free slot."""
     if task.pinned_agent:
         return f"agent.{task.pinned_agent}"
-    preferred = affinity_agent(task)
-    return f"agent.{preferred.name}" if preferred else task.queue
+    preferred = affinity_agent(task, routed)
+    if preferred is None:
+        return task.queue
+    if routed is not None:
+        routed[preferred.name] = routed.get(preferred.name, 0) + 1
+    return f"agent.{preferred.name}"

@@ -150,6 +150,13 @@ class TaskSpecSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
             raise serializers.ValidationError(f"at most {settings.MAX_TEXT_CHARS} characters")
         return value
 
+    def validate_timeout_seconds(self, value: int) -> int:
+        # The broker's visibility timeout is derived from TASK_DEADLINE_SECONDS; a longer task
+        # would be redelivered while it still runs.
+        if value > settings.TASK_DEADLINE_SECONDS:
+            raise serializers.ValidationError(f"at most TASK_DEADLINE_SECONDS ({settings.TASK_DEADLINE_SECONDS})")
+        return value
+
     def validate_agent(self, value: str) -> str:
         # The agent must be registered; whether it is online is a runtime matter (degraded).
         if not Agent.objects.filter(name=value).exists():

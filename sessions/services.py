@@ -138,9 +138,11 @@ def retry_session(session: Session, *, actor: str) -> None:
         raise InvalidTransition(session.pk, session.status, S.QUEUED, session.allowed_targets(), why=why)
 
     def reset_unfinished_tasks(row: Session) -> None:
-        row.tasks.exclude(status__in=(TS.COMPLETED, TS.RUNNING)).update(
-            status=TS.PENDING, attempts=0, error="", agent=None, started_at=None, finished_at=None, queued_at=None
-        )
+        fresh = {"status": TS.PENDING, "error": "", "agent": None, "started_at": None, "finished_at": None}
+        row.tasks.exclude(status__in=(TS.COMPLETED, TS.RUNNING)).update(attempts=0, queued_at=None, **fresh)
+        # A run still going from before the stop was told to abort; it is taken over. Its attempt
+        # count stays, so the old run's outcome (recorded against its own attempt) changes nothing.
+        row.tasks.filter(status=TS.RUNNING).update(queued_at=None, lease_expires_at=None, **fresh)
         release_ready_tasks(row.pk)
         _dispatch_after_commit(row)
 

@@ -3,6 +3,7 @@
 from datetime import timedelta
 
 from django.conf import settings
+from django.db.models import Q
 from django.utils import timezone
 
 from agents.models import Agent
@@ -32,7 +33,11 @@ def sweep_degraded_sessions() -> dict[str, int]:
     ]
     stale = timezone.now() - timedelta(seconds=settings.DEGRADED_AFTER_SECONDS)
     moved = {"degraded": 0, "recovered": 0}
-    sessions = Session.objects.filter(status__in=(S.RUNNING, S.DEGRADED), tasks__status=Task.Status.QUEUED).distinct()
+    # Running sessions with a ready task might degrade; every degraded one might recover (its
+    # ready tasks may all have been claimed since).
+    sessions = Session.objects.filter(
+        Q(status=S.RUNNING, tasks__status=Task.Status.QUEUED) | Q(status=S.DEGRADED)
+    ).distinct()
     for session in sessions:
         queued = session.tasks.filter(status=Task.Status.QUEUED)
         if session.status == S.RUNNING:

@@ -39,10 +39,11 @@ class RetryTask(Exception):
         self.countdown = countdown
 
 
-# An upstream blocks its dependents if it was cancelled, or is required and failed or was
-# skipped; it satisfies them if it completed, or is optional and failed or was skipped.
-_BLOCKING = Q(status=TS.CANCELLED) | Q(required=True, status__in=(TS.FAILED, TS.SKIPPED))
-_SATISFYING = Q(status=TS.COMPLETED) | Q(required=False, status__in=(TS.FAILED, TS.SKIPPED))
+# An upstream blocks its dependents if it was cancelled or skipped (a skip passes on down the
+# DAG, through optional tasks too), or is required and failed; it satisfies them if it
+# completed, or is optional and failed.
+_BLOCKING = Q(status__in=(TS.CANCELLED, TS.SKIPPED)) | Q(required=True, status=TS.FAILED)
+_SATISFYING = Q(status=TS.COMPLETED) | Q(required=False, status=TS.FAILED)
 
 
 def _with_upstream_counts(tasks):
@@ -51,12 +52,10 @@ def _with_upstream_counts(tasks):
     Counting in SQL keeps a fan-in of hundreds of upstreams from loading them all, once per
     upstream that finishes.
     """
-    blocking = Q(depends_on__status=TS.CANCELLED) | Q(
-        depends_on__required=True, depends_on__status__in=(TS.FAILED, TS.SKIPPED)
+    blocking = Q(depends_on__status__in=(TS.CANCELLED, TS.SKIPPED)) | Q(
+        depends_on__required=True, depends_on__status=TS.FAILED
     )
-    satisfying = Q(depends_on__status=TS.COMPLETED) | Q(
-        depends_on__required=False, depends_on__status__in=(TS.FAILED, TS.SKIPPED)
-    )
+    satisfying = Q(depends_on__status=TS.COMPLETED) | Q(depends_on__required=False, depends_on__status=TS.FAILED)
     return tasks.annotate(
         n_blocking=Count("depends_on", filter=blocking),
         n_waiting=Count("depends_on") - Count("depends_on", filter=satisfying),
@@ -97,6 +96,7 @@ def settle_dependents(task: Task, priority: int) -> bool:
     Returns whether a dependent is left to run (so the session cannot be finished yet).
     """
     left_to_run = False
+    routed: dict[str, int] = {}  # agent name -> tasks this call sent there (not yet claimed)
     stack = [task]
     while stack:
         finished = stack.pop()
@@ -110,16 +110,16 @@ def settle_dependents(task: Task, priority: int) -> bool:
                 continue
             left_to_run = True
             if promoted == TS.QUEUED and not down.via_canvas:
-                dispatch_task(down, priority=priority)
+                dispatch_task(down, priority=priority, routed=routed)
     return left_to_run
 
 
-def dispatch_task(task: Task, *, priority: int) -> None:
+def dispatch_task(task: Task, *, priority: int, routed: dict[str, int] | None = None) -> None:
     """Send one run_task message after commit, on the queue routing picks (pin, affinity or
     capability), and remember its id so a cancel can revoke it."""
     from .tasks import run_task
 
-    queue = queue_for(task)
+    queue = queue_for(task, routed)
     message_id = str(uuid.uuid4())
     Task.objects.filter(pk=task.pk).update(message_id=message_id)
     options = {"queue": queue, "priority": priority, "task_id": message_id}
@@ -147,12 +147,17 @@ def execute_task(*, task_id, runtime: AgentRuntime, delivered_to: str = "") -> s
     if task.status == TS.PENDING:
         verdict = _promote(_with_upstream_counts(Task.objects.filter(pk=task.pk)).get())
         if verdict == TS.SKIPPED:
-            settle_dependents(task, session.broker_priority)
+            _settle_after(task, session)
             return "skipped"
         if verdict is None:
             # An upstream is still running (e.g. after a resume); poll instead of waiting on it.
             raise RetryTask(countdown=None, reason="upstream still running")
-    if task.status in Task.FINISHED or task.status == TS.RUNNING:
+    if task.status in Task.FINISHED:
+        # A worker may have died between recording this task and releasing what follows;
+        # settling again is idempotent, so a redelivered message finishes the job.
+        _settle_after(task, session)
+        return "taken"
+    if task.status == TS.RUNNING:
         return "taken"
     _follow_affinity(task, runtime, delivered_to)
     attempt = claim_task(task, runtime)
@@ -212,12 +217,13 @@ def task_timeout(task: Task) -> int:
     return task.timeout_seconds or settings.TASK_DEADLINE_SECONDS
 
 
-def abort_key(task_id) -> str:
-    return f"abort:task:{task_id}"
+def abort_key(task_id, attempt: int) -> str:
+    # Per attempt: a signal meant for a stopped run must not abort the run after a retry.
+    return f"abort:task:{task_id}:{attempt}"
 
 
 def _context(task: Task, attempt: int) -> TaskContext:
-    key = abort_key(task.pk)
+    key = abort_key(task.pk, attempt)
     return TaskContext(
         task_id=str(task.pk),
         session_id=str(task.session_id),
@@ -303,12 +309,25 @@ def record_outcome(
     session = task.session  # loaded with the task; priority and fail_fast do not change
     if status == TS.FAILED and task.required and session.fail_fast:
         stop_open_tasks(session.pk, reason=f"fail-fast: required task {task.key} failed", revoke=False)
-    left_to_run = settle_dependents(task, session.broker_priority)
-    if not left_to_run and not Task.objects.filter(session_id=task.session_id, status__in=UNFINISHED).exists():
-        # The last task settles the session; the canvas's finalize_session may find it done.
-        from .tasks import finalize_session
+    _settle_after(task, session)
 
-        finalize_session.apply_async((str(task.session_id),), priority=session.broker_priority)
+
+def _settle_after(task: Task, session: Session) -> None:
+    """Release or skip what follows a finished task, and finalize the session after its last task.
+
+    Runs after the outcome is committed. If it fails (database or broker trouble), the message
+    is delivered again: execute_task then finds the task finished and settles again.
+    """
+    try:
+        left_to_run = settle_dependents(task, session.broker_priority)
+        if not left_to_run and not Task.objects.filter(session_id=task.session_id, status__in=UNFINISHED).exists():
+            # The last task settles the session; the canvas's finalize_session may find it done.
+            from .tasks import finalize_session
+
+            finalize_session.apply_async((str(task.session_id),), priority=session.broker_priority)
+    except Exception as exc:
+        logger.warning("settling after task %s failed; will retry", task.pk, exc_info=True)
+        raise RetryTask(countdown=2.0, reason=f"settling after {task.key} failed: {exc!r}") from exc
 
 
 def stop_open_tasks(session_id, *, reason: str, revoke: bool) -> None:
@@ -321,13 +340,13 @@ def stop_open_tasks(session_id, *, reason: str, revoke: bool) -> None:
     open_tasks = Task.objects.filter(session_id=session_id, status__in=(TS.PENDING, TS.QUEUED))
     message_ids = [m for m in open_tasks.values_list("message_id", flat=True) if m] if revoke else []
     open_tasks.update(status=TS.CANCELLED, finished_at=timezone.now(), error=reason[:5000])
-    running = list(Task.objects.filter(session_id=session_id, status=TS.RUNNING).values_list("pk", flat=True))
+    running = list(Task.objects.filter(session_id=session_id, status=TS.RUNNING).values_list("pk", "attempts"))
 
     def signal_workers() -> None:
         if message_ids:
             current_app.control.revoke(message_ids)
-        for task_id in running:
-            redis_client().set(abort_key(task_id), reason, ex=24 * 3600)
+        for task_id, attempt in running:
+            redis_client().set(abort_key(task_id, attempt), reason, ex=24 * 3600)
 
     transaction.on_commit(signal_workers)
 

@@ -10,6 +10,7 @@ from agents.runtime import current_agent
 
 from . import services
 from .canvas import build_canvas
+from .models import Task
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,9 @@ def dispatch_session(session_id: str) -> bool:
         return False
     if canvas is not None:
         canvas.apply_async()
-    for task in released:
-        if task.status == task.Status.QUEUED:
-            services.dispatch_task(task, priority=session.broker_priority)
+    # Re-read: an upstream that finished while the canvas was built may have queued a task
+    # before it was marked as released (and so sent nothing). A duplicate message is harmless.
+    ready = Task.objects.filter(pk__in=[t.pk for t in released], status=Task.Status.QUEUED)
+    for task in ready.select_related("session"):
+        services.dispatch_task(task, priority=session.broker_priority)
     return True

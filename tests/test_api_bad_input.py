@@ -613,3 +613,12 @@ def test_pinning_to_an_agent_without_the_capability_is_400(api):
 
     assert "does not have capability 'code_generation'" in error["details"]["tasks[0].agent"][0]
     assert_nothing_written()
+
+
+def test_a_task_deadline_beyond_the_brokers_visibility_window_is_400(api, settings):
+    settings.TASK_DEADLINE_SECONDS = 600
+
+    error = error_of(post(api, tasks(one_task(timeout_seconds=601))), 400)
+
+    assert "TASK_DEADLINE_SECONDS" in error["details"]["tasks[0].timeout_seconds"][0]
+    assert_nothing_written()

@@ -212,3 +212,36 @@ def test_a_fan_in_is_queued_only_when_its_last_upstream_completes(db):
     session.tasks.filter(key="b").update(status=TS.COMPLETED)
     settle_dependents(session.tasks.get(key="b"), priority=4)
     assert statuses(session)["d"] == "queued"
+
+
+def test_a_skip_passes_through_an_optional_task(db):
+    session = make_session({"build": [], "lint": ["build"], "deploy": ["lint"]}, optional={"lint"})
+    session.tasks.filter(key="build").update(status=TS.FAILED)
+
+    release_ready_tasks(session.pk)
+
+    assert statuses(session) == {"build": "failed", "lint": "skipped", "deploy": "skipped"}
+
+
+def test_a_redelivered_message_of_a_finished_task_releases_what_a_crash_left_pending(db):
+    session = make_session({"a": [], "b": ["a"]})
+    session.tasks.filter(key="a").update(status=TS.COMPLETED)  # recorded, then the worker died
+
+    assert execute_task(task_id=session.tasks.get(key="a").pk, runtime=runtime()) == "taken"
+
+    assert statuses(session)["b"] == "queued"
+
+
+def test_retry_takes_over_a_run_left_over_from_a_stop(db):
+    from sessions.services import retry_session
+    from tasks.services import record_outcome
+
+    session = make_session({"a": []}, status="stopped")
+    session.tasks.update(status=TS.RUNNING, attempts=1)
+    stale = Task.objects.select_related("session").get(session=session)
+
+    retry_session(session, actor="test")
+    record_outcome(stale, 1, TS.CANCELLED, error="aborted: the stopped run ends late")
+
+    task = session.tasks.get()
+    assert (task.status, task.attempts) == ("queued", 1)
