@@ -56,6 +56,16 @@ def api(db) -> APIClient:
     return member_client("acme", "alice")
 
 
+def error_of(response, status: int) -> dict:
+    """The error body of a response that must have `status`, checked for the one error shape."""
+    assert response.status_code == status, response.content
+    body = response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"code", "message", "details"}
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    return body["error"]
+
+
 def dag_payload(**overrides) -> dict:
     """A 6-task DAG with a fan-out (design -> api, ui, tests) and a fan-in (-> review -> docs)."""
     payload = {

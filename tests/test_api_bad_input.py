@@ -9,18 +9,9 @@ from rest_framework.test import APIClient
 
 from sessions.models import Session, SessionEvent
 from tasks.models import Task
-from tests.conftest import dag_payload
+from tests.conftest import dag_payload, error_of
 
 SESSIONS = "/api/v1/sessions/"
-
-
-def error_of(response, status: int) -> dict:
-    assert response.status_code == status, response.content
-    body = response.json()
-    assert set(body) == {"error"}
-    assert set(body["error"]) == {"code", "message", "details"}
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
-    return body["error"]
 
 
 def assert_nothing_written() -> None:

@@ -11,20 +11,21 @@ from sessions.models import Session, SessionEvent
 from tasks.decomposition import TEMPLATE_NAMES
 from tasks.models import Task
 from tenants.models import Membership
-from tests.conftest import dag_payload, member_client
+from tests.conftest import dag_payload, error_of, member_client
 
 SESSIONS = "/api/v1/sessions/"
 PREVIEW = "/api/v1/decompositions/preview/"
 ENDPOINTS = [PREVIEW, SESSIONS]
+PREVIEW_FIELDS = {
+    "template",
+    "analysis",
+    "tasks",
+    "edges",
+    "topological_order",
+    "critical_path",
+    "estimated_makespan_hours",
+}
 DEMO_REQUIREMENTS = "Add per-client rate limiting to the payments API, with tests and docs."
-
-
-def error_of(response, status: int) -> dict:
-    assert response.status_code == status, response.content
-    body = response.json()
-    assert set(body) == {"error"}
-    assert set(body["error"]) == {"code", "message", "details"}
-    return body["error"]
 
 
 def assert_nothing_written() -> None:
@@ -61,15 +62,7 @@ def test_preview_of_plain_requirements_returns_the_dag_and_stores_nothing(api):
 
     assert response.status_code == 200, response.content
     body = response.json()
-    assert set(body) == {
-        "template",
-        "analysis",
-        "tasks",
-        "edges",
-        "topological_order",
-        "critical_path",
-        "estimated_makespan_hours",
-    }
+    assert set(body) == PREVIEW_FIELDS
     assert body["template"] == "feature"
     assert body["analysis"]["complexity"] == "medium"
     assert {"add", "api", "tests", "docs"} <= set(body["analysis"]["keywords"])
@@ -412,15 +405,7 @@ def resolve(schema: dict, node: dict) -> dict:
 def test_schema_documents_the_preview_and_the_new_fields(schema):
     operation = schema["paths"][PREVIEW]["post"]
     response = resolve(schema, operation["responses"]["200"]["content"]["application/json"]["schema"])
-    assert set(response["properties"]) == {
-        "template",
-        "analysis",
-        "tasks",
-        "edges",
-        "topological_order",
-        "critical_path",
-        "estimated_makespan_hours",
-    }
+    assert set(response["properties"]) == PREVIEW_FIELDS
     create = resolve(schema, schema["paths"][SESSIONS]["post"]["requestBody"]["content"]["application/json"]["schema"])
     template = resolve(schema, create["properties"]["template"])
     assert sorted(template["enum"]) == sorted(TEMPLATE_NAMES)
