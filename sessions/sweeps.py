@@ -8,6 +8,7 @@ from django.utils import timezone
 
 from agents.models import Agent
 from tasks.models import Task
+from tasks.services import reroute_stranded_task
 
 from .models import Session
 
@@ -25,21 +26,36 @@ def _stranded_reason(task: Task, live_agents: list[Agent]) -> str | None:
     return f"task {task.key} needs {task.capability} and no live agent has it"
 
 
+def _reroute_stranded(queued, live_agents: list[Agent], stale) -> int:
+    """Re-send ready, unpinned tasks whose message waits on a gone agent's queue (affinity)."""
+    live_queues = {f"agent.{a.name}" for a in live_agents}
+    stranded = [
+        t
+        for t in queued.filter(pinned_agent="", dispatched_to__startswith="agent.", queued_at__lt=stale)
+        if t.dispatched_to not in live_queues
+    ]
+    for task in stranded:
+        reroute_stranded_task(task)
+    return len(stranded)
+
+
 def sweep_degraded_sessions() -> dict[str, int]:
     """running -> degraded when a ready task has had no live agent for DEGRADED_AFTER_SECONDS;
-    degraded -> running once every ready task has one again. Each move writes its reason."""
+    degraded -> running once every ready task has one again. Each move writes its reason.
+    On the way, a ready task stranded on a gone agent's queue by affinity is sent again."""
     live_agents = [
         a for a in Agent.objects.exclude(status__in=(Agent.Status.OFFLINE, Agent.Status.DRAINING)) if a.is_live
     ]
     stale = timezone.now() - timedelta(seconds=settings.DEGRADED_AFTER_SECONDS)
-    moved = {"degraded": 0, "recovered": 0}
+    moved = {"degraded": 0, "recovered": 0, "rerouted": 0}
     # Running sessions with a ready task might degrade; every degraded one might recover (its
     # ready tasks may all have been claimed since).
     sessions = Session.objects.filter(
         Q(status=S.RUNNING, tasks__status=Task.Status.QUEUED) | Q(status=S.DEGRADED)
     ).distinct()
     for session in sessions:
-        queued = session.tasks.filter(status=Task.Status.QUEUED)
+        queued = session.tasks.filter(status=Task.Status.QUEUED).select_related("session")
+        moved["rerouted"] += _reroute_stranded(queued, live_agents, stale)
         if session.status == S.RUNNING:
             reasons = [r for t in queued.filter(queued_at__lt=stale) if (r := _stranded_reason(t, live_agents))]
             if reasons and session.transition(S.DEGRADED, reason="; ".join(reasons), only_from=frozenset({S.RUNNING})):

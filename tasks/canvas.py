@@ -186,7 +186,8 @@ def build_canvas(session: Session) -> tuple[Signature | None, list[Task]]:
     for key, task in tasks.items():
         task.via_canvas = key not in plan.released
         task.message_id = nodes[key].id if task.via_canvas else ""
-    Task.objects.bulk_update(tasks.values(), ["via_canvas", "message_id"])
+        task.dispatched_to = nodes[key].options["queue"] if task.via_canvas else ""
+    Task.objects.bulk_update(tasks.values(), ["via_canvas", "message_id", "dispatched_to"])
     released = [tasks[key] for key in tasks if key in plan.released]
     if plan.canvas is None:
         return None, released

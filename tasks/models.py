@@ -73,6 +73,8 @@ class Task(models.Model):
     via_canvas = models.BooleanField(default=True)
     # The id of the last run_task message sent for this task, so cancel can revoke it.
     message_id = models.CharField(max_length=64, blank=True)
+    # The queue that message went to; a sweep re-routes one stranded on a dead agent's queue.
+    dispatched_to = models.CharField(max_length=120, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     queued_at = models.DateTimeField(null=True, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)

@@ -121,7 +121,7 @@ def dispatch_task(task: Task, *, priority: int, routed: dict[str, int] | None = 
 
     queue = queue_for(task, routed)
     message_id = str(uuid.uuid4())
-    Task.objects.filter(pk=task.pk).update(message_id=message_id)
+    Task.objects.filter(pk=task.pk).update(message_id=message_id, dispatched_to=queue)
     options = {"queue": queue, "priority": priority, "task_id": message_id}
     if task.timeout_seconds:
         options.update(soft_time_limit=task.timeout_seconds, time_limit=task.timeout_seconds + 60)
@@ -184,7 +184,9 @@ def _follow_affinity(task: Task, runtime: AgentRuntime, delivered_to: str) -> No
         return
     preferred = affinity_agent(task)
     if preferred is not None and preferred.name != runtime.name:
-        raise RedirectTask(f"agent.{preferred.name}")
+        queue = f"agent.{preferred.name}"
+        Task.objects.filter(pk=task.pk).update(dispatched_to=queue)
+        raise RedirectTask(queue)
 
 
 def claim_task(task: Task, runtime: AgentRuntime) -> int | None:
@@ -328,6 +330,27 @@ def _settle_after(task: Task, session: Session) -> None:
     except Exception as exc:
         logger.warning("settling after task %s failed; will retry", task.pk, exc_info=True)
         raise RetryTask(countdown=2.0, reason=f"settling after {task.key} failed: {exc!r}") from exc
+
+
+def reroute_stranded_task(task: Task) -> None:
+    """Send again a task whose message waits on the queue of an agent that went away.
+
+    Only for tasks sent there by affinity (pinned tasks wait for their agent by design). A canvas
+    node leaves the canvas: it and its descendants are released from the database from now on,
+    since the chain that would have sent them waits behind the stranded message.
+    """
+    if task.via_canvas:
+        stack, released = [task.pk], set()
+        while stack:
+            pk = stack.pop()
+            released.add(pk)
+            stack.extend(Task.objects.filter(depends_on=pk).exclude(pk__in=released).values_list("pk", flat=True))
+        Task.objects.filter(pk__in=released).update(via_canvas=False)
+    task.dispatched_to = ""
+    Task.objects.filter(pk=task.pk).update(dispatched_to="")
+    # Routing skips the agent that went away (not live, or draining), so this goes to cap.<x>
+    # or to another upstream agent that can take it.
+    dispatch_task(task, priority=task.session.broker_priority)
 
 
 def stop_open_tasks(session_id, *, reason: str, revoke: bool) -> None:
