@@ -2,6 +2,8 @@
 
 from typing import Any
 
+from tasks.decomposition.critical_path import Node, critical_path
+
 Spec = dict[str, Any]
 # One capability for every task: the benchmark's agents all have it, so routing plays no part.
 CAPABILITY = "code_generation"
@@ -63,9 +65,7 @@ def widest_level(specs: list[Spec]) -> int:
 
 
 def critical_path_s(specs: list[Spec]) -> float:
-    """The longest sum of durations along any path: the makespan with unlimited workers and no overhead."""
-    finish: dict[str, float] = {}
-    for spec in specs:  # specs list upstreams first
-        start = max((finish[d] for d in spec["depends_on"]), default=0.0)
-        finish[spec["key"]] = start + spec["params"]["duration_s"]
-    return max(finish.values())
+    """The longest sum of durations along any path: the makespan with unlimited workers and no
+    overhead. The same computation the API uses, with each task's sleep as its duration."""
+    nodes = [Node(s["key"], tuple(s["depends_on"]), s["params"]["duration_s"]) for s in specs]
+    return critical_path(nodes).hours
