@@ -1,8 +1,6 @@
 """API-wide pieces: pagination and the one exception handler that shapes every error as
 {"error": {"code", "message", "details"}}."""
 
-import logging
-
 from django.core.exceptions import PermissionDenied
 from django.http import Http404
 from rest_framework import exceptions, status
@@ -12,8 +10,6 @@ from rest_framework.views import exception_handler as drf_exception_handler
 
 from sessions.locking import LockUnavailable, StaleFencingToken
 from sessions.models import InvalidTransition
-
-logger = logging.getLogger(__name__)
 
 
 class Pagination(PageNumberPagination):

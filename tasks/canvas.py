@@ -141,13 +141,19 @@ def _as_chain(steps: list[Expr]) -> Expr | None:
     return None if not steps else steps[0] if len(steps) == 1 else ("chain", steps)
 
 
+def message_options(task: Task, *, queue: str, priority: int) -> dict:
+    """Options of a run_task message: queue, broker priority, a fresh id (stored on the task so
+    a cancel can revoke it) and, for a task with its own deadline, its time limits."""
+    options = {"queue": queue, "priority": priority, "task_id": str(uuid.uuid4())}
+    if task.timeout_seconds:
+        options.update(soft_time_limit=task.timeout_seconds, time_limit=task.timeout_seconds + 60)
+    return options
+
+
 def node_signature(task: Task, priority: int) -> Signature:
     from .tasks import run_task
 
-    options = {"queue": task.queue, "priority": priority, "task_id": str(uuid.uuid4())}
-    if task.timeout_seconds:
-        options.update(soft_time_limit=task.timeout_seconds, time_limit=task.timeout_seconds + 60)
-    return run_task.si(str(task.pk)).set(**options)
+    return run_task.si(str(task.pk)).set(**message_options(task, queue=task.queue, priority=priority))
 
 
 def _to_signature(expr: Expr, nodes: dict[str, Signature]) -> Signature:

@@ -7,7 +7,6 @@ finds the work already taken and returns without doing anything.
 
 import logging
 import time
-import uuid
 from datetime import timedelta
 
 from celery import current_app
@@ -24,6 +23,7 @@ from agents.runtime import AgentRuntime
 from sessions.locking import LockUnavailable, redis_client
 from sessions.models import ACTIVE, Checkpoint, Session
 
+from .canvas import message_options
 from .models import Task
 
 logger = logging.getLogger(__name__)
@@ -39,11 +39,18 @@ class RetryTask(Exception):
         self.countdown = countdown
 
 
-# An upstream blocks its dependents if it was cancelled or skipped (a skip passes on down the
-# DAG, through optional tasks too), or is required and failed; it satisfies them if it
-# completed, or is optional and failed.
-_BLOCKING = Q(status__in=(TS.CANCELLED, TS.SKIPPED)) | Q(required=True, status=TS.FAILED)
-_SATISFYING = Q(status=TS.COMPLETED) | Q(required=False, status=TS.FAILED)
+def _blocking(prefix: str = "") -> Q:
+    """An upstream blocks its dependents if it was cancelled or skipped (a skip passes on down
+    the DAG, through optional tasks too), or is required and failed. `prefix` reaches the
+    upstream through a relation, e.g. "depends_on__"."""
+    return Q(**{f"{prefix}status__in": (TS.CANCELLED, TS.SKIPPED)}) | Q(
+        **{f"{prefix}required": True, f"{prefix}status": TS.FAILED}
+    )
+
+
+def _satisfying(prefix: str = "") -> Q:
+    """An upstream lets its dependents run if it completed, or is optional and failed."""
+    return Q(**{f"{prefix}status": TS.COMPLETED}) | Q(**{f"{prefix}required": False, f"{prefix}status": TS.FAILED})
 
 
 def _with_upstream_counts(tasks):
@@ -52,13 +59,9 @@ def _with_upstream_counts(tasks):
     Counting in SQL keeps a fan-in of hundreds of upstreams from loading them all, once per
     upstream that finishes.
     """
-    blocking = Q(depends_on__status__in=(TS.CANCELLED, TS.SKIPPED)) | Q(
-        depends_on__required=True, depends_on__status=TS.FAILED
-    )
-    satisfying = Q(depends_on__status=TS.COMPLETED) | Q(depends_on__required=False, depends_on__status=TS.FAILED)
     return tasks.annotate(
-        n_blocking=Count("depends_on", filter=blocking),
-        n_waiting=Count("depends_on") - Count("depends_on", filter=satisfying),
+        n_blocking=Count("depends_on", filter=_blocking("depends_on__")),
+        n_waiting=Count("depends_on") - Count("depends_on", filter=_satisfying("depends_on__")),
     )
 
 
@@ -66,7 +69,7 @@ def _promote(task: Task) -> str | None:
     """Move an annotated pending task to queued or skipped; returns the status it moved to."""
     now = timezone.now()
     if task.n_blocking:
-        culprit = Task.objects.filter(_BLOCKING, dependents=task).values_list("key", "status").first()
+        culprit = Task.objects.filter(_blocking(), dependents=task).values_list("key", "status").first()
         reason = f"skipped: upstream {culprit[0]} {culprit[1]}" if culprit else "skipped: upstream did not complete"
         moved = Task.objects.filter(pk=task.pk, status=TS.PENDING).update(
             status=TS.SKIPPED, finished_at=now, error=reason
@@ -120,11 +123,8 @@ def dispatch_task(task: Task, *, priority: int, routed: dict[str, int] | None = 
     from .tasks import run_task
 
     queue = queue_for(task, routed)
-    message_id = str(uuid.uuid4())
-    Task.objects.filter(pk=task.pk).update(message_id=message_id, dispatched_to=queue)
-    options = {"queue": queue, "priority": priority, "task_id": message_id}
-    if task.timeout_seconds:
-        options.update(soft_time_limit=task.timeout_seconds, time_limit=task.timeout_seconds + 60)
+    options = message_options(task, queue=queue, priority=priority)
+    Task.objects.filter(pk=task.pk).update(message_id=options["task_id"], dispatched_to=queue)
     transaction.on_commit(lambda: run_task.apply_async((str(task.pk),), **options))
 
 
@@ -304,8 +304,9 @@ def record_outcome(
             status=status, result=result or {}, error=error[:5000], finished_at=timezone.now(), lease_expires_at=None
         )
         if recorded and status == TS.COMPLETED:
-            done = Task.objects.filter(session_id=task.session_id, status=TS.COMPLETED).values_list("key", flat=True)
-            Checkpoint.objects.create(session_id=task.session_id, task_id=task.pk, completed_task_keys=sorted(done))
+            done = Task.objects.filter(session_id=task.session_id, status=TS.COMPLETED).order_by("key")
+            keys = list(done.values_list("key", flat=True))
+            Checkpoint.objects.create(session_id=task.session_id, task_id=task.pk, completed_task_keys=keys)
     if not recorded:
         return
     session = task.session  # loaded with the task; priority and fail_fast do not change

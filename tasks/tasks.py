@@ -69,6 +69,6 @@ def dispatch_session(session_id: str) -> bool:
     # Re-read: an upstream that finished while the canvas was built may have queued a task
     # before it was marked as released (and so sent nothing). A duplicate message is harmless.
     ready = Task.objects.filter(pk__in=[t.pk for t in released], status=Task.Status.QUEUED)
-    for task in ready.select_related("session"):
+    for task in ready:
         services.dispatch_task(task, priority=session.broker_priority)
     return True
