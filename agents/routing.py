@@ -41,10 +41,14 @@ def can_take(agent: Agent, capability: str, pending: int = 0) -> bool:
     )
 
 
-def affinity_agent(task, routed: dict[str, int] | None = None) -> Agent | None:
-    """The best live upstream agent that can take `task` now, or None."""
+def affinity_agent(task, routed: dict[str, int] | None = None, among: list[int] | None = None) -> Agent | None:
+    """The best live upstream agent that can take `task` now, or None. `among`: the ids of the
+    agents that ran its upstreams, when the caller has them already."""
     routed = routed or {}
-    upstream_agents = Agent.objects.filter(tasks__in=task.depends_on.all()).distinct()
+    if among is None:
+        upstream_agents = Agent.objects.filter(tasks__in=task.depends_on.all()).distinct()
+    else:
+        upstream_agents = Agent.objects.filter(pk__in=among)
     candidates = [a for a in upstream_agents if can_take(a, task.capability, routed.get(a.name, 0))]
     return max(candidates, key=score, default=None)
 

@@ -122,6 +122,14 @@ DATABASES = {
         conn_health_checks=True,
     )
 }
+# The task hot path (tasks/statements.py) prepares its statements on each connection. Turn this
+# off behind a connection pooler in transaction mode that cannot keep prepared statements
+# (PgBouncer before 1.21).
+DB_PREPARED_STATEMENTS = env_bool("DB_PREPARED_STATEMENTS", True)
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and DB_PREPARED_STATEMENTS:
+    # Django turns psycopg's statement preparation off (None); a threshold no query reaches
+    # keeps the ORM's queries unprepared while allowing the hot path's explicit ones.
+    DATABASES["default"].setdefault("OPTIONS", {}).setdefault("prepare_threshold", 2**31 - 1)
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Several processes write at once: wait for the write lock instead of failing at once.
     DATABASES["default"]["OPTIONS"] = {"timeout": 30, "transaction_mode": "IMMEDIATE"}

@@ -66,6 +66,12 @@ SETTLED = TERMINAL | RETRYABLE
 ACTIVE = frozenset({S.QUEUED, S.RUNNING, S.DEGRADED})
 
 
+def broker_priority(priority: int) -> int:
+    """The broker priority of a session priority: the Redis transport consumes 0 first, while
+    our API says 9 is most urgent."""
+    return 9 - priority
+
+
 class Session(models.Model):
     Status = Status
 
@@ -115,8 +121,7 @@ class Session(models.Model):
 
     @property
     def broker_priority(self) -> int:
-        # The Redis transport consumes priority 0 first; our API says 9 is most urgent.
-        return 9 - self.priority
+        return broker_priority(self.priority)
 
     def allowed_targets(self) -> list[str]:
         return sorted(TRANSITIONS[self.status])

@@ -69,6 +69,7 @@ def _create_tasks(session: Session, specs: list[dict]) -> None:
             max_attempts=spec.get("max_attempts", 3),
             pinned_agent=spec.get("agent", ""),
             timeout_seconds=spec.get("timeout_seconds"),
+            upstream_open=len(spec.get("depends_on", [])),
             position=position,
             **_estimate_fields(spec.get("estimate")),
         )

@@ -55,6 +55,10 @@ class Task(models.Model):
     depends_on = models.ManyToManyField("self", symmetrical=False, related_name="dependents", blank=True)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING, db_index=True)
     attempts = models.PositiveSmallIntegerField(default=0)
+    # How many upstream tasks have not finished yet. Each upstream's finish lowers it in the same
+    # statement that records the finish, so reaching 0 is the moment to release this task
+    # (services.py); a retry counts again. Kept exact for pending tasks only.
+    upstream_open = models.PositiveIntegerField(default=0)
     max_attempts = models.PositiveSmallIntegerField(default=3)
     agent = models.ForeignKey("agents.Agent", null=True, blank=True, on_delete=models.SET_NULL, related_name="tasks")
     result = models.JSONField(default=dict, blank=True)

@@ -5,15 +5,15 @@ Every hand-off is a compare-and-set on Task.status, so a duplicate or redelivere
 finds the work already taken and returns without doing anything.
 """
 
+import json
 import logging
 import time
-from datetime import timedelta
 
 from celery import current_app
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
-from django.db import transaction
-from django.db.models import Count, F, Q
+from django.core.serializers.json import DjangoJSONEncoder
+from django.db import connection, transaction
 from django.utils import timezone
 
 from agents.executors import TaskAborted, TaskContext, TaskFailed, TransientError
@@ -21,8 +21,9 @@ from agents.models import Agent
 from agents.routing import affinity_agent, queue_for
 from agents.runtime import AgentRuntime
 from sessions.locking import LockUnavailable, redis_client
-from sessions.models import ACTIVE, Checkpoint, Session
+from sessions.models import ACTIVE, Session, broker_priority
 
+from . import statements
 from .canvas import message_options
 from .models import Task
 
@@ -39,82 +40,55 @@ class RetryTask(Exception):
         self.countdown = countdown
 
 
-def _blocking(prefix: str = "") -> Q:
-    """An upstream blocks its dependents if it was cancelled or skipped (a skip passes on down
-    the DAG, through optional tasks too), or is required and failed. `prefix` reaches the
-    upstream through a relation, e.g. "depends_on__"."""
-    return Q(**{f"{prefix}status__in": (TS.CANCELLED, TS.SKIPPED)}) | Q(
-        **{f"{prefix}required": True, f"{prefix}status": TS.FAILED}
-    )
+def _blocks(task: Task) -> bool:
+    """Whether a finished task keeps its dependents from running (statements.RELEASE says the
+    same in SQL): cancelled or skipped, or required and failed."""
+    return task.status in (TS.CANCELLED, TS.SKIPPED) or (task.required and task.status == TS.FAILED)
 
 
-def _satisfying(prefix: str = "") -> Q:
-    """An upstream lets its dependents run if it completed, or is optional and failed."""
-    return Q(**{f"{prefix}status": TS.COMPLETED}) | Q(**{f"{prefix}required": False, f"{prefix}status": TS.FAILED})
+def release_tasks(ids, *, priority: int, dispatch: bool = True) -> dict:
+    """Queue the pending tasks among `ids` with no upstream left open; skip those with a
+    blocking upstream, and what they block in turn. Returns {task id: new status}.
 
-
-def _with_upstream_counts(tasks):
-    """Annotate each task with how many upstreams block it and how many it still waits for.
-
-    Counting in SQL keeps a fan-in of hundreds of upstreams from loading them all, once per
-    upstream that finishes.
+    With `dispatch`, tasks that the database releases (not canvas nodes) get their message.
     """
-    return tasks.annotate(
-        n_blocking=Count("depends_on", filter=_blocking("depends_on__")),
-        n_waiting=Count("depends_on") - Count("depends_on", filter=_satisfying("depends_on__")),
-    )
-
-
-def _promote(task: Task) -> str | None:
-    """Move an annotated pending task to queued or skipped; returns the status it moved to."""
-    now = timezone.now()
-    if task.n_blocking:
-        culprit = Task.objects.filter(_blocking(), dependents=task).values_list("key", "status").first()
-        reason = f"skipped: upstream {culprit[0]} {culprit[1]}" if culprit else "skipped: upstream did not complete"
-        moved = Task.objects.filter(pk=task.pk, status=TS.PENDING).update(
-            status=TS.SKIPPED, finished_at=now, error=reason
-        )
-        return TS.SKIPPED if moved else None
-    if task.n_waiting == 0:
-        moved = Task.objects.filter(pk=task.pk, status=TS.PENDING).update(status=TS.QUEUED, queued_at=now)
-        return TS.QUEUED if moved else None
-    return None
+    moved: dict = {}
+    to_send = []
+    while ids:
+        rows = statements.run(statements.RELEASE, {"ids": list(ids)})
+        ids = [pk for kind, pk, _, _ in rows if kind == "opened"]
+        for kind, pk, status, via_canvas in rows:
+            if kind == "moved":
+                moved[pk] = status
+                if status == TS.QUEUED and not via_canvas:
+                    to_send.append(pk)
+    if dispatch and to_send:
+        routed: dict[str, int] = {}  # agent name -> tasks sent there in this round (not yet claimed)
+        for task in Task.objects.filter(pk__in=to_send):
+            dispatch_task(task, priority=priority, routed=routed)
+    return moved
 
 
 def release_ready_tasks(session_id) -> None:
-    """Queue every pending task of the session whose upstreams allow it; skip the blocked ones.
+    """Count every pending task's open upstreams, then queue the ready ones and skip the
+    blocked ones. For start and retry only: no task of the session may finish meanwhile."""
+    statements.run(statements.RECOUNT, [session_id])
+    pending = Task.objects.filter(session_id=session_id, status=TS.PENDING).values_list("pk", flat=True)
+    release_tasks(list(pending), priority=0, dispatch=False)
 
-    A skip can block further tasks, so loop until nothing changes (at most depth + 1 passes).
+
+def settle_dependents(task: Task, priority: int, opened=None, ready=None) -> bool:
+    """After `task` finished, queue or skip the dependents that can move now (skips pass on
+    down), and send the messages of those the database releases rather than a canvas.
+
+    `opened` are the pending dependents its finish lowered, `ready` those of them with no
+    upstream left open (both from statements.RECORD); None for a second settle after a crash,
+    which looks at every pending dependent. Returns whether a dependent is left to run.
     """
-    changed = True
-    while changed:
-        pending = _with_upstream_counts(Task.objects.filter(session_id=session_id, status=TS.PENDING))
-        changed = any([_promote(task) is not None for task in pending])
-
-
-def settle_dependents(task: Task, priority: int) -> bool:
-    """After `task` finished, queue or skip its dependents (skips transitively), and send the
-    messages of newly queued tasks that the database releases rather than a canvas.
-
-    Returns whether a dependent is left to run (so the session cannot be finished yet).
-    """
-    left_to_run = False
-    routed: dict[str, int] = {}  # agent name -> tasks this call sent there (not yet claimed)
-    stack = [task]
-    while stack:
-        finished = stack.pop()
-        # Select the dependents by id: filtering through `dependents` here would reuse the join
-        # the counts need, and count only the upstream that just finished.
-        dependents = Task.objects.filter(pk__in=finished.dependents.values("pk"), status=TS.PENDING)
-        for down in _with_upstream_counts(dependents):
-            promoted = _promote(down)
-            if promoted == TS.SKIPPED:
-                stack.append(down)
-                continue
-            left_to_run = True
-            if promoted == TS.QUEUED and not down.via_canvas:
-                dispatch_task(down, priority=priority, routed=routed)
-    return left_to_run
+    if opened is None:
+        opened = ready = list(Task.objects.filter(depends_on=task.pk, status=TS.PENDING).values_list("pk", flat=True))
+    moved = release_tasks(opened if _blocks(task) else ready, priority=priority)
+    return any(moved.get(pk) != TS.SKIPPED for pk in opened)
 
 
 def dispatch_task(task: Task, *, priority: int, routed: dict[str, int] | None = None) -> None:
@@ -136,26 +110,45 @@ class RedirectTask(Exception):
         self.queue = queue
 
 
+def load_task(task_id) -> Task | None:
+    """The task (the columns of statements.LOAD_FIELDS) with session_status, session_fail_fast,
+    session_priority and upstream_agents (ids of the agents that ran its upstreams)."""
+    rows = statements.run(statements.LOAD, [task_id])
+    if not rows:
+        return None
+    *values, session_status, session_fail_fast, session_priority, upstream_agents = rows[0]
+    row = dict(zip(statements.LOAD_FIELDS, values, strict=True))
+    # from_db takes the values in the model's field order.
+    ordered = [row[field.attname] for field in Task._meta.concrete_fields if field.attname in row]
+    task = Task.from_db(connection.alias, statements.LOAD_FIELDS, ordered)
+    task.params = json.loads(task.params)  # jsonb arrives as text, as Django's JSONField expects
+    task.session_status, task.session_fail_fast = session_status, session_fail_fast
+    task.session_priority = session_priority
+    task.upstream_agents = upstream_agents
+    return task
+
+
 def execute_task(*, task_id, runtime: AgentRuntime, delivered_to: str = "") -> str:
     """Claim, run and record one task on this agent; returns what happened, for the log."""
-    task = Task.objects.select_related("session").filter(pk=task_id).first()
+    task = load_task(task_id)
     if task is None:
         return "gone"
-    session = task.session
-    if session.status not in ACTIVE:
-        return f"session {session.status}"
+    if task.session_status not in ACTIVE:
+        return f"session {task.session_status}"
     if task.status == TS.PENDING:
-        verdict = _promote(_with_upstream_counts(Task.objects.filter(pk=task.pk)).get())
-        if verdict == TS.SKIPPED:
-            _settle_after(task, session)
+        verdict = release_tasks([task.pk], priority=broker_priority(task.session_priority), dispatch=False)
+        if verdict.get(task.pk) == TS.SKIPPED:
+            task.status = TS.SKIPPED
+            _settle_after(task)
             return "skipped"
-        if verdict is None:
+        if task.pk not in verdict:
             # An upstream is still running (e.g. after a resume); poll instead of waiting on it.
             raise RetryTask(countdown=None, reason="upstream still running")
+        task.status = TS.QUEUED
     if task.status in Task.FINISHED:
         # A worker may have died between recording this task and releasing what follows;
         # settling again is idempotent, so a redelivered message finishes the job.
-        _settle_after(task, session)
+        _settle_after(task)
         return "taken"
     if task.status == TS.RUNNING:
         return "taken"
@@ -163,9 +156,9 @@ def execute_task(*, task_id, runtime: AgentRuntime, delivered_to: str = "") -> s
     attempt = claim_task(task, runtime)
     if attempt is None:
         return "taken"
-    if session.status == Session.Status.QUEUED:
+    if task.session_status == Session.Status.QUEUED:
         try:
-            session.transition(
+            Session.objects.get(pk=task.session_id).transition(
                 Session.Status.RUNNING,
                 reason=f"task {task.key} claimed by {runtime.name}",
                 actor=f"agent:{runtime.name}",
@@ -173,16 +166,19 @@ def execute_task(*, task_id, runtime: AgentRuntime, delivered_to: str = "") -> s
             )
         except LockUnavailable:
             # The claimed task must run regardless; settle_session moves a queued session on.
-            logger.warning("session %s stays queued: its lock is busy", session.pk)
+            logger.warning("session %s stays queued: its lock is busy", task.session_id)
     return _run_claimed(task, attempt, runtime)
 
 
 def _follow_affinity(task: Task, runtime: AgentRuntime, delivered_to: str) -> None:
-    """A canvas node arrives on its capability queue; if an upstream's agent (warm workspace)
-    can take it now, hand the message over. Messages on agent.<name> queues are never moved."""
+    """A canvas node arrives on its capability queue; unless this agent ran one of its upstreams,
+    hand the message to an upstream's agent (warm workspace) that can take it now. Messages on
+    agent.<name> queues are never moved."""
     if task.pinned_agent or not delivered_to.startswith("cap."):
         return
-    preferred = affinity_agent(task)
+    if not task.upstream_agents or runtime.agent_id in task.upstream_agents:
+        return
+    preferred = affinity_agent(task, among=task.upstream_agents)
     if preferred is not None and preferred.name != runtime.name:
         queue = f"agent.{preferred.name}"
         Task.objects.filter(pk=task.pk).update(dispatched_to=queue)
@@ -190,25 +186,15 @@ def _follow_affinity(task: Task, runtime: AgentRuntime, delivered_to: str) -> No
 
 
 def claim_task(task: Task, runtime: AgentRuntime) -> int | None:
-    """queued -> running for this agent, only if nobody else claimed it.
+    """queued -> running for this agent, only if nobody else claimed it; returns the attempt.
 
     The filter must stay on the task row's own columns: a filter across a relation makes Django
     write `WHERE id IN (subquery)`, and PostgreSQL's re-check after waiting on the row lock does
     not re-run the subquery, so two racing claims would both win.
     """
-    now = timezone.now()
-    with transaction.atomic():
-        # Matching the attempt count we read makes the new count known without reading it back.
-        claimed = Task.objects.filter(pk=task.pk, status=TS.QUEUED, attempts=task.attempts).update(
-            status=TS.RUNNING,
-            attempts=task.attempts + 1,
-            agent_id=runtime.agent_id,
-            started_at=now,
-            lease_expires_at=now + timedelta(seconds=task_timeout(task)),
-            error="",
-        )
-        if claimed:
-            Agent.objects.filter(pk=runtime.agent_id).update(current_load=F("current_load") + 1)
+    # Matching the attempt count we read makes the new count known without reading it back.
+    params = {"task": task.pk, "agent": runtime.agent_id, "attempts": task.attempts, "timeout": task_timeout(task)}
+    [(claimed,)] = statements.run(statements.CLAIM, params)
     if not claimed:
         return None
     task.attempts, task.status, task.agent_id = task.attempts + 1, TS.RUNNING, runtime.agent_id
@@ -292,42 +278,45 @@ def record_outcome(
 ) -> None:
     """running -> completed|failed|cancelled for this attempt, then settle what follows from it.
 
-    `finished_on` is (agent id, seconds): the agent's load and counters change in the same
-    transaction as the task. A stale attempt (the task was taken over) changes nothing else.
-    Dependents are settled after the commit: two upstreams finishing at once must each see the
-    other's committed status, or their shared dependent would be left pending.
+    `task` comes from load_task. `finished_on` is (agent id, seconds): the agent's load and
+    counters change in the same statement as the task (statements.RECORD). A stale attempt (the
+    task was taken over) changes nothing else. Dependents are released after that commit: two
+    upstreams finishing at once must each see the other's committed status.
     """
-    with transaction.atomic():
-        if finished_on is not None:
-            Agent(pk=finished_on[0]).task_finished(succeeded=status == TS.COMPLETED, duration_s=finished_on[1])
-        recorded = Task.objects.filter(pk=task.pk, status=TS.RUNNING, attempts=attempt).update(
-            status=status, result=result or {}, error=error[:5000], finished_at=timezone.now(), lease_expires_at=None
-        )
-        if recorded and status == TS.COMPLETED:
-            done = Task.objects.filter(session_id=task.session_id, status=TS.COMPLETED).order_by("key")
-            keys = list(done.values_list("key", flat=True))
-            Checkpoint.objects.create(session_id=task.session_id, task_id=task.pk, completed_task_keys=keys)
+    agent_id, duration_s = finished_on or (None, 0.0)
+    params = {
+        "task": task.pk,
+        "attempt": attempt,
+        "status": status,
+        "result": json.dumps(result or {}, cls=DjangoJSONEncoder),
+        "error": error[:5000],
+        "agent": agent_id,
+        "succeeded": status == TS.COMPLETED,
+        "duration": duration_s,
+    }
+    [(recorded, opened, ready)] = statements.run(statements.RECORD, params)
     if not recorded:
         return
-    session = task.session  # loaded with the task; priority and fail_fast do not change
-    if status == TS.FAILED and task.required and session.fail_fast:
-        stop_open_tasks(session.pk, reason=f"fail-fast: required task {task.key} failed", revoke=False)
-    _settle_after(task, session)
+    task.status = status
+    if status == TS.FAILED and task.required and task.session_fail_fast:
+        stop_open_tasks(task.session_id, reason=f"fail-fast: required task {task.key} failed", revoke=False)
+    _settle_after(task, opened, ready)
 
 
-def _settle_after(task: Task, session: Session) -> None:
+def _settle_after(task: Task, opened=None, ready=None) -> None:
     """Release or skip what follows a finished task, and finalize the session after its last task.
 
     Runs after the outcome is committed. If it fails (database or broker trouble), the message
     is delivered again: execute_task then finds the task finished and settles again.
     """
+    priority = broker_priority(task.session_priority)
     try:
-        left_to_run = settle_dependents(task, session.broker_priority)
+        left_to_run = settle_dependents(task, priority, opened, ready)
         if not left_to_run and not Task.objects.filter(session_id=task.session_id, status__in=UNFINISHED).exists():
             # The last task settles the session; the canvas's finalize_session may find it done.
             from .tasks import finalize_session
 
-            finalize_session.apply_async((str(task.session_id),), priority=session.broker_priority)
+            finalize_session.apply_async((str(task.session_id),), priority=priority)
     except Exception as exc:
         logger.warning("settling after task %s failed; will retry", task.pk, exc_info=True)
         raise RetryTask(countdown=2.0, reason=f"settling after {task.key} failed: {exc!r}") from exc

@@ -4,6 +4,7 @@ import threading
 
 import pytest
 from django.db import connection
+from django.db.models import F
 
 from agents.executors import TransientError
 from agents.models import Agent
@@ -27,7 +28,17 @@ def make_session(edges: dict[str, list[str]], *, status: str = "running", option
     }
     for key, deps in edges.items():
         tasks[key].depends_on.set([tasks[d] for d in deps])
+    for key, deps in edges.items():
+        Task.objects.filter(pk=tasks[key].pk).update(upstream_open=len(deps))
     return session
+
+
+def finish(session: Session, key: str, status: str) -> None:
+    """What statements.RECORD leaves behind when a worker dies right after it: the outcome, and
+    one upstream fewer for each pending dependent. Nothing is released yet."""
+    task = session.tasks.get(key=key)
+    Task.objects.filter(pk=task.pk).update(status=status)
+    Task.objects.filter(depends_on=task, status=TS.PENDING).update(upstream_open=F("upstream_open") - 1)
 
 
 def runtime(executor=None) -> AgentRuntime:
@@ -192,9 +203,9 @@ def test_a_message_for_a_task_whose_upstream_runs_asks_to_be_redelivered(db):
 
 def test_a_fan_in_counts_every_upstream_whichever_finishes_last(db):
     session = make_session({"a": [], "b": [], "c": [], "d": ["a", "b", "c"]})
-    session.tasks.filter(key="a").update(status=TS.FAILED)
-    session.tasks.filter(key="b").update(status=TS.COMPLETED)
-    session.tasks.filter(key="c").update(status=TS.COMPLETED)
+    finish(session, "a", TS.FAILED)
+    finish(session, "b", TS.COMPLETED)
+    finish(session, "c", TS.COMPLETED)
 
     settle_dependents(session.tasks.get(key="c"), priority=4)
 
@@ -203,13 +214,13 @@ def test_a_fan_in_counts_every_upstream_whichever_finishes_last(db):
 
 def test_a_fan_in_is_queued_only_when_its_last_upstream_completes(db):
     session = make_session({"a": [], "b": [], "d": ["a", "b"]})
-    session.tasks.filter(key="a").update(status=TS.COMPLETED)
+    finish(session, "a", TS.COMPLETED)
     session.tasks.filter(key="b").update(status=TS.RUNNING)
 
     settle_dependents(session.tasks.get(key="a"), priority=4)
     assert statuses(session)["d"] == "pending"
 
-    session.tasks.filter(key="b").update(status=TS.COMPLETED)
+    finish(session, "b", TS.COMPLETED)
     settle_dependents(session.tasks.get(key="b"), priority=4)
     assert statuses(session)["d"] == "queued"
 
@@ -225,7 +236,7 @@ def test_a_skip_passes_through_an_optional_task(db):
 
 def test_a_redelivered_message_of_a_finished_task_releases_what_a_crash_left_pending(db):
     session = make_session({"a": [], "b": ["a"]})
-    session.tasks.filter(key="a").update(status=TS.COMPLETED)  # recorded, then the worker died
+    finish(session, "a", TS.COMPLETED)  # recorded, then the worker died
 
     assert execute_task(task_id=session.tasks.get(key="a").pk, runtime=runtime()) == "taken"
 

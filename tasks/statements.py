@@ -1,0 +1,151 @@
+"""The SQL of a task's hot path: the few statements every run_task issues.
+
+A zero-work task costs load, claim, record and, when a dependent can move, release: four round
+trips. They are written in SQL rather than with the ORM because each does in one statement what
+would take three or four (PostgreSQL's data-modifying WITH runs them atomically, in one round
+trip), and because compiling an ORM query costs more than running one of these. `make bench`
+(B1) measures the result against raw Celery.
+
+Rules every statement here keeps:
+- An UPDATE that hands a task over filters on the task row's own columns (status, attempts):
+  PostgreSQL re-checks those after waiting on the row lock, so two racing statements cannot
+  both win. (A filter through a subquery is not re-checked; see services.claim_task.)
+- Task.upstream_open changes in the same statement as the upstream's finish, so it is lowered
+  exactly once per finish, however often a message is delivered.
+"""
+
+import psycopg
+from django.conf import settings
+from django.db import connection
+from django.db.backends.utils import CursorWrapper
+
+# The task's columns execute_task uses (LOAD_FIELDS, in this order), what it needs of its
+# session, and the agents that ran its upstreams.
+LOAD = """
+SELECT t.id, t.session_id, t.key, t.title, t.capability, t.instructions, t.params, t.required, t.status,
+       t.attempts, t.max_attempts, t.pinned_agent, t.timeout_seconds, t.via_canvas,
+       s.status, s.fail_fast, s.priority,
+       ARRAY(SELECT DISTINCT u.agent_id FROM tasks_task_depends_on e JOIN tasks_task u ON u.id = e.to_task_id
+             WHERE e.from_task_id = t.id AND u.agent_id IS NOT NULL)
+FROM tasks_task t JOIN agent_sessions_session s ON s.id = t.session_id
+WHERE t.id = %s
+"""
+LOAD_FIELDS = (
+    "id", "session_id", "key", "title", "capability", "instructions", "params", "required", "status",
+    "attempts", "max_attempts", "pinned_agent", "timeout_seconds", "via_canvas",
+)  # fmt: skip
+
+# queued -> running for this agent if nobody claimed it first; the agent's load goes up with it.
+CLAIM = """
+WITH claimed AS (
+    UPDATE tasks_task
+    SET status = 'running', attempts = attempts + 1, agent_id = %(agent)s, started_at = now(),
+        lease_expires_at = now() + make_interval(secs => %(timeout)s), error = ''
+    WHERE id = %(task)s AND status = 'queued' AND attempts = %(attempts)s
+    RETURNING id
+), load AS (
+    UPDATE agents_agent SET current_load = current_load + 1
+    WHERE id = %(agent)s AND EXISTS (SELECT FROM claimed)
+)
+SELECT count(*) FROM claimed
+"""
+
+# running -> outcome for this attempt, with everything that goes with it: the agent's load and
+# counters (whether or not the attempt still counts: the run is over either way), a checkpoint
+# for a completed task, and one upstream fewer for each pending dependent. Returns whether the
+# outcome was recorded, the dependents and those of them with no upstream left open.
+RECORD = """
+WITH done AS (
+    UPDATE tasks_task
+    SET status = %(status)s, result = %(result)s::jsonb, error = %(error)s, finished_at = now(),
+        lease_expires_at = NULL
+    WHERE id = %(task)s AND status = 'running' AND attempts = %(attempt)s
+    RETURNING id, session_id, key, status
+), agent AS (
+    UPDATE agents_agent
+    SET current_load = current_load - 1,
+        tasks_completed = tasks_completed + %(succeeded)s::int,
+        tasks_failed = tasks_failed + 1 - %(succeeded)s::int,
+        -- EWMA with alpha 0.2; the first task sets it.
+        ewma_duration_s = COALESCE(ewma_duration_s * 0.8 + %(duration)s * 0.2, %(duration)s)
+    WHERE id = %(agent)s
+), checkpoint AS (
+    INSERT INTO agent_sessions_checkpoint (session_id, task_id, completed_task_keys, created_at)
+    SELECT done.session_id, done.id, to_jsonb(ARRAY(
+        SELECT key FROM tasks_task WHERE session_id = done.session_id AND status = 'completed'
+        UNION SELECT done.key ORDER BY 1
+    )), now()
+    FROM done WHERE done.status = 'completed'
+), opened AS (
+    UPDATE tasks_task d SET upstream_open = d.upstream_open - 1
+    FROM tasks_task_depends_on e, done
+    WHERE e.to_task_id = done.id AND d.id = e.from_task_id AND d.status = 'pending'
+    RETURNING d.id, d.upstream_open
+)
+SELECT (SELECT count(*) FROM done), ARRAY(SELECT id FROM opened), ARRAY(SELECT id FROM opened WHERE upstream_open = 0)
+"""
+
+# Of the given tasks, pending -> skipped for those with a blocking upstream, pending -> queued
+# for those with no upstream left open. An upstream blocks its dependents if it was cancelled or
+# skipped (a skip passes on down the DAG, through optional tasks too), or is required and
+# failed; the first such upstream is named in the skip's reason. A skip is a finish: its pending dependents get one
+# upstream fewer in the same statement (they are blocked now, so they are skipped next).
+# Returns ("moved", id, status, via_canvas) and ("opened", id, NULL, NULL) rows.
+RELEASE = """
+WITH candidate AS (
+    SELECT t.id, (
+        SELECT u.key || ' ' || u.status FROM tasks_task_depends_on e JOIN tasks_task u ON u.id = e.to_task_id
+        WHERE e.from_task_id = t.id AND (u.status IN ('cancelled', 'skipped') OR (u.required AND u.status = 'failed'))
+        ORDER BY u.position LIMIT 1
+    ) AS culprit
+    FROM tasks_task t WHERE t.id = ANY(%(ids)s)
+), moved AS (
+    UPDATE tasks_task d
+    SET status = CASE WHEN c.culprit IS NULL THEN 'queued' ELSE 'skipped' END,
+        queued_at = CASE WHEN c.culprit IS NULL THEN now() END,
+        finished_at = CASE WHEN c.culprit IS NULL THEN NULL ELSE now() END,
+        error = COALESCE('skipped: upstream ' || c.culprit, '')
+    FROM candidate c
+    WHERE d.id = c.id AND d.status = 'pending' AND (d.upstream_open = 0 OR c.culprit IS NOT NULL)
+    RETURNING d.id, d.status, d.via_canvas
+), opened AS (
+    -- Not a task skipped by this statement itself: a row may be updated once per statement.
+    UPDATE tasks_task x SET upstream_open = x.upstream_open - 1
+    FROM tasks_task_depends_on e, moved
+    WHERE moved.status = 'skipped' AND e.to_task_id = moved.id AND x.id = e.from_task_id
+      AND x.status = 'pending' AND x.id NOT IN (SELECT id FROM moved)
+    RETURNING x.id
+)
+SELECT 'moved', id, status, via_canvas FROM moved
+UNION ALL SELECT 'opened', id, NULL, NULL FROM opened
+"""
+
+# Every pending task of a session counts its open upstreams again. Only while none of the
+# session's tasks can finish concurrently (start, retry), or a finish could be counted twice.
+RECOUNT = """
+UPDATE tasks_task t SET upstream_open = (
+    SELECT count(*) FROM tasks_task_depends_on e JOIN tasks_task u ON u.id = e.to_task_id
+    WHERE e.from_task_id = t.id AND u.status NOT IN ('completed', 'failed', 'skipped', 'cancelled')
+)
+WHERE t.session_id = %s AND t.status = 'pending'
+"""
+
+
+class _PreparedCursor(psycopg.Cursor):
+    """Prepares every statement on its connection: planning these statements costs more than
+    running them, and a prepared statement is planned once per connection."""
+
+    def execute(self, query, params=None, *, prepare=None, binary=None):
+        return super().execute(query, params, prepare=True if prepare is None else prepare, binary=binary)
+
+
+def run(sql: str, params) -> list[tuple]:
+    """Execute one statement on Django's connection (its transaction, health check, error
+    translation and execute wrappers apply); returns its rows."""
+    connection.close_if_health_check_failed()
+    connection.ensure_connection()
+    raw = connection.connection
+    cursor = _PreparedCursor(raw) if settings.DB_PREPARED_STATEMENTS else raw.cursor()
+    with CursorWrapper(cursor, connection) as wrapped:
+        wrapped.execute(sql, params)
+        return wrapped.fetchall() if wrapped.description else []
