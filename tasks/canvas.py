@@ -22,6 +22,7 @@ from celery.canvas import Signature
 
 from sessions.models import Session
 
+from . import statements
 from .dag import topological_levels
 from .models import Task
 
@@ -171,20 +172,24 @@ def build_canvas(session: Session) -> tuple[Signature | None, list[Task]]:
     """
     from .tasks import finalize_session
 
-    tasks = {
-        t.key: t
-        for t in Task.objects.filter(session=session, status__in=(Task.Status.PENDING, Task.Status.QUEUED))
-        .prefetch_related("depends_on")
-        .order_by("position")
-    }
+    open_tasks = Task.objects.filter(session=session, status__in=(Task.Status.PENDING, Task.Status.QUEUED))
+    tasks = {t.key: t for t in open_tasks.order_by("position")}
     if not tasks:
         return None, []
-    deps = {key: [up.key for up in task.depends_on.all()] for key, task in tasks.items()}
-    waiting_outside = {
-        key
-        for key, task in tasks.items()
-        if any(up.key not in tasks and up.status == Task.Status.RUNNING for up in task.depends_on.all())
-    }
+    key_of = {t.pk: key for key, t in tasks.items()}
+    running = set(Task.objects.filter(session=session, status=Task.Status.RUNNING).values_list("pk", flat=True))
+    deps: dict[str, list[str]] = {key: [] for key in tasks}
+    waiting_outside = set()  # open tasks with an upstream that is still running
+    edges = Task.depends_on.through.objects.filter(from_task__session=session).values_list("from_task_id", "to_task_id")
+    for down, up in edges:
+        if down not in key_of:
+            continue
+        if up in key_of:
+            deps[key_of[down]].append(key_of[up])
+        elif up in running:
+            waiting_outside.add(key_of[down])
+    for ups in deps.values():
+        ups.sort(key=lambda key: tasks[key].position)
     plan = plan_dag(deps, waiting_outside)
     nodes = {
         key: node_signature(task, session.broker_priority) for key, task in tasks.items() if key not in plan.released
@@ -193,7 +198,13 @@ def build_canvas(session: Session) -> tuple[Signature | None, list[Task]]:
         task.via_canvas = key not in plan.released
         task.message_id = nodes[key].id if task.via_canvas else ""
         task.dispatched_to = nodes[key].options["queue"] if task.via_canvas else ""
-    Task.objects.bulk_update(tasks.values(), ["via_canvas", "message_id", "dispatched_to"])
+    columns = {
+        "ids": [t.pk for t in tasks.values()],
+        "via_canvas": [t.via_canvas for t in tasks.values()],
+        "message_ids": [t.message_id for t in tasks.values()],
+        "queues": [t.dispatched_to for t in tasks.values()],
+    }
+    statements.run(statements.MARK_SENDING, columns)
     released = [tasks[key] for key in tasks if key in plan.released]
     if plan.canvas is None:
         return None, released

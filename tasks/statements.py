@@ -120,6 +120,16 @@ SELECT 'moved', id, status, via_canvas FROM moved
 UNION ALL SELECT 'opened', id, NULL, NULL FROM opened
 """
 
+# How each unfinished task of a session is sent: by the canvas (with its message id and queue)
+# or released from the database. One statement for the whole DAG (bulk_update's CASE per row
+# and field costs more than the canvas it describes).
+MARK_SENDING = """
+UPDATE tasks_task t SET via_canvas = v.via_canvas, message_id = v.message_id, dispatched_to = v.queue
+FROM unnest(%(ids)s::uuid[], %(via_canvas)s::boolean[], %(message_ids)s::text[], %(queues)s::text[])
+     AS v(id, via_canvas, message_id, queue)
+WHERE t.id = v.id
+"""
+
 # Every pending task of a session counts its open upstreams again. Only while none of the
 # session's tasks can finish concurrently (start, retry), or a finish could be counted twice.
 RECOUNT = """
