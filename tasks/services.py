@@ -110,52 +110,67 @@ class RedirectTask(Exception):
         self.queue = queue
 
 
-def load_task(task_id) -> Task | None:
-    """The task (the columns of statements.LOAD_FIELDS) with session_status, session_fail_fast,
-    session_priority and upstream_agents (ids of the agents that ran its upstreams)."""
-    rows = statements.run(statements.LOAD, [task_id])
+def take_task(task_id, runtime: AgentRuntime, *, stays: bool) -> tuple[Task | None, int | None]:
+    """Load the task and, when nothing needs a closer look, claim it for this agent in the same
+    statement (statements.TAKE); returns the task and the attempt claimed, or None.
+
+    The task carries the columns of statements.LOAD_FIELDS and session_status,
+    session_fail_fast, session_priority and upstream_agents (ids of the agents that ran its
+    upstreams). `stays`: the message came on a queue routing never moves it from.
+    """
+    params = {
+        "task": task_id,
+        "agent": runtime.agent_id,
+        "stays": stays,
+        "active": list(ACTIVE),
+        "default_timeout": settings.TASK_DEADLINE_SECONDS,
+    }
+    rows = statements.run(statements.TAKE, params)
     if not rows:
-        return None
-    *values, session_status, session_fail_fast, session_priority, upstream_agents = rows[0]
+        return None, None
+    *values, session_status, session_fail_fast, session_priority, upstream_agents, attempt = rows[0]
     row = dict(zip(statements.LOAD_FIELDS, values, strict=True))
     # from_db takes the values in the model's field order.
     ordered = [row[field.attname] for field in Task._meta.concrete_fields if field.attname in row]
     task = Task.from_db(connection.alias, statements.LOAD_FIELDS, ordered)
     task.params = json.loads(task.params)  # jsonb arrives as text, as Django's JSONField expects
     task.session_status, task.session_fail_fast = session_status, session_fail_fast
-    task.session_priority = session_priority
-    task.upstream_agents = upstream_agents
-    return task
+    task.session_priority, task.upstream_agents = session_priority, upstream_agents
+    if attempt is not None:
+        task.attempts, task.status, task.agent_id = attempt, TS.RUNNING, runtime.agent_id
+    return task, attempt
 
 
 def execute_task(*, task_id, runtime: AgentRuntime, delivered_to: str = "") -> str:
     """Claim, run and record one task on this agent; returns what happened, for the log."""
-    task = load_task(task_id)
+    task, attempt = take_task(task_id, runtime, stays=not delivered_to.startswith("cap."))
     if task is None:
         return "gone"
-    if task.session_status not in ACTIVE:
-        return f"session {task.session_status}"
-    if task.status == TS.PENDING:
-        verdict = release_tasks([task.pk], priority=broker_priority(task.session_priority), dispatch=False)
-        if verdict.get(task.pk) == TS.SKIPPED:
-            task.status = TS.SKIPPED
-            _settle_after(task)
-            return "skipped"
-        if task.pk not in verdict:
-            # An upstream is still running (e.g. after a resume); poll instead of waiting on it.
-            raise RetryTask(countdown=None, reason="upstream still running")
-        task.status = TS.QUEUED
-    if task.status in Task.FINISHED:
-        # A worker may have died between recording this task and releasing what follows;
-        # settling again is idempotent, so a redelivered message finishes the job.
-        _settle_after(task)
-        return "taken"
-    if task.status == TS.RUNNING:
-        return "taken"
-    _follow_affinity(task, runtime, delivered_to)
-    attempt = claim_task(task, runtime)
     if attempt is None:
-        return "taken"
+        # Not claimed at once: see why, and claim it if it can still be.
+        if task.session_status not in ACTIVE:
+            return f"session {task.session_status}"
+        if task.status == TS.PENDING:
+            verdict = release_tasks([task.pk], priority=broker_priority(task.session_priority), dispatch=False)
+            if verdict.get(task.pk) == TS.SKIPPED:
+                task.status = TS.SKIPPED
+                _settle_after(task)
+                return "skipped"
+            if task.pk not in verdict:
+                # An upstream is still running (e.g. after a resume); poll instead of waiting on it.
+                raise RetryTask(countdown=None, reason="upstream still running")
+            task.status = TS.QUEUED
+        if task.status in Task.FINISHED:
+            # A worker may have died between recording this task and releasing what follows;
+            # settling again is idempotent, so a redelivered message finishes the job.
+            _settle_after(task)
+            return "taken"
+        if task.status == TS.RUNNING:
+            return "taken"
+        _follow_affinity(task, runtime, delivered_to)
+        attempt = claim_task(task, runtime)
+        if attempt is None:
+            return "taken"
     if task.session_status == Session.Status.QUEUED:
         try:
             Session.objects.get(pk=task.session_id).transition(
