@@ -46,11 +46,12 @@ def _blocks(task: Task) -> bool:
     return task.status in (TS.CANCELLED, TS.SKIPPED) or (task.required and task.status == TS.FAILED)
 
 
-def release_tasks(ids, *, priority: int, dispatch: bool = True) -> dict:
+def release_tasks(ids) -> tuple[dict, list]:
     """Queue the pending tasks among `ids` with no upstream left open; skip those with a
-    blocking upstream, and what they block in turn. Returns {task id: new status}.
+    blocking upstream, and what they block in turn (statements.RELEASE).
 
-    With `dispatch`, tasks that the database releases (not canvas nodes) get their message.
+    Returns {task id: new status}, and the ids of the queued tasks that the database releases
+    rather than a canvas: they need a message (send_released).
     """
     moved: dict = {}
     to_send = []
@@ -62,32 +63,38 @@ def release_tasks(ids, *, priority: int, dispatch: bool = True) -> dict:
                 moved[pk] = status
                 if status == TS.QUEUED and not via_canvas:
                     to_send.append(pk)
-    if dispatch and to_send:
-        routed: dict[str, int] = {}  # agent name -> tasks sent there in this round (not yet claimed)
-        for task in Task.objects.filter(pk__in=to_send):
-            dispatch_task(task, priority=priority, routed=routed)
-    return moved
+    return moved, to_send
+
+
+def send_released(ids, priority: int) -> None:
+    routed: dict[str, int] = {}  # agent name -> tasks sent there in this round (not yet claimed)
+    for task in Task.objects.filter(pk__in=ids):
+        dispatch_task(task, priority=priority, routed=routed)
 
 
 def release_ready_tasks(session_id) -> None:
     """Count every pending task's open upstreams, then queue the ready ones and skip the
-    blocked ones. For start and retry only: no task of the session may finish meanwhile."""
+    blocked ones (dispatch_session sends them). For start and retry only: no task of the
+    session may finish meanwhile."""
     statements.run(statements.RECOUNT, [session_id])
-    pending = Task.objects.filter(session_id=session_id, status=TS.PENDING).values_list("pk", flat=True)
-    release_tasks(list(pending), priority=0, dispatch=False)
+    release_tasks(list(Task.objects.filter(session_id=session_id, status=TS.PENDING).values_list("pk", flat=True)))
 
 
-def settle_dependents(task: Task, priority: int, opened=None, ready=None) -> bool:
+def settle_dependents(task: Task, priority: int, recorded: tuple | None = None) -> bool:
     """After `task` finished, queue or skip the dependents that can move now (skips pass on
     down), and send the messages of those the database releases rather than a canvas.
 
-    `opened` are the pending dependents its finish lowered, `ready` those of them with no
-    upstream left open (both from statements.RECORD); None for a second settle after a crash,
-    which looks at every pending dependent. Returns whether a dependent is left to run.
+    `recorded` is what statements.RECORD returned about the dependents: (those it lowered,
+    those of them with no upstream left open, those it queued that need a message). None for a
+    second settle after a crash, which looks at every pending dependent. Returns whether a
+    dependent is left to run.
     """
-    if opened is None:
-        opened = ready = list(Task.objects.filter(depends_on=task.pk, status=TS.PENDING).values_list("pk", flat=True))
-    moved = release_tasks(opened if _blocks(task) else ready, priority=priority)
+    if recorded is None:
+        pending = list(Task.objects.filter(depends_on=task.pk, status=TS.PENDING).values_list("pk", flat=True))
+        recorded = (pending, pending, [])
+    opened, ready, queued = recorded
+    moved, to_send = release_tasks(opened if _blocks(task) else ready)
+    send_released([*queued, *to_send], priority)
     return any(moved.get(pk) != TS.SKIPPED for pk in opened)
 
 
@@ -151,7 +158,7 @@ def execute_task(*, task_id, runtime: AgentRuntime, delivered_to: str = "") -> s
         if task.session_status not in ACTIVE:
             return f"session {task.session_status}"
         if task.status == TS.PENDING:
-            verdict = release_tasks([task.pk], priority=broker_priority(task.session_priority), dispatch=False)
+            verdict, _ = release_tasks([task.pk])
             if verdict.get(task.pk) == TS.SKIPPED:
                 task.status = TS.SKIPPED
                 _settle_after(task)
@@ -309,16 +316,16 @@ def record_outcome(
         "succeeded": status == TS.COMPLETED,
         "duration": duration_s,
     }
-    [(recorded, opened, ready)] = statements.run(statements.RECORD, params)
+    [(recorded, *dependents)] = statements.run(statements.RECORD, params)
     if not recorded:
         return
     task.status = status
     if status == TS.FAILED and task.required and task.session_fail_fast:
         stop_open_tasks(task.session_id, reason=f"fail-fast: required task {task.key} failed", revoke=False)
-    _settle_after(task, opened, ready)
+    _settle_after(task, dependents)
 
 
-def _settle_after(task: Task, opened=None, ready=None) -> None:
+def _settle_after(task: Task, recorded: tuple | None = None) -> None:
     """Release or skip what follows a finished task, and finalize the session after its last task.
 
     Runs after the outcome is committed. If it fails (database or broker trouble), the message
@@ -326,7 +333,7 @@ def _settle_after(task: Task, opened=None, ready=None) -> None:
     """
     priority = broker_priority(task.session_priority)
     try:
-        left_to_run = settle_dependents(task, priority, opened, ready)
+        left_to_run = settle_dependents(task, priority, recorded)
         if not left_to_run and not Task.objects.filter(session_id=task.session_id, status__in=UNFINISHED).exists():
             # The last task settles the session; the canvas's finalize_session may find it done.
             from .tasks import finalize_session

@@ -1,8 +1,11 @@
 """The SQL of a task's hot path: the few statements every run_task issues.
 
-A zero-work task costs take (load and claim), record and, when a dependent can move, release:
-three round trips. They are written in SQL rather than with the ORM because each does in one statement what
-would take three or four (PostgreSQL's data-modifying WITH runs them atomically, in one round
+A zero-work task costs two round trips: take (load and claim) and record (which also queues a
+dependent whose only upstream it was). A third, release, runs when a fan-in's last upstream
+finishes or an outcome blocks what follows.
+
+They are written in SQL rather than with the ORM because each does in one statement what would
+take three or four (PostgreSQL's data-modifying WITH runs them atomically, in one round
 trip), and because compiling an ORM query costs more than running one of these. `make bench`
 (B1) measures the result against raw Celery.
 
@@ -71,15 +74,18 @@ SELECT count(*) FROM claimed
 
 # running -> outcome for this attempt, with everything that goes with it: the agent's load and
 # counters (whether or not the attempt still counts: the run is over either way), a checkpoint
-# for a completed task, and one upstream fewer for each pending dependent. Returns whether the
-# outcome was recorded, the dependents and those of them with no upstream left open.
+# for a completed task, and one upstream fewer for each pending dependent. A dependent whose
+# only upstream this is, and which it lets run, is queued right here; one that waits for other
+# upstreams too is released by RELEASE after this commits (it must see their committed status).
+# Returns whether the outcome was recorded, the dependents, those with no upstream left open
+# that are still pending, and those queued here that are not canvas nodes (they need a message).
 RECORD = """
 WITH done AS (
     UPDATE tasks_task
     SET status = %(status)s, result = %(result)s::jsonb, error = %(error)s, finished_at = now(),
         lease_expires_at = NULL
     WHERE id = %(task)s AND status = 'running' AND attempts = %(attempt)s
-    RETURNING id, session_id, key, status
+    RETURNING id, session_id, key, status, (status = 'completed' OR (status = 'failed' AND NOT required)) AS lets_run
 ), agent AS (
     UPDATE agents_agent
     SET current_load = current_load - 1,
@@ -95,20 +101,33 @@ WITH done AS (
         UNION SELECT done.key ORDER BY 1
     )), now()
     FROM done WHERE done.status = 'completed'
+), dependent AS (
+    SELECT e.from_task_id AS id, done.lets_run AND NOT EXISTS (
+        SELECT FROM tasks_task_depends_on other
+        WHERE other.from_task_id = e.from_task_id AND other.to_task_id <> done.id
+    ) AS runs_now
+    FROM tasks_task_depends_on e JOIN done ON e.to_task_id = done.id
 ), opened AS (
-    UPDATE tasks_task d SET upstream_open = d.upstream_open - 1
-    FROM tasks_task_depends_on e, done
-    WHERE e.to_task_id = done.id AND d.id = e.from_task_id AND d.status = 'pending'
-    RETURNING d.id, d.upstream_open
+    UPDATE tasks_task d
+    SET upstream_open = d.upstream_open - 1,
+        status = CASE WHEN dependent.runs_now THEN 'queued' ELSE 'pending' END,
+        queued_at = CASE WHEN dependent.runs_now THEN now() END
+    FROM dependent
+    WHERE d.id = dependent.id AND d.status = 'pending'
+    RETURNING d.id, d.upstream_open, d.status, d.via_canvas
 )
-SELECT (SELECT count(*) FROM done), ARRAY(SELECT id FROM opened), ARRAY(SELECT id FROM opened WHERE upstream_open = 0)
+SELECT (SELECT count(*) FROM done),
+       ARRAY(SELECT id FROM opened),
+       ARRAY(SELECT id FROM opened WHERE upstream_open = 0 AND status = 'pending'),
+       ARRAY(SELECT id FROM opened WHERE status = 'queued' AND NOT via_canvas)
 """
 
 # Of the given tasks, pending -> skipped for those with a blocking upstream, pending -> queued
 # for those with no upstream left open. An upstream blocks its dependents if it was cancelled or
 # skipped (a skip passes on down the DAG, through optional tasks too), or is required and
-# failed; the first such upstream is named in the skip's reason. A skip is a finish: its pending dependents get one
-# upstream fewer in the same statement (they are blocked now, so they are skipped next).
+# failed; the first such upstream is named in the skip's reason. A skip is a finish: its
+# pending dependents get one upstream fewer in the same statement (they are blocked now, so
+# they are skipped next).
 # Returns ("moved", id, status, via_canvas) and ("opened", id, NULL, NULL) rows.
 RELEASE = """
 WITH candidate AS (
