@@ -67,6 +67,8 @@ def release_tasks(ids) -> tuple[dict, list]:
 
 
 def send_released(ids, priority: int) -> None:
+    if not ids:
+        return  # the common case: a canvas sends what follows
     routed: dict[str, int] = {}  # agent name -> tasks sent there in this round (not yet claimed)
     for task in Task.objects.filter(pk__in=ids):
         dispatch_task(task, priority=priority, routed=routed)
