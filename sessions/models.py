@@ -1,3 +1,4 @@
+import bisect
 import json
 import logging
 import uuid
@@ -241,11 +242,14 @@ def publish_event(event: SessionEvent) -> None:
 
 
 class Checkpoint(models.Model):
-    """What a session had completed at a point in time; a retry resumes from the latest one."""
+    """A task the session completed, in order: the checkpoints up to one say what the session had
+    completed at that point (see completed_keys); a retry resumes from the latest.
+
+    One row per completion, written with it (tasks/statements.py, RECORD); the cumulative list
+    is derived when read, which keeps the write constant-time however large the session."""
 
     session = models.ForeignKey(Session, on_delete=models.CASCADE, related_name="checkpoints")
     task = models.ForeignKey("tasks.Task", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
-    completed_task_keys = models.JSONField(default=list)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -253,3 +257,22 @@ class Checkpoint(models.Model):
 
     def __str__(self) -> str:
         return f"checkpoint {self.pk} of {self.session_id}"
+
+    @staticmethod
+    def completed_keys(checkpoints) -> dict[int, list[str]]:
+        """For each of `checkpoints` (of one session), the sorted keys of the tasks completed up
+        to and including it."""
+        checkpoints = list(checkpoints)
+        if not checkpoints:
+            return {}
+        last = max(c.pk for c in checkpoints)
+        wanted = {c.pk for c in checkpoints}
+        so_far: list[str] = []
+        result = {}
+        history = Checkpoint.objects.filter(session_id=checkpoints[0].session_id, pk__lte=last)
+        for pk, key in history.order_by("pk").values_list("pk", "task__key"):
+            if key is not None:
+                bisect.insort(so_far, key)
+            if pk in wanted:
+                result[pk] = list(so_far)
+        return result

@@ -2,6 +2,7 @@ import json
 
 from django.conf import settings
 from django.db.models import Prefetch
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from agents.models import Agent
@@ -326,12 +327,19 @@ class EventSerializer(serializers.ModelSerializer):
 
 
 class CheckpointSerializer(serializers.ModelSerializer):
+    """Needs context["completed_keys"], from Checkpoint.completed_keys for the same rows."""
+
     task = serializers.SlugRelatedField(slug_field="key", read_only=True)
+    completed_task_keys = serializers.SerializerMethodField()
 
     class Meta:
         model = Checkpoint
         fields = ["id", "task", "completed_task_keys", "created_at"]
         read_only_fields = fields
+
+    @extend_schema_field(serializers.ListField(child=serializers.CharField()))
+    def get_completed_task_keys(self, checkpoint: Checkpoint) -> list[str]:
+        return self.context["completed_keys"][checkpoint.pk]
 
 
 class PlannedTaskSerializer(serializers.Serializer):

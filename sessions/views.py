@@ -12,7 +12,7 @@ from tasks.serializers import TaskSerializer
 from tenants.permissions import TenantScopedMixin, tenant_for_write
 
 from . import services
-from .models import Session
+from .models import Checkpoint, Session
 from .serializers import (
     CheckpointSerializer,
     EventSerializer,
@@ -106,9 +106,10 @@ class SessionViewSet(
     cancel = _transition_action("cancel", services.cancel_session, "Cancel (stop, if running)")
     retry = _transition_action("retry", services.retry_session, "Retry from the last checkpoint")
 
-    def _page(self, queryset, serializer_class):
+    def _page(self, queryset, serializer_class, context_for_page=None):
         page = self.paginate_queryset(queryset)
-        return self.get_paginated_response(serializer_class(page, many=True).data)
+        context = context_for_page(page) if context_for_page else {}
+        return self.get_paginated_response(serializer_class(page, many=True, context=context).data)
 
     @extend_schema(responses=TaskSerializer(many=True))
     @action(detail=True, methods=["get"])
@@ -135,4 +136,8 @@ class SessionViewSet(
     @extend_schema(responses=CheckpointSerializer(many=True))
     @action(detail=True, methods=["get"])
     def checkpoints(self, request, pk=None):
-        return self._page(self.get_object().checkpoints.select_related("task"), CheckpointSerializer)
+        return self._page(
+            self.get_object().checkpoints.select_related("task"),
+            CheckpointSerializer,
+            lambda page: {"completed_keys": Checkpoint.completed_keys(page)},
+        )

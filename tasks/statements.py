@@ -95,12 +95,8 @@ WITH done AS (
         ewma_duration_s = COALESCE(ewma_duration_s * 0.8 + %(duration)s * 0.2, %(duration)s)
     WHERE id = %(agent)s
 ), checkpoint AS (
-    INSERT INTO agent_sessions_checkpoint (session_id, task_id, completed_task_keys, created_at)
-    SELECT done.session_id, done.id, to_jsonb(ARRAY(
-        SELECT key FROM tasks_task WHERE session_id = done.session_id AND status = 'completed'
-        UNION SELECT done.key ORDER BY 1
-    )), now()
-    FROM done WHERE done.status = 'completed'
+    INSERT INTO agent_sessions_checkpoint (session_id, task_id, created_at)
+    SELECT done.session_id, done.id, now() FROM done WHERE done.status = 'completed'
 ), dependent AS (
     SELECT e.from_task_id AS id, done.lets_run AND NOT EXISTS (
         SELECT FROM tasks_task_depends_on other

@@ -432,16 +432,22 @@ def test_events_subresource_lists_transitions_in_order_and_filters_after(api):
     assert [(e["from_status"], e["to_status"]) for e in later["results"]] == [("queued", "paused")]
 
 
-def test_checkpoints_subresource_lists_checkpoints(api):
+def test_checkpoints_list_what_was_completed_up_to_each(api):
     created = create(api)
-    design = Task.objects.get(session_id=created["id"], key="design")
-    Checkpoint.objects.create(session_id=created["id"], task=design, completed_task_keys=["design"])
+    for key in ("review", "design", "api"):
+        Checkpoint.objects.create(session_id=created["id"], task=Task.objects.get(session_id=created["id"], key=key))
 
     body = api.get(url(created["id"], "checkpoints")).json()
+    page_two = api.get(url(created["id"], "checkpoints"), {"page": 2, "page_size": 2}).json()
 
-    assert body["count"] == 1
-    assert body["results"][0]["task"] == "design"
-    assert body["results"][0]["completed_task_keys"] == ["design"]
+    assert body["count"] == 3
+    assert [c["task"] for c in body["results"]] == ["review", "design", "api"]
+    assert [c["completed_task_keys"] for c in body["results"]] == [
+        ["review"],
+        ["design", "review"],
+        ["api", "design", "review"],
+    ]
+    assert [c["completed_task_keys"] for c in page_two["results"]] == [["api", "design", "review"]]
 
 
 def test_task_detail_returns_one_task_with_result(api):
