@@ -43,9 +43,11 @@ def run_raw(build: Callable[[], Signature], timeout_s: float = RUN_TIMEOUT_S) ->
 
 
 def warm_up(tenant: Tenant) -> None:
-    """One small run per side, so that connections and imports in every pool process are warm."""
-    run_session(tenant, "B1 warm-up", shapes.fan(2 * CONCURRENCY), timeout_s=RUN_TIMEOUT_S)
-    run_raw(lambda: rawapp.fan_canvas(2 * CONCURRENCY))
+    """One unmeasured run of each shape per side, so that connections, prepared statements and
+    imports in every pool process are warm before the first measured run."""
+    for shape, (_, specs, canvas) in SHAPES.items():
+        run_session(tenant, f"B1 warm-up {shape}", specs(), timeout_s=RUN_TIMEOUT_S)
+        run_raw(canvas)
 
 
 def measure(tenant: Tenant, repeats: int) -> dict[str, dict[str, list[float]]]:
