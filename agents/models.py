@@ -2,8 +2,7 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import models
-from django.db.models import Case, F, Value, When
-from django.db.models.functions import Coalesce
+from django.db.models import Case, Count, Q, Value, When
 from django.utils import timezone
 
 
@@ -31,7 +30,8 @@ class Agent(models.Model):
     worker_name = models.CharField(max_length=255, blank=True)
     # Higher tiers are preferred when the score is otherwise equal (e.g. bigger machines).
     tier = models.PositiveSmallIntegerField(default=0)
-    # Exponentially weighted mean task duration, for routing; None until the first task.
+    # Load, counters and the exponentially weighted mean duration of its last 20 tasks (None
+    # before the first) are refreshed from its tasks with each heartbeat.
     ewma_duration_s = models.FloatField(null=True, blank=True)
     pid = models.PositiveIntegerField(null=True, blank=True)
     last_heartbeat = models.DateTimeField(null=True, blank=True)
@@ -56,21 +56,42 @@ class Agent(models.Model):
         return timezone.now() - self.last_heartbeat < timedelta(seconds=settings.AGENT_OFFLINE_AFTER_SECONDS)
 
     def heartbeat(self) -> None:
+        """Say the agent is alive, and refresh its load and counters from its tasks.
+
+        The task rows are the truth: counting there, rather than bumping counters with every
+        claim and outcome, keeps this row out of the hot path (concurrent tasks of one agent
+        would queue on its lock) and cannot drift when a worker dies mid-task. Between beats
+        the stored figures may lag; routing counts the live load itself (agents.routing).
+        """
+        from tasks.models import Task
+
+        mine = Task.objects.filter(agent_id=self.pk)
+        counts = mine.aggregate(
+            running=Count("pk", filter=Q(status=Task.Status.RUNNING)),
+            completed=Count("pk", filter=Q(status=Task.Status.COMPLETED)),
+            failed=Count("pk", filter=Q(status=Task.Status.FAILED)),
+        )
+        recent = mine.filter(started_at__isnull=False, finished_at__isnull=False).order_by("-finished_at")
+        spans = recent.values_list("started_at", "finished_at")[:20]
+        durations = [(end - start).total_seconds() for start, end in spans]
         # One statement, so a concurrent drain is never overwritten by a heartbeat.
         Agent.objects.filter(pk=self.pk).update(
             last_heartbeat=timezone.now(),
             status=Case(
                 When(status=self.Status.DRAINING, then=Value(self.Status.DRAINING)),
-                When(current_load__gte=F("concurrency"), then=Value(self.Status.BUSY)),
+                When(concurrency__lte=counts["running"], then=Value(self.Status.BUSY)),
                 default=Value(self.Status.ONLINE),
             ),
+            current_load=counts["running"],
+            tasks_completed=counts["completed"],
+            tasks_failed=counts["failed"],
+            ewma_duration_s=ewma(reversed(durations)),
         )
 
-    def task_finished(self, *, succeeded: bool, duration_s: float) -> None:
-        counter = "tasks_completed" if succeeded else "tasks_failed"
-        Agent.objects.filter(pk=self.pk).update(
-            current_load=F("current_load") - 1,
-            # EWMA with alpha 0.2; the first task sets it (NULL * x is NULL, so Coalesce picks it).
-            ewma_duration_s=Coalesce(F("ewma_duration_s") * 0.8 + duration_s * 0.2, Value(duration_s)),
-            **{counter: F(counter) + 1},
-        )
+
+def ewma(values, alpha: float = 0.2) -> float | None:
+    """Exponentially weighted mean of `values`, oldest first; None for none."""
+    mean = None
+    for value in values:
+        mean = value if mean is None else (1 - alpha) * mean + alpha * value
+    return mean

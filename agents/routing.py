@@ -19,6 +19,8 @@ The optimistic priors mean a brand-new agent with a free slot scores at least as
 proven one, so it receives work and earns a history.
 """
 
+from django.db.models import Count, Q
+
 from .models import Agent
 
 
@@ -44,11 +46,16 @@ def can_take(agent: Agent, capability: str, pending: int = 0) -> bool:
 def affinity_agent(task, routed: dict[str, int] | None = None, among: list[int] | None = None) -> Agent | None:
     """The best live upstream agent that can take `task` now, or None. `among`: the ids of the
     agents that ran its upstreams, when the caller has them already."""
+    from tasks.models import Task
+
     routed = routed or {}
     if among is None:
-        upstream_agents = Agent.objects.filter(tasks__in=task.depends_on.all()).distinct()
-    else:
-        upstream_agents = Agent.objects.filter(pk__in=among)
+        among = Task.objects.filter(dependents=task, agent__isnull=False).values("agent_id")
+    # The stored load lags until the next heartbeat; count the running tasks now instead.
+    running = Count("tasks", filter=Q(tasks__status=Task.Status.RUNNING))
+    upstream_agents = Agent.objects.filter(pk__in=among).annotate(running=running)
+    for agent in upstream_agents:
+        agent.current_load = agent.running
     candidates = [a for a in upstream_agents if can_take(a, task.capability, routed.get(a.name, 0))]
     return max(candidates, key=score, default=None)
 

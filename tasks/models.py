@@ -60,7 +60,10 @@ class Task(models.Model):
     # (services.py); a retry counts again. Kept exact for pending tasks only.
     upstream_open = models.PositiveIntegerField(default=0)
     max_attempts = models.PositiveSmallIntegerField(default=3)
-    agent = models.ForeignKey("agents.Agent", null=True, blank=True, on_delete=models.SET_NULL, related_name="tasks")
+    # Indexed with status below (a heartbeat counts an agent's tasks by status).
+    agent = models.ForeignKey(
+        "agents.Agent", null=True, blank=True, on_delete=models.SET_NULL, related_name="tasks", db_index=False
+    )
     result = models.JSONField(default=dict, blank=True)
     error = models.TextField(blank=True)
     position = models.PositiveIntegerField(default=0)
@@ -88,7 +91,10 @@ class Task(models.Model):
     class Meta:
         # By the column, not the relation: ordering by "session" joins sessions into every query.
         ordering = ["session_id", "position"]
-        indexes = [models.Index(fields=["session", "status"], name="task_session_status")]
+        indexes = [
+            models.Index(fields=["session", "status"], name="task_session_status"),
+            models.Index(fields=["agent", "status"], name="task_agent_status"),
+        ]
         constraints = [models.UniqueConstraint(fields=["session", "key"], name="unique_task_key_per_session")]
 
     def __str__(self) -> str:

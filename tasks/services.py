@@ -7,7 +7,6 @@ finds the work already taken and returns without doing anything.
 
 import json
 import logging
-import time
 
 from celery import current_app
 from celery.exceptions import SoftTimeLimitExceeded
@@ -17,7 +16,6 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from agents.executors import TaskAborted, TaskContext, TaskFailed, TransientError
-from agents.models import Agent
 from agents.routing import affinity_agent, queue_for
 from agents.runtime import AgentRuntime
 from sessions.locking import LockUnavailable, redis_client
@@ -218,8 +216,7 @@ def claim_task(task: Task, runtime: AgentRuntime) -> int | None:
     """
     # Matching the attempt count we read makes the new count known without reading it back.
     params = {"task": task.pk, "agent": runtime.agent_id, "attempts": task.attempts, "timeout": task_timeout(task)}
-    [(claimed,)] = statements.run(statements.CLAIM, params)
-    if not claimed:
+    if not statements.run(statements.CLAIM, params):
         return None
     task.attempts, task.status, task.agent_id = task.attempts + 1, TS.RUNNING, runtime.agent_id
     return task.attempts
@@ -252,14 +249,13 @@ def _context(task: Task, attempt: int) -> TaskContext:
 
 
 def _run_claimed(task: Task, attempt: int, runtime: AgentRuntime) -> str:
-    started = time.monotonic()
     ctx = _context(task, attempt)
     outcome, result, error = TS.FAILED, {}, ""
     try:
         result = runtime.executor.execute(ctx)
         outcome = TS.COMPLETED
     except TransientError as exc:
-        return _retry_or_fail(task, attempt, str(exc), runtime, time.monotonic() - started)
+        return _retry_or_fail(task, attempt, str(exc))
     except TaskFailed as exc:
         result, error = exc.result, str(exc)
     except TaskAborted as exc:
@@ -270,53 +266,36 @@ def _run_claimed(task: Task, attempt: int, runtime: AgentRuntime) -> str:
         # An executor bug must not kill the canvas: record it as the task's failure.
         logger.exception("executor %s crashed on task %s", runtime.executor_kind, task.pk)
         error = f"executor error: {exc!r}"
-    finished = (runtime.agent_id, time.monotonic() - started)
-    record_outcome(task, attempt, outcome, result=result, error=error, finished_on=finished)
+    record_outcome(task, attempt, outcome, result=result, error=error)
     return outcome
 
 
-def _retry_or_fail(task: Task, attempt: int, error: str, runtime: AgentRuntime, duration_s: float) -> str:
-    finished = (runtime.agent_id, duration_s)
+def _retry_or_fail(task: Task, attempt: int, error: str) -> str:
     if attempt >= task.max_attempts:
-        error = f"gave up after {attempt} attempts: {error}"
-        record_outcome(task, attempt, TS.FAILED, error=error, finished_on=finished)
+        record_outcome(task, attempt, TS.FAILED, error=f"gave up after {attempt} attempts: {error}")
         return "failed"
-    with transaction.atomic():
-        Agent(pk=runtime.agent_id).task_finished(succeeded=False, duration_s=duration_s)
-        requeued = Task.objects.filter(pk=task.pk, status=TS.RUNNING, attempts=attempt).update(
-            status=TS.QUEUED, error=f"attempt {attempt} failed: {error}", lease_expires_at=None
-        )
+    requeued = Task.objects.filter(pk=task.pk, status=TS.RUNNING, attempts=attempt).update(
+        status=TS.QUEUED, error=f"attempt {attempt} failed: {error}", lease_expires_at=None
+    )
     if not requeued:
         return "taken"
     raise RetryTask(countdown=min(60.0, 2.0**attempt), reason=error)
 
 
-def record_outcome(
-    task: Task,
-    attempt: int,
-    status: str,
-    *,
-    result: dict | None = None,
-    error: str = "",
-    finished_on: tuple[int, float] | None = None,
-) -> None:
+def record_outcome(task: Task, attempt: int, status: str, *, result: dict | None = None, error: str = "") -> None:
     """running -> completed|failed|cancelled for this attempt, then settle what follows from it.
 
-    `task` comes from load_task. `finished_on` is (agent id, seconds): the agent's load and
-    counters change in the same statement as the task (statements.RECORD). A stale attempt (the
-    task was taken over) changes nothing else. Dependents are released after that commit: two
+    `task` comes from take_task. The outcome, its checkpoint and the dependents' bookkeeping are
+    one statement (statements.RECORD); a stale attempt (the task was taken over) changes
+    nothing. Dependents that wait for other upstreams too are released after that commit: two
     upstreams finishing at once must each see the other's committed status.
     """
-    agent_id, duration_s = finished_on or (None, 0.0)
     params = {
         "task": task.pk,
         "attempt": attempt,
         "status": status,
         "result": json.dumps(result or {}, cls=DjangoJSONEncoder),
         "error": error[:5000],
-        "agent": agent_id,
-        "succeeded": status == TS.COMPLETED,
-        "duration": duration_s,
     }
     [(recorded, *dependents)] = statements.run(statements.RECORD, params)
     if not recorded:

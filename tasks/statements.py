@@ -46,9 +46,6 @@ WITH t AS (
     WHERE c.id = t.id AND c.status = 'queued' AND t.session_status = ANY(%(active)s)
       AND (%(stays)s OR t.pinned_agent <> '' OR t.upstream_agents = '{}' OR %(agent)s = ANY(t.upstream_agents))
     RETURNING c.attempts
-), load AS (
-    UPDATE agents_agent SET current_load = current_load + 1
-    WHERE id = %(agent)s AND EXISTS (SELECT FROM claimed)
 )
 SELECT t.*, (SELECT attempts FROM claimed) FROM t
 """
@@ -57,24 +54,17 @@ LOAD_FIELDS = (
     "attempts", "max_attempts", "pinned_agent", "timeout_seconds", "via_canvas",
 )  # fmt: skip
 
-# queued -> running for this agent if nobody claimed it first; the agent's load goes up with it.
+# queued -> running for this agent if nobody claimed it first (the attempts we read must match).
 CLAIM = """
-WITH claimed AS (
-    UPDATE tasks_task
-    SET status = 'running', attempts = attempts + 1, agent_id = %(agent)s, started_at = now(),
-        lease_expires_at = now() + make_interval(secs => %(timeout)s), error = ''
-    WHERE id = %(task)s AND status = 'queued' AND attempts = %(attempts)s
-    RETURNING id
-), load AS (
-    UPDATE agents_agent SET current_load = current_load + 1
-    WHERE id = %(agent)s AND EXISTS (SELECT FROM claimed)
-)
-SELECT count(*) FROM claimed
+UPDATE tasks_task
+SET status = 'running', attempts = attempts + 1, agent_id = %(agent)s, started_at = now(),
+    lease_expires_at = now() + make_interval(secs => %(timeout)s), error = ''
+WHERE id = %(task)s AND status = 'queued' AND attempts = %(attempts)s
+RETURNING attempts
 """
 
-# running -> outcome for this attempt, with everything that goes with it: the agent's load and
-# counters (whether or not the attempt still counts: the run is over either way), a checkpoint
-# for a completed task, and one upstream fewer for each pending dependent. A dependent whose
+# running -> outcome for this attempt, with everything that goes with it: a checkpoint for a
+# completed task, and one upstream fewer for each pending dependent. A dependent whose
 # only upstream this is, and which it lets run, is queued right here; one that waits for other
 # upstreams too is released by RELEASE after this commits (it must see their committed status).
 # Returns whether the outcome was recorded, the dependents, those with no upstream left open
@@ -86,14 +76,6 @@ WITH done AS (
         lease_expires_at = NULL
     WHERE id = %(task)s AND status = 'running' AND attempts = %(attempt)s
     RETURNING id, session_id, key, status, (status = 'completed' OR (status = 'failed' AND NOT required)) AS lets_run
-), agent AS (
-    UPDATE agents_agent
-    SET current_load = current_load - 1,
-        tasks_completed = tasks_completed + %(succeeded)s::int,
-        tasks_failed = tasks_failed + 1 - %(succeeded)s::int,
-        -- EWMA with alpha 0.2; the first task sets it.
-        ewma_duration_s = COALESCE(ewma_duration_s * 0.8 + %(duration)s * 0.2, %(duration)s)
-    WHERE id = %(agent)s
 ), checkpoint AS (
     INSERT INTO agent_sessions_checkpoint (session_id, task_id, created_at)
     SELECT done.session_id, done.id, now() FROM done WHERE done.status = 'completed'

@@ -5,6 +5,9 @@ from django.utils import timezone
 
 from agents.models import Agent
 from agents.tasks import mark_silent_agents_offline
+from sessions.models import Session
+from tasks.models import Task
+from tenants.models import Tenant
 
 from .conftest import wait_until
 
@@ -23,8 +26,21 @@ def test_silent_agents_are_marked_offline_and_live_ones_are_not(db):
     assert dict(Agent.objects.values_list("name", "status")) == {"silent": "offline", "live": "online"}
 
 
+def give_tasks(agent: Agent, *statuses_and_seconds: tuple[str, float]) -> None:
+    tenant = Tenant.objects.create(slug=f"t-{agent.name}", name="T")
+    session = Session.objects.create(tenant=tenant, title="t", requirements="r", status="running")
+    start = timezone.now() - timedelta(hours=1)
+    for i, (status, seconds) in enumerate(statuses_and_seconds):
+        finished = start + timedelta(minutes=i, seconds=seconds) if status != "running" else None
+        Task.objects.create(
+            session=session, key=f"t{i}", title="t", capability="testing", status=status, agent=agent,
+            started_at=start + timedelta(minutes=i), finished_at=finished,
+        )  # fmt: skip
+
+
 def test_a_heartbeat_reports_busy_at_full_load_and_never_undoes_a_drain(db):
-    busy = make_agent("busy", concurrency=1, current_load=1)
+    busy = make_agent("busy", concurrency=1, current_load=0)
+    give_tasks(busy, ("running", 0))
     draining = make_agent("draining", status="draining")
 
     busy.heartbeat()
@@ -33,6 +49,19 @@ def test_a_heartbeat_reports_busy_at_full_load_and_never_undoes_a_drain(db):
     assert Agent.objects.get(name="busy").status == "busy"
     assert Agent.objects.get(name="draining").status == "draining"
     assert Agent.objects.get(name="draining").last_heartbeat is not None
+
+
+def test_a_heartbeat_counts_load_outcomes_and_recent_duration_from_the_tasks(db):
+    agent = make_agent("builder", concurrency=4, current_load=3, tasks_completed=99)  # stale figures
+    give_tasks(agent, ("completed", 10), ("failed", 20), ("completed", 30), ("running", 0), ("cancelled", 5))
+
+    agent.heartbeat()
+
+    agent.refresh_from_db()
+    assert (agent.current_load, agent.tasks_completed, agent.tasks_failed) == (1, 2, 1)
+    # EWMA (alpha 0.2) of the finished durations, oldest first: 10, 20, 30, 5.
+    assert agent.ewma_duration_s == pytest.approx(((10 * 0.8 + 20 * 0.2) * 0.8 + 30 * 0.2) * 0.8 + 5 * 0.2)
+    assert agent.status == "online"
 
 
 def test_agent_queues_are_its_capabilities_and_its_own_name(db):

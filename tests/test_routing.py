@@ -61,7 +61,12 @@ def test_a_task_follows_its_upstreams_agent_when_it_has_room(db):
 
 def test_a_task_goes_to_its_capability_queue_when_the_upstreams_agent_is_full(db):
     up, down = make_tasks()
-    Task.objects.filter(pk=up.pk).update(agent=agent("left", current_load=2))
+    left = agent("left")  # concurrency 2; its stored load (0) lags behind the running tasks
+    Task.objects.filter(pk=up.pk).update(agent=left)
+    for key in ("busy-1", "busy-2"):
+        Task.objects.create(
+            session=up.session, key=key, title=key, capability="code_generation", status="running", agent=left
+        )
 
     assert queue_for(down) == "cap.code_generation"
 
