@@ -50,7 +50,7 @@ def run_b2(workers: Workers, tenant: Tenant, repeats: int, unit_s: float = DEFAU
         "workers": f"1 agent worker (scripted, sleeps params.duration_s) x concurrency {concurrency}, "
         "plus the orchestrator worker x 2",
         "makespan": "first task's started_at -> last task's finished_at (the ratio and target use this)",
-        "end_to_end": "start_session() -> settled status seen, polled every 10 ms",
+        "end_to_end": "start_session() -> the settling event, pushed by Redis pub/sub",
         "repeats": repeats,
         "rows": [row(shape, dags[shape], *runs[shape]) for shape in dags],
     }

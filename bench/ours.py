@@ -1,6 +1,8 @@
 """Running a DAG through our system: create_session, start_session, wait for the settled status."""
 
+import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from django.db import connection
@@ -8,13 +10,14 @@ from django.db.models import Max, Min
 
 from bench import BenchError
 from bench.shapes import Spec
+from sessions.locking import redis_client
 from sessions.models import SETTLED, Session
 from sessions.services import create_session, start_session
 from tasks.models import Task
 from tenants.models import Tenant
 
-# Cheap enough (one indexed primary-key read) to poll often; 10 ms is far below the durations measured.
-POLL_S = 0.01
+# How often the row is looked at while waiting for the settling event, in case it was not published.
+RECHECK_S = 0.5
 
 
 @dataclass
@@ -60,20 +63,38 @@ def new_session(tenant: Tenant, title: str, specs: list[Spec]) -> Session:
 def run_session(tenant: Tenant, title: str, specs: list[Spec], *, timeout_s: float) -> SessionRun:
     vacuum()
     session = new_session(tenant, title, specs)
-    started = time.perf_counter()
-    start_session(session, actor="bench")
-    status = wait_settled(session.pk, timeout_s)
-    elapsed = time.perf_counter() - started
+    with session_events(session.pk) as events:
+        started = time.perf_counter()
+        start_session(session, actor="bench")
+        status = wait_settled(session.pk, events, timeout_s)
+        elapsed = time.perf_counter() - started
     if status != Session.Status.COMPLETED:
         raise BenchError(f"session {title} ({session.pk}) ended {status}, not completed; see .run/*.log")
     span = Task.objects.filter(session=session).aggregate(first=Min("started_at"), last=Max("finished_at"))
     return SessionRun(elapsed_s=elapsed, busy_s=(span["last"] - span["first"]).total_seconds())
 
 
-def wait_settled(session_id, timeout_s: float) -> str:
+@contextmanager
+def session_events(session_id):
+    """The session's live events (Redis pub/sub), subscribed before anything can happen."""
+    pubsub = redis_client().pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(f"session-events:{session_id}")
+    try:
+        yield pubsub
+    finally:
+        pubsub.close()
+
+
+def wait_settled(session_id, events, timeout_s: float) -> str:
+    """Until the session's settling event arrives, as a client watching its live events would
+    see it. Publishing is best effort, so the row is looked at too, every RECHECK_S."""
     deadline = time.monotonic() + timeout_s
-    while (status := Session.objects.filter(pk=session_id).values_list("status", flat=True).get()) not in SETTLED:
+    while True:
+        message = events.get_message(timeout=RECHECK_S)
+        if message is not None and (status := json.loads(message["data"])["to_status"]) in SETTLED:
+            return status
+        status = Session.objects.filter(pk=session_id).values_list("status", flat=True).get()
+        if status in SETTLED:
+            return status
         if time.monotonic() > deadline:
             raise BenchError(f"session {session_id} still {status} after {timeout_s:g}s; see .run/*.log")
-        time.sleep(POLL_S)
-    return status
