@@ -72,6 +72,12 @@ class _Graph:
             parts.append(frozenset(part))
         return parts
 
+    def is_connected(self, nodes: frozenset[str]) -> bool:
+        # With a single source every node descends from it (walk up from any node within
+        # `nodes`): connected without a search. That is every step of a chain.
+        sources = [k for k in nodes if not (self.ups[k] & nodes)]
+        return len(sources) == 1 or len(self.components(nodes)) == 1
+
     def first_series_part(self, nodes: frozenset[str]) -> frozenset[str] | None:
         """The smallest down-closed P such that every other node descends from all of P.
 
@@ -124,7 +130,7 @@ def _compile_series(graph: _Graph, nodes: frozenset[str]) -> tuple[Expr | None, 
     rest = nodes
     while rest:
         # A single node or a disconnected remainder (parallel parts) is the last step of the chain.
-        last = len(rest) == 1 or len(graph.components(rest)) > 1
+        last = len(rest) == 1 or not graph.is_connected(rest)
         first = rest if last else graph.first_series_part(rest)
         if first is None:
             # Not SP: canvas would need a barrier here. This part and all after it are released.
