@@ -45,7 +45,11 @@ class Task(models.Model):
     FINISHED = frozenset({Status.COMPLETED, Status.FAILED, Status.SKIPPED, Status.CANCELLED})
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    session = models.ForeignKey("agent_sessions.Session", on_delete=models.CASCADE, related_name="tasks")
+    # Indexed by (session, status) and (session, key) below; an index of its own would only be
+    # one more to update with every status change.
+    session = models.ForeignKey(
+        "agent_sessions.Session", on_delete=models.CASCADE, related_name="tasks", db_index=False
+    )
     key = models.CharField(max_length=64)
     title = models.CharField(max_length=200)
     instructions = models.TextField(blank=True)
