@@ -57,7 +57,8 @@ class Task(models.Model):
     required = models.BooleanField(default=True)
     params = models.JSONField(default=dict, blank=True)
     depends_on = models.ManyToManyField("self", symmetrical=False, related_name="dependents", blank=True)
-    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING, db_index=True)
+    # Looked up by session or agent with the status (indexes below), never by status alone.
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
     attempts = models.PositiveSmallIntegerField(default=0)
     # How many upstream tasks have not finished yet. Each upstream's finish lowers it in the same
     # statement that records the finish, so reaching 0 is the moment to release this task
