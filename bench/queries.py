@@ -31,8 +31,9 @@ from tenants.models import Tenant
 AGENT = "bench-inprocess"
 TABLE = re.compile(r'\b(?:FROM|UPDATE|INTO)\s+"(\w+)"')
 PROJECT = f"{ROOT}/"
-# Django's and the benchmark's own frames are skipped to find who issued a statement.
-SKIPPED = (f"{ROOT / '.venv'}/", f"{Path(__file__).resolve().parent}/")
+# Django's, the benchmark's and the statement runner's frames are skipped to find who issued a
+# statement (so the hot path's statements show as take_task, record_outcome ...).
+SKIPPED = (f"{ROOT / '.venv'}/", f"{Path(__file__).resolve().parent}/", str(ROOT / "tasks" / "statements.py"))
 _labels: dict[CodeType, str | None] = {}
 
 

@@ -114,25 +114,27 @@ TEMPLATES = [
     },
 ]
 
-# PostgreSQL in production and in the test suite; an SQLite file only for a one-machine trial.
+# PostgreSQL only: the task hot path (tasks/statements.py) is PostgreSQL SQL (data-modifying
+# WITH, arrays), and SQLite could not take several workers writing at once anyway.
 DATABASES = {
     "default": dj_database_url.parse(
-        env_str("DATABASE_URL", f"sqlite:///{BASE_DIR / 'db.sqlite3'}"),
+        env_str("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/orchestrator"),
         conn_max_age=env_int("DB_CONN_MAX_AGE", 60),
         conn_health_checks=True,
     )
 }
-# The task hot path (tasks/statements.py) prepares its statements on each connection. Turn this
-# off behind a connection pooler in transaction mode that cannot keep prepared statements
-# (PgBouncer before 1.21).
+if DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
+    raise ImproperlyConfigured(
+        f"DATABASE_URL must be a postgres:// URL (got a {DATABASES['default']['ENGINE']} database): "
+        "Industrial Orchestrator runs on PostgreSQL only."
+    )
+# The hot path prepares its statements once per connection. Turn this off behind a connection
+# pooler in transaction mode that cannot keep prepared statements (PgBouncer before 1.21).
 DB_PREPARED_STATEMENTS = env_bool("DB_PREPARED_STATEMENTS", True)
-if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and DB_PREPARED_STATEMENTS:
+if DB_PREPARED_STATEMENTS:
     # Django turns psycopg's statement preparation off (None); a threshold no query reaches
     # keeps the ORM's queries unprepared while allowing the hot path's explicit ones.
     DATABASES["default"].setdefault("OPTIONS", {}).setdefault("prepare_threshold", 2**31 - 1)
-if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
-    # Several processes write at once: wait for the write lock instead of failing at once.
-    DATABASES["default"]["OPTIONS"] = {"timeout": 30, "transaction_mode": "IMMEDIATE"}
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 AUTH_PASSWORD_VALIDATORS = [

@@ -256,3 +256,55 @@ def test_retry_takes_over_a_run_left_over_from_a_stop(db):
 
     task = session.tasks.get()
     assert (task.status, task.attempts) == ("queued", 1)
+
+
+@pytest.mark.parametrize("prepared", [True, False])
+def test_the_hot_path_runs_with_and_without_prepared_statements(db, settings, prepared):
+    settings.DB_PREPARED_STATEMENTS = prepared  # off behind a transaction-mode pooler
+    session = make_session({"a": [], "b": ["a"]})
+    release_ready_tasks(session.pk)
+
+    assert execute_task(task_id=session.tasks.get(key="a").pk, runtime=runtime()) == "completed"
+    assert statuses(session) == {"a": "completed", "b": "queued"}
+    assert execute_task(task_id=session.tasks.get(key="b").pk, runtime=runtime()) == "completed"
+
+
+def test_two_upstreams_finishing_at_once_queue_their_fan_in_exactly_once(transactional_db):
+    session = make_session({"a": [], "b": [], "c": ["a", "b"]})
+    release_ready_tasks(session.pk)
+    agent_runtime = runtime()
+    barrier = threading.Barrier(2)
+    outcomes = []
+
+    def run(key: str) -> None:
+        try:
+            barrier.wait()
+            outcomes.append(execute_task(task_id=session.tasks.get(key=key).pk, runtime=agent_runtime))
+        finally:
+            connection.close()
+
+    for _ in range(20):  # each round races the two records again
+        threads = [threading.Thread(target=run, args=(key,)) for key in ("a", "b")]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        c = session.tasks.get(key="c")
+        assert (c.status, c.upstream_open) == ("queued", 0)
+        session.tasks.update(status=TS.QUEUED, attempts=0, upstream_open=0)
+        session.tasks.filter(key="c").update(status=TS.PENDING, upstream_open=2)
+
+    assert outcomes == ["completed"] * 40
+
+
+def test_a_redelivered_outcome_lowers_the_dependents_count_only_once(db):
+    session = make_session({"a": [], "b": ["a"], "c": ["a", "b"]})
+    release_ready_tasks(session.pk)
+    a = session.tasks.get(key="a")
+    assert execute_task(task_id=a.pk, runtime=runtime()) == "completed"
+
+    # The same message again (a redelivery): the task is finished, nothing is counted twice.
+    assert execute_task(task_id=a.pk, runtime=runtime()) == "taken"
+
+    assert dict(session.tasks.values_list("key", "upstream_open")) == {"a": 0, "b": 0, "c": 1}
+    assert statuses(session) == {"a": "completed", "b": "queued", "c": "pending"}

@@ -139,3 +139,10 @@ def test_a_bad_variable_stops_the_settings_import_naming_it(name, value):
     assert result.returncode != 0
     assert "ImproperlyConfigured" in result.stderr
     assert name in result.stderr.strip().splitlines()[-1]
+
+
+def test_a_database_other_than_postgresql_stops_the_settings_import():
+    result = import_settings(DEBUG="true", DATABASE_URL="sqlite:///trial.sqlite3")
+
+    assert result.returncode != 0
+    assert "DATABASE_URL must be a postgres:// URL" in result.stderr
