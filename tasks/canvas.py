@@ -163,11 +163,15 @@ def node_signature(task: Task, priority: int) -> Signature:
     return run_task.si(str(task.pk)).set(**message_options(task, queue=task.queue, priority=priority))
 
 
-def _to_signature(expr: Expr, nodes: dict[str, Signature]) -> Signature:
+def _to_signature(expr: Expr, nodes: dict[str, Signature], in_group: bool = False) -> Signature:
+    """The canvas of an SP expression. run_task stores no Celery result (the database has the
+    outcome), except inside a group: every group is a chord header here (something always
+    follows, at least finalize_session), and Celery's docs require chord members to keep
+    their results."""
     if isinstance(expr, str):
-        return nodes[expr]
+        return nodes[expr].set(ignore_result=False) if in_group else nodes[expr]
     kind, parts = expr
-    built = [_to_signature(part, nodes) for part in parts]
+    built = [_to_signature(part, nodes, in_group or kind == "group") for part in parts]
     return chain(*built) if kind == "chain" else group(built)
 
 

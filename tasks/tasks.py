@@ -27,7 +27,7 @@ def drop_stale_connections(**kwargs) -> None:
         conn.health_check_done = True
 
 
-@shared_task(name="tasks.run_task", bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=False)
+@shared_task(name="tasks.run_task", bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def run_task(self, task_id: str) -> str:
     runtime = current_agent()
     if runtime is None:

@@ -85,6 +85,15 @@ def flatten(signature) -> list:
     return [[(signature.task, signature.args, signature.options["queue"])]]
 
 
+def nodes_with_options(signature) -> list:
+    """(args, options) of every run_task node of a canvas."""
+    if isinstance(signature, chord):
+        return nodes_with_options(group(list(signature.tasks))) + nodes_with_options(signature.body)
+    if isinstance(signature, _chain | group):
+        return [node for task in signature.tasks for node in nodes_with_options(task)]
+    return [(signature.args, signature.options)] if signature.task == "tasks.run_task" else []
+
+
 def test_a_diamond_compiles_to_a_chain_with_a_chord_and_finalize(db):
     session = make_session({"a": [], "b": ["a"], "c": ["a"], "d": ["b", "c"]})
     ids = {t.key: str(t.pk) for t in session.tasks.all()}
@@ -103,6 +112,18 @@ def test_a_diamond_compiles_to_a_chain_with_a_chord_and_finalize(db):
     ]
     stored = dict(session.tasks.values_list("key", "message_id"))
     assert all(stored.values()) and len(set(stored.values())) == 4
+
+
+def test_only_chord_members_keep_their_celery_result(db):
+    session = make_session({"a": [], "b": ["a"], "c": ["a"], "d": ["b", "c"]})
+
+    keys = {str(t.pk): t.key for t in session.tasks.all()}
+
+    canvas, _ = build_canvas(session)
+
+    # run_task ignores its result unless told otherwise; the chord's header members are.
+    kept = {keys[args[0]]: options.get("ignore_result") for args, options in nodes_with_options(canvas)}
+    assert kept == {"a": None, "b": False, "c": False, "d": None}
 
 
 def test_nodes_carry_the_session_priority_inverted_for_redis_and_pinned_queues(db):
