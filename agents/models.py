@@ -60,33 +60,46 @@ class Agent(models.Model):
 
         The task rows are the truth: counting there, rather than bumping counters with every
         claim and outcome, keeps this row out of the hot path (concurrent tasks of one agent
-        would queue on its lock) and cannot drift when a worker dies mid-task. Between beats
-        the stored figures may lag; routing counts the live load itself (agents.routing).
+        would queue on its lock) and cannot drift when a worker dies mid-task. The counters and
+        the EWMA cover the tasks it finished in the last AGENT_STATS_WINDOW_HOURS (an index on
+        (agent, finished_at) keeps this a range scan however long the agent lives). Between
+        beats the stored figures may lag; routing counts the live load itself (agents.routing).
         """
         from tasks.models import Task
 
         mine = Task.objects.filter(agent_id=self.pk)
-        counts = mine.aggregate(
-            running=Count("pk", filter=Q(status=Task.Status.RUNNING)),
+        since = timezone.now() - timedelta(hours=settings.AGENT_STATS_WINDOW_HOURS)
+        load = mine.filter(running()).count()
+        recent = mine.filter(finished_at__gte=since)
+        counts = recent.aggregate(
             completed=Count("pk", filter=Q(status=Task.Status.COMPLETED)),
             failed=Count("pk", filter=Q(status=Task.Status.FAILED)),
         )
-        recent = mine.filter(started_at__isnull=False, finished_at__isnull=False).order_by("-finished_at")
-        spans = recent.values_list("started_at", "finished_at")[:20]
-        durations = [(end - start).total_seconds() for start, end in spans]
+        spans = recent.filter(started_at__isnull=False).order_by("-finished_at")
+        durations = [
+            (end - start).total_seconds() for start, end in spans.values_list("started_at", "finished_at")[:20]
+        ]
         # One statement, so a concurrent drain is never overwritten by a heartbeat.
         Agent.objects.filter(pk=self.pk).update(
             last_heartbeat=timezone.now(),
             status=Case(
                 When(status=self.Status.DRAINING, then=Value(self.Status.DRAINING)),
-                When(concurrency__lte=counts["running"], then=Value(self.Status.BUSY)),
+                When(concurrency__lte=load, then=Value(self.Status.BUSY)),
                 default=Value(self.Status.ONLINE),
             ),
-            current_load=counts["running"],
+            current_load=load,
             tasks_completed=counts["completed"],
             tasks_failed=counts["failed"],
             ewma_duration_s=ewma(reversed(durations)),
         )
+
+
+def running(prefix: str = "") -> Q:
+    """Running tasks, reached through `prefix` (e.g. "tasks__" from an agent). Unfinished is part
+    of the filter so that the (agent, finished_at) index finds them without the agent's history."""
+    from tasks.models import Task
+
+    return Q(**{f"{prefix}finished_at__isnull": True, f"{prefix}status": Task.Status.RUNNING})
 
 
 def ewma(values, alpha: float = 0.2) -> float | None:

@@ -19,9 +19,9 @@ The optimistic priors mean a brand-new agent with a free slot scores at least as
 proven one, so it receives work and earns a history.
 """
 
-from django.db.models import Count, Q
+from django.db.models import Count
 
-from .models import Agent
+from .models import Agent, running
 
 
 def score(agent: Agent) -> float:
@@ -52,8 +52,7 @@ def affinity_agent(task, routed: dict[str, int] | None = None, among: list[int] 
     if among is None:
         among = Task.objects.filter(dependents=task, agent__isnull=False).values("agent_id")
     # The stored load lags until the next heartbeat; count the running tasks now instead.
-    running = Count("tasks", filter=Q(tasks__status=Task.Status.RUNNING))
-    upstream_agents = Agent.objects.filter(pk__in=among).annotate(running=running)
+    upstream_agents = Agent.objects.filter(pk__in=among).annotate(running=Count("tasks", filter=running("tasks__")))
     for agent in upstream_agents:
         agent.current_load = agent.running
     candidates = [a for a in upstream_agents if can_take(a, task.capability, routed.get(a.name, 0))]

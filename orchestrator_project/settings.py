@@ -202,6 +202,8 @@ MAX_TEXT_CHARS = env_int("MAX_TEXT_CHARS", 20_000, minimum=100)
 TASK_DEADLINE_SECONDS = env_int("TASK_DEADLINE_SECONDS", 1800, minimum=1)
 AGENT_HEARTBEAT_SECONDS = env_int("AGENT_HEARTBEAT_SECONDS", 5, minimum=1)
 AGENT_OFFLINE_AFTER_SECONDS = env_int("AGENT_OFFLINE_AFTER_SECONDS", 30, minimum=2)
+# An agent's counters and EWMA duration (routing's score) cover the tasks it finished this recently.
+AGENT_STATS_WINDOW_HOURS = env_int("AGENT_STATS_WINDOW_HOURS", 24, minimum=1)
 # A running session whose ready task has had no live agent this long turns degraded.
 DEGRADED_AFTER_SECONDS = env_int("DEGRADED_AFTER_SECONDS", 15)
 WORKSPACE_ROOT = Path(env_str("WORKSPACE_ROOT", str(BASE_DIR / "workspaces")))
@@ -250,8 +252,8 @@ CELERY_WORKER_SEND_TASK_EVENTS = True
 CELERY_TASK_SEND_SENT_EVENT = True
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # Celery's Django fix-up closes the database connection around every task unless this is set;
-# reconnecting per task dominated short tasks. Stale connections are still dropped before each
-# task (tasks/tasks.py, task_prerun), by CONN_MAX_AGE and the health checks.
+# reconnecting per task dominated short tasks. Connections that are too old or saw an error are
+# still dropped before each task (tasks/tasks.py, task_prerun).
 CELERY_DB_REUSE_MAX = env_int("CELERY_DB_REUSE_MAX", 1000)
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 CELERY_TIMEZONE = TIME_ZONE

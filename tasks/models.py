@@ -65,7 +65,7 @@ class Task(models.Model):
     # (services.py); a retry counts again. Kept exact for pending tasks only.
     upstream_open = models.PositiveIntegerField(default=0)
     max_attempts = models.PositiveSmallIntegerField(default=3)
-    # Indexed with status below (a heartbeat counts an agent's tasks by status).
+    # Indexed with finished_at below (routing and the heartbeat count an agent's tasks).
     agent = models.ForeignKey(
         "agents.Agent", null=True, blank=True, on_delete=models.SET_NULL, related_name="tasks", db_index=False
     )
@@ -98,7 +98,8 @@ class Task(models.Model):
         ordering = ["session_id", "position"]
         indexes = [
             models.Index(fields=["session", "status"], name="task_session_status"),
-            models.Index(fields=["agent", "status"], name="task_agent_status"),
+            # An agent's running tasks (finished_at is NULL) and its recent history (heartbeat).
+            models.Index(fields=["agent", "finished_at"], name="task_agent_finished"),
         ]
         constraints = [models.UniqueConstraint(fields=["session", "key"], name="unique_task_key_per_session")]
 

@@ -90,8 +90,11 @@ def settle_dependents(task: Task, priority: int, recorded: tuple | None = None) 
     dependent is left to run.
     """
     if recorded is None:
-        pending = list(Task.objects.filter(depends_on=task.pk, status=TS.PENDING).values_list("pk", flat=True))
-        recorded = (pending, pending, [])
+        dependents = Task.objects.filter(depends_on=task.pk)
+        pending = list(dependents.filter(status=TS.PENDING).values_list("pk", flat=True))
+        # Queued here before, but the message may not have gone out; a duplicate is harmless.
+        unsent = dependents.filter(status=TS.QUEUED, via_canvas=False).values_list("pk", flat=True)
+        recorded = (pending, pending, list(unsent))
     opened, ready, queued = recorded
     moved, to_send = release_tasks(opened if _blocks(task) else ready)
     send_released([*queued, *to_send], priority)
@@ -299,10 +302,16 @@ def record_outcome(task: Task, attempt: int, status: str, *, result: dict | None
     }
     [(recorded, *dependents)] = statements.run(statements.RECORD, params)
     if not recorded:
+        # A stale attempt - or this one, if the statement committed and its reply was lost
+        # (statements.run tried again): then settle from the rows, like a redelivery does.
+        if Task.objects.filter(pk=task.pk, status=status, attempts=attempt).exists():
+            task.status = status
+            _settle_after(task)
         return
     task.status = status
     if status == TS.FAILED and task.required and task.session_fail_fast:
         stop_open_tasks(task.session_id, reason=f"fail-fast: required task {task.key} failed", revoke=False)
+        dependents = None  # they were just cancelled: settle from the rows
     _settle_after(task, dependents)
 
 

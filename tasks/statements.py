@@ -17,10 +17,15 @@ Rules every statement here keeps:
   exactly once per finish, however often a message is delivered.
 """
 
+import logging
+
 import psycopg
 from django.conf import settings
-from django.db import connection
+from django.db import OperationalError, connection
 from django.db.backends.utils import CursorWrapper
+from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
+
+logger = logging.getLogger(__name__)
 
 # The task's columns execute_task uses (LOAD_FIELDS, in this order), what it needs of its
 # session, the agents that ran its upstreams and, last, the attempt this agent claimed it for.
@@ -105,11 +110,13 @@ SELECT (SELECT count(*) FROM done),
 # skipped (a skip passes on down the DAG, through optional tasks too), or is required and
 # failed; the first such upstream is named in the skip's reason. A skip is a finish: its
 # pending dependents get one upstream fewer in the same statement (they are blocked now, so
-# they are skipped next).
+# they are skipped next). The culprit is looked for in the statement's snapshot, so a task is
+# queued only if no upstream was left open in that snapshot too (open_then): an upstream
+# that finished since - perhaps failing - is seen by its own release, which follows its record.
 # Returns ("moved", id, status, via_canvas) and ("opened", id, NULL, NULL) rows.
 RELEASE = """
 WITH candidate AS (
-    SELECT t.id, (
+    SELECT t.id, t.upstream_open AS open_then, (
         SELECT u.key || ' ' || u.status FROM tasks_task_depends_on e JOIN tasks_task u ON u.id = e.to_task_id
         WHERE e.from_task_id = t.id AND (u.status IN ('cancelled', 'skipped') OR (u.required AND u.status = 'failed'))
         ORDER BY u.position LIMIT 1
@@ -122,7 +129,7 @@ WITH candidate AS (
         finished_at = CASE WHEN c.culprit IS NULL THEN NULL ELSE now() END,
         error = COALESCE('skipped: upstream ' || c.culprit, '')
     FROM candidate c
-    WHERE d.id = c.id AND d.status = 'pending' AND (d.upstream_open = 0 OR c.culprit IS NOT NULL)
+    WHERE d.id = c.id AND d.status = 'pending' AND ((c.open_then = 0 AND d.upstream_open = 0) OR c.culprit IS NOT NULL)
     RETURNING d.id, d.status, d.via_canvas
 ), opened AS (
     -- Not a task skipped by this statement itself: a row may be updated once per statement.
@@ -165,9 +172,32 @@ class _PreparedCursor(psycopg.Cursor):
         return super().execute(query, params, prepare=True if prepare is None else prepare, binary=binary)
 
 
+def _transient(exc: BaseException) -> bool:
+    # A deadlock or serialization failure rolls the statement back whole, and a broken
+    # connection is replaced before the next try; inside a transaction nothing can be retried.
+    return isinstance(exc, OperationalError) and not connection.in_atomic_block
+
+
+def _reconnect(retry_state) -> None:
+    logger.warning("hot-path statement failed (%s); retrying", retry_state.outcome.exception())
+    connection.close_if_unusable_or_obsolete()
+
+
+@retry(
+    retry=retry_if_exception(_transient),
+    stop=stop_after_attempt(5),
+    wait=wait_exponential(multiplier=0.05, max=2.0),
+    before_sleep=_reconnect,
+    reraise=True,
+)
 def run(sql: str, params) -> list[tuple]:
     """Execute one statement on Django's connection (its transaction, health check, error
-    translation and execute wrappers apply); returns its rows."""
+    translation and execute wrappers apply); returns its rows.
+
+    Outside a transaction, a deadlock, a serialization failure or a lost connection is retried:
+    every statement here is a compare-and-set, so running it again after it did commit (its
+    reply lost) changes nothing and reports nothing moved; callers check the row then.
+    """
     connection.close_if_health_check_failed()
     connection.ensure_connection()
     raw = connection.connection

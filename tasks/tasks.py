@@ -16,15 +16,16 @@ logger = logging.getLogger(__name__)
 
 
 @task_prerun.connect
-def drop_stale_connections(**kwargs) -> None:
+def drop_stale_connections(sender=None, **kwargs) -> None:
     # Connections are reused across tasks (CELERY_DB_REUSE_MAX); like a web request, each task
-    # starts by dropping a connection that is too old or saw an error. Unlike a web request, it
-    # skips the SELECT 1 health check: that was a fifth round trip for every short task. A task
-    # whose connection turns out dead is retried (run_task), and the connection is dropped here
-    # before the next one.
+    # starts by dropping a connection that is too old or saw an error, and checks the one it
+    # keeps (SELECT 1). run_task skips that check: it was a third round trip for every short
+    # task. A run_task whose connection turns out dead is retried, and the connection is dropped
+    # here before the next task.
     close_old_connections()
-    for conn in connections.all(initialized_only=True):
-        conn.health_check_done = True
+    if sender is not None and sender.name == "tasks.run_task":
+        for conn in connections.all(initialized_only=True):
+            conn.health_check_done = True
 
 
 @shared_task(name="tasks.run_task", bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
@@ -82,8 +83,3 @@ def dispatch_session(session_id: str) -> bool:
     for task in ready:
         services.dispatch_task(task, priority=session.broker_priority)
     return True
-
-
-@shared_task(name="tasks.noop_probe")
-def noop_probe(*args) -> None:
-    pass
