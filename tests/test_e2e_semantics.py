@@ -110,6 +110,26 @@ def test_fail_fast_cancels_the_rest_when_a_required_task_fails(client, stack):
     }
 
 
+def test_fail_fast_settles_a_session_released_from_the_database(client, stack):
+    # Not series-parallel: no canvas and no finalize link; the failing task must settle it.
+    stack.agent("builder", ["code_generation"], concurrency=3)
+    tasks = [
+        spec("a", [], 0.3, fail_rate=1.0),
+        spec("b", []),
+        spec("c", ["a"]),
+        spec("d", ["a", "b"]),
+    ]
+    session_id = create(client, tasks, fail_fast=True)
+
+    start(client, session_id)
+    body = wait_for_status(client, session_id, SETTLED, timeout=20)
+
+    assert body["status"] == "failed"
+    statuses = {key: t.status for key, t in tasks_of(session_id).items()}
+    assert statuses == {"a": "failed", "b": "completed", "c": "cancelled", "d": "cancelled"}
+    assert not any(t.via_canvas for t in tasks_of(session_id).values())
+
+
 def test_a_chain_follows_the_agent_of_its_upstream(client, stack):
     # Enough slots that the upstream's agent always has room, so affinity applies to every hop.
     stack.agent("left", ["code_generation"], concurrency=3)

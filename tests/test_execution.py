@@ -308,3 +308,20 @@ def test_a_redelivered_outcome_lowers_the_dependents_count_only_once(db):
 
     assert dict(session.tasks.values_list("key", "upstream_open")) == {"a": 0, "b": 0, "c": 1}
     assert statuses(session) == {"a": "completed", "b": "queued", "c": "pending"}
+
+
+def test_a_record_whose_reply_was_lost_is_settled_from_the_row(db):
+    from tasks import statements
+    from tasks.services import record_outcome, take_task
+
+    session = make_session({"a": [], "b": [], "c": ["a", "b"]})
+    release_ready_tasks(session.pk)
+    finish(session, "b", TS.COMPLETED)
+    a, attempt = take_task(session.tasks.get(key="a").pk, runtime(), stays=True)
+    # The statement commits, but its reply never arrives; statements.run sends it again.
+    recorded = {"task": a.pk, "attempt": attempt, "status": TS.COMPLETED, "result": "{}", "error": ""}
+    statements.run(statements.RECORD, recorded)
+
+    record_outcome(a, attempt, TS.COMPLETED)
+
+    assert statuses(session) == {"a": "completed", "b": "completed", "c": "queued"}
