@@ -62,7 +62,8 @@ class Task(models.Model):
     attempts = models.PositiveSmallIntegerField(default=0)
     # How many upstream tasks have not finished yet. Each upstream's finish lowers it in the same
     # statement that records the finish, so reaching 0 is the moment to release this task
-    # (services.py); a retry counts again. Kept exact for pending tasks only.
+    # (tasks/statements.py); start and retry count again. Exact while the task can still run
+    # (one being skipped because several upstreams were skipped together may be lowered once).
     upstream_open = models.PositiveIntegerField(default=0)
     max_attempts = models.PositiveSmallIntegerField(default=3)
     # Indexed with finished_at below (routing and the heartbeat count an agent's tasks).
