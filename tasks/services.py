@@ -120,6 +120,14 @@ class RedirectTask(Exception):
         self.queue = queue
 
 
+# from_db takes the values in the model's field order; TAKE returns them in LOAD_FIELDS order.
+_MODEL_ORDER = [
+    statements.LOAD_FIELDS.index(field.attname)
+    for field in Task._meta.concrete_fields
+    if field.attname in statements.LOAD_FIELDS
+]
+
+
 def take_task(task_id, runtime: AgentRuntime, *, stays: bool) -> tuple[Task | None, int | None]:
     """Load the task and, when nothing needs a closer look, claim it for this agent in the same
     statement (statements.TAKE); returns the task and the attempt claimed, or None.
@@ -132,17 +140,13 @@ def take_task(task_id, runtime: AgentRuntime, *, stays: bool) -> tuple[Task | No
         "task": task_id,
         "agent": runtime.agent_id,
         "stays": stays,
-        "active": list(ACTIVE),
         "default_timeout": settings.TASK_DEADLINE_SECONDS,
     }
     rows = statements.run(statements.TAKE, params)
     if not rows:
         return None, None
     *values, session_status, session_fail_fast, session_priority, upstream_agents, attempt = rows[0]
-    row = dict(zip(statements.LOAD_FIELDS, values, strict=True))
-    # from_db takes the values in the model's field order.
-    ordered = [row[field.attname] for field in Task._meta.concrete_fields if field.attname in row]
-    task = Task.from_db(connection.alias, statements.LOAD_FIELDS, ordered)
+    task = Task.from_db(connection.alias, statements.LOAD_FIELDS, [values[i] for i in _MODEL_ORDER])
     task.params = json.loads(task.params)  # jsonb arrives as text, as Django's JSONField expects
     task.session_status, task.session_fail_fast = session_status, session_fail_fast
     task.session_priority, task.upstream_agents = session_priority, upstream_agents

@@ -23,12 +23,13 @@ import psycopg
 from django.conf import settings
 from django.db import OperationalError, connection
 from django.db.backends.utils import CursorWrapper
-from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
+from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 logger = logging.getLogger(__name__)
 
 # The task's columns execute_task uses (LOAD_FIELDS, in this order), what it needs of its
 # session, the agents that ran its upstreams and, last, the attempt this agent claimed it for.
+# The session statuses in it are sessions.models.ACTIVE (a test holds them equal).
 # The claim (as in CLAIM) happens at once when nothing needs a closer look: the session is
 # active, the task queued, and routing keeps it here - the message came on this agent's own
 # queue (%(stays)s), the task is pinned, or no upstream has run elsewhere. Otherwise the attempt
@@ -48,7 +49,7 @@ WITH t AS (
         lease_expires_at = now() + make_interval(secs => COALESCE(c.timeout_seconds, %(default_timeout)s)),
         error = ''
     FROM t
-    WHERE c.id = t.id AND c.status = 'queued' AND t.session_status = ANY(%(active)s)
+    WHERE c.id = t.id AND c.status = 'queued' AND t.session_status IN ('queued', 'running', 'degraded')
       AND (%(stays)s OR t.pinned_agent <> '' OR t.upstream_agents = '{}' OR %(agent)s = ANY(t.upstream_agents))
     RETURNING c.attempts
 )
@@ -172,24 +173,6 @@ class _PreparedCursor(psycopg.Cursor):
         return super().execute(query, params, prepare=True if prepare is None else prepare, binary=binary)
 
 
-def _transient(exc: BaseException) -> bool:
-    # A deadlock or serialization failure rolls the statement back whole, and a broken
-    # connection is replaced before the next try; inside a transaction nothing can be retried.
-    return isinstance(exc, OperationalError) and not connection.in_atomic_block
-
-
-def _reconnect(retry_state) -> None:
-    logger.warning("hot-path statement failed (%s); retrying", retry_state.outcome.exception())
-    connection.close_if_unusable_or_obsolete()
-
-
-@retry(
-    retry=retry_if_exception(_transient),
-    stop=stop_after_attempt(5),
-    wait=wait_exponential(multiplier=0.05, max=2.0),
-    before_sleep=_reconnect,
-    reraise=True,
-)
 def run(sql: str, params) -> list[tuple]:
     """Execute one statement on Django's connection (its transaction, health check, error
     translation and execute wrappers apply); returns its rows.
@@ -198,6 +181,17 @@ def run(sql: str, params) -> list[tuple]:
     every statement here is a compare-and-set, so running it again after it did commit (its
     reply lost) changes nothing and reports nothing moved; callers check the row then.
     """
+    try:
+        return _execute(sql, params)
+    except OperationalError as exc:
+        if connection.in_atomic_block:
+            raise  # the transaction is lost; its owner decides
+        logger.warning("hot-path statement failed (%s); retrying", exc)
+        connection.close_if_unusable_or_obsolete()
+        return _execute_again(sql, params)
+
+
+def _execute(sql: str, params) -> list[tuple]:
     connection.close_if_health_check_failed()
     connection.ensure_connection()
     raw = connection.connection
@@ -205,3 +199,18 @@ def run(sql: str, params) -> list[tuple]:
     with CursorWrapper(cursor, connection) as wrapped:
         wrapped.execute(sql, params)
         return wrapped.fetchall() if wrapped.description else []
+
+
+def _reconnect(retry_state) -> None:
+    logger.warning("hot-path statement failed again (%s); retrying", retry_state.outcome.exception())
+    connection.close_if_unusable_or_obsolete()
+
+
+# Only after a first failure: tenacity's bookkeeping costs more than a statement's Python side.
+_execute_again = retry(
+    retry=retry_if_exception_type(OperationalError),
+    stop=stop_after_attempt(4),
+    wait=wait_exponential(multiplier=0.05, max=2.0),
+    before_sleep=_reconnect,
+    reraise=True,
+)(_execute)

@@ -325,3 +325,30 @@ def test_a_record_whose_reply_was_lost_is_settled_from_the_row(db):
     record_outcome(a, attempt, TS.COMPLETED)
 
     assert statuses(session) == {"a": "completed", "b": "completed", "c": "queued"}
+
+
+def test_the_claim_statement_knows_the_active_session_statuses():
+    import re
+
+    from sessions.models import ACTIVE
+    from tasks import statements
+
+    inline = re.search(r"t\.session_status IN \(([^)]*)\)", statements.TAKE).group(1)
+    assert {s.strip(" '") for s in inline.split(",")} == set(ACTIVE)
+
+
+def test_a_statement_that_loses_its_connection_runs_again_on_a_new_one(transactional_db, caplog):
+    from tasks import statements
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        [(pid,)] = cursor.fetchall()
+    # Another session ends ours, as a database restart would.
+    killer = __import__("psycopg").connect(
+        f"dbname={connection.settings_dict['NAME']} host=127.0.0.1 user=postgres", autocommit=True
+    )
+    killer.execute("SELECT pg_terminate_backend(%s)", [pid])
+    killer.close()
+
+    assert statements.run("SELECT 42", []) == [(42,)]
+    assert "hot-path statement failed" in caplog.text
