@@ -65,10 +65,11 @@ def release_tasks(ids) -> tuple[dict, list]:
 
 
 def send_released(ids, priority: int) -> None:
+    """Send the messages of the queued tasks among `ids` (released by the database)."""
     if not ids:
         return  # the common case: a canvas sends what follows
     routed: dict[str, int] = {}  # agent name -> tasks sent there in this round (not yet claimed)
-    for task in Task.objects.filter(pk__in=ids):
+    for task in Task.objects.filter(pk__in=ids, status=TS.QUEUED):
         dispatch_task(task, priority=priority, routed=routed)
 
 
@@ -215,18 +216,12 @@ def _follow_affinity(task: Task, runtime: AgentRuntime, delivered_to: str) -> No
 
 
 def claim_task(task: Task, runtime: AgentRuntime) -> int | None:
-    """queued -> running for this agent, only if nobody else claimed it; returns the attempt.
-
-    The filter must stay on the task row's own columns: a filter across a relation makes Django
-    write `WHERE id IN (subquery)`, and PostgreSQL's re-check after waiting on the row lock does
-    not re-run the subquery, so two racing claims would both win.
-    """
-    # Matching the attempt count we read makes the new count known without reading it back.
-    params = {"task": task.pk, "agent": runtime.agent_id, "attempts": task.attempts, "timeout": task_timeout(task)}
-    if not statements.run(statements.CLAIM, params):
-        return None
-    task.attempts, task.status, task.agent_id = task.attempts + 1, TS.RUNNING, runtime.agent_id
-    return task.attempts
+    """queued -> running for this agent unless another delivery got there first; returns the
+    attempt. It is TAKE with routing already decided (`stays`)."""
+    _, attempt = take_task(task.pk, runtime, stays=True)
+    if attempt is not None:
+        task.attempts, task.status, task.agent_id = attempt, TS.RUNNING, runtime.agent_id
+    return attempt
 
 
 def task_timeout(task: Task) -> int:

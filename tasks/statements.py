@@ -12,7 +12,8 @@ trip), and because compiling an ORM query costs more than running one of these. 
 Rules every statement here keeps:
 - An UPDATE that hands a task over filters on the task row's own columns (status, attempts):
   PostgreSQL re-checks those after waiting on the row lock, so two racing statements cannot
-  both win. (A filter through a subquery is not re-checked; see services.claim_task.)
+  both win. (A filter through a subquery, which Django writes for a filter across a relation,
+  is not re-checked: two racing claims would both win.)
 - Task.upstream_open changes in the same statement as the upstream's finish, so it is lowered
   exactly once per finish, however often a message is delivered.
 """
@@ -30,7 +31,7 @@ logger = logging.getLogger(__name__)
 # The task's columns execute_task uses (LOAD_FIELDS, in this order), what it needs of its
 # session, the agents that ran its upstreams and, last, the attempt this agent claimed it for.
 # The session statuses in it are sessions.models.ACTIVE (a test holds them equal).
-# The claim (as in CLAIM) happens at once when nothing needs a closer look: the session is
+# The claim happens at once when nothing needs a closer look: the session is
 # active, the task queued, and routing keeps it here - the message came on this agent's own
 # queue (%(stays)s), the task is pinned, or no upstream has run elsewhere. Otherwise the attempt
 # is NULL and execute_task looks at the row to see why.
@@ -59,15 +60,6 @@ LOAD_FIELDS = (
     "id", "session_id", "key", "title", "capability", "instructions", "params", "required", "status",
     "attempts", "max_attempts", "pinned_agent", "timeout_seconds", "via_canvas",
 )  # fmt: skip
-
-# queued -> running for this agent if nobody claimed it first (the attempts we read must match).
-CLAIM = """
-UPDATE tasks_task
-SET status = 'running', attempts = attempts + 1, agent_id = %(agent)s, started_at = now(),
-    lease_expires_at = now() + make_interval(secs => %(timeout)s), error = ''
-WHERE id = %(task)s AND status = 'queued' AND attempts = %(attempts)s
-RETURNING attempts
-"""
 
 # running -> outcome for this attempt, with everything that goes with it: a checkpoint for a
 # completed task, and one upstream fewer for each pending dependent. A dependent whose

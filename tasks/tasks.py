@@ -10,7 +10,6 @@ from agents.runtime import current_agent
 
 from . import services
 from .canvas import build_canvas
-from .models import Task
 
 logger = logging.getLogger(__name__)
 
@@ -77,9 +76,8 @@ def dispatch_session(session_id: str) -> bool:
         return False
     if canvas is not None:
         canvas.apply_async()
-    # Re-read: an upstream that finished while the canvas was built may have queued a task
-    # before it was marked as released (and so sent nothing). A duplicate message is harmless.
-    ready = Task.objects.filter(pk__in=[t.pk for t in released], status=Task.Status.QUEUED)
-    for task in ready:
-        services.dispatch_task(task, priority=session.broker_priority)
+    # Read now, not when compiled: an upstream that finished while the canvas was built may
+    # have queued a task before it was marked as released (and so sent nothing). A duplicate
+    # message is harmless.
+    services.send_released([t.pk for t in released], session.broker_priority)
     return True
