@@ -68,14 +68,14 @@ class Agent(models.Model):
         from tasks.models import Task
 
         mine = Task.objects.filter(agent_id=self.pk)
-        since = timezone.now() - timedelta(hours=settings.AGENT_STATS_WINDOW_HOURS)
-        load = mine.filter(running()).count()
-        recent = mine.filter(finished_at__gte=since)
-        counts = recent.aggregate(
-            completed=Count("pk", filter=Q(status=Task.Status.COMPLETED)),
-            failed=Count("pk", filter=Q(status=Task.Status.FAILED)),
+        recent = Q(finished_at__gte=timezone.now() - timedelta(hours=settings.AGENT_STATS_WINDOW_HOURS))
+        counts = mine.filter(recent | running()).aggregate(
+            load=Count("pk", filter=running()),
+            completed=Count("pk", filter=recent & Q(status=Task.Status.COMPLETED)),
+            failed=Count("pk", filter=recent & Q(status=Task.Status.FAILED)),
         )
-        spans = recent.filter(started_at__isnull=False).order_by("-finished_at")
+        load = counts["load"]
+        spans = mine.filter(recent, started_at__isnull=False).order_by("-finished_at")
         durations = [
             (end - start).total_seconds() for start, end in spans.values_list("started_at", "finished_at")[:20]
         ]
