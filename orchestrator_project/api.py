@@ -10,6 +10,7 @@ from rest_framework.views import exception_handler as drf_exception_handler
 
 from sessions.locking import LockUnavailable, StaleFencingToken
 from sessions.models import InvalidTransition
+from tasks.dag import DagError
 
 
 class Pagination(PageNumberPagination):
@@ -51,6 +52,8 @@ def error_response(code: str, message: str, details, http_status: int, headers=N
 
 
 def exception_handler(exc, context):
+    if isinstance(exc, DagError):  # a DAG (given or decomposed) that cannot run: the input's fault
+        exc = exceptions.ValidationError({exc.path: [exc.message]})
     if isinstance(exc, InvalidTransition):
         details = {"from": exc.from_status, "to": exc.to_status, "allowed": exc.allowed}
         return error_response("invalid_transition", str(exc), details, status.HTTP_409_CONFLICT)

@@ -6,7 +6,6 @@ from rest_framework.decorators import action
 from rest_framework.exceptions import ValidationError
 from rest_framework.response import Response
 
-from tasks.dag import DagError
 from tasks.models import Task
 from tasks.serializers import TaskSerializer
 from tenants.permissions import TenantScopedMixin, tenant_for_write
@@ -90,12 +89,9 @@ class SessionViewSet(
         payload = SessionCreateSerializer(data=request.data)
         payload.is_valid(raise_exception=True)
         tenant = tenant_for_write(request.user, payload.validated_data.pop("tenant", None))
-        try:
-            session, created = services.create_session(
-                tenant=tenant, user=request.user, data=payload.validated_data, idempotency_key=key
-            )
-        except DagError as exc:
-            raise ValidationError({exc.path: [exc.message]}) from None
+        session, created = services.create_session(
+            tenant=tenant, user=request.user, data=payload.validated_data, idempotency_key=key
+        )
         body = SessionDetailSerializer(self.get_queryset().get(pk=session.pk)).data
         code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
         return Response(body, status=code, headers={"Location": f"{request.path}{session.pk}/"})

@@ -9,7 +9,6 @@ from rest_framework.views import APIView
 from sessions.serializers import DecompositionPreviewSerializer, SessionCreateSerializer
 from tenants.permissions import TenantScopedMixin
 
-from .dag import DagError
 from .decomposition import (
     DEFAULT_ESTIMATE,
     Plan,
@@ -58,15 +57,12 @@ class DecompositionPreviewView(APIView):
         slug = data.get("tenant")
         if slug and not request.user.memberships.filter(tenant__slug=slug).exists():
             raise ValidationError({"tenant": [f"you are not a member of tenant {slug!r}"]})
-        try:
-            plan = plan_session(
-                requirements=data["requirements"],
-                template=data.get("template"),
-                tasks=data.get("tasks"),
-                max_tasks=settings.MAX_TASKS_PER_SESSION,
-            )
-        except DagError as exc:
-            raise ValidationError({exc.path: [exc.message]}) from None
+        plan = plan_session(
+            requirements=data["requirements"],
+            template=data.get("template"),
+            tasks=data.get("tasks"),
+            max_tasks=settings.MAX_TASKS_PER_SESSION,
+        )
         return Response(DecompositionPreviewSerializer(preview_of(plan)).data)
 
 
