@@ -42,8 +42,15 @@ __all__ = [
 @dataclass(frozen=True)
 class Plan:
     template: str  # "" for a DAG the client sent
-    analysis: Analysis
+    requirements: str
     tasks: list[dict]  # task specs as the create endpoint takes them
+    chosen_by: Analysis | None = None  # the analysis the template came from
+
+    @property
+    def analysis(self) -> Analysis:
+        """The requirements' analysis. A client's own DAG does not need one to be created, so
+        it is computed only when asked for (the preview shows it)."""
+        return self.chosen_by or analyze(self.requirements)
 
 
 def plan_session(
@@ -54,9 +61,9 @@ def plan_session(
     Raises DagError (path "template") for an unknown template, or when the template's DAG has
     more than `max_tasks` tasks.
     """
-    analysis = analyze(requirements)
     if tasks:
-        return Plan("", analysis, list(tasks))
+        return Plan("", requirements, list(tasks))
+    analysis = analyze(requirements)
     name = template or analysis.template
     if name not in TEMPLATES:
         raise DagError("template", f"unknown template {name!r}; known templates: {', '.join(TEMPLATE_NAMES)}")
@@ -66,4 +73,4 @@ def plan_session(
             "template",
             f"the {name} template needs {len(specs)} tasks, more than the maximum of {max_tasks} per session",
         )
-    return Plan(name, analysis, specs)
+    return Plan(name, requirements, specs, chosen_by=analysis)
