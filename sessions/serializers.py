@@ -107,6 +107,9 @@ class ScriptedParamsSerializer(serializers.Serializer):
     transient_failures = StrictIntegerField(min_value=0, max_value=10, required=False)
 
 
+SCRIPTED_PARAMS = frozenset(ScriptedParamsSerializer._declared_fields)
+
+
 class EstimateSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
     """A PERT estimate in hours; the expected duration is (optimistic + 4 * likely + pessimistic) / 6."""
 
@@ -158,27 +161,24 @@ class TaskSpecSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
             raise serializers.ValidationError(f"at most TASK_DEADLINE_SECONDS ({settings.TASK_DEADLINE_SECONDS})")
         return value
 
-    def validate_agent(self, value: str) -> str:
-        # The agent must be registered; whether it is online is a runtime matter (degraded).
-        if not Agent.objects.filter(name=value).exists():
-            raise serializers.ValidationError(f"no agent named {value!r} is registered")
-        return value
-
     def validate(self, attrs):
         attrs = super().validate(attrs)
         if "agent" in attrs:
-            capabilities = Agent.objects.get(name=attrs["agent"]).capabilities
+            # The agent must be registered and able to do the task; whether it is online is a
+            # runtime matter (the session turns degraded).
+            name = attrs["agent"]
+            capabilities = Agent.objects.filter(name=name).values_list("capabilities", flat=True).first()
+            if capabilities is None:
+                raise serializers.ValidationError({"agent": [f"no agent named {name!r} is registered"]})
             if attrs["capability"] not in capabilities:
                 raise serializers.ValidationError(
-                    {"agent": [f"agent {attrs['agent']!r} does not have capability {attrs['capability']!r}"]}
+                    {"agent": [f"agent {name!r} does not have capability {attrs['capability']!r}"]}
                 )
         return attrs
 
     def validate_params(self, value: dict) -> dict:
         validate_json_object(value)
-        scripted = ScriptedParamsSerializer(
-            data={k: v for k, v in value.items() if k in ScriptedParamsSerializer().fields}
-        )
+        scripted = ScriptedParamsSerializer(data={k: v for k, v in value.items() if k in SCRIPTED_PARAMS})
         scripted.is_valid(raise_exception=True)
         return value
 
