@@ -26,13 +26,13 @@ def _stranded_reason(task: Task, live_agents: list[Agent]) -> str | None:
     return f"task {task.key} needs {task.capability} and no live agent has it"
 
 
-def _reroute_stranded(queued, live_agents: list[Agent], stale) -> int:
+def _reroute_stranded(waited: list[Task], live_agents: list[Agent]) -> int:
     """Re-send ready, unpinned tasks whose message waits on a gone agent's queue (affinity)."""
     live_queues = {f"agent.{a.name}" for a in live_agents}
     stranded = [
         t
-        for t in queued.filter(pinned_agent="", dispatched_to__startswith="agent.", queued_at__lt=stale)
-        if t.dispatched_to not in live_queues
+        for t in waited
+        if not t.pinned_agent and t.dispatched_to.startswith("agent.") and t.dispatched_to not in live_queues
     ]
     for task in stranded:
         reroute_stranded_task(task)
@@ -54,10 +54,14 @@ def sweep_degraded_sessions() -> dict[str, int]:
         Q(status=S.RUNNING, tasks__status=Task.Status.QUEUED) | Q(status=S.DEGRADED)
     ).distinct()
     for session in sessions:
-        queued = session.tasks.filter(status=Task.Status.QUEUED).select_related("session")
-        moved["rerouted"] += _reroute_stranded(queued, live_agents, stale)
+        # Read once: rerouting changes neither a task's status nor when it was queued.
+        queued = list(session.tasks.filter(status=Task.Status.QUEUED))
+        for task in queued:
+            task.session = session
+        waited = [t for t in queued if t.queued_at is not None and t.queued_at < stale]
+        moved["rerouted"] += _reroute_stranded(waited, live_agents)
         if session.status == S.RUNNING:
-            reasons = [r for t in queued.filter(queued_at__lt=stale) if (r := _stranded_reason(t, live_agents))]
+            reasons = [r for t in waited if (r := _stranded_reason(t, live_agents))]
             if reasons and session.transition(S.DEGRADED, reason="; ".join(reasons), only_from=frozenset({S.RUNNING})):
                 moved["degraded"] += 1
         elif not any(_stranded_reason(t, live_agents) for t in queued):
