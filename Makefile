@@ -31,10 +31,10 @@ services: venv
 up: services
 	scripts/up.sh
 
-demo: services
+demo: venv  # scripts/demo.py checks PostgreSQL and Redis for its own database
 	$(BIN)/python scripts/demo.py
 
-bench: services
+bench: venv  # bench/env.py checks PostgreSQL and Redis for its own database
 	$(BIN)/python -m bench
 
 lint: venv

@@ -36,11 +36,15 @@ class AgentViewSet(viewsets.ReadOnlyModelViewSet):
     @extend_schema(request=None, responses={202: AgentSerializer}, summary="Stop consuming; finish in-flight work")
     @action(detail=True, methods=["post"])
     def drain(self, request, pk=None):
-        services.drain_agent(self.get_object())
-        return Response(AgentSerializer(self.get_object()).data, status=status.HTTP_202_ACCEPTED)
+        agent = self.get_object()
+        services.drain_agent(agent)
+        agent.refresh_from_db()
+        return Response(AgentSerializer(agent).data, status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(request=None, responses={202: AgentSerializer}, summary="Consume the agent's queues again")
     @action(detail=True, methods=["post"])
     def resume(self, request, pk=None):
-        services.resume_agent(self.get_object())
-        return Response(AgentSerializer(self.get_object()).data, status=status.HTTP_202_ACCEPTED)
+        agent = self.get_object()
+        services.resume_agent(agent)
+        agent.refresh_from_db()
+        return Response(AgentSerializer(agent).data, status=status.HTTP_202_ACCEPTED)

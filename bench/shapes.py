@@ -2,6 +2,7 @@
 
 from typing import Any
 
+from tasks.dag import topological_levels
 from tasks.decomposition.critical_path import Node, critical_path
 
 Spec = dict[str, Any]
@@ -57,11 +58,7 @@ def makespan_shapes(unit: float) -> dict[str, list[Spec]]:
 
 def widest_level(specs: list[Spec]) -> int:
     """How many tasks can run at once at most, counting by dependency depth."""
-    depth: dict[str, int] = {}
-    for spec in specs:  # specs list upstreams first
-        depth[spec["key"]] = 1 + max((depth[d] for d in spec["depends_on"]), default=0)
-    levels = list(depth.values())
-    return max(levels.count(level) for level in set(levels))
+    return max(len(level) for level in topological_levels({s["key"]: s["depends_on"] for s in specs}))
 
 
 def critical_path_s(specs: list[Spec]) -> float:

@@ -1,8 +1,8 @@
 """Run one real coding session end to end on a private copy of the stack, then stop it.
 
-`make demo` runs this after scripts/ensure_services.py. It starts scripts/up.sh (web, the
-orchestrator worker, two scripted agents, beat, Flower) on its own database, Redis database and
-ports, so it never collides with a running `make up` or with the test suite; submits plain
+`make demo` runs this. It checks PostgreSQL and Redis for its own database (ensure_services.py),
+starts scripts/up.sh (web, the orchestrator worker, two scripted agents, beat, Flower) on its own
+database, Redis database and ports, so it never collides with a running `make up` or with the test suite; submits plain
 requirements through the REST API - first to the preview endpoint, printing the DAG the analyzer
 chose, then as a session - prints every transition as it happens, then stops everything it started.
 Exit code 0 means the session reached `completed`.

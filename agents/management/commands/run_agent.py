@@ -54,7 +54,7 @@ class Command(BaseCommand):
             app.worker_main(
                 [
                     "worker",
-                    f"--hostname={name}@{socket.gethostname()}",
+                    f"--hostname={agent.worker_name}",  # drain and resume address it by this name
                     f"--queues={','.join(agent.queues)}",
                     f"--concurrency={concurrency}",
                     f"--loglevel={loglevel}",
