@@ -2,9 +2,10 @@
 
 `make demo` runs this. It checks PostgreSQL and Redis for its own database (ensure_services.py),
 starts scripts/up.sh (web, the orchestrator worker, two scripted agents, beat, Flower) on its own
-database, Redis database and ports, so it never collides with a running `make up` or with the test suite; submits plain
-requirements through the REST API - first to the preview endpoint, printing the DAG the analyzer
-chose, then as a session - prints every transition as it happens, then stops everything it started.
+database, Redis database and ports, so it never collides with a running `make up` or with the test
+suite; submits plain requirements through the REST API - first to the preview endpoint, printing
+the DAG the analyzer chose, then as a session - prints every transition as it happens, then stops
+everything it started.
 Exit code 0 means the session reached `completed`.
 
 Only the standard library and httpx: this is also an example of a client of the API.
