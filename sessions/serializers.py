@@ -29,11 +29,8 @@ class StrictCharField(serializers.CharField):
         return super().to_internal_value(data)
 
 
-class StrictRegexField(serializers.RegexField):
-    def to_internal_value(self, data):
-        if not isinstance(data, str):
-            self.fail("invalid")
-        return super().to_internal_value(data)
+class StrictRegexField(StrictCharField, serializers.RegexField):
+    """A RegexField that, like StrictCharField, takes only strings."""
 
 
 class StrictIntegerField(serializers.IntegerField):

@@ -3,6 +3,11 @@
 from collections.abc import Mapping, Sequence
 
 
+def pert_hours(optimistic: float, likely: float, pessimistic: float) -> float:
+    """A task's expected duration: the PERT mean of its estimate."""
+    return (optimistic + 4 * likely + pessimistic) / 6
+
+
 class DagError(ValueError):
     """A DAG is malformed; `path` names the offending field, e.g. "tasks[2].depends_on[0]"."""
 

@@ -2,6 +2,8 @@ import uuid
 
 from django.db import models
 
+from .dag import pert_hours
+
 CAPABILITIES = (
     "requirements_analysis",
     "system_design",
@@ -113,4 +115,4 @@ class Task(models.Model):
 
     @property
     def expected_hours(self) -> float:
-        return (self.estimate_optimistic_h + 4 * self.estimate_likely_h + self.estimate_pessimistic_h) / 6
+        return pert_hours(self.estimate_optimistic_h, self.estimate_likely_h, self.estimate_pessimistic_h)

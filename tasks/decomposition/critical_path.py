@@ -12,14 +12,10 @@ from Task rows, so the API, the preview and the benchmarks compute them the same
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from tasks.dag import topological_levels
+from tasks.dag import pert_hours, topological_levels
 
 # A task without an estimate counts as the Task model's default estimate: one hour.
 DEFAULT_ESTIMATE = {"optimistic": 1.0, "likely": 1.0, "pessimistic": 1.0}
-
-
-def pert_hours(optimistic: float, likely: float, pessimistic: float) -> float:
-    return (optimistic + 4 * likely + pessimistic) / 6
 
 
 @dataclass(frozen=True)
