@@ -11,6 +11,7 @@ import re
 from bisect import bisect_right
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 
 from tasks.models import CAPABILITIES
 
@@ -193,10 +194,19 @@ class Analysis:
         """Distinct matched keywords in order of first appearance."""
         return list(dict.fromkeys(m.text for m in self.matches))
 
+    @cached_property
+    def _sentence_spans(self) -> list[tuple[int, int]]:
+        return sentence_spans(self.requirements)
+
+    @cached_property
+    def sentence_count(self) -> int:
+        """Non-empty sentences, lines or list items of the requirements."""
+        return sum(1 for start, end in self._sentence_spans if self.requirements[start:end].strip())
+
     def sentences_about(self, concerns: Iterable[str], limit: int = 5) -> list[str]:
         """Up to `limit` sentences of the requirements that raise any of `concerns`."""
         wanted = set(concerns)
-        spans = sentence_spans(self.requirements)
+        spans = self._sentence_spans
         starts = [start for start, _ in spans]
         picked: dict[int, None] = {}
         for match in self.matches:
@@ -288,10 +298,6 @@ def sentence_spans(text: str) -> list[tuple[int, int]]:
         start = separator.end()
     spans.append((start, len(text)))
     return spans
-
-
-def count_sentences(text: str) -> int:
-    return sum(1 for start, end in sentence_spans(text) if text[start:end].strip())
 
 
 def _headline_end(text: str) -> int:

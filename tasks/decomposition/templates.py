@@ -13,7 +13,7 @@ in docs/DECOMPOSITION.md.
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .analyzer import HIGH, LOW, MEDIUM, Analysis, count_sentences
+from .analyzer import HIGH, LOW, MEDIUM, Analysis
 
 # How much longer work of each complexity takes than a medium one, and how much more uncertain
 # it is: the pessimistic estimate of complex work stretches further than the others.
@@ -223,6 +223,7 @@ def build_task_specs(template: str, analysis: Analysis) -> list[dict]:
     """The template's tasks for these requirements, as create-endpoint task specs plus `estimate`."""
     steps = [step for step in TEMPLATES[template] if step.when is None or step.when in analysis.concerns]
     depends_on = _resolve_dependencies(TEMPLATES[template], {step.key for step in steps})
+    quoted = "\n".join(f"> {line}" if line.strip() else ">" for line in analysis.requirements.strip().splitlines())
     return [
         {
             "key": step.key,
@@ -230,7 +231,7 @@ def build_task_specs(template: str, analysis: Analysis) -> list[dict]:
             "capability": step.capability,
             "depends_on": depends_on[step.key],
             "required": step.required,
-            "instructions": instructions_for(step, template, analysis, depends_on[step.key]),
+            "instructions": instructions_for(step, template, analysis, quoted, depends_on[step.key]),
             "params": {},
             "estimate": scaled_estimate(step.hours, analysis.complexity),
         }
@@ -245,8 +246,8 @@ def scaled_estimate(hours: tuple[float, float, float], complexity: str) -> dict[
     return {"optimistic": optimistic, "likely": likely, "pessimistic": pessimistic}
 
 
-def instructions_for(step: Step, template: str, analysis: Analysis, upstream: list[str]) -> str:
-    quoted = "\n".join(f"> {line}" if line.strip() else ">" for line in analysis.requirements.strip().splitlines())
+def instructions_for(step: Step, template: str, analysis: Analysis, quoted: str, upstream: list[str]) -> str:
+    """`quoted`: the requirements as a quote block, the same for every step."""
     parts = [
         f"{step.title} (task {step.key!r} of a {template} plan, capability {step.capability}).",
         f"Requirements:\n{quoted}",
@@ -254,7 +255,7 @@ def instructions_for(step: Step, template: str, analysis: Analysis, upstream: li
     ]
     points = analysis.sentences_about(step.concerns, limit=QUOTED_POINTS)
     # Picking out every sentence would only repeat the quote above.
-    if points and len(points) < count_sentences(analysis.requirements):
+    if points and len(points) < analysis.sentence_count:
         parts.append("Points of the requirements that concern this task:\n" + "\n".join(f"- {p}" for p in points))
     if upstream:
         whose = "its" if len(upstream) == 1 else "their"
