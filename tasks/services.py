@@ -110,7 +110,7 @@ def dispatch_task(task: Task, *, priority: int, routed: dict[str, int] | None = 
     queue = queue_for(task, routed)
     options = message_options(task, queue=queue, priority=priority)
     Task.objects.filter(pk=task.pk).update(message_id=options["task_id"], dispatched_to=queue)
-    transaction.on_commit(lambda: run_task.apply_async((str(task.pk),), **options))
+    transaction.on_commit(lambda: run_task.apply_async(**options))
 
 
 class RedirectTask(Exception):

@@ -9,7 +9,7 @@ from django.db import InterfaceError, OperationalError, close_old_connections, c
 from agents.runtime import current_agent
 
 from . import services
-from .canvas import build_canvas
+from .canvas import build_canvas, task_of_message
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,12 @@ def drop_stale_connections(sender=None, **kwargs) -> None:
 
 
 @shared_task(name="tasks.run_task", bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-def run_task(self, task_id: str) -> str:
+def run_task(self) -> str:
+    """Run the task this message names in its id (canvas.new_message_id) on this agent."""
+    task_id = task_of_message(self.request.id)
+    if task_id is None:
+        logger.error("run_task message %s names no task; dropped", self.request.id)
+        return "gone"
     runtime = current_agent()
     if runtime is None:
         # Routed to a worker that is not an agent: put it back for a real agent.

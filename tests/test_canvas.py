@@ -2,7 +2,7 @@ import pytest
 from celery.canvas import _chain, chord, group
 
 from sessions.models import Session
-from tasks.canvas import build_canvas, plan_dag
+from tasks.canvas import build_canvas, plan_dag, task_of_message
 from tasks.models import Task
 from tenants.models import Tenant
 
@@ -74,24 +74,33 @@ def make_session(edges: dict[str, list[str]], priority: int = 5) -> Session:
     return session
 
 
+def names(signature) -> tuple:
+    """What a node is about: a run_task node's task (named in its message id; it has no
+    arguments), another node's arguments."""
+    if signature.task != "tasks.run_task":
+        return signature.args
+    assert signature.args == ()
+    return (str(task_of_message(signature.id)),)
+
+
 def flatten(signature) -> list:
-    """The canvas as a list of steps, each a list of (task name, args, queue)."""
+    """The canvas as a list of steps, each a list of (task name, the task's id or args, queue)."""
     if isinstance(signature, _chain):
         return [step for task in signature.tasks for step in flatten(task)]
     if isinstance(signature, chord):
         return flatten(group(list(signature.tasks))) + flatten(signature.body)
     if isinstance(signature, group):
-        return [[(s.task, s.args, s.options["queue"]) for s in signature.tasks]]
-    return [[(signature.task, signature.args, signature.options["queue"])]]
+        return [[(s.task, names(s), s.options["queue"]) for s in signature.tasks]]
+    return [[(signature.task, names(signature), signature.options["queue"])]]
 
 
 def nodes_with_options(signature) -> list:
-    """(args, options) of every run_task node of a canvas."""
+    """(task id, options) of every run_task node of a canvas."""
     if isinstance(signature, chord):
         return nodes_with_options(group(list(signature.tasks))) + nodes_with_options(signature.body)
     if isinstance(signature, _chain | group):
         return [node for task in signature.tasks for node in nodes_with_options(task)]
-    return [(signature.args, signature.options)] if signature.task == "tasks.run_task" else []
+    return [(names(signature), signature.options)] if signature.task == "tasks.run_task" else []
 
 
 def test_a_diamond_compiles_to_a_chain_with_a_chord_and_finalize(db):

@@ -10,6 +10,7 @@ import pytest
 
 from agents.models import Agent
 from sessions.models import Checkpoint, Session, SessionEvent
+from tasks.canvas import new_message_id
 from tasks.models import Task
 from tasks.tasks import run_task
 
@@ -167,8 +168,9 @@ def test_the_same_task_message_delivered_twice_runs_once(client, stack):
     Session.objects.filter(pk=session_id).update(status="running")
     Task.objects.filter(pk=task.pk).update(status="queued")
 
+    message_id = new_message_id(task)
     for _ in range(2):
-        run_task.apply_async((str(task.pk),), queue="cap.code_generation")
+        run_task.apply_async(task_id=message_id, queue="cap.code_generation")
 
     wait_until(lambda: task_status(session_id, "one") == "completed", what="the task to complete")
     time.sleep(1.0)  # let the duplicate message be consumed too

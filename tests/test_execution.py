@@ -10,8 +10,10 @@ from agents.executors import TransientError
 from agents.models import Agent
 from agents.runtime import AgentRuntime
 from sessions.models import Session
+from tasks.canvas import new_message_id, task_of_message
 from tasks.models import Task
 from tasks.services import RetryTask, claim_task, execute_task, release_ready_tasks, settle_dependents, settle_session
+from tasks.tasks import run_task
 from tenants.models import Tenant
 
 TS = Task.Status
@@ -352,3 +354,19 @@ def test_a_statement_that_loses_its_connection_runs_again_on_a_new_one(transacti
 
     assert statements.run("SELECT 42", []) == [(42,)]
     assert "hot-path statement failed" in caplog.text
+
+
+def test_a_run_task_message_names_its_task_in_its_id(db):
+    session = make_session({"a": []})
+    task = session.tasks.get()
+    first, second = new_message_id(task), new_message_id(task)
+
+    assert first != second  # a new id per dispatch: revoking one never drops a later one
+    assert task_of_message(first) == task.pk == task_of_message(second)
+
+
+@pytest.mark.parametrize("message_id", ["not-a-task", "123", "a.b.c"])
+def test_a_run_task_message_whose_id_names_no_task_is_dropped(db, message_id, caplog):
+    # Before any agent or database work: the message is logged and acknowledged, not retried.
+    assert run_task.apply(task_id=message_id).get() == "gone"
+    assert f"run_task message {message_id} names no task" in caplog.text
