@@ -18,7 +18,7 @@ from django.utils import timezone
 from agents.executors import TaskAborted, TaskContext, TaskFailed, TransientError
 from agents.routing import affinity_agent, queue_for
 from agents.runtime import AgentRuntime
-from sessions.locking import LockUnavailable, redis_client
+from sessions.locking import redis_client
 from sessions.models import ACTIVE, Session, broker_priority
 
 from . import statements
@@ -74,11 +74,13 @@ def send_released(ids, priority: int) -> None:
 
 
 def release_ready_tasks(session_id) -> None:
-    """Count every pending task's open upstreams, then queue the ready ones and skip the
-    blocked ones (dispatch_session sends them). For start and retry only: no task of the
-    session may finish meanwhile."""
+    """Count every pending task's open upstreams again, then queue those with none open
+    (dispatch_session sends them). For start and retry only: no task of the session may
+    finish meanwhile, and none blocks another (retry makes every task that did not complete
+    or is not still running pending again)."""
     statements.run(statements.RECOUNT, [session_id])
-    release_tasks(list(Task.objects.filter(session_id=session_id, status=TS.PENDING).values_list("pk", flat=True)))
+    ready = Task.objects.filter(session_id=session_id, status=TS.PENDING, upstream_open=0)
+    release_tasks(list(ready.values_list("pk", flat=True)))
 
 
 def settle_dependents(task: Task, priority: int, recorded: tuple | None = None) -> bool:
@@ -187,17 +189,28 @@ def execute_task(*, task_id, runtime: AgentRuntime, delivered_to: str = "") -> s
         if attempt is None:
             return "taken"
     if task.session_status == Session.Status.QUEUED:
-        try:
-            Session.objects.get(pk=task.session_id).transition(
-                Session.Status.RUNNING,
-                reason=f"task {task.key} claimed by {runtime.name}",
-                actor=f"agent:{runtime.name}",
-                only_from=frozenset({Session.Status.QUEUED}),
-            )
-        except LockUnavailable:
-            # The claimed task must run regardless; settle_session moves a queued session on.
-            logger.warning("session %s stays queued: its lock is busy", task.session_id)
+        # The first claim moves the session to running. The orchestrator does that (a lock and
+        # three writes) while this task runs, rather than before it.
+        from .tasks import mark_session_running
+
+        args = (str(task.session_id), task.key, runtime.name)
+        mark_session_running.apply_async(args, priority=broker_priority(task.session_priority))
     return _run_claimed(task, attempt, runtime)
+
+
+def mark_session_running(session_id, key: str, agent_name: str) -> bool:
+    """queued -> running: the session's first task (`key`) was claimed by `agent_name`.
+    Nothing happens if the session has moved on meanwhile (a later claim, a pause, settling)."""
+    session = Session.objects.filter(pk=session_id).first()
+    if session is None or session.status != Session.Status.QUEUED:
+        return False
+    event = session.transition(
+        Session.Status.RUNNING,
+        reason=f"task {key} claimed by {agent_name}",
+        actor=f"agent:{agent_name}",
+        only_from=frozenset({Session.Status.QUEUED}),
+    )
+    return event is not None
 
 
 def _follow_affinity(task: Task, runtime: AgentRuntime, delivered_to: str) -> None:

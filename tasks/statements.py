@@ -148,12 +148,17 @@ WHERE t.id = v.id
 
 # Every pending task of a session counts its open upstreams again. Only while none of the
 # session's tasks can finish concurrently (start, retry), or a finish could be counted twice.
+# Only rows whose count changed are written (at start, none is).
 RECOUNT = """
-UPDATE tasks_task t SET upstream_open = (
-    SELECT count(*) FROM tasks_task_depends_on e JOIN tasks_task u ON u.id = e.to_task_id
-    WHERE e.from_task_id = t.id AND u.status NOT IN ('completed', 'failed', 'skipped', 'cancelled')
-)
-WHERE t.session_id = %s AND t.status = 'pending'
+UPDATE tasks_task t SET upstream_open = c.open
+FROM (
+    SELECT p.id, (
+        SELECT count(*) FROM tasks_task_depends_on e JOIN tasks_task u ON u.id = e.to_task_id
+        WHERE e.from_task_id = p.id AND u.status NOT IN ('completed', 'failed', 'skipped', 'cancelled')
+    ) AS open
+    FROM tasks_task p WHERE p.session_id = %s AND p.status = 'pending'
+) c
+WHERE t.id = c.id AND t.upstream_open <> c.open
 """
 
 

@@ -7,6 +7,7 @@ from celery.signals import task_prerun
 from django.db import InterfaceError, OperationalError, close_old_connections, connections
 
 from agents.runtime import current_agent
+from sessions.locking import LockUnavailable
 
 from . import services
 from .canvas import build_canvas, task_of_message
@@ -59,6 +60,19 @@ def run_task(self) -> str:
         raise self.retry(countdown=min(10.0, 0.5 * 2**self.request.retries), max_retries=None) from exc
     logger.info("task %s on %s (from %s): %s", task_id, runtime.name, delivered_to, outcome)
     return outcome
+
+
+@shared_task(
+    name="tasks.mark_session_running",
+    acks_late=True,
+    reject_on_worker_lost=True,
+    autoretry_for=(LockUnavailable,),
+    retry_backoff=0.5,
+    max_retries=5,
+)
+def mark_session_running(session_id: str, key: str, agent_name: str) -> bool:
+    # Should the lock stay busy, settle_session still moves a queued session on at the end.
+    return services.mark_session_running(session_id, key, agent_name)
 
 
 @shared_task(name="tasks.finalize_session", acks_late=True, reject_on_worker_lost=True)

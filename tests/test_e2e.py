@@ -54,6 +54,9 @@ def test_a_six_task_dag_runs_to_completed_on_real_workers(client, agents):
     assert body["status"] == "completed"
     assert body["task_counts"]["completed"] == 6
     assert event_path(session_id) == ["pending", "queued", "running", "completed"]
+    # The first claim moved it to running (the orchestrator did, while the task ran).
+    running = SessionEvent.objects.get(session_id=session_id, to_status="running")
+    assert (running.reason, running.actor) == ("task design claimed by builder", "agent:builder")
     tasks = client.get(f"/api/v1/sessions/{session_id}/tasks/").json()["results"]
     ran_by = {t["key"]: t["agent"] for t in tasks}
     assert ran_by == {

@@ -12,7 +12,15 @@ from agents.runtime import AgentRuntime
 from sessions.models import Session
 from tasks.canvas import new_message_id, task_of_message
 from tasks.models import Task
-from tasks.services import RetryTask, claim_task, execute_task, release_ready_tasks, settle_dependents, settle_session
+from tasks.services import (
+    RetryTask,
+    claim_task,
+    execute_task,
+    mark_session_running,
+    release_ready_tasks,
+    settle_dependents,
+    settle_session,
+)
 from tasks.tasks import run_task
 from tenants.models import Tenant
 
@@ -370,3 +378,23 @@ def test_a_run_task_message_whose_id_names_no_task_is_dropped(db, message_id, ca
     # Before any agent or database work: the message is logged and acknowledged, not retried.
     assert run_task.apply(task_id=message_id).get() == "gone"
     assert f"run_task message {message_id} names no task" in caplog.text
+
+
+def test_the_first_claim_moves_a_queued_session_to_running_once(db):
+    session = make_session({"a": [], "b": []}, status="queued")
+
+    assert mark_session_running(session.pk, "a", "builder") is True
+    assert mark_session_running(session.pk, "b", "builder") is False  # a later claim changes nothing
+
+    events = list(session.events.values_list("to_status", "reason", "actor"))
+    assert events == [("running", "task a claimed by builder", "agent:builder")]
+
+
+@pytest.mark.parametrize("status", ["paused", "completed", "cancelled"])
+def test_a_claim_noted_after_the_session_moved_on_changes_nothing(db, status):
+    session = make_session({"a": []}, status=status)
+
+    assert mark_session_running(session.pk, "a", "builder") is False
+    assert mark_session_running("00000000-0000-0000-0000-000000000000", "a", "builder") is False  # deleted
+    assert Session.objects.get(pk=session.pk).status == status
+    assert not session.events.exists()
