@@ -202,12 +202,20 @@ def build_canvas(session: Session) -> tuple[Signature | None, list[Task]]:
     """
     from .tasks import finalize_session
 
-    open_tasks = Task.objects.filter(session=session, status__in=(Task.Status.PENDING, Task.Status.QUEUED))
-    tasks = {t.key: t for t in open_tasks.order_by("position")}
+    unfinished = (
+        Task.objects.filter(session=session, status__in=(Task.Status.PENDING, Task.Status.QUEUED, Task.Status.RUNNING))
+        .only("key", "position", "status", "capability", "pinned_agent", "timeout_seconds")
+        .order_by("position")
+    )
+    tasks, running = {}, set()
+    for task in unfinished:
+        if task.status == Task.Status.RUNNING:
+            running.add(task.pk)
+        else:
+            tasks[task.key] = task
     if not tasks:
         return None, []
     key_of = {t.pk: key for key, t in tasks.items()}
-    running = set(Task.objects.filter(session=session, status=Task.Status.RUNNING).values_list("pk", flat=True))
     deps: dict[str, list[str]] = {key: [] for key in tasks}
     waiting_outside = set()  # open tasks with an upstream that is still running
     edges = Task.depends_on.through.objects.filter(from_task__session=session).values_list("from_task_id", "to_task_id")
