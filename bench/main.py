@@ -16,7 +16,7 @@ JSON_PATH = RUN_DIR / "bench.json"
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--repeats", type=int, default=5, choices=range(1, 11), metavar="1..10")
+    parser.add_argument("--repeats", type=int, default=9, choices=range(1, 16), metavar="1..15")
     parser.add_argument("--unit", type=float, default=0.5, help="B2's duration unit in seconds (default 0.5)")
     parser.add_argument("--skip-profile", action="store_true", help="skip the in-process SQL profile")
     args = parser.parse_args(argv)
