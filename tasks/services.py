@@ -136,8 +136,8 @@ def take_task(task_id, runtime: AgentRuntime, *, stays: bool) -> tuple[Task | No
     statement (statements.TAKE); returns the task and the attempt claimed, or None.
 
     The task carries the columns of statements.LOAD_FIELDS and session_status,
-    session_fail_fast, session_priority and upstream_agents (ids of the agents that ran its
-    upstreams). `stays`: the message came on a queue routing never moves it from.
+    session_fail_fast, session_priority, session_version and upstream_agents (ids of the
+    agents that ran its upstreams). `stays`: the message came on a queue routing never moves it from.
     """
     params = {
         "task": task_id,
@@ -148,11 +148,12 @@ def take_task(task_id, runtime: AgentRuntime, *, stays: bool) -> tuple[Task | No
     rows = statements.run(statements.TAKE, params)
     if not rows:
         return None, None
-    *values, session_status, session_fail_fast, session_priority, upstream_agents, attempt = rows[0]
+    *values, session_status, session_fail_fast, session_priority, session_version, upstream_agents, attempt = rows[0]
     task = Task.from_db(connection.alias, statements.LOAD_FIELDS, [values[i] for i in _MODEL_ORDER])
     task.params = json.loads(task.params)  # jsonb arrives as text, as Django's JSONField expects
     task.session_status, task.session_fail_fast = session_status, session_fail_fast
-    task.session_priority, task.upstream_agents = session_priority, upstream_agents
+    task.session_priority, task.session_version = session_priority, session_version
+    task.upstream_agents = upstream_agents
     if attempt is not None:
         task.attempts, task.status, task.agent_id = attempt, TS.RUNNING, runtime.agent_id
     return task, attempt
@@ -189,13 +190,30 @@ def execute_task(*, task_id, runtime: AgentRuntime, delivered_to: str = "") -> s
         if attempt is None:
             return "taken"
     if task.session_status == Session.Status.QUEUED:
-        # The first claim moves the session to running. The orchestrator does that (a lock and
-        # three writes) while this task runs, rather than before it.
-        from .tasks import mark_session_running
-
-        args = (str(task.session_id), task.key, runtime.name)
-        mark_session_running.apply_async(args, priority=broker_priority(task.session_priority))
+        _note_first_claim(task, runtime)
     return _run_claimed(task, attempt, runtime)
+
+
+# (session id, version) of the queued sessions this process has sent mark_session_running for.
+_noted_claims: set[tuple] = set()
+
+
+def _note_first_claim(task: Task, runtime: AgentRuntime) -> None:
+    """The first claim moves a queued session to running. The orchestrator does that (a lock
+    and three writes) while this task runs, rather than this task before it runs. Sent once per
+    process and queued spell (the version changes with every transition); more claims may land
+    before it is done, and another process may send it too: a message that finds the session
+    running already changes nothing."""
+    from .tasks import mark_session_running
+
+    noted = (task.session_id, task.session_version)
+    if noted in _noted_claims:
+        return
+    if len(_noted_claims) >= 1000:
+        _noted_claims.clear()
+    _noted_claims.add(noted)
+    args = (str(task.session_id), task.key, runtime.name)
+    mark_session_running.apply_async(args, priority=broker_priority(task.session_priority))
 
 
 def mark_session_running(session_id, key: str, agent_name: str) -> bool:

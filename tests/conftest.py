@@ -1,6 +1,7 @@
 """Fixtures on the real services: PostgreSQL (pytest-django's test database), Redis (a database
 of its own, see tests/settings.py) and real Celery worker processes for end-to-end tests."""
 
+import json
 import os
 import signal
 import subprocess
@@ -32,6 +33,16 @@ def wait_until(predicate: Callable[[], object], timeout: float = 30.0, interval:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def queued_broker_messages() -> list[dict]:
+    """Every message waiting on the orchestrator's Celery queue in the test Redis database."""
+    client = redis_client()
+    messages = []
+    for key in client.scan_iter("orchestrator*"):
+        if client.type(key) == b"list":
+            messages += [json.loads(raw) for raw in client.lrange(key, 0, -1)]
+    return messages
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,6 @@
 """The sessions API of DESIGN §9 on real PostgreSQL and Redis: create, read, filter, paginate,
 transitions, idempotency, and who may see or change what (DESIGN §10)."""
 
-import json
 import threading
 from datetime import timedelta
 
@@ -12,11 +11,10 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from agents.models import Agent
-from sessions.locking import redis_client
 from sessions.models import Checkpoint, Session, SessionEvent
 from tasks.models import Task
 from tenants.models import Membership, Tenant
-from tests.conftest import dag_payload, member_client
+from tests.conftest import dag_payload, member_client, queued_broker_messages
 
 SESSIONS = "/api/v1/sessions/"
 
@@ -47,16 +45,6 @@ def assert_error(response, status: int, code: str | None = None) -> dict:
     if code is not None:
         assert body["error"]["code"] == code
     return body["error"]
-
-
-def queued_broker_messages() -> list[dict]:
-    """Every message waiting on a Redis-backed Celery queue of the test Redis database."""
-    client = redis_client()
-    messages = []
-    for key in client.scan_iter("orchestrator*"):
-        if client.type(key) == b"list":
-            messages += [json.loads(raw) for raw in client.lrange(key, 0, -1)]
-    return messages
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from tasks.services import (
 )
 from tasks.tasks import run_task
 from tenants.models import Tenant
+from tests.conftest import queued_broker_messages
 
 TS = Task.Status
 
@@ -398,3 +399,16 @@ def test_a_claim_noted_after_the_session_moved_on_changes_nothing(db, status):
     assert mark_session_running("00000000-0000-0000-0000-000000000000", "a", "builder") is False  # deleted
     assert Session.objects.get(pk=session.pk).status == status
     assert not session.events.exists()
+
+
+def test_the_claims_of_a_queued_session_ask_the_orchestrator_to_mark_it_running_once(db):
+    session = make_session({"a": [], "b": [], "c": []}, status="queued")
+    session.tasks.update(status=TS.QUEUED)
+    agent_runtime = runtime()
+
+    for task in session.tasks.all():
+        assert execute_task(task_id=task.pk, runtime=agent_runtime) == "completed"
+
+    notes = [m for m in queued_broker_messages() if m["headers"]["task"] == "tasks.mark_session_running"]
+    assert len(notes) == 1
+    assert Session.objects.get(pk=session.pk).status == "queued"  # until the orchestrator runs it
