@@ -61,8 +61,8 @@ def new_session(tenant: Tenant, title: str, specs: list[Spec]) -> Session:
 
 
 def run_session(tenant: Tenant, title: str, specs: list[Spec], *, timeout_s: float) -> SessionRun:
-    vacuum()
     session = new_session(tenant, title, specs)
+    vacuum()  # statistics that include this session's rows, as autovacuum would keep them
     with session_events(session.pk) as events:
         started = time.perf_counter()
         start_session(session, actor="bench")

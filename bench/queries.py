@@ -22,7 +22,7 @@ from agents.runtime import AgentRuntime
 from bench import BenchError, shapes
 from bench.b1 import CHAIN_LENGTH, FAN_WIDTH
 from bench.env import ROOT
-from bench.ours import new_session
+from bench.ours import new_session, vacuum
 from sessions.services import start_session
 from tasks.models import Task
 from tasks.services import execute_task
@@ -88,6 +88,9 @@ def in_process_agent():
 def run_in_process(tenant: Tenant, title: str, specs: list[shapes.Spec], runtime: AgentRuntime) -> list[dict]:
     """Execute every task in order (upstreams first), as the agent would; one record per task."""
     session = new_session(tenant, title, specs)
+    # As before every B1 run: with fresh statistics, not plans made for the empty tables of
+    # the start (this machine may run PostgreSQL without autovacuum; see bench.ours.vacuum).
+    vacuum()
     start_session(session, actor="bench")
     records = []
     for task_id, key in Task.objects.filter(session=session).order_by("position").values_list("pk", "key"):
