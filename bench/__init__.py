@@ -1,4 +1,4 @@
-"""Benchmarks (`make bench`): dispatch overhead (B1) and makespan (B2), see issue 3.
+"""Benchmarks (`make bench`): dispatch overhead (B1), makespan (B2) and the lock (B3).
 
 Not part of the test suite and never a pass/fail gate on time: it prints a table and JSON
 (also written to .run/bench.json). It runs on resources of its own (bench.env) and stops every

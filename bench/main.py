@@ -1,4 +1,4 @@
-"""`python -m bench`: prepare the bench resources, profile, start workers, run B1 and B2, report."""
+"""`python -m bench`: prepare the bench resources, profile, start workers, run B1, B2 and B3, report."""
 
 import argparse
 import os
@@ -36,6 +36,7 @@ def run(args: argparse.Namespace, env: dict[str, str]) -> dict:
     # Imported only now: they need Django set up on the bench database.
     from bench.b1 import run_b1
     from bench.b2 import run_b2
+    from bench.b3 import run_b3
     from bench.ours import bench_tenant, forget_earlier_runs
     from bench.queries import profile_queries
     from bench.workers import Workers
@@ -57,6 +58,8 @@ def run(args: argparse.Namespace, env: dict[str, str]) -> dict:
         results["b1"] = run_b1(workers, tenant, args.repeats)
         print("B2: makespan ...", file=sys.stderr, flush=True)
         results["b2"] = run_b2(workers, tenant, args.repeats, args.unit)
+        print("B3: lock ...", file=sys.stderr, flush=True)
+        results["b3"] = run_b3(args.repeats)
     finally:
         # A second Ctrl-C must not interrupt the clean-up half-way and leave workers behind.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -69,9 +72,9 @@ def host() -> dict:
 
 
 def print_report(results: dict) -> None:
-    from bench.report import b1_text, b2_text, profile_text, write_json
+    from bench.report import b1_text, b2_text, b3_text, profile_text, write_json
 
-    sections = [b1_text(results["b1"]), b2_text(results["b2"])]
+    sections = [b1_text(results["b1"]), b2_text(results["b2"]), b3_text(results["b3"])]
     if "profile" in results:
         sections.append(profile_text(results["profile"]))
     print("\n\n".join(sections))

@@ -65,6 +65,32 @@ def b2_text(b2: dict) -> str:
     )
 
 
+def b3_text(b3: dict) -> str:
+    latency = b3["uncontended_us"]
+    rows = [
+        (
+            name,
+            us,
+            "" if name == "ours" else b3["ratios"][name],
+            f"<= {b3['target_ratio']}" if name == "redis-py Lock" else "",
+        )
+        for name, us in latency.items()
+    ]
+    contended = b3["contended"]
+    return "\n".join(
+        [
+            "B3 lock",
+            table(("lock", "acquire+release us", "ours / this", "target"), rows),
+            f"met (ours / redis-py Lock): {fmt(b3['met_ratio'])}",
+            f"contended: {contended['processes']} processes, {contended['acquisitions']} acquisitions, "
+            f"{contended['per_second']} per second, {contended['overlaps']} overlaps",
+            f"FIFO order kept: {b3['fifo_percent']:.0f}% (target {b3['target_fifo_percent']:.0f}%): "
+            f"{fmt(b3['fifo_percent'] >= b3['target_fifo_percent'])}",
+            f"measured: {b3['measured']}",
+        ]
+    )
+
+
 def profile_text(profile: dict) -> str:
     rows = [
         (r["shape"], r["node"], r["tasks"], r["queries"], r["ms_per_task"], r["sql_ms_per_task"])
