@@ -1,6 +1,7 @@
 from datetime import timedelta
 
 from django.conf import settings
+from django.contrib.postgres.fields import ArrayField
 from django.db import models
 from django.db.models import Case, Count, Q, Value, When
 from django.utils import timezone
@@ -34,6 +35,8 @@ class Agent(models.Model):
     # before the first) are refreshed from its tasks with each heartbeat.
     ewma_duration_s = models.FloatField(null=True, blank=True)
     pid = models.PositiveIntegerField(null=True, blank=True)
+    # The worker's live pool processes, as of the last heartbeat: their tasks' leases are renewed.
+    processes = ArrayField(models.PositiveIntegerField(), default=list, blank=True)
     last_heartbeat = models.DateTimeField(null=True, blank=True)
     tasks_completed = models.PositiveIntegerField(default=0)
     tasks_failed = models.PositiveIntegerField(default=0)
@@ -55,8 +58,10 @@ class Agent(models.Model):
             return False
         return timezone.now() - self.last_heartbeat < timedelta(seconds=settings.AGENT_OFFLINE_AFTER_SECONDS)
 
-    def heartbeat(self) -> None:
-        """Say the agent is alive, and refresh its load and counters from its tasks.
+    def heartbeat(self, processes: list[int] | None = None) -> None:
+        """Say the agent is alive, and refresh its load and counters from its tasks. With
+        `processes` (the worker's live pool processes), store them and renew the leases of the
+        tasks they run (tasks.leases).
 
         The task rows are the truth: counting there, rather than bumping counters with every
         claim and outcome, keeps this row out of the hot path (concurrent tasks of one agent
@@ -91,7 +96,12 @@ class Agent(models.Model):
             tasks_completed=counts["completed"],
             tasks_failed=counts["failed"],
             ewma_duration_s=ewma(reversed(durations)),
+            **({} if processes is None else {"processes": processes}),
         )
+        if processes is not None:
+            from tasks.leases import renew_leases
+
+            renew_leases(agent_id=self.pk)
 
 
 def running(prefix: str = "") -> Q:

@@ -10,6 +10,7 @@ import json
 SCHEDULES = [
     {"name": "mark silent agents offline", "task": "agents.mark_silent_agents_offline", "every": 10},
     {"name": "sweep degraded sessions", "task": "sessions.sweep_degraded_sessions", "every": 10},
+    {"name": "reap expired task leases", "task": "tasks.reap_expired_leases", "every": 10},
 ]
 
 

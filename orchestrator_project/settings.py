@@ -200,6 +200,9 @@ SPECTACULAR_SETTINGS = {
 MAX_TASKS_PER_SESSION = env_int("MAX_TASKS_PER_SESSION", 200, minimum=1)
 MAX_TEXT_CHARS = env_int("MAX_TEXT_CHARS", 20_000, minimum=100)
 TASK_DEADLINE_SECONDS = env_int("TASK_DEADLINE_SECONDS", 1800, minimum=1)
+# A claim holds its task for this long; the agent renews it while the claiming process lives
+# (and Beat for agents that still beat). A task whose lease ran out is re-queued (Beat).
+TASK_LEASE_SECONDS = env_int("TASK_LEASE_SECONDS", 60, minimum=2)
 AGENT_HEARTBEAT_SECONDS = env_int("AGENT_HEARTBEAT_SECONDS", 5, minimum=1)
 AGENT_OFFLINE_AFTER_SECONDS = env_int("AGENT_OFFLINE_AFTER_SECONDS", 30, minimum=2)
 # An agent's counters and EWMA duration (routing's score) cover the tasks it finished this recently.
@@ -243,6 +246,7 @@ CELERY_TASK_DEFAULT_PRIORITY = 4
 CELERY_TASK_ROUTES = {
     "agents.mark_silent_agents_offline": {"queue": "housekeeping"},
     "sessions.sweep_degraded_sessions": {"queue": "housekeeping"},
+    "tasks.reap_expired_leases": {"queue": "housekeeping"},
 }
 CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"

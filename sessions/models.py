@@ -164,6 +164,23 @@ class Session(models.Model):
         self.refresh_from_db()
         return event
 
+    def note(self, reason: str, *, actor: str = "system") -> "SessionEvent":
+        """Write a recovery (a re-queued task, say) into the event log without a status change:
+        an event from the current status to itself, which replaying the log passes over."""
+        with session_lock(self.pk), transaction.atomic():
+            row = Session.objects.select_for_update().get(pk=self.pk)
+            event = SessionEvent.objects.create(
+                session=row,
+                from_status=row.status,
+                to_status=row.status,
+                reason=reason[:500],
+                actor=actor[:100],
+                fencing_token=row.fencing_token,
+                version=row.version,
+            )
+            transaction.on_commit(lambda: publish_event(event))
+        return event
+
     def _write_transition(self, to: str, *, reason: str, actor: str, token: int) -> "SessionEvent":
         from_status = self.status
         now = timezone.now()

@@ -95,6 +95,8 @@ class Task(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     lease_expires_at = models.DateTimeField(null=True, blank=True)
+    # The worker process that claimed it (on its agent's host): its lease lives as long as it does.
+    worker_pid = models.PositiveIntegerField(null=True, blank=True)
 
     class Meta:
         # By the column, not the relation: ordering by "session" joins sessions into every query.

@@ -7,6 +7,7 @@ finds the work already taken and returns without doing anything.
 
 import json
 import logging
+import os
 
 from celery import current_app
 from celery.exceptions import SoftTimeLimitExceeded
@@ -143,7 +144,8 @@ def take_task(task_id, runtime: AgentRuntime, *, stays: bool) -> tuple[Task | No
         "task": task_id,
         "agent": runtime.agent_id,
         "stays": stays,
-        "default_timeout": settings.TASK_DEADLINE_SECONDS,
+        "lease": settings.TASK_LEASE_SECONDS,
+        "pid": os.getpid(),
     }
     rows = statements.run(statements.TAKE, params)
     if not rows:
@@ -371,18 +373,26 @@ def reroute_stranded_task(task: Task) -> None:
     node leaves the canvas: it and its descendants are released from the database from now on,
     since the chain that would have sent them waits behind the stranded message.
     """
-    if task.via_canvas:
-        stack, released = [task.pk], set()
-        while stack:
-            pk = stack.pop()
-            released.add(pk)
-            stack.extend(Task.objects.filter(depends_on=pk).exclude(pk__in=released).values_list("pk", flat=True))
-        Task.objects.filter(pk__in=released).update(via_canvas=False)
+    leave_canvas(task)
     task.dispatched_to = ""
     Task.objects.filter(pk=task.pk).update(dispatched_to="")
     # Routing skips the agent that went away (not live, or draining), so this goes to cap.<x>
     # or to another upstream agent that can take it.
     dispatch_task(task, priority=task.session.broker_priority)
+
+
+def leave_canvas(task: Task) -> None:
+    """A canvas node whose message is lost or stuck leaves the canvas, with everything after
+    it: they are released from the database from now on (their canvas messages, if they still
+    come, find the work taken or not ready yet)."""
+    if not task.via_canvas:
+        return
+    stack, released = [task.pk], set()
+    while stack:
+        pk = stack.pop()
+        released.add(pk)
+        stack.extend(Task.objects.filter(depends_on=pk).exclude(pk__in=released).values_list("pk", flat=True))
+    Task.objects.filter(pk__in=released).update(via_canvas=False)
 
 
 def stop_open_tasks(session_id, *, reason: str, revoke: bool) -> None:

@@ -47,7 +47,7 @@ WITH t AS (
 ), claimed AS (
     UPDATE tasks_task c
     SET status = 'running', attempts = c.attempts + 1, agent_id = %(agent)s, started_at = now(),
-        lease_expires_at = now() + make_interval(secs => COALESCE(c.timeout_seconds, %(default_timeout)s)),
+        lease_expires_at = now() + make_interval(secs => %(lease)s), worker_pid = %(pid)s,
         error = ''
     FROM t
     WHERE c.id = t.id AND c.status = 'queued' AND t.session_status IN ('queued', 'running', 'degraded')
@@ -71,7 +71,7 @@ RECORD = """
 WITH done AS (
     UPDATE tasks_task
     SET status = %(status)s, result = %(result)s::jsonb, error = %(error)s, finished_at = now(),
-        lease_expires_at = NULL
+        lease_expires_at = NULL, worker_pid = NULL
     WHERE id = %(task)s AND status = 'running' AND attempts = %(attempt)s
     RETURNING id, session_id, key, status, (status = 'completed' OR (status = 'failed' AND NOT required)) AS lets_run
 ), checkpoint AS (
@@ -148,6 +148,17 @@ WHERE t.id = v.id
 
 # Every pending task of a session counts its open upstreams again. Only while none of the
 # session's tasks can finish concurrently (start, retry), or a finish could be counted twice.
+# A running task's lease lives on while the process that claimed it does: its agent still
+# beats and listed that process at its last beat. %(agent)s: one agent's tasks, or NULL for all.
+RENEW_LEASES = """
+UPDATE tasks_task t SET lease_expires_at = now() + make_interval(secs => %(lease)s)
+FROM agents_agent a
+WHERE t.agent_id = a.id AND t.status = 'running' AND t.worker_pid = ANY(a.processes)
+  AND a.status <> 'offline' AND a.last_heartbeat > now() - make_interval(secs => %(offline_after)s)
+  AND (%(agent)s::bigint IS NULL OR a.id = %(agent)s::bigint)
+RETURNING t.id
+"""
+
 # Only rows whose count changed are written (at start, none is).
 RECOUNT = """
 UPDATE tasks_task t SET upstream_open = c.open

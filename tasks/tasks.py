@@ -75,6 +75,13 @@ def mark_session_running(session_id: str, key: str, agent_name: str) -> bool:
     return services.mark_session_running(session_id, key, agent_name)
 
 
+@shared_task(name="tasks.reap_expired_leases")
+def reap_expired_leases() -> dict[str, int]:
+    from .leases import reap_expired_leases
+
+    return reap_expired_leases()
+
+
 @shared_task(name="tasks.finalize_session", acks_late=True, reject_on_worker_lost=True)
 def finalize_session(session_id: str) -> str | None:
     return services.settle_session(session_id)

@@ -4,6 +4,7 @@ import re
 import socket
 import threading
 
+from billiard.process import active_children
 from celery.signals import worker_ready
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
@@ -46,7 +47,7 @@ class Command(BaseCommand):
         # Online only once the worker consumes (and receives control commands such as drain).
         @worker_ready.connect(weak=False)
         def go_online(**kwargs) -> None:
-            agent.heartbeat()
+            beat(agent)
             start_heartbeat(agent, stop)
 
         self.stderr.write(f"agent {name} consuming {', '.join(agent.queues)} with the {executor} executor")
@@ -92,15 +93,20 @@ def register_agent(*, name: str, capabilities: list[str], executor: str, concurr
     return agent
 
 
+def beat(agent: Agent) -> None:
+    """One heartbeat, naming the worker's live pool processes: their tasks' leases are renewed."""
+    agent.heartbeat(processes=[child.pid for child in active_children()])
+
+
 def start_heartbeat(agent: Agent, stop: threading.Event) -> None:
     """Beat from the worker's main process; Beat's sweep marks silent agents offline."""
 
-    def beat() -> None:
+    def beating() -> None:
         while not stop.wait(settings.AGENT_HEARTBEAT_SECONDS):
             try:
                 close_old_connections()
-                agent.heartbeat()
+                beat(agent)
             except Exception:  # the database may be restarting; try again next beat
                 logger.warning("heartbeat of agent %s failed", agent.name, exc_info=True)
 
-    threading.Thread(target=beat, name=f"heartbeat-{agent.name}", daemon=True).start()
+    threading.Thread(target=beating, name=f"heartbeat-{agent.name}", daemon=True).start()
