@@ -211,6 +211,8 @@ AGENT_STATS_WINDOW_HOURS = env_int("AGENT_STATS_WINDOW_HOURS", 24, minimum=1)
 DEGRADED_AFTER_SECONDS = env_int("DEGRADED_AFTER_SECONDS", 15)
 WORKSPACE_ROOT = Path(env_str("WORKSPACE_ROOT", str(BASE_DIR / "workspaces")))
 SESSION_LOCK_TTL_SECONDS = env_int("SESSION_LOCK_TTL_SECONDS", 30, minimum=1)
+# Lease of the lock the leading Beat holds; a second Beat takes over at most this long after it dies.
+BEAT_LEADER_TTL_SECONDS = env_int("BEAT_LEADER_TTL_SECONDS", 30, minimum=3)
 
 # The shell executor runs only these operator-configured commands, one per capability.
 SHELL_EXECUTOR_COMMANDS = env_json_dict(
@@ -259,7 +261,7 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # reconnecting per task dominated short tasks. Connections that are too old or saw an error are
 # still dropped before each task (tasks/tasks.py, task_prerun).
 CELERY_DB_REUSE_MAX = env_int("CELERY_DB_REUSE_MAX", 1000)
-CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+CELERY_BEAT_SCHEDULER = "orchestrator_project.beat:LeaderScheduler"
 CELERY_TIMEZONE = TIME_ZONE
 
 LOGGING = {

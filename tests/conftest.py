@@ -156,9 +156,9 @@ class Stack:
             "PYTHONUNBUFFERED": "1",
         }
 
-    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, argv: list[str], env: dict | None = None) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen(argv, cwd=ROOT, env=self.env(), stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(argv, cwd=ROOT, env={**self.env(), **(env or {})}, stdout=log, stderr=subprocess.STDOUT)
         self.procs[name] = proc
         return proc
 
@@ -167,6 +167,14 @@ class Stack:
             "orchestrator",
             [sys.executable, "-m", "celery", "-A", "orchestrator_project", "worker", "-Q", "orchestrator,housekeeping",
              "-n", "orchestrator-test@%h", "-c", "2", "--loglevel=INFO"],
+        )  # fmt: skip
+
+    def beat(self, name: str, env: dict | None = None) -> subprocess.Popen:
+        return self._spawn(
+            name,
+            [sys.executable, "-m", "celery", "-A", "orchestrator_project", "beat", "--loglevel=INFO",
+             f"--pidfile={self.logs / (name + '.pid')}"],
+            env,
         )  # fmt: skip
 
     def agent(self, name: str, capabilities: list[str], *, concurrency: int = 2, duration: float = 0.0):

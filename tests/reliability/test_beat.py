@@ -1,0 +1,65 @@
+"""R7: two Beat processes at once send each periodic task once per period, and the second
+takes over when the leader dies."""
+
+import json
+import os
+import signal
+import time
+from collections import Counter
+
+import pytest
+from django_celery_beat.models import PeriodicTask
+
+from sessions.locking import redis_client
+from tests.conftest import Stack, wait_until
+
+pytestmark = pytest.mark.e2e
+
+LEADER_TTL_S = 6
+
+
+def housekeeping_messages() -> list[dict]:
+    """The periodic tasks' messages: nobody consumes the housekeeping queue in this test."""
+    client = redis_client()
+    return [
+        json.loads(raw)
+        for key in client.scan_iter("housekeeping*")
+        if client.type(key) == b"list"
+        for raw in client.lrange(key, 0, -1)
+    ]
+
+
+def sender_pid(message: dict) -> int:
+    return int(message["headers"]["origin"].removeprefix("gen").split("@")[0])
+
+
+def test_two_beats_for_a_minute_send_each_sweep_once_per_period_and_fail_over(transactional_db):
+    periods = dict(PeriodicTask.objects.filter(queue="housekeeping").values_list("task", "interval__every"))
+    assert set(periods) == {
+        "agents.mark_silent_agents_offline",
+        "sessions.sweep_degraded_sessions",
+        "tasks.reap_expired_leases",
+    }
+    stack = Stack()
+    try:
+        beats = [stack.beat(f"beat-{n}", {"BEAT_LEADER_TTL_SECONDS": str(LEADER_TTL_S)}) for n in (1, 2)]
+        wait_until(housekeeping_messages, what="a first periodic task sent")
+        time.sleep(30)
+        [leader_pid] = {sender_pid(m) for m in housekeeping_messages()}  # one Beat sends
+        os.kill(leader_pid, signal.SIGKILL)
+        survivor = next(b for b in beats if b.pid != leader_pid)
+        wait_until(
+            lambda: survivor.pid in {sender_pid(m) for m in housekeeping_messages()},
+            timeout=LEADER_TTL_S + 15,
+            what="the second Beat to take over",
+        )
+        time.sleep(20)
+    finally:
+        stack.stop()
+
+    sent = Counter(m["headers"]["task"] for m in housekeeping_messages())
+    # About 65 s of sending at a 10 s period: one Beat sends each sweep 6-8 times, two would
+    # send it about twice as often. The survivor sends at once what it believes is due.
+    for task, every in periods.items():
+        assert 4 <= sent[task] <= 70 // every + 2, (task, sent[task])
+    assert {sender_pid(m) for m in housekeeping_messages()} == {leader_pid, survivor.pid}
