@@ -1,7 +1,7 @@
 """API-wide pieces: pagination and the one exception handler that shapes every error as
 {"error": {"code", "message", "details"}}."""
 
-from django.core.exceptions import PermissionDenied
+from django.core.exceptions import ObjectDoesNotExist, PermissionDenied
 from django.http import Http404
 from rest_framework import exceptions, status
 from rest_framework.pagination import PageNumberPagination
@@ -59,7 +59,7 @@ def exception_handler(exc, context):
         return error_response("invalid_transition", str(exc), details, status.HTTP_409_CONFLICT)
     if isinstance(exc, LockUnavailable | StaleFencingToken):
         return error_response("conflict", f"{exc}; try again", {}, status.HTTP_409_CONFLICT)
-    if isinstance(exc, Http404):
+    if isinstance(exc, Http404 | ObjectDoesNotExist):  # the latter: deleted while we worked on it
         exc = exceptions.NotFound()
     elif isinstance(exc, PermissionDenied):
         exc = exceptions.PermissionDenied()

@@ -12,6 +12,7 @@ import os
 import socket
 from contextlib import suppress
 
+import redis
 from django.conf import settings
 from django_celery_beat.schedulers import DatabaseScheduler
 
@@ -35,6 +36,17 @@ class LeaderScheduler(DatabaseScheduler):
         return min(super().tick(*args, **kwargs), self._tick_at_most)
 
     def _lead(self) -> bool:
+        try:
+            return self._try_to_lead()
+        except redis.RedisError as exc:
+            # Redis is down or restarting: no Beat can tell who leads, and the broker (Redis too)
+            # takes no message. Send nothing; lead again once the lock can be held.
+            if self._leading:
+                logger.warning("beat: cannot reach Redis (%s); sending nothing until it answers", exc)
+            self._leading = False
+            return False
+
+    def _try_to_lead(self) -> bool:
         if self._leading:
             try:
                 self._leader.extend()
@@ -52,7 +64,7 @@ class LeaderScheduler(DatabaseScheduler):
 
     def close(self) -> None:
         if self._leading:
-            with suppress(NotLockOwner):  # the other Beat takes over at its next tick
+            with suppress(NotLockOwner, redis.RedisError):  # the other Beat takes over at its next tick
                 self._leader.release()
             self._leading = False
         super().close()

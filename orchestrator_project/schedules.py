@@ -11,6 +11,8 @@ SCHEDULES = [
     {"name": "mark silent agents offline", "task": "agents.mark_silent_agents_offline", "every": 10},
     {"name": "sweep degraded sessions", "task": "sessions.sweep_degraded_sessions", "every": 10},
     {"name": "reap expired task leases", "task": "tasks.reap_expired_leases", "every": 10},
+    {"name": "sweep stuck sessions", "task": "sessions.sweep_stuck_sessions", "every": 10},
+    {"name": "apply the retention policy", "task": "sessions.apply_retention", "every": 3600},
 ]
 
 

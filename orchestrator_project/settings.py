@@ -211,6 +211,14 @@ AGENT_STATS_WINDOW_HOURS = env_int("AGENT_STATS_WINDOW_HOURS", 24, minimum=1)
 DEGRADED_AFTER_SECONDS = env_int("DEGRADED_AFTER_SECONDS", 15)
 WORKSPACE_ROOT = Path(env_str("WORKSPACE_ROOT", str(BASE_DIR / "workspaces")))
 SESSION_LOCK_TTL_SECONDS = env_int("SESSION_LOCK_TTL_SECONDS", 30, minimum=1)
+# A queued task whose run_task message the broker no longer holds this long after it was queued
+# is sent again (Beat). Above the time a chain takes to send its next message.
+LOST_MESSAGE_AFTER_SECONDS = env_int("LOST_MESSAGE_AFTER_SECONDS", 30, minimum=1)
+# Settled sessions (and their tasks and events) are deleted this many days after they finished;
+# 0 keeps them forever.
+SESSION_RETENTION_DAYS = env_int("SESSION_RETENTION_DAYS", 90)
+# The most rows one sweep step reads or deletes at once.
+SWEEP_BATCH = env_int("SWEEP_BATCH", 500, minimum=1)
 # Lease of the lock the leading Beat holds; a second Beat takes over at most this long after it dies.
 BEAT_LEADER_TTL_SECONDS = env_int("BEAT_LEADER_TTL_SECONDS", 30, minimum=3)
 
@@ -249,6 +257,8 @@ CELERY_TASK_ROUTES = {
     "agents.mark_silent_agents_offline": {"queue": "housekeeping"},
     "sessions.sweep_degraded_sessions": {"queue": "housekeeping"},
     "tasks.reap_expired_leases": {"queue": "housekeeping"},
+    "sessions.sweep_stuck_sessions": {"queue": "housekeeping"},
+    "sessions.apply_retention": {"queue": "housekeeping"},
 }
 CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"

@@ -3,6 +3,7 @@ from django.contrib import admin, messages
 from tasks.models import Task
 
 from . import services
+from .locking import LockUnavailable, StaleFencingToken
 from .models import InvalidTransition, Session, SessionEvent
 
 
@@ -35,7 +36,7 @@ def _run_transition(modeladmin, request, queryset, service, verb: str) -> None:
         try:
             service(session, actor=f"admin:{request.user.get_username()}")
             done += 1
-        except InvalidTransition as exc:
+        except (InvalidTransition, LockUnavailable, StaleFencingToken) as exc:
             modeladmin.message_user(request, f"{session.title}: {exc}", messages.WARNING)
     if done:
         modeladmin.message_user(request, f"{verb} {done} session(s).", messages.SUCCESS)

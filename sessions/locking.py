@@ -48,15 +48,29 @@ class StaleFencingToken(Exception):
 
 @cache
 def redis_client() -> redis.Redis:
-    return redis.Redis.from_url(settings.REDIS_URL, health_check_interval=30)
+    # Timeouts: no call of ours blocks on the server, so one that hangs (a half-open connection)
+    # fails and is retried instead of holding a claimed task forever.
+    timeouts = {"socket_timeout": 10, "socket_connect_timeout": 5}
+    return redis.Redis.from_url(settings.REDIS_URL, health_check_interval=30, **timeouts)
 
+
+# Script preludes: Redis's clock in ms as `now`; and, for KEYS[1] a lock's hash and ARGV[1] an
+# owner, return 0 unless that owner holds the lock and its lease has not run out.
+_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+_HELD_BY_OWNER = """
+local h = redis.call('HMGET', KEYS[1], 'owner', 'expires')
+if h[1] ~= ARGV[1] or tonumber(h[2]) <= now then return 0 end
+"""
 
 # KEYS: the lock's hash, its queue, its waiters' deadlines, its fencing counter, the wait-for
 # graph (owner -> the resource it waits for). ARGV: resource, owner, lease ms, queue deadline ms.
 # Returns {'acquired', token, count}, {'queued', position} or {'deadlock', cycle}.
-_ACQUIRE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+_ACQUIRE = (
+    _NOW
+    + """
 local resource, owner, ttl, patience = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 
 local function holder_of(key)
@@ -106,6 +120,7 @@ redis.call('ZADD', KEYS[3], now + patience, owner)
 redis.call('HSET', KEYS[5], owner, resource)
 return {'queued', redis.call('LPOS', KEYS[2], owner)}
 """
+)
 
 # KEYS: the lock's hash, its queue. ARGV: owner. Returns the holds left (0: free), or -1 when
 # the owner does not hold the lock. A free lock wakes the waiter at the head of the queue.
@@ -128,15 +143,15 @@ return 0
 """
 
 # KEYS: the lock's hash. ARGV: owner, lease ms. 1 if the owner's lease was extended, else 0.
-_EXTEND = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local h = redis.call('HMGET', KEYS[1], 'owner', 'expires')
-if h[1] ~= ARGV[1] or tonumber(h[2]) <= now then return 0 end
+_EXTEND = (
+    _NOW
+    + _HELD_BY_OWNER
+    + """
 redis.call('HSET', KEYS[1], 'expires', now + tonumber(ARGV[2]))
 redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[2]))
 return 1
 """
+)
 
 # KEYS: the lock's queue, its waiters' deadlines, the wait-for graph. ARGV: owner, resource.
 _LEAVE_QUEUE = """
@@ -149,17 +164,17 @@ return 1
 # KEYS: the lock's hash, its fencing counter. ARGV: owner, a token the guarded row stores.
 # For a holder whose counter Redis lost (a restart without persistence): raise the counter
 # above the stored token and take the next one. 0 if the owner no longer holds the lock.
-_REBASE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local h = redis.call('HMGET', KEYS[1], 'owner', 'expires')
-if h[1] ~= ARGV[1] or tonumber(h[2]) <= now then return 0 end
+_REBASE = (
+    _NOW
+    + _HELD_BY_OWNER
+    + """
 local current = tonumber(redis.call('GET', KEYS[2]) or '0')
 if current < tonumber(ARGV[2]) then redis.call('SET', KEYS[2], ARGV[2]) end
 local token = redis.call('INCR', KEYS[2])
 redis.call('HSET', KEYS[1], 'token', token)
 return token
 """
+)
 
 WAIT_FOR_GRAPH = "locks:waiting"
 

@@ -10,7 +10,7 @@ from django.core.serializers.json import DjangoJSONEncoder
 from django.db import models, transaction
 from django.utils import timezone
 
-from .locking import redis_client, session_lock
+from .locking import LockUnavailable, redis_client, session_lock
 
 logger = logging.getLogger(__name__)
 
@@ -137,24 +137,35 @@ class Session(models.Model):
 
     def transition(
         self,
-        to: str,
+        to: "str | Callable[[Session], str | None]",
         *,
         reason: str,
         actor: str = "system",
         only_from: frozenset[str] | None = None,
+        require_from: frozenset[str] | None = None,
         effects: Callable[["Session"], None] | None = None,
     ) -> "SessionEvent | None":
         """Move the session to `to`: the one way any status changes (DESIGN §4).
 
         Lock (fencing token) -> row lock -> validate -> write row + event -> commit -> publish
-        -> release. `effects(locked_row)` runs inside the same transaction, for work that must
-        commit with the transition. With `only_from`, a session that is no longer in one of
-        those statuses is left alone and None is returned: for workers that race each other.
+        -> release. `to` may be a function of the locked row, for a target that depends on the
+        status at that moment (None: leave the session alone). `effects(locked_row)` runs
+        inside the same transaction, for work that must commit with the transition. With
+        `only_from`, a session that is no longer in one of those statuses is left alone and None
+        is returned: for workers that race each other. With `require_from`, any other status is
+        an InvalidTransition: for an operation that means something only from those (resume:
+        from paused).
         """
         with session_lock(self.pk) as lease, transaction.atomic():
             row = Session.objects.select_for_update().get(pk=self.pk)
             if only_from is not None and row.status not in only_from:
                 return None
+            to = to(row) if callable(to) else to
+            if to is None:  # the function found nothing to do
+                return None
+            if require_from is not None and row.status not in require_from:
+                why = f"only from {', '.join(sorted(require_from))}"
+                raise InvalidTransition(self.pk, row.status, to, row.allowed_targets(), why=why)
             row.check_transition(to)
             token = lease.check_against(row.fencing_token)
             event = row._write_transition(to, reason=reason, actor=actor, token=token)
@@ -164,9 +175,19 @@ class Session(models.Model):
         self.refresh_from_db()
         return event
 
-    def note(self, reason: str, *, actor: str = "system") -> "SessionEvent":
+    def note(self, reason: str, *, actor: str = "system") -> "SessionEvent | None":
         """Write a recovery (a re-queued task, say) into the event log without a status change:
-        an event from the current status to itself, which replaying the log passes over."""
+        an event from the current status to itself, which replaying the log passes over.
+
+        The recovery has committed already: should the session's lock stay busy, the note is
+        logged instead (None), and the sweep that wrote it goes on."""
+        try:
+            return self._write_note(reason, actor)
+        except LockUnavailable:
+            logger.warning("session %s: lock busy, note not written: %s", self.pk, reason)
+            return None
+
+    def _write_note(self, reason: str, actor: str) -> "SessionEvent":
         with session_lock(self.pk), transaction.atomic():
             row = Session.objects.select_for_update().get(pk=self.pk)
             event = SessionEvent.objects.create(
@@ -188,13 +209,18 @@ class Session(models.Model):
         self.version += 1
         self.fencing_token = token
         fields = ["status", "version", "fencing_token", "updated_at"]
-        if to == S.QUEUED:
+        if to == S.QUEUED and from_status != S.PAUSED:  # start or retry: a new deadline
             if from_status in RETRYABLE:
                 self.retry_count += 1
                 fields.append("retry_count")
             self.deadline = now + timedelta(seconds=self.timeout_seconds)
             self.finished_at = None
             fields += ["deadline", "finished_at"]
+        if from_status == S.PAUSED and self.deadline is not None and to in ACTIVE:
+            # The deadline does not run while the session is paused.
+            paused_at = self.events.filter(to_status=S.PAUSED).exclude(from_status=S.PAUSED).latest("id").created_at
+            self.deadline += now - paused_at
+            fields.append("deadline")
         if to == S.RUNNING and self.started_at is None:
             self.started_at = now
             fields.append("started_at")

@@ -102,6 +102,7 @@ class ScriptedParamsSerializer(serializers.Serializer):
     fail_rate = StrictNumberField(min_value=0, max_value=1, required=False)
     output = StrictCharField(max_length=10_000, required=False, allow_blank=True)
     transient_failures = StrictIntegerField(min_value=0, max_value=10, required=False)
+    count_side_effect = StrictBooleanField(required=False)
 
 
 SCRIPTED_PARAMS = frozenset(ScriptedParamsSerializer._declared_fields)

@@ -7,7 +7,7 @@ from tasks.decomposition import plan_session
 from tasks.models import Task
 from tasks.services import release_ready_tasks, stop_open_tasks
 
-from .models import ACTIVE, RETRYABLE, InvalidTransition, Session
+from .models import ACTIVE, RETRYABLE, Session
 
 S = Session.Status
 TS = Task.Status
@@ -106,7 +106,8 @@ def start_session(session: Session, *, actor: str) -> None:
         release_ready_tasks(row.pk)
         _dispatch_after_commit(row)
 
-    session.transition(S.QUEUED, reason="started", actor=actor, effects=queue_ready_tasks)
+    pending = frozenset({S.PENDING})
+    session.transition(S.QUEUED, reason="started", actor=actor, require_from=pending, effects=queue_ready_tasks)
 
 
 def pause_session(session: Session, *, actor: str) -> None:
@@ -115,28 +116,28 @@ def pause_session(session: Session, *, actor: str) -> None:
 
 
 def resume_session(session: Session, *, actor: str) -> None:
-    running = session.tasks.filter(status=TS.RUNNING).exists()
-    session.transition(
-        S.RUNNING if running else S.QUEUED, reason="resumed", actor=actor, effects=_dispatch_after_commit
-    )
+    def target(row: Session) -> str:  # decided under the lock: a task may start or finish until then
+        return S.RUNNING if row.tasks.filter(status=TS.RUNNING).exists() else S.QUEUED
+
+    paused = frozenset({S.PAUSED})
+    session.transition(target, reason="resumed", actor=actor, require_from=paused, effects=_dispatch_after_commit)
 
 
 def cancel_session(session: Session, *, actor: str) -> None:
     """Cancel a session that has not run or is paused; stop one that is running."""
 
+    def target(row: Session) -> str:  # decided under the lock: the first claim may come until then
+        return S.STOPPED if row.status in ACTIVE - {S.QUEUED} else S.CANCELLED
+
     def cancel_open_tasks(row: Session) -> None:
         stop_open_tasks(row.pk, reason=f"session {row.status} by {actor}", revoke=True)
 
-    target = S.STOPPED if session.status in ACTIVE - {S.QUEUED} else S.CANCELLED
-    session.transition(target, reason=f"{target} by {actor}", actor=actor, effects=cancel_open_tasks)
+    session.transition(target, reason=f"cancel by {actor}", actor=actor, effects=cancel_open_tasks)
 
 
 def retry_session(session: Session, *, actor: str) -> None:
     """Resume a failed, timed-out, stopped or orphaned session from its last checkpoint:
     completed tasks keep their results; everything else runs again."""
-    if session.status not in RETRYABLE:
-        why = f"retry works only from {', '.join(sorted(RETRYABLE))}"
-        raise InvalidTransition(session.pk, session.status, S.QUEUED, session.allowed_targets(), why=why)
 
     def reset_unfinished_tasks(row: Session) -> None:
         fresh = {"status": TS.PENDING, "error": "", "agent": None, "started_at": None, "finished_at": None}
@@ -147,4 +148,6 @@ def retry_session(session: Session, *, actor: str) -> None:
         release_ready_tasks(row.pk)
         _dispatch_after_commit(row)
 
-    session.transition(S.QUEUED, reason=f"retry by {actor}", actor=actor, effects=reset_unfinished_tasks)
+    session.transition(
+        S.QUEUED, reason=f"retry by {actor}", actor=actor, require_from=RETRYABLE, effects=reset_unfinished_tasks
+    )

@@ -1,17 +1,34 @@
-"""Housekeeping sweeps over sessions, run by Beat on the housekeeping queue."""
+"""Housekeeping sweeps over sessions, run by Beat on the housekeeping queue.
 
+Each repair is a compare-and-set or a guarded transition, so a second Beat or a sweep that runs
+twice repairs nothing twice; each writes a SessionEvent saying why (docs/CONCURRENCY.md).
+"""
+
+import logging
+from collections import defaultdict
 from datetime import timedelta
 
 from django.conf import settings
-from django.db.models import Q
+from django.db import transaction
+from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
 from agents.models import Agent
+from tasks.broker import held_message_ids
 from tasks.models import Task
-from tasks.services import reroute_stranded_task
+from tasks.services import (
+    UNFINISHED,
+    mark_session_running,
+    release_tasks,
+    resend_queued_task,
+    send_released,
+    settle_session,
+    stop_open_tasks,
+)
 
-from .models import Session
+from .models import ACTIVE, SETTLED, Session
 
+logger = logging.getLogger(__name__)
 S = Session.Status
 
 
@@ -34,9 +51,14 @@ def _reroute_stranded(waited: list[Task], live_agents: list[Agent]) -> int:
         for t in waited
         if not t.pinned_agent and t.dispatched_to.startswith("agent.") and t.dispatched_to not in live_queues
     ]
+    rerouted = 0
     for task in stranded:
-        reroute_stranded_task(task)
-    return len(stranded)
+        gone = task.dispatched_to.removeprefix("agent.")
+        if resend_queued_task(task, dispatched_to=""):  # only tasks sent there by affinity: pins wait
+            rerouted += 1
+            why = f"task {task.key} waited on the queue of agent {gone}, which is gone; sent again"
+            task.session.note(why, actor="beat")
+    return rerouted
 
 
 def sweep_degraded_sessions() -> dict[str, int]:
@@ -69,3 +91,125 @@ def sweep_degraded_sessions() -> dict[str, int]:
             if session.transition(S.RUNNING, reason=reason, only_from=frozenset({S.DEGRADED})):
                 moved["recovered"] += 1
     return moved
+
+
+def sweep_stuck_sessions() -> dict[str, int]:
+    """Move on the sessions that nothing else would: past their deadline (timeout), waiting
+    on messages the broker lost (sent again) or on tasks nobody released, finished but never
+    settled, or running while still marked queued."""
+    done = {"timed_out": 0, "resent": 0, "released": 0, "settled": 0, "marked_running": 0}
+    now = timezone.now()
+    for session in Session.objects.filter(status__in=ACTIVE, deadline__lt=now):
+        if time_out(session):
+            done["timed_out"] += 1
+    done["resent"] = redispatch_lost_messages()
+    done["released"] = release_forgotten_tasks()
+    unfinished = Task.objects.filter(session=OuterRef("pk"), status__in=UNFINISHED)
+    for session in Session.objects.filter(status__in=ACTIVE).exclude(Exists(unfinished)):
+        if settle_session(session.pk):
+            done["settled"] += 1
+    running = Task.objects.filter(status=Task.Status.RUNNING, session__status=S.QUEUED).select_related("agent")
+    for task in {task.session_id: task for task in running}.values():  # one per session
+        if mark_session_running(task.session_id, task.key, task.agent.name if task.agent else "an agent"):
+            done["marked_running"] += 1
+    return done
+
+
+def time_out(session: Session) -> bool:
+    """A session past its deadline stops: open tasks are cancelled, running executors told to
+    abort. One that never started a task fails instead (DESIGN §4 has no queued -> timeout).
+    Decided under the lock: a retry may have given it a new deadline, a claim may have started it."""
+    now = timezone.now()
+
+    def target(row: Session) -> str | None:
+        if row.deadline is None or row.deadline >= now:
+            return None
+        return S.FAILED if row.status == S.QUEUED else S.TIMEOUT
+
+    def stop_tasks(row: Session) -> None:
+        stop_open_tasks(row.pk, reason=f"session {row.status}: deadline passed", revoke=True)
+
+    late = f"deadline {session.deadline:%Y-%m-%d %H:%M:%S} UTC passed ({session.timeout_seconds}s)"
+    reason = f"{late} before any task started" if session.status == S.QUEUED else late
+    event = session.transition(target, reason=reason, actor="beat", only_from=ACTIVE, effects=stop_tasks)
+    return event is not None
+
+
+def redispatch_lost_messages() -> int:
+    """Send again the run_task message of every queued task that the broker no longer holds
+    LOST_MESSAGE_AFTER_SECONDS after the task was queued (Redis restarted without its data, a
+    message dropped). A task that leaves its canvas takes its descendants with it: the database
+    releases them from now on. A duplicate message is harmless (the claim is a compare-and-set)."""
+    since = timezone.now() - timedelta(seconds=settings.LOST_MESSAGE_AFTER_SECONDS)
+    waiting = list(
+        Task.objects.filter(status=Task.Status.QUEUED, queued_at__lt=since, session__status__in=ACTIVE)
+        .select_related("session")
+        .order_by("queued_at")[: settings.SWEEP_BATCH]
+    )
+    if not waiting:
+        return 0
+    held = held_message_ids({t.dispatched_to or t.queue for t in waiting}, taken_since=since.timestamp())
+    if held is None:
+        return 0
+    lost_by_session = defaultdict(list)
+    for task in waiting:
+        if task.message_id in held:
+            continue
+        if resend_queued_task(task, queued_at=timezone.now()):
+            lost_by_session[task.session].append(task.key)
+    for session, keys in lost_by_session.items():
+        what = f"{len(keys)} queued task(s) ({', '.join(sorted(keys)[:10])})"
+        session.note(f"the broker no longer held the messages of {what}; sent again", actor="beat")
+        logger.warning("session %s: re-sent %s", session.pk, what)
+    return sum(len(keys) for keys in lost_by_session.values())
+
+
+def release_forgotten_tasks() -> int:
+    """Release the pending tasks whose upstreams all finished LOST_MESSAGE_AFTER_SECONDS ago or
+    more: the worker that recorded the last of them died before it released what follows (a
+    fan-in is released after the record commits). Queued, or skipped behind a blocking upstream,
+    as the worker would have; the release is a compare-and-set."""
+    since = timezone.now() - timedelta(seconds=settings.LOST_MESSAGE_AFTER_SECONDS)
+    forgotten = (
+        Task.objects.filter(status=Task.Status.PENDING, upstream_open=0, session__status__in=ACTIVE)
+        .exclude(depends_on__finished_at__gte=since)
+        .exclude(depends_on__finished_at=None)
+        .values_list("session_id", "pk")[: settings.SWEEP_BATCH]
+    )
+    by_session = defaultdict(list)
+    for session_id, pk in forgotten:
+        by_session[session_id].append(pk)
+    released = 0
+    for session_id, ids in by_session.items():
+        session = Session.objects.get(pk=session_id)
+        moved, to_send = release_tasks(ids)
+        send_released(to_send, session.broker_priority)
+        keys = sorted(Task.objects.filter(pk__in=[pk for pk in ids if pk in moved]).values_list("key", flat=True))
+        if keys:
+            session.note(
+                f"released {', '.join(keys[:10])}: their upstreams had finished, nobody released them", actor="beat"
+            )
+            released += len(keys)
+    return released
+
+
+def apply_retention() -> int:
+    """Delete sessions settled more than SESSION_RETENTION_DAYS ago, with their tasks, events
+    and checkpoints (0 keeps everything). In batches, so a large backlog never holds long locks."""
+    days = settings.SESSION_RETENTION_DAYS
+    if not days:
+        return 0
+    cutoff = timezone.now() - timedelta(days=days)
+    deleted = 0
+    while True:
+        old = Session.objects.filter(status__in=SETTLED, finished_at__lt=cutoff).order_by("finished_at")
+        with transaction.atomic():
+            # Locked as a transition locks them: a retry that comes first keeps its session.
+            batch = list(old.select_for_update(skip_locked=True).values_list("pk", flat=True)[: settings.SWEEP_BATCH])
+            if not batch:
+                break
+            Session.objects.filter(pk__in=batch).delete()
+        deleted += len(batch)
+    if deleted:
+        logger.info("retention: deleted %d sessions settled before %s", deleted, cutoff)
+    return deleted

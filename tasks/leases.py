@@ -4,13 +4,15 @@ process lives; Beat re-queues a task whose lease ran out (docs/CONCURRENCY.md)."
 import logging
 
 from django.conf import settings
+from django.db import transaction
+from django.db.models import F
 from django.utils import timezone
 
 from sessions.models import ACTIVE, Session
 
 from . import statements
 from .models import Task
-from .services import dispatch_task, leave_canvas
+from .services import dispatch_task, leave_canvas, settle_dependents
 
 logger = logging.getLogger(__name__)
 TS = Task.Status
@@ -29,37 +31,68 @@ def renew_leases(agent_id: int | None = None) -> int:
 
 def reap_expired_leases() -> dict[str, int]:
     """Renew the leases of live holders, then recover every running task whose lease ran out
-    (the process that claimed it died): re-queued for another attempt, or, with its attempts
-    used up, failed and its session orphaned. Each recovery says why in the session's event
-    log. Every step is a compare-and-set on the task row, so a second Beat or a repeated sweep
-    recovers nothing twice."""
+    (the process that claimed it died). Every step is a compare-and-set on the task row, so a
+    second Beat or a repeated sweep recovers nothing twice."""
     renew_leases()
     done = {"requeued": 0, "orphaned": 0, "cancelled": 0}
     now = timezone.now()
     expired = Task.objects.filter(status=TS.RUNNING, lease_expires_at__lt=now).select_related("session", "agent")
     for task in expired:
         who = f"agent {task.agent.name}" if task.agent else "an agent that is gone"
-        claim = Task.objects.filter(pk=task.pk, status=TS.RUNNING, attempts=task.attempts, lease_expires_at__lt=now)
         lost = f"the lease of attempt {task.attempts} on {who} expired (its worker process died)"
-        session = task.session
-        if session.status not in ACTIVE | {Session.Status.PAUSED}:
-            if claim.update(
-                status=TS.CANCELLED, finished_at=now, lease_expires_at=None, error=f"{lost}; {session.status}"
-            ):
-                done["cancelled"] += 1
-        elif task.attempts < task.max_attempts:
-            if not claim.update(status=TS.QUEUED, queued_at=now, lease_expires_at=None, worker_pid=None, error=lost):
-                continue
-            leave_canvas(task)
-            dispatch_task(task, priority=session.broker_priority)
-            session.note(f"task {task.key}: {lost}; re-queued", actor="beat")
-            done["requeued"] += 1
-        else:
-            error = f"gave up after {task.attempts} attempts: {lost}"
-            if not claim.update(status=TS.FAILED, finished_at=now, lease_expires_at=None, error=error):
-                continue
+        outcome = recover_lost_task(task, lost, lease_expires_at__lt=now)
+        if outcome in done:
+            done[outcome] += 1
+    return done
+
+
+def recover_lost_task(task: Task, lost: str, **still) -> str | None:
+    """Take back a running task whose run was lost (`lost` says how): re-queued for another
+    attempt, or, with its attempts used up, failed and its session orphaned; cancelled if its
+    session has ended meanwhile. The recovery says why in the session's event log.
+
+    Compare-and-set on the task's status and attempt (and `still`, more conditions the caller
+    read it under): returns what was done ("requeued", "orphaned", "failed" when the session
+    was paused or orphaned already, "cancelled"), or None if the task had moved on."""
+    now = timezone.now()
+    claim = Task.objects.filter(pk=task.pk, status=TS.RUNNING, attempts=task.attempts, **still)
+    session = task.session
+    outcome = note = None
+    if session.status not in ACTIVE | {Session.Status.PAUSED}:
+        if claim.update(status=TS.CANCELLED, finished_at=now, lease_expires_at=None, error=f"{lost}; {session.status}"):
+            outcome, note = "cancelled", f"task {task.key}: {lost}; cancelled, the session is {session.status}"
+    elif task.attempts < task.max_attempts:
+        with transaction.atomic():
+            if claim.update(status=TS.QUEUED, queued_at=now, lease_expires_at=None, worker_pid=None, error=lost):
+                leave_canvas(task)
+                dispatch_task(task, priority=session.broker_priority)
+                outcome, note = "requeued", f"task {task.key}: {lost}; re-queued"
+    else:
+        error = f"gave up after {task.attempts} attempts: {lost}"
+        with transaction.atomic():
+            if claim.update(status=TS.FAILED, finished_at=now, lease_expires_at=None, error=error):
+                # What RECORD does with a finish: one upstream fewer for each pending dependent.
+                Task.objects.filter(depends_on=task.pk, status=TS.PENDING).update(upstream_open=F("upstream_open") - 1)
+                outcome = "failed"
+        if outcome:
             reason = f"task {task.key} lost: {lost}, and its {task.max_attempts} attempts are used up"
             if session.transition(Session.Status.ORPHANED, reason=reason, actor="beat", only_from=ACTIVE):
-                done["orphaned"] += 1
-        logger.warning("task %s of session %s: %s", task.key, session.pk, lost)
-    return done
+                outcome = "orphaned"
+            else:  # paused, or orphaned by another lost task: what follows is settled as after a failure
+                task.status = TS.FAILED
+                settle_dependents(task, session.broker_priority)
+                note = f"{reason}; failed"
+    if note:
+        session.note(note, actor="beat")
+    if outcome:
+        logger.warning("task %s of session %s: %s; %s", task.key, session.pk, lost, outcome)
+    return outcome
+
+
+def recover_tasks_of(agent, why: str) -> int:
+    """Take back every task `agent` is running (it went silent, or its worker started again):
+    `why` says what happened, and each task's lost attempt is added to it. Returns how many."""
+    running = Task.objects.filter(agent=agent, finished_at__isnull=True, status=TS.RUNNING)
+    return sum(
+        1 for task in running.select_related("session") if recover_lost_task(task, f"{why} attempt {task.attempts}")
+    )

@@ -9,12 +9,14 @@ import json
 import logging
 import os
 
+import redis
 from celery import current_app
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
-from django.db import connection, transaction
+from django.db import InterfaceError, OperationalError, connection, transaction
 from django.utils import timezone
+from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from agents.executors import TaskAborted, TaskContext, TaskFailed, TransientError
 from agents.routing import affinity_agent, queue_for
@@ -186,14 +188,44 @@ def execute_task(*, task_id, runtime: AgentRuntime, delivered_to: str = "") -> s
             _settle_after(task)
             return "taken"
         if task.status == TS.RUNNING:
-            return "taken"
+            attempt = _own_lost_claim(task, runtime)
+            if attempt is None:
+                return "taken"
+            return _run_claimed(task, attempt, runtime)
         _follow_affinity(task, runtime, delivered_to)
         attempt = claim_task(task, runtime)
         if attempt is None:
             return "taken"
-    if task.session_status == Session.Status.QUEUED:
-        _note_first_claim(task, runtime)
-    return _run_claimed(task, attempt, runtime)
+    try:
+        if task.session_status == Session.Status.QUEUED:
+            _note_first_claim(task, runtime)
+        return _run_claimed(task, attempt, runtime)
+    except Exception:
+        _let_go(task, attempt)
+        raise
+
+
+def _let_go(task: Task, attempt: int) -> None:
+    """An error escaped after this process claimed the task: end the claim's lease now, so that
+    Beat's reaper takes the task back (attempt + 1, with a note) instead of the lease being
+    renewed for as long as this process lives. A task already recorded or re-queued is left."""
+    try:
+        mine = Task.objects.filter(pk=task.pk, status=TS.RUNNING, attempts=attempt, worker_pid=os.getpid())
+        mine.update(lease_expires_at=timezone.now(), worker_pid=None)
+    except Exception:
+        logger.warning("task %s: could not end the lease of attempt %s", task.pk, attempt, exc_info=True)
+
+
+def _own_lost_claim(task: Task, runtime: AgentRuntime) -> int | None:
+    """The attempt of a claim this very process made but is not running: the claim's reply was
+    lost (statements.run ran TAKE again), or recording the outcome failed and the message came
+    back. A pool process runs one task at a time, so nobody runs it; and since this process
+    lives, its lease would be renewed forever. It runs again under the same attempt."""
+    mine = Task.objects.filter(pk=task.pk, status=TS.RUNNING, agent_id=runtime.agent_id, worker_pid=os.getpid())
+    attempt = mine.values_list("attempts", flat=True).first()
+    if attempt is not None:
+        logger.warning("task %s: this process claimed attempt %s and lost track of it; running it", task.pk, attempt)
+    return attempt
 
 
 # (session id, version) of the queued sessions this process has sent mark_session_running for.
@@ -215,7 +247,10 @@ def _note_first_claim(task: Task, runtime: AgentRuntime) -> None:
         _noted_claims.clear()
     _noted_claims.add(noted)
     args = (str(task.session_id), task.key, runtime.name)
-    mark_session_running.apply_async(args, priority=broker_priority(task.session_priority))
+    try:
+        mark_session_running.apply_async(args, priority=broker_priority(task.session_priority))
+    except Exception:  # the broker is away: the stuck-session sweep, or settling, marks it running
+        logger.warning("could not ask to mark session %s running", task.session_id, exc_info=True)
 
 
 def mark_session_running(session_id, key: str, agent_name: str) -> bool:
@@ -279,8 +314,16 @@ def _context(task: Task, attempt: int) -> TaskContext:
         workspace=settings.WORKSPACE_ROOT / str(task.session_id),
         attempt=attempt,
         timeout_s=float(task_timeout(task)),
-        should_abort=lambda: bool(redis_client().exists(key)),
+        should_abort=lambda: _abort_requested(key),
     )
+
+
+def _abort_requested(key: str) -> bool:
+    try:
+        return bool(redis_client().exists(key))
+    except redis.RedisError:
+        logger.warning("cannot reach Redis to check %s; the task goes on", key)
+        return False  # Redis restarting must not stop the work; a later check sees a cancel
 
 
 def _run_claimed(task: Task, attempt: int, runtime: AgentRuntime) -> str:
@@ -289,7 +332,7 @@ def _run_claimed(task: Task, attempt: int, runtime: AgentRuntime) -> str:
     try:
         result = runtime.executor.execute(ctx)
         outcome = TS.COMPLETED
-    except TransientError as exc:
+    except (TransientError, redis.ConnectionError, redis.TimeoutError) as exc:
         return _retry_or_fail(task, attempt, str(exc))
     except TaskFailed as exc:
         result, error = exc.result, str(exc)
@@ -332,7 +375,7 @@ def record_outcome(task: Task, attempt: int, status: str, *, result: dict | None
         "result": json.dumps(result or {}, cls=DjangoJSONEncoder),
         "error": error[:5000],
     }
-    [(recorded, *dependents)] = statements.run(statements.RECORD, params)
+    [(recorded, *dependents)] = _record(params)
     if not recorded:
         # A stale attempt - or this one, if the statement committed and its reply was lost
         # (statements.run tried again): then settle from the rows, like a redelivery does.
@@ -345,6 +388,30 @@ def record_outcome(task: Task, attempt: int, status: str, *, result: dict | None
         stop_open_tasks(task.session_id, reason=f"fail-fast: required task {task.key} failed", revoke=False)
         dependents = None  # they were just cancelled: settle from the rows
     _settle_after(task, dependents)
+
+
+def _record(params: dict) -> list[tuple]:
+    """statements.RECORD; should the database stay away past statements.run's own retries (a
+    PostgreSQL restart), keep trying in this process: the outcome must land while this process
+    holds the claim. A message retried instead could reach another process, which finds the task
+    running on a live process and leaves it. The heartbeat keeps the lease meanwhile; past the
+    lease the reaper takes the task back, and this attempt's outcome is stale anyway."""
+    try:
+        return statements.run(statements.RECORD, params)
+    except (OperationalError, InterfaceError):
+        return _record_until_it_lands(params)
+
+
+# Only after a failure, as in statements.run: tenacity's bookkeeping costs more than the hot path can spare.
+@retry(
+    retry=retry_if_exception_type((OperationalError, InterfaceError)),
+    stop=stop_after_delay(settings.TASK_LEASE_SECONDS),
+    wait=wait_exponential(multiplier=0.2, max=5.0),
+    before_sleep=lambda state: connection.close(),
+    reraise=True,
+)
+def _record_until_it_lands(params: dict) -> list[tuple]:
+    return statements.run(statements.RECORD, params)
 
 
 def _settle_after(task: Task, recorded: tuple | None = None) -> None:
@@ -366,19 +433,25 @@ def _settle_after(task: Task, recorded: tuple | None = None) -> None:
         raise RetryTask(countdown=2.0, reason=f"settling after {task.key} failed: {exc!r}") from exc
 
 
-def reroute_stranded_task(task: Task) -> None:
-    """Send again a task whose message waits on the queue of an agent that went away.
+def resend_queued_task(task: Task, **changes) -> bool:
+    """Send a queued task's message again (its first was lost, or waits on the queue of an agent
+    that went away), writing `changes` with it; returns whether this call did. A compare-and-set
+    on the message id, which dispatch_task replaces: two sweeps that read the same row send once.
 
-    Only for tasks sent there by affinity (pinned tasks wait for their agent by design). A canvas
-    node leaves the canvas: it and its descendants are released from the database from now on,
-    since the chain that would have sent them waits behind the stranded message.
+    A canvas node leaves the canvas: it and its descendants are released from the database from
+    now on, since the chain that would have sent them waits behind the lost or stranded message.
+    Routing skips an agent that went away (not live, or draining), so a stranded task goes to
+    cap.<x> or to another upstream agent that can take it.
     """
-    leave_canvas(task)
-    task.dispatched_to = ""
-    Task.objects.filter(pk=task.pk).update(dispatched_to="")
-    # Routing skips the agent that went away (not live, or draining), so this goes to cap.<x>
-    # or to another upstream agent that can take it.
-    dispatch_task(task, priority=task.session.broker_priority)
+    with transaction.atomic():
+        mine = Task.objects.filter(pk=task.pk, status=TS.QUEUED, message_id=task.message_id)
+        if not mine.update(**changes):
+            return False
+        for field, value in changes.items():
+            setattr(task, field, value)
+        leave_canvas(task)
+        dispatch_task(task, priority=task.session.broker_priority)
+    return True
 
 
 def leave_canvas(task: Task) -> None:

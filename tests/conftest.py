@@ -35,14 +35,20 @@ def wait_until(predicate: Callable[[], object], timeout: float = 30.0, interval:
         time.sleep(interval)
 
 
-def queued_broker_messages() -> list[dict]:
-    """Every message waiting on the orchestrator's Celery queue in the test Redis database."""
+def queued_broker_messages(queues: str = "orchestrator*") -> list[dict]:
+    """Every message waiting on the Celery queues matching `queues` in the test Redis database
+    (each priority of a queue is a list of its own)."""
     client = redis_client()
     messages = []
-    for key in client.scan_iter("orchestrator*"):
+    for key in client.scan_iter(queues):
         if client.type(key) == b"list":
             messages += [json.loads(raw) for raw in client.lrange(key, 0, -1)]
     return messages
+
+
+def run_task_message_ids() -> list[str]:
+    """The ids of the run_task messages waiting on the capability queues."""
+    return [m["headers"]["id"] for m in queued_broker_messages("cap.*")]
 
 
 @pytest.fixture(autouse=True)
@@ -138,8 +144,10 @@ class Stack:
 
     def __init__(self) -> None:
         self.procs: dict[str, subprocess.Popen] = {}
-        self.logs = ROOT / ".pytest-workers"
-        self.logs.mkdir(exist_ok=True)
+        # One directory per test, so that a failure's logs survive the tests after it.
+        test = os.environ.get("PYTEST_CURRENT_TEST", "stack").split(" ")[0].rsplit("::", 1)[-1]
+        self.logs = ROOT / ".pytest-workers" / test[:100]
+        self.logs.mkdir(parents=True, exist_ok=True)
 
     def env(self) -> dict:
         db = settings.DATABASES["default"]
@@ -157,8 +165,11 @@ class Stack:
         }
 
     def _spawn(self, name: str, argv: list[str], env: dict | None = None) -> subprocess.Popen:
-        log = open(self.logs / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen(argv, cwd=ROOT, env={**self.env(), **(env or {})}, stdout=log, stderr=subprocess.STDOUT)
+        mode = "a" if name in self.procs else "w"  # a restarted process adds to its log
+        log = open(self.logs / f"{name}.log", mode)  # noqa: SIM115 - closed with the process
+        # A session (process group) of its own, so that a test can kill an agent with its pool.
+        env = {**self.env(), **(env or {})}
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs[name] = proc
         return proc
 
@@ -194,6 +205,12 @@ class Stack:
 
         wait_until(online, what=f"agent {name} online")
         return proc
+
+    def kill(self, name: str) -> None:
+        """SIGKILL a process and every process it started, as a crashed host would lose them."""
+        proc = self.procs[name]
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
     def print_log_tails(self, lines: int = 40) -> None:
         for name in self.procs:

@@ -14,6 +14,7 @@ os.environ.pop("CELERY_RESULT_BACKEND", None)
 os.environ.setdefault("AGENT_HEARTBEAT_SECONDS", "1")
 os.environ.setdefault("TASK_DEADLINE_SECONDS", "120")
 os.environ.setdefault("TASK_LEASE_SECONDS", "4")
+os.environ.setdefault("LOST_MESSAGE_AFTER_SECONDS", "3")
 
 from orchestrator_project.settings import *  # noqa: F403
 

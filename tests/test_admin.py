@@ -7,6 +7,7 @@ from django.utils import timezone
 
 from agents.models import Agent
 from sessions import services
+from sessions.locking import FairLock
 from sessions.models import Session
 from tasks.models import Task
 from tests.conftest import dag_payload
@@ -166,3 +167,18 @@ def test_admin_requires_staff(client, db):
 
     assert response.status_code == 302
     assert "/admin/login/" in response.url
+
+
+def test_admin_cancel_action_on_a_session_whose_lock_is_held_warns_and_changes_nothing(admin_client, session, settings):
+    settings.SESSION_LOCK_TTL_SECONDS = 1  # how long the action waits for the lock
+    other = FairLock(f"session:{session.pk}", ttl=30, owner="another process")
+    other.acquire(timeout=1)
+    try:
+        response = run_action(admin_client, "cancel_sessions", session)
+    finally:
+        other.release()
+
+    assert response.status_code == 200
+    assert Session.objects.get(pk=session.pk).status == Session.Status.PENDING
+    [warning] = [text for level, text in messages_of(response) if level == WARNING]
+    assert session.title in warning

@@ -1,3 +1,4 @@
+import os
 from datetime import timedelta
 
 import pytest
@@ -21,7 +22,7 @@ def test_silent_agents_are_marked_offline_and_live_ones_are_not(db):
     make_agent("silent", status="online", last_heartbeat=now - timedelta(minutes=5))
     make_agent("live", status="online", last_heartbeat=now)
 
-    assert mark_silent_agents_offline() == 1
+    assert mark_silent_agents_offline() == {"offline": 1, "recovered": 0}
 
     assert dict(Agent.objects.values_list("name", "status")) == {"silent": "offline", "live": "online"}
 
@@ -82,3 +83,19 @@ def test_run_agent_registers_heartbeats_and_goes_offline_on_shutdown(stack):
     stack.stop()
 
     assert Agent.objects.get(name="builder").status == "offline"
+
+
+def test_an_agent_that_starts_again_takes_back_the_claims_of_its_last_run(db, django_capture_on_commit_callbacks):
+    from agents.management.commands.run_agent import register_agent
+    from tests.test_execution import make_session
+
+    agent = make_agent("builder", status="online", last_heartbeat=timezone.now())
+    session = make_session({"a": []})
+    Task.objects.filter(session=session).update(status="running", attempts=1, agent=agent, worker_pid=os.getpid())
+
+    with django_capture_on_commit_callbacks(execute=True):
+        register_agent(name="builder", capabilities=["testing"], executor="scripted", concurrency=2)
+
+    task = Task.objects.get(session=session)
+    assert (task.status, task.worker_pid) == ("queued", None)
+    assert "agent builder restarted while running attempt 1" in task.error

@@ -8,11 +8,8 @@ import time
 
 import pytest
 
-from agents.models import Agent
 from sessions.models import Checkpoint, Session, SessionEvent
-from tasks.canvas import new_message_id
 from tasks.models import Task
-from tasks.tasks import run_task
 
 from .conftest import (
     ALL_BUILD,
@@ -159,28 +156,6 @@ def test_retry_reruns_only_what_did_not_complete(client, agents):
     for task in Task.objects.filter(session_id=session_id, key__in=first_run):
         assert task.started_at == first_run[task.key] and task.attempts == 1, f"{task.key} ran again"
     assert event_path(session_id)[-3:] == ["queued", "running", "completed"]
-
-
-def test_the_same_task_message_delivered_twice_runs_once(client, stack):
-    stack.agent("builder", ALL_BUILD, concurrency=2)
-    payload = chain_payload(0.5)
-    payload["tasks"] = payload["tasks"][:1]
-    created = client.post("/api/v1/sessions/", payload, format="json")
-    session_id = created.json()["id"]
-    task = Task.objects.get(session_id=session_id)
-    Session.objects.filter(pk=session_id).update(status="running")
-    Task.objects.filter(pk=task.pk).update(status="queued")
-
-    message_id = new_message_id(task)
-    for _ in range(2):
-        run_task.apply_async(task_id=message_id, queue="cap.code_generation")
-
-    wait_until(lambda: task_status(session_id, "one") == "completed", what="the task to complete")
-    time.sleep(1.0)  # let the duplicate message be consumed too
-    task.refresh_from_db()
-    assert task.attempts == 1
-    # The heartbeat (every second in the tests) counts the agent's completed tasks: one.
-    wait_until(lambda: Agent.objects.get(name="builder").tasks_completed == 1, what="a heartbeat to count the run")
 
 
 def test_two_roots_and_consecutive_parallel_levels_run_to_completed(client, agents):

@@ -1,5 +1,6 @@
 """The task hand-offs of tasks/services.py on the real database, in-process."""
 
+import os
 import threading
 
 import pytest
@@ -412,3 +413,59 @@ def test_the_claims_of_a_queued_session_ask_the_orchestrator_to_mark_it_running_
     notes = [m for m in queued_broker_messages() if m["headers"]["task"] == "tasks.mark_session_running"]
     assert len(notes) == 1
     assert Session.objects.get(pk=session.pk).status == "queued"  # until the orchestrator runs it
+
+
+def test_a_claim_this_process_lost_track_of_runs_again_under_the_same_attempt(db):
+    # TAKE committed but its reply was lost (or recording failed): the task is running on this
+    # very process, which is not running it; its lease would be renewed as long as it lives.
+    session = make_session({"a": []})
+    mine = runtime()
+    Task.objects.filter(session=session).update(
+        status="running", attempts=1, agent_id=mine.agent_id, worker_pid=os.getpid()
+    )
+
+    assert execute_task(task_id=session.tasks.get().pk, runtime=mine) == "completed"
+    assert session.tasks.get().attempts == 1
+
+
+def test_a_task_running_in_another_process_is_left_alone(db):
+    session = make_session({"a": []})
+    mine = runtime()
+    Task.objects.filter(session=session).update(status="running", attempts=1, agent_id=mine.agent_id, worker_pid=1)
+
+    assert execute_task(task_id=session.tasks.get().pk, runtime=mine) == "taken"
+    assert session.tasks.get().status == "running"
+
+
+def test_a_broker_away_when_the_first_claim_is_noted_does_not_stop_the_task(db, monkeypatch):
+    from kombu.exceptions import OperationalError as BrokerError
+
+    from tasks.tasks import mark_session_running
+
+    def broker_away(*args, **kwargs):
+        raise BrokerError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    monkeypatch.setattr(mark_session_running, "apply_async", broker_away)
+    session = make_session({"a": []}, status="queued")
+    session.tasks.update(status=TS.QUEUED)
+
+    assert execute_task(task_id=session.tasks.get().pk, runtime=runtime()) == "completed"
+
+
+def test_an_error_that_escapes_after_the_claim_ends_its_lease_for_the_reaper(db, monkeypatch):
+    from tasks import services
+    from tasks.leases import reap_expired_leases
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("a bug after the claim")
+
+    monkeypatch.setattr(services, "_run_claimed", crash)
+    session = make_session({"a": []})
+    session.tasks.update(status=TS.QUEUED)
+
+    with pytest.raises(RuntimeError):
+        execute_task(task_id=session.tasks.get().pk, runtime=runtime())
+
+    task = session.tasks.get()
+    assert (task.status, task.worker_pid) == (TS.RUNNING, None)  # no process holds it any more
+    assert reap_expired_leases()["requeued"] == 1

@@ -1,6 +1,5 @@
 """Task leases: renewal for live claiming processes, and Beat's reaper for the rest."""
 
-import json
 import os
 import signal
 from datetime import timedelta
@@ -9,12 +8,18 @@ import pytest
 from django.utils import timezone
 
 from agents.models import Agent
-from sessions.locking import redis_client
 from sessions.models import Session, SessionEvent
 from tasks.leases import reap_expired_leases, renew_leases
 from tasks.models import Task
 
-from .conftest import chain_payload, create_and_start, member_client, wait_for_status, wait_until
+from .conftest import (
+    chain_payload,
+    create_and_start,
+    member_client,
+    queued_broker_messages,
+    wait_for_status,
+    wait_until,
+)
 from .test_execution import make_session
 
 TS = Task.Status
@@ -44,13 +49,7 @@ def claimed(session: Session, key: str, by: Agent, *, lease_s: float, pid: int =
 
 
 def run_task_messages() -> list[dict]:
-    client = redis_client()
-    return [
-        json.loads(raw)
-        for key in client.scan_iter("cap.*")
-        if client.type(key) == b"list"
-        for raw in client.lrange(key, 0, -1)
-    ]
+    return queued_broker_messages("cap.*")
 
 
 def test_a_live_claiming_process_keeps_its_lease_and_others_do_not(db, settings):

@@ -8,8 +8,10 @@ import time
 from collections import Counter
 
 import pytest
+from django.apps import apps
 from django_celery_beat.models import PeriodicTask
 
+from orchestrator_project.schedules import SCHEDULES, sync_schedules
 from sessions.locking import redis_client
 from tests.conftest import Stack, wait_until
 
@@ -34,12 +36,9 @@ def sender_pid(message: dict) -> int:
 
 
 def test_two_beats_for_a_minute_send_each_sweep_once_per_period_and_fail_over(transactional_db):
+    sync_schedules(apps)  # a test before this one may have flushed the tables the migrations filled
     periods = dict(PeriodicTask.objects.filter(queue="housekeeping").values_list("task", "interval__every"))
-    assert set(periods) == {
-        "agents.mark_silent_agents_offline",
-        "sessions.sweep_degraded_sessions",
-        "tasks.reap_expired_leases",
-    }
+    assert set(periods) == {spec["task"] for spec in SCHEDULES}
     stack = Stack()
     try:
         beats = [stack.beat(f"beat-{n}", {"BEAT_LEADER_TTL_SECONDS": str(LEADER_TTL_S)}) for n in (1, 2)]
@@ -61,5 +60,7 @@ def test_two_beats_for_a_minute_send_each_sweep_once_per_period_and_fail_over(tr
     # About 65 s of sending at a 10 s period: one Beat sends each sweep 6-8 times, two would
     # send it about twice as often. The survivor sends at once what it believes is due.
     for task, every in periods.items():
-        assert 4 <= sent[task] <= 70 // every + 2, (task, sent[task])
+        # A new entry's first run is one period after Beat starts: the hourly one is not due.
+        low = 4 if every <= 10 else 0
+        assert low <= sent[task] <= 70 // every + 2, (task, sent[task])
     assert {sender_pid(m) for m in housekeeping_messages()} == {leader_pid, survivor.pid}

@@ -77,6 +77,11 @@ class Command(BaseCommand):
 
 
 def register_agent(*, name: str, capabilities: list[str], executor: str, concurrency: int) -> Agent:
+    """The agent's row, new or taken over from the agent's last run. That run's claims died with
+    it: they are taken back now, not when their leases run out (a restarted pool may even reuse
+    the dead run's pids, whose leases would then be renewed)."""
+    from tasks.leases import recover_tasks_of
+
     agent, _ = Agent.objects.update_or_create(
         name=name,
         defaults={
@@ -90,6 +95,7 @@ def register_agent(*, name: str, capabilities: list[str], executor: str, concurr
             "pid": os.getpid(),
         },
     )
+    recover_tasks_of(agent, f"agent {name} restarted while running")
     return agent
 
 
