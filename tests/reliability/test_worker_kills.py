@@ -10,7 +10,8 @@ import pytest
 from django.utils import timezone
 
 from agents.executors.scripted import side_effects_of
-from sessions.models import SessionEvent
+from agents.models import Agent
+from sessions.models import Session, SessionEvent
 from tasks.models import Task
 from tests.conftest import create_and_start, member_client, wait_until
 
@@ -19,10 +20,8 @@ from .conftest import settled
 pytestmark = pytest.mark.e2e
 
 SESSIONS = 20
-TASK_S = 2.0  # each task's run; its side effect happens at the end
+TASK_S = 3.0  # each task's run; its side effect happens at the end
 KILLS = 6  # half of them a pool process, half a whole agent with its pool
-
-
 STEPS = ["one", "two", "three"]
 
 
@@ -37,19 +36,29 @@ def chain_with_side_effects() -> dict:
     }
 
 
-def a_task_just_started(session_ids, spared) -> Task | None:
-    """A running task well before its side effect: the kill must land mid-run, not between the
-    effect and the record (no executor can make that window exactly-once). Not one killed before
-    (three kills would use up its attempts)."""
+def just_started(session_ids):
+    """Running tasks well before their side effect: a kill must land mid-run, not between the
+    effect and the record (no executor can make that window exactly-once)."""
     recent = timezone.now() - timedelta(seconds=TASK_S / 2)
-    running = Task.objects.filter(session_id__in=session_ids, status="running", started_at__gt=recent)
-    return running.exclude(worker_pid=None).exclude(pk__in=spared).select_related("agent").first()
+    running = Task.objects.filter(session_id__in=session_ids, status="running").exclude(worker_pid=None)
+    return running.filter(started_at__gt=recent), running.filter(started_at__lte=recent)
 
 
-def all_just_started(agent) -> bool:
-    """Whether every task the agent runs is well before its side effect (a whole agent dies)."""
-    recent = timezone.now() - timedelta(seconds=TASK_S / 2)
-    return not Task.objects.filter(agent=agent, status="running", started_at__lte=recent).exists()
+def pool_victim(session_ids, spared) -> Task | None:
+    """A task just started, not one killed before (three kills would use up its attempts)."""
+    fresh, _ = just_started(session_ids)
+    return fresh.exclude(pk__in=spared).select_related("agent").first()
+
+
+def agent_victim(session_ids, spared) -> Agent | None:
+    """An agent whose every running task has just started (its whole pool dies), none of them
+    killed before."""
+    fresh, late = just_started(session_ids)
+    busy = set(fresh.values_list("agent_id", flat=True))
+    unsafe = set(late.values_list("agent_id", flat=True)) | set(
+        fresh.filter(pk__in=spared).values_list("agent_id", flat=True)
+    )
+    return Agent.objects.filter(pk__in=busy - unsafe).first()
 
 
 def test_agents_killed_mid_task_lose_no_work_and_repeat_no_side_effect(sweeping):
@@ -59,33 +68,35 @@ def test_agents_killed_mid_task_lose_no_work_and_repeat_no_side_effect(sweeping)
     client = member_client("acme", "alice")
     session_ids = [create_and_start(client, chain_with_side_effects()) for _ in range(SESSIONS)]
 
-    kills = []
-    deadline = time.monotonic() + 120
-    while len(kills) < KILLS and time.monotonic() < deadline:
-        killed = [pk for _, pk, _ in kills]
-        task = wait_until(
-            lambda killed=killed: a_task_just_started(session_ids, killed), timeout=30, interval=0.05, what="a victim"
-        )
-        if len(kills) % 2 == 1 and not all_just_started(task.agent):
-            time.sleep(0.1)  # its other process may be past its side effect: not a clean kill point
-            continue
+    kills: list[tuple[str, str, list]] = []  # (what, agent, the tasks it ran)
+    while len(kills) < KILLS:
+        killed = [pk for _, _, pks in kills for pk in pks]
         if len(kills) % 2 == 0:
+            task = wait_until(lambda k=killed: pool_victim(session_ids, k), interval=0.05, what="a task to kill")
             os.kill(task.worker_pid, signal.SIGKILL)  # the pool process dies; its agent lives on
-            kills.append(("pool process", task.pk, task.agent.name))
+            kills.append(("pool process", task.agent.name, [task.pk]))
         else:
-            sweeping.kill(task.agent.name)  # the whole agent, as if its host died
-            kills.append(("agent", task.pk, task.agent.name))
-            sweeping.agent(task.agent.name, ["code_generation"], concurrency=2)  # it comes back
+            agent = wait_until(lambda k=killed: agent_victim(session_ids, k), interval=0.05, what="an agent to kill")
+            victims = list(Task.objects.filter(agent=agent, status="running").values_list("pk", flat=True))
+            sweeping.kill(agent.name)  # the whole agent, as if its host died
+            kills.append(("agent", agent.name, victims))
+            sweeping.agent(agent.name, ["code_generation"], concurrency=2)  # it comes back
         time.sleep(1.0)
-    assert len(kills) == KILLS, kills
 
-    wait_until(lambda: len(settled(session_ids)) == SESSIONS, timeout=150, interval=0.5, what="every session to settle")
+    def report() -> str:
+        statuses = Session.objects.filter(pk__in=session_ids).values_list("pk", "status")
+        return f"kills {kills}; sessions {sorted(statuses, key=str)}"
 
-    assert set(settled(session_ids).values()) == {"completed"}
+    wait_until(lambda: len(settled(session_ids)) == SESSIONS, timeout=150, interval=0.5, what=report)
+
+    assert set(settled(session_ids).values()) == {"completed"}, report()
     for session_id in session_ids:
-        assert side_effects_of(session_id) == dict.fromkeys(STEPS, 1), session_id
-    rerun = Task.objects.filter(session_id__in=session_ids, attempts__gt=1).count()
+        effects = side_effects_of(session_id)
+        events = list(SessionEvent.objects.filter(session_id=session_id).values_list("reason", flat=True))
+        assert effects == dict.fromkeys(STEPS, 1), (session_id, effects, events, kills)
+    killed = [pk for _, _, pks in kills for pk in pks]
+    not_rerun = Task.objects.filter(pk__in=killed, attempts__lt=2)
+    assert not not_rerun.exists(), (list(not_rerun.values("pk", "attempts", "status")), kills)
     recoveries = SessionEvent.objects.filter(session_id__in=session_ids, actor="beat", reason__contains="re-queued")
-    victims = [(kind, name) for kind, _, name in kills]
-    print(f"{len(kills)} kills {victims}; {rerun} tasks ran again; {recoveries.count()} recoveries logged")
-    assert rerun >= KILLS and recoveries.count() >= KILLS
+    print(f"{len(kills)} kills of {len(killed)} running tasks; {recoveries.count()} recoveries logged")
+    assert recoveries.count() >= len(killed), (recoveries.count(), kills)
