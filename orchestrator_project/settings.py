@@ -210,6 +210,12 @@ AGENT_STATS_WINDOW_HOURS = env_int("AGENT_STATS_WINDOW_HOURS", 24, minimum=1)
 # A running session whose ready task has had no live agent this long turns degraded.
 DEGRADED_AFTER_SECONDS = env_int("DEGRADED_AFTER_SECONDS", 15)
 WORKSPACE_ROOT = Path(env_str("WORKSPACE_ROOT", str(BASE_DIR / "workspaces")))
+# Sessions may name local repositories only under these directories (comma-separated): the
+# path comes from API input. Development allows any; production allows none until configured.
+REPOSITORY_ROOTS = env_list("REPOSITORY_ROOTS", "/" if DEBUG else "")
+WORKSPACE_CLONE_TIMEOUT_SECONDS = env_int("WORKSPACE_CLONE_TIMEOUT_SECONDS", 600, minimum=1)
+# The final diff a session's result keeps, in characters (the branch has all of it).
+WORKSPACE_DIFF_LIMIT = env_int("WORKSPACE_DIFF_LIMIT", 200_000, minimum=1000)
 SESSION_LOCK_TTL_SECONDS = env_int("SESSION_LOCK_TTL_SECONDS", 30, minimum=1)
 # A queued task whose run_task message the broker no longer holds this long after it was queued
 # is sent again (Beat). Above the time a chain takes to send its next message.

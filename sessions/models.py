@@ -100,6 +100,13 @@ class Session(models.Model):
     # On the first failed required task, cancel everything that has not started.
     fail_fast = models.BooleanField(default=False)
     result = models.JSONField(default=dict, blank=True)
+    # The git repository its tasks work on (an absolute path or a git URL; "" for none), and the
+    # branch to start from ("" for the repository's current one). sessions.workspaces.
+    repository = models.CharField(max_length=1000, blank=True)
+    base_branch = models.CharField(max_length=200, blank=True)
+    # Set when the workspace is made: the session's own branch, and the commit it started from.
+    workspace_branch = models.CharField(max_length=200, blank=True)
+    base_commit = models.CharField(max_length=64, blank=True)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     updated_at = models.DateTimeField(auto_now=True)
     started_at = models.DateTimeField(null=True, blank=True)

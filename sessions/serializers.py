@@ -13,6 +13,7 @@ from tasks.models import CAPABILITIES, Task
 from tasks.services import task_counts
 
 from .models import Checkpoint, Session, SessionEvent
+from .workspaces import WorkspaceError, check_repository
 
 KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 METADATA_MAX_BYTES = 16_384
@@ -202,6 +203,15 @@ class SessionCreateSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
         },
     )
     tasks = TaskSpecSerializer(many=True, required=False)
+    repository = StrictCharField(
+        max_length=1000,
+        required=False,
+        help_text="A git repository to work on: an absolute path on the server (under REPOSITORY_ROOTS) or a git "
+        "URL. The session gets a workspace of its own on a new branch.",
+    )
+    base_branch = StrictCharField(
+        max_length=200, required=False, help_text="The branch to start from; the repository's current one if left out."
+    )
 
     def validate_requirements(self, value: str) -> str:
         if not value.strip():
@@ -233,6 +243,13 @@ class SessionCreateSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
                 {"template": ["leave template out when you send tasks: an explicit DAG has no template"]}
             )
         attrs.setdefault("title", attrs["requirements"].strip().splitlines()[0][:200])
+        if "base_branch" in attrs and "repository" not in attrs:
+            raise serializers.ValidationError({"base_branch": ["a base branch needs a repository"]})
+        if "repository" in attrs:
+            try:
+                check_repository(attrs["repository"], attrs.get("base_branch", ""))
+            except WorkspaceError as exc:
+                raise serializers.ValidationError({"repository": [str(exc)]}) from None
         return attrs
 
 
@@ -259,6 +276,9 @@ class SessionSerializer(serializers.ModelSerializer):
             "retry_count",
             "metadata",
             "template",
+            "repository",
+            "base_branch",
+            "workspace_branch",
             "result",
             "task_counts",
             "progress",

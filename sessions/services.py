@@ -44,6 +44,8 @@ def create_session(*, tenant, user, data: dict, idempotency_key: str | None = No
                 fail_fast=data.get("fail_fast", False),
                 metadata=data.get("metadata") or {},
                 template=plan.template,
+                repository=data.get("repository", ""),
+                base_branch=data.get("base_branch", ""),
                 idempotency_key=idempotency_key or None,
             )
             _create_tasks(session, plan.tasks)

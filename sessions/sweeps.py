@@ -26,7 +26,9 @@ from tasks.services import (
     stop_open_tasks,
 )
 
+from .locking import LockUnavailable
 from .models import ACTIVE, SETTLED, Session
+from .workspaces import WorkspaceError, remove_workspace
 
 logger = logging.getLogger(__name__)
 S = Session.Status
@@ -194,8 +196,9 @@ def release_forgotten_tasks() -> int:
 
 
 def apply_retention() -> int:
-    """Delete sessions settled more than SESSION_RETENTION_DAYS ago, with their tasks, events
-    and checkpoints (0 keeps everything). In batches, so a large backlog never holds long locks."""
+    """Delete sessions settled more than SESSION_RETENTION_DAYS ago, with their tasks, events,
+    checkpoints and workspace directories (0 keeps everything; branches stay in their
+    repositories). In batches, so a large backlog never holds long locks."""
     days = settings.SESSION_RETENTION_DAYS
     if not days:
         return 0
@@ -205,10 +208,16 @@ def apply_retention() -> int:
         old = Session.objects.filter(status__in=SETTLED, finished_at__lt=cutoff).order_by("finished_at")
         with transaction.atomic():
             # Locked as a transition locks them: a retry that comes first keeps its session.
-            batch = list(old.select_for_update(skip_locked=True).values_list("pk", flat=True)[: settings.SWEEP_BATCH])
+            locked = old.select_for_update(skip_locked=True).values_list("pk", "repository")
+            batch = list(locked[: settings.SWEEP_BATCH])
             if not batch:
                 break
-            Session.objects.filter(pk__in=batch).delete()
+            Session.objects.filter(pk__in=[pk for pk, _ in batch]).delete()
+        for pk, repository in batch:  # after the commit: a rolled-back delete keeps its workspace
+            try:
+                remove_workspace(Session(pk=pk, repository=repository))
+            except (WorkspaceError, LockUnavailable) as exc:
+                logger.warning("retention: the workspace of session %s stays: %s", pk, exc)
         deleted += len(batch)
     if deleted:
         logger.info("retention: deleted %d sessions settled before %s", deleted, cutoff)

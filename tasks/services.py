@@ -21,8 +21,9 @@ from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_expo
 from agents.executors import TaskAborted, TaskContext, TaskFailed, TransientError
 from agents.routing import affinity_agent, queue_for
 from agents.runtime import AgentRuntime
-from sessions.locking import redis_client
+from sessions.locking import LockUnavailable, redis_client
 from sessions.models import ACTIVE, Session, broker_priority
+from sessions.workspaces import WorkspaceError, finish_workspace, prepare_workspace, workspace_of
 
 from . import statements
 from .canvas import message_options
@@ -311,7 +312,7 @@ def _context(task: Task, attempt: int) -> TaskContext:
         capability=task.capability,
         instructions=task.instructions,
         params=task.params,
-        workspace=settings.WORKSPACE_ROOT / str(task.session_id),
+        workspace=workspace_of(task.session_id),
         attempt=attempt,
         timeout_s=float(task_timeout(task)),
         should_abort=lambda: _abort_requested(key),
@@ -506,13 +507,39 @@ def settle_session(session_id) -> str | None:
         outcome, reason = Session.Status.PARTIALLY_COMPLETED, "every required task completed; some optional did not"
     if session.status == Session.Status.QUEUED:
         session.transition(Session.Status.RUNNING, reason="settling", only_from=frozenset({Session.Status.QUEUED}))
+    summary = {"task_counts": counts}
+    if session.repository:  # git runs here, before the lock: slow I/O stays out of the transition
+        try:
+            summary["workspace"] = finish_workspace(session)
+        except WorkspaceError as exc:
+            logger.warning("session %s: could not record its workspace: %s", session.pk, exc)
+            summary["workspace"] = {"error": str(exc), "branch": session.workspace_branch}
 
     def store_summary(row: Session) -> None:
-        row.result = {**row.result, "task_counts": counts}
+        row.result = {**row.result, **summary}
         row.save(update_fields=["result"])
 
     event = session.transition(outcome, reason=reason, only_from=ACTIVE, effects=store_summary)
     return outcome if event else None
+
+
+def prepare_workspace_or_fail(session: Session) -> bool:
+    """Make the session's workspace (sessions.workspaces) before any of its tasks is sent; a
+    repository that cannot be used fails the session with git's reason."""
+    try:
+        prepare_workspace(session)
+        return True
+    except WorkspaceError as exc:
+        reason = f"could not prepare the workspace: {exc}"[:500]
+    except LockUnavailable as exc:
+        reason = f"could not own the workspace: {exc}"[:500]
+
+    def stop_tasks(row: Session) -> None:
+        stop_open_tasks(row.pk, reason=reason, revoke=True)
+
+    logger.warning("session %s: %s", session.pk, reason)
+    session.transition(Session.Status.FAILED, reason=reason, actor="orchestrator", only_from=ACTIVE, effects=stop_tasks)
+    return False
 
 
 def task_counts(tasks) -> dict[str, int]:

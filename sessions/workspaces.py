@@ -1,0 +1,223 @@
+"""Per-session git workspaces.
+
+A session that names a repository gets a workspace of its own under WORKSPACE_ROOT/<session id>,
+on a new branch (`io/session-<id>`) cut from its base branch, and all its tasks run there:
+
+- a local repository (an absolute path) gets a `git worktree`: the branch lives in that
+  repository, where its owner can look at it, and two sessions share the object store but never
+  a file;
+- a git URL gets a clone of the base branch, with the new branch in the clone.
+
+When the session settles, what its tasks left in the tree is committed on the branch and the
+session's result records the branch, the commits and the diff against the base.
+
+Git commands that write to the source repository (adding or removing a worktree, committing on a
+branch, whose ref lives there) run under the repository's fair lock, which is also what makes a
+workspace (repository + branch) owned by one session at a time.
+"""
+
+import logging
+import os
+import re
+import shutil
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+
+from django.conf import settings
+
+from .locking import FairLock
+
+logger = logging.getLogger(__name__)
+
+# user@host:path (scp-like ssh) or a URL with one of the schemes git clones over.
+_REMOTE = re.compile(r"^(?:(?:https?|ssh|git|file)://\S+|[\w.-]+@[\w.-]+:\S+)$")
+_BRANCH = re.compile(r"^(?!-)(?!.*\.\.)(?!.*//)[\w./-]{1,200}(?<![./])$")
+GIT_TIMEOUT_S = 120
+LOCK_TTL_S = 180
+
+
+class WorkspaceError(Exception):
+    """The repository or branch cannot be used; the message says why, for the API or the log."""
+
+
+def is_remote(repository: str) -> bool:
+    return bool(_REMOTE.match(repository))
+
+
+def git(*args: str, cwd: Path | str | None = None, timeout: float = GIT_TIMEOUT_S) -> str:
+    """Run git without a terminal prompt or the user's global hooks and identity; raise
+    WorkspaceError with git's own message when it fails."""
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR")}
+    env.update(GIT_TERMINAL_PROMPT="0", GIT_CONFIG_NOSYSTEM="1", GIT_ASKPASS="true", SSH_ASKPASS="true")
+    command = ["git", "-c", "core.hooksPath=/dev/null", "-c", "commit.gpgsign=false", *args]
+    try:
+        done = subprocess.run(
+            command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise WorkspaceError(f"git {args[0]} timed out after {timeout:g}s") from exc
+    except OSError as exc:  # no git, or the directory is gone
+        raise WorkspaceError(f"git {args[0]} could not run: {exc.strerror}: {exc.filename}") from exc
+    if done.returncode != 0:
+        lines = (done.stderr or done.stdout).strip().splitlines() or [f"exit code {done.returncode}"]
+        reason = next((line for line in lines if line.startswith(("fatal:", "error:"))), lines[-1])
+        raise WorkspaceError(f"git {args[0]} failed: {reason.removeprefix('fatal: ').removeprefix('error: ')}")
+    return done.stdout
+
+
+def check_repository(repository: str, base_branch: str = "") -> None:
+    """What the API checks before it stores a session: a local repository must be an allowed,
+    existing git repository with that base branch; a URL must look like one (whether it can be
+    cloned is known only when the session starts)."""
+    if base_branch and not _BRANCH.match(base_branch):
+        raise WorkspaceError(f"{base_branch!r} is not a valid branch name")
+    if is_remote(repository):
+        if repository.startswith("file://"):
+            _check_allowed(Path(repository.removeprefix("file://")))
+        return
+    path = Path(repository)
+    if not path.is_absolute():
+        raise WorkspaceError("a local repository must be an absolute path (or use a git URL)")
+    _check_allowed(path)
+    if not path.is_dir():
+        raise WorkspaceError(f"{repository} does not exist or is not a directory")
+    try:
+        top = git("rev-parse", "--show-toplevel", cwd=path, timeout=10).strip()
+    except WorkspaceError:
+        raise WorkspaceError(f"{repository} is not a git repository") from None
+    if Path(top).resolve() != path.resolve():
+        raise WorkspaceError(f"{repository} is inside the git repository {top}; name its top directory")
+    if base_branch:
+        try:
+            git("rev-parse", "--verify", "--quiet", f"refs/heads/{base_branch}", cwd=path, timeout=10)
+        except WorkspaceError:
+            raise WorkspaceError(f"{repository} has no branch {base_branch!r}") from None
+    else:
+        try:
+            git("rev-parse", "--verify", "--quiet", "HEAD", cwd=path, timeout=10)
+        except WorkspaceError:
+            raise WorkspaceError(f"{repository} has no commit to start from") from None
+
+
+def _check_allowed(path: Path) -> None:
+    """Local repositories come from API input: only those under REPOSITORY_ROOTS may be used, or
+    a tenant could read any repository on the server's disk."""
+    roots = [Path(root).resolve() for root in settings.REPOSITORY_ROOTS]
+    resolved = path.resolve()
+    if not any(resolved == root or root in resolved.parents for root in roots):
+        allowed = ", ".join(map(str, roots)) or "none are configured (REPOSITORY_ROOTS)"
+        raise WorkspaceError(f"{path} is not under an allowed repository root: {allowed}")
+
+
+def branch_for(session) -> str:
+    return f"io/session-{session.pk.hex[:12]}"
+
+
+def workspace_of(session_id) -> Path:
+    return settings.WORKSPACE_ROOT / str(session_id)
+
+
+@contextmanager
+def owning(session):
+    """The repository's fair lock: one git writer per repository, and so one owner per
+    (repository, branch) workspace."""
+    with FairLock(f"repository:{session.repository}", ttl=LOCK_TTL_S):
+        yield
+
+
+def prepare_workspace(session) -> Path:
+    """The session's workspace, created on first use: idempotent, so that a resumed or retried
+    session (or a re-sent dispatch) finds the one it had. A half-made one (a crash mid-clone)
+    is made again. Returns its path; raises WorkspaceError."""
+    path = workspace_of(session.pk)
+    if not session.repository:
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    branch = branch_for(session)
+    with owning(session):
+        if _is_workspace(path, branch):
+            return path
+        check_repository(session.repository, session.base_branch)  # it may have gone since the API saw it
+        _remove(session, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if is_remote(session.repository):
+            args = ["clone", "--quiet", "--single-branch", "--no-tags"]
+            if session.base_branch:
+                args += ["--branch", session.base_branch]
+            git(*args, "--", session.repository, str(path), timeout=settings.WORKSPACE_CLONE_TIMEOUT_SECONDS)
+            git("checkout", "--quiet", "-b", branch, cwd=path)
+        else:
+            base = session.base_branch or "HEAD"
+            git("worktree", "prune", cwd=session.repository)
+            git("worktree", "add", "--quiet", "-B", branch, str(path), base, cwd=session.repository)
+        base_commit = git("rev-parse", "HEAD", cwd=path).strip()
+    type(session).objects.filter(pk=session.pk).update(workspace_branch=branch, base_commit=base_commit)
+    session.workspace_branch, session.base_commit = branch, base_commit
+    logger.info("session %s: workspace %s on branch %s from %s", session.pk, path, branch, base_commit[:12])
+    return path
+
+
+def _is_workspace(path: Path, branch: str) -> bool:
+    if not (path / ".git").exists():
+        return False
+    try:
+        return git("rev-parse", "--abbrev-ref", "HEAD", cwd=path, timeout=10).strip() == branch
+    except WorkspaceError:
+        return False
+
+
+def finish_workspace(session) -> dict:
+    """Commit what the tasks left in the workspace on its branch, and describe the result: the
+    branch, the base and head commits, the files changed and the diff (capped at
+    WORKSPACE_DIFF_LIMIT characters). Idempotent: nothing new to commit, nothing committed."""
+    path = workspace_of(session.pk)
+    if not session.repository or not session.base_commit or not path.is_dir():
+        return {}
+    with owning(session):
+        git("add", "--all", cwd=path)
+        if git("status", "--porcelain", cwd=path).strip():
+            git(
+                "-c", "user.name=Industrial Orchestrator", "-c", "user.email=orchestrator@localhost",
+                "commit", "--quiet", "--no-verify", "-m", f"{session.title}\n\nSession {session.pk}.",
+                cwd=path,
+            )  # fmt: skip
+        head = git("rev-parse", "HEAD", cwd=path).strip()
+    diff = git("diff", "--no-color", session.base_commit, head, cwd=path)
+    limit = settings.WORKSPACE_DIFF_LIMIT
+    files = []
+    for line in git("diff", "--numstat", session.base_commit, head, cwd=path).splitlines():
+        added, deleted, name = line.split("\t", 2)
+        files.append({"file": name, "additions": _count(added), "deletions": _count(deleted)})
+    return {
+        "repository": session.repository,
+        "path": str(path),
+        "branch": session.workspace_branch,
+        "base_branch": session.base_branch,
+        "base_commit": session.base_commit,
+        "head_commit": head,
+        "files": files,
+        "diff": diff[:limit],
+        "diff_truncated": len(diff) > limit,
+    }
+
+
+def _count(figure: str) -> int | None:
+    return None if figure == "-" else int(figure)  # "-" for a binary file
+
+
+def remove_workspace(session) -> None:
+    """Delete the session's workspace directory (the branch stays in the repository)."""
+    path = workspace_of(session.pk)
+    if session.repository:
+        with owning(session):
+            _remove(session, path)
+    elif path.exists():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _remove(session, path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path, ignore_errors=True)
+    if session.repository and not is_remote(session.repository) and Path(session.repository).is_dir():
+        git("worktree", "prune", cwd=session.repository)

@@ -1,0 +1,190 @@
+"""Per-session git workspaces (sessions.workspaces): a worktree or clone per session on its own
+branch, the final commit and diff in the session's result, and every bad repository refused."""
+
+import subprocess
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from django.utils import timezone
+
+from sessions.models import Session
+from sessions.sweeps import apply_retention
+from sessions.workspaces import (
+    WorkspaceError,
+    check_repository,
+    finish_workspace,
+    prepare_workspace,
+    remove_workspace,
+    workspace_of,
+)
+from tasks.tasks import dispatch_session
+from tests.conftest import error_of
+
+pytestmark = pytest.mark.django_db
+
+
+def run(*args: str, cwd: Path) -> str:
+    return subprocess.run(args, cwd=cwd, check=True, capture_output=True, text=True).stdout
+
+
+def make_repo(path: Path, branch: str = "main") -> Path:
+    path.mkdir(parents=True)
+    run("git", "init", "--quiet", "-b", branch, cwd=path)
+    (path / "app.py").write_text("def add(a, b):\n    return a + b\n")
+    run("git", "add", ".", cwd=path)
+    run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "--quiet", "-m", "start", cwd=path)
+    return path
+
+
+@pytest.fixture
+def repo(tmp_path, settings) -> Path:
+    settings.WORKSPACE_ROOT = tmp_path / "workspaces"
+    settings.REPOSITORY_ROOTS = [str(tmp_path)]
+    return make_repo(tmp_path / "repo")
+
+
+def new_session(api, **fields) -> Session:
+    payload = {"requirements": "change the code", "tasks": [{"key": "a", "title": "a", "capability": "testing"}]}
+    created = api.post("/api/v1/sessions/", {**payload, **fields}, format="json")
+    assert created.status_code == 201, created.content
+    return Session.objects.get(pk=created.json()["id"])
+
+
+def test_two_sessions_on_one_repository_get_their_own_worktree_and_branch(api, repo):
+    first, second = new_session(api, repository=str(repo)), new_session(api, repository=str(repo))
+    paths = [prepare_workspace(first), prepare_workspace(second)]
+
+    assert paths == [workspace_of(first.pk), workspace_of(second.pk)]
+    (paths[0] / "app.py").write_text("changed by the first session\n")
+    (paths[0] / "new.py").write_text("x = 1\n")
+    assert (paths[1] / "app.py").read_text() == "def add(a, b):\n    return a + b\n"
+    assert not (paths[1] / "new.py").exists()
+    assert (repo / "app.py").read_text() == "def add(a, b):\n    return a + b\n"  # the checkout is untouched
+    branches = run("git", "branch", "--list", "--format=%(refname:short)", "io/*", cwd=repo).split()
+    assert sorted(branches) == sorted([first.workspace_branch, second.workspace_branch])
+    head = run("git", "rev-parse", "HEAD", cwd=repo).strip()
+    assert Session.objects.get(pk=first.pk).base_commit == head
+
+
+def test_preparing_again_keeps_the_workspace_and_its_work(api, repo):
+    session = new_session(api, repository=str(repo))
+    path = prepare_workspace(session)
+    (path / "work.txt").write_text("in progress\n")
+
+    assert prepare_workspace(Session.objects.get(pk=session.pk)) == path
+    assert (path / "work.txt").read_text() == "in progress\n"
+
+
+def test_finishing_commits_on_the_branch_and_records_the_diff(api, repo):
+    session = new_session(api, repository=str(repo))
+    path = prepare_workspace(session)
+    (path / "app.py").write_text("def add(a, b):\n    return b + a\n")
+    (path / "test_app.py").write_text("from app import add\n")
+
+    result = finish_workspace(Session.objects.get(pk=session.pk))
+
+    assert result["branch"] == session.workspace_branch
+    assert {f["file"] for f in result["files"]} == {"app.py", "test_app.py"}
+    assert "+    return b + a" in result["diff"] and "+from app import add" in result["diff"]
+    assert run("git", "rev-parse", session.workspace_branch, cwd=repo).strip() == result["head_commit"]
+    assert result["base_commit"] != result["head_commit"]
+    assert finish_workspace(Session.objects.get(pk=session.pk))["head_commit"] == result["head_commit"]
+
+
+def test_a_git_url_is_cloned_on_its_base_branch(api, repo, tmp_path):
+    run("git", "branch", "release", cwd=repo)
+    run("git", "checkout", "--quiet", "release", cwd=repo)
+    (repo / "release.txt").write_text("only on release\n")
+    run("git", "add", ".", cwd=repo)
+    run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "--quiet", "-m", "release", cwd=repo)
+    run("git", "checkout", "--quiet", "main", cwd=repo)
+
+    session = new_session(api, repository=f"file://{repo}", base_branch="release")
+    path = prepare_workspace(session)
+
+    assert (path / "release.txt").exists()
+    assert run("git", "rev-parse", "--abbrev-ref", "HEAD", cwd=path).strip() == session.workspace_branch
+    remove_workspace(session)
+    assert not path.exists()
+
+
+@pytest.mark.parametrize(
+    ("repository", "base_branch", "message"),
+    [
+        ("{tmp}/missing", None, "does not exist"),
+        ("{tmp}/plain", None, "is not a git repository"),
+        ("relative/path", None, "must be an absolute path"),
+        ("{tmp}/repo/sub", None, "name its top directory"),
+        ("{tmp}/repo", "no-such-branch", "has no branch 'no-such-branch'"),
+        ("{tmp}/repo", "../escape", "is not a valid branch name"),
+        ("/etc", None, "is not under an allowed repository root"),
+        ("file:///etc/repo", None, "is not under an allowed repository root"),
+    ],
+)
+def test_a_bad_repository_is_refused_with_its_reason_and_nothing_is_stored(
+    api, repo, tmp_path, repository, base_branch, message
+):
+    (tmp_path / "plain").mkdir()
+    (repo / "sub").mkdir()
+    payload = {"requirements": "change the code", "repository": repository.format(tmp=tmp_path)}
+    if base_branch:
+        payload["base_branch"] = base_branch
+
+    error = error_of(api.post("/api/v1/sessions/", payload, format="json"), 400)
+
+    assert message in " ".join(error["details"]["repository"])
+    assert not Session.objects.exists()
+
+
+def test_a_base_branch_without_a_repository_is_refused(api):
+    error = error_of(api.post("/api/v1/sessions/", {"requirements": "x", "base_branch": "main"}, format="json"), 400)
+    assert error["details"]["base_branch"] == ["a base branch needs a repository"]
+
+
+def test_a_repository_gone_before_the_start_fails_the_session_with_gits_reason(api, repo, tmp_path):
+    session = new_session(api, repository=str(repo))
+    subprocess.run(["rm", "-rf", str(repo)], check=True)
+    assert api.post(f"/api/v1/sessions/{session.pk}/start/").status_code == 202
+
+    assert dispatch_session(str(session.pk)) is False
+
+    session.refresh_from_db()
+    assert session.status == "failed"
+    reason = session.events.order_by("-version").first().reason
+    assert reason == f"could not prepare the workspace: {repo} does not exist or is not a directory"
+    assert set(session.tasks.values_list("status", flat=True)) == {"cancelled"}
+
+
+def test_an_unreachable_url_fails_the_session_without_a_prompt(api, repo, tmp_path):
+    session = new_session(api, repository=f"file://{tmp_path}/nowhere.git")
+    assert api.post(f"/api/v1/sessions/{session.pk}/start/").status_code == 202
+
+    assert dispatch_session(str(session.pk)) is False
+
+    session.refresh_from_db()
+    assert session.status == "failed"
+    assert "git clone failed" in session.events.order_by("-version").first().reason
+
+
+def test_check_repository_accepts_a_good_local_repository_and_branch(repo):
+    check_repository(str(repo), "main")
+    with pytest.raises(WorkspaceError, match="has no branch"):
+        check_repository(str(repo), "develop")
+
+
+def test_retention_removes_the_workspace_of_a_deleted_session_and_keeps_its_branch(api, repo, settings):
+    settings.SESSION_RETENTION_DAYS = 30
+    session = new_session(api, repository=str(repo))
+    path = prepare_workspace(session)
+    kept = new_session(api, repository=str(repo))
+    kept_path = prepare_workspace(kept)
+    long_ago = timezone.now() - timedelta(days=31)
+    Session.objects.filter(pk=session.pk).update(status="completed", finished_at=long_ago)
+
+    assert apply_retention() == 1
+
+    assert not path.exists() and kept_path.exists()
+    worktrees = run("git", "worktree", "list", "--porcelain", cwd=repo)
+    assert str(path) not in worktrees and str(kept_path) in worktrees
+    assert run("git", "branch", "--list", "--format=%(refname:short)", session.workspace_branch, cwd=repo).strip()
