@@ -128,6 +128,9 @@ def test_pause_stops_new_tasks_and_resume_finishes_the_session(client, agents):
 def test_cancel_while_running_aborts_the_executor_and_cancels_open_tasks(client, agents):
     session_id = create_and_start(client, chain_payload(30.0))
     wait_until(lambda: task_status(session_id, "one") == "running", what="task one running")
+    # The orchestrator marks the session running shortly after the first claim; until then a
+    # cancel finds it queued and cancels it instead of stopping it.
+    wait_for_status(client, session_id, {"running"})
 
     response = client.post(f"/api/v1/sessions/{session_id}/cancel/")
 
