@@ -1,7 +1,7 @@
 from django.contrib import admin, messages
 
 from . import services
-from .models import Agent
+from .models import Agent, EapDelivery
 
 
 @admin.action(description="Drain: stop consuming, finish in-flight tasks")
@@ -20,10 +20,24 @@ def resume_agents(modeladmin, request, queryset):
 
 @admin.register(Agent)
 class AgentAdmin(admin.ModelAdmin):
-    list_display = ["name", "status", "executor", "current_load", "concurrency", "last_heartbeat", "tasks_completed"]
-    list_filter = ["status", "executor"]
+    list_display = [
+        "name",
+        "status",
+        "executor",
+        "mode",
+        "current_load",
+        "concurrency",
+        "last_heartbeat",
+        "tasks_completed",
+    ]
+    list_filter = ["status", "executor", "mode"]
     search_fields = ["name", "hostname"]
+    # The token's hash and the signing secret never show: they are not on the form at all.
+    exclude = ["token_hash", "signing_secret"]
     readonly_fields = [
+        "mode",
+        "endpoint_url",
+        "token_prefix",
         "last_heartbeat",
         "registered_at",
         "current_load",
@@ -34,3 +48,20 @@ class AgentAdmin(admin.ModelAdmin):
         "pid",
     ]
     actions = [drain_agents, resume_agents]
+
+
+@admin.register(EapDelivery)
+class EapDeliveryAdmin(admin.ModelAdmin):
+    """Read-only: the gateway and the agents write deliveries, operators look at them."""
+
+    list_display = ["task", "attempt", "agent", "state", "created_at", "finished_at"]
+    list_filter = ["state"]
+    list_select_related = ["task", "agent"]
+    search_fields = ["task__id", "agent__name"]
+    raw_id_fields = ["task", "agent"]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False

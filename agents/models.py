@@ -8,17 +8,27 @@ from django.utils import timezone
 
 
 class Agent(models.Model):
-    """One agent worker: a Celery worker consuming cap.<capability> queues and agent.<name>."""
+    """One agent: a Celery worker consuming cap.<capability> queues and agent.<name> (mode ""), or an
+    external agent registered over the API (mode push or pull, docs/EAP.md), which has no queues:
+    an EAP gateway worker (executor eap) hands it tasks."""
 
     class Status(models.TextChoices):
         ONLINE = "online"
         BUSY = "busy"
         DRAINING = "draining"
         OFFLINE = "offline"
+        DEGRADED = "degraded"  # an external push agent whose circuit breaker is open
 
     class Executor(models.TextChoices):
         SCRIPTED = "scripted"
         SHELL = "shell"
+        OPENCODE = "opencode", "OpenCode"
+        EAP = "eap", "EAP gateway / external agent"
+
+    class Mode(models.TextChoices):
+        WORKER = "", "Celery worker"
+        PUSH = "push"
+        PULL = "pull"
 
     name = models.SlugField(max_length=100, unique=True)
     capabilities = models.JSONField(default=list)
@@ -41,15 +51,34 @@ class Agent(models.Model):
     tasks_completed = models.PositiveIntegerField(default=0)
     tasks_failed = models.PositiveIntegerField(default=0)
     registered_at = models.DateTimeField(auto_now_add=True)
+    # External agents (EAP) only. The token is shown once at registration; only its SHA-256 is
+    # kept (it is random and long, so a slow hash buys nothing), found by its prefix. The signing
+    # secret signs push bodies, so the server must keep it as it is.
+    mode = models.CharField(max_length=8, choices=Mode.choices, default=Mode.WORKER, blank=True)
+    endpoint_url = models.URLField(max_length=500, blank=True)
+    token_prefix = models.CharField(max_length=16, blank=True)
+    token_hash = models.CharField(max_length=64, blank=True)
+    signing_secret = models.CharField(max_length=128, blank=True)
 
     class Meta:
         ordering = ["name"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["token_prefix"], condition=~Q(token_prefix=""), name="unique_agent_token_prefix"
+            )
+        ]
 
     def __str__(self) -> str:
         return self.name
 
     @property
+    def is_external(self) -> bool:
+        return self.mode != self.Mode.WORKER
+
+    @property
     def queues(self) -> list[str]:
+        if self.is_external:
+            return []  # an EAP gateway's queues carry its tasks
         return [f"cap.{capability}" for capability in self.capabilities] + [f"agent.{self.name}"]
 
     @property
@@ -118,3 +147,47 @@ def ewma(values, alpha: float = 0.2) -> float | None:
     for value in values:
         mean = value if mean is None else (1 - alpha) * mean + alpha * value
     return mean
+
+
+class EapDelivery(models.Model):
+    """One attempt of a task handed to an external agent: offered to pull agents (no agent yet),
+    claimed by one agent (pushed to it, or taken with GET tasks/next), then done (its result
+    came) or cancelled (deadline, abort, the agent went away, a newer attempt). The gateway
+    that runs the task waits on this row."""
+
+    class State(models.TextChoices):
+        OFFERED = "offered"
+        CLAIMED = "claimed"
+        DONE = "done"
+        CANCELLED = "cancelled"
+
+    OPEN = frozenset({State.OFFERED, State.CLAIMED})
+
+    # Looked up by (task, attempt), which the unique constraint indexes.
+    task = models.ForeignKey("tasks.Task", on_delete=models.CASCADE, related_name="eap_deliveries", db_index=False)
+    attempt = models.PositiveSmallIntegerField()
+    agent = models.ForeignKey(
+        Agent, null=True, blank=True, on_delete=models.SET_NULL, related_name="eap_deliveries", db_index=False
+    )
+    state = models.CharField(max_length=16, choices=State.choices, default=State.OFFERED)
+    # What the agent reported: {"status", "output", "artifacts", "error"}; `error` says why a
+    # done delivery failed or why a cancelled one was given up.
+    result = models.JSONField(default=dict, blank=True)
+    error = models.TextField(blank=True)
+    deadline = models.DateTimeField()
+    created_at = models.DateTimeField(auto_now_add=True)
+    claimed_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["created_at"]
+        constraints = [models.UniqueConstraint(fields=["task", "attempt"], name="unique_eap_delivery_attempt")]
+        indexes = [
+            # GET tasks/next: the oldest offered delivery.
+            models.Index(fields=["created_at"], condition=Q(state="offered"), name="eap_delivery_offered"),
+            # An agent's open deliveries and recent history (its heartbeat's counters).
+            models.Index(fields=["agent", "finished_at"], name="eap_delivery_agent_finished"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.task_id} attempt {self.attempt} ({self.state})"

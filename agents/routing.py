@@ -36,7 +36,8 @@ def can_take(agent: Agent, capability: str, pending: int = 0) -> bool:
     """Live, not draining, has the capability and a free slot (`pending`: slots promised to
     messages sent but not yet claimed)."""
     return (
-        agent.is_live
+        not agent.is_external
+        and agent.is_live
         and agent.status != Agent.Status.DRAINING
         and capability in agent.capabilities
         and agent.current_load + pending < agent.concurrency
@@ -52,7 +53,10 @@ def affinity_agent(task, routed: dict[str, int] | None = None, among: list[int] 
     if among is None:
         among = Task.objects.filter(dependents=task, agent__isnull=False).values("agent_id")
     # The stored load lags until the next heartbeat; count the running tasks now instead.
-    upstream_agents = Agent.objects.filter(pk__in=among).annotate(running=Count("tasks", filter=running("tasks__")))
+    # Only our Celery workers have queues (an external agent's tasks run on an EAP gateway).
+    upstream_agents = Agent.objects.filter(pk__in=among, mode=Agent.Mode.WORKER).annotate(
+        running=Count("tasks", filter=running("tasks__"))
+    )
     for agent in upstream_agents:
         agent.current_load = agent.running
     candidates = [a for a in upstream_agents if can_take(a, task.capability, routed.get(a.name, 0))]

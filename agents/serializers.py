@@ -17,6 +17,8 @@ class AgentSerializer(serializers.ModelSerializer):
             "capabilities",
             "queues",
             "executor",
+            "mode",
+            "endpoint_url",
             "concurrency",
             "tier",
             "ewma_duration_s",

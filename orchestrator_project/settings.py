@@ -41,6 +41,19 @@ def env_int(name: str, default: int, minimum: int = 0) -> int:
     return value
 
 
+def env_float(name: str, default: float, minimum: float = 0.0) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be a number, got {raw!r}.") from None
+    if not value >= minimum:  # also refuses nan
+        raise ImproperlyConfigured(f"{name} must be at least {minimum:g}, got {raw}.")
+    return value
+
+
 def env_list(name: str, default: str) -> list[str]:
     return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
 
@@ -191,6 +204,7 @@ SPECTACULAR_SETTINGS = {
         "SessionStatusEnum": "sessions.models.Status",
         "TaskStatusEnum": "tasks.models.Task.Status",
         "AgentStatusEnum": "agents.models.Agent.Status",
+        "CapabilityEnum": "tasks.models.CAPABILITIES",
     },
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
@@ -234,6 +248,38 @@ SHELL_EXECUTOR_COMMANDS = env_json_dict(
     {"testing": "python -m pytest -q", "code_review": "ruff check ."},
 )
 SHELL_EXECUTOR_OUTPUT_LIMIT = env_int("SHELL_EXECUTOR_OUTPUT_LIMIT", 65_536, minimum=1024)
+
+# The opencode executor (docs/OPENCODE.md). Without OPENCODE_URL, `run_agent --executor opencode`
+# starts its own `opencode serve` (OPENCODE_BIN) with a generated password and OPENCODE_CONFIG
+# (a JSON object merged into the server's config, e.g. a provider block), plus OPENCODE_MODEL.
+OPENCODE_URL = env_str("OPENCODE_URL", "").rstrip("/")
+if OPENCODE_URL and not OPENCODE_URL.startswith(("http://", "https://")):
+    raise ImproperlyConfigured(f"OPENCODE_URL must be an http(s):// URL, got {OPENCODE_URL!r}.")
+OPENCODE_SERVER_USERNAME = env_str("OPENCODE_SERVER_USERNAME", "opencode")
+OPENCODE_SERVER_PASSWORD = env_str("OPENCODE_SERVER_PASSWORD", "")
+if OPENCODE_URL and not OPENCODE_SERVER_PASSWORD and not DEBUG:
+    raise ImproperlyConfigured("Set OPENCODE_SERVER_PASSWORD: an OpenCode server without one runs unsecured.")
+OPENCODE_BIN = env_str("OPENCODE_BIN", str(BASE_DIR / "node_modules" / ".bin" / "opencode"))
+OPENCODE_MODEL = env_str("OPENCODE_MODEL", "")  # "provider/model"; empty: the server's default
+if OPENCODE_MODEL and (not all(OPENCODE_MODEL.partition("/")[::2]) or len(OPENCODE_MODEL.split()) != 1):
+    raise ImproperlyConfigured(f"OPENCODE_MODEL must look like provider/model, got {OPENCODE_MODEL!r}.")
+OPENCODE_CONFIG = env_json_dict("OPENCODE_CONFIG", {})
+# How the executor answers permission.asked, per permission type (edit, bash, external_directory,
+# ...) with a "default": once, always or reject. Edits and commands stay inside the workspace.
+OPENCODE_PERMISSION_POLICY = env_json_dict(
+    "OPENCODE_PERMISSION_POLICY", {"default": "reject", "edit": "once", "bash": "once"}
+)
+if not all(reply in ("once", "always", "reject") for reply in OPENCODE_PERMISSION_POLICY.values()):
+    raise ImproperlyConfigured("OPENCODE_PERMISSION_POLICY values must be once, always or reject.")
+OPENCODE_QUESTION_POLICY = env_str("OPENCODE_QUESTION_POLICY", "first_option")
+if OPENCODE_QUESTION_POLICY not in ("first_option", "reject"):
+    raise ImproperlyConfigured(
+        f"OPENCODE_QUESTION_POLICY must be first_option or reject, got {OPENCODE_QUESTION_POLICY!r}."
+    )
+OPENCODE_REQUEST_TIMEOUT_SECONDS = env_int("OPENCODE_REQUEST_TIMEOUT_SECONDS", 30, minimum=1)
+# Connection failures to one OpenCode server before its circuit opens, and how long it stays open.
+OPENCODE_BREAKER_FAIL_MAX = env_int("OPENCODE_BREAKER_FAIL_MAX", 3, minimum=1)
+OPENCODE_BREAKER_RESET_SECONDS = env_int("OPENCODE_BREAKER_RESET_SECONDS", 30, minimum=1)
 
 # Celery. The hard limit kills a runaway task; the soft limit lets run_task record the failure
 # first. Redis redelivers an unacked message after visibility_timeout, so it must exceed the
@@ -299,3 +345,25 @@ if not DEBUG:
     SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 31_536_000)
     SECURE_HSTS_INCLUDE_SUBDOMAINS = True
     SECURE_HSTS_PRELOAD = True
+
+# External Agent Protocol (docs/EAP.md): agents registered over the API, reached by the `eap`
+# executor of a gateway agent worker. The interval is what registration tells an agent; like
+# our own workers, one silent for AGENT_OFFLINE_AFTER_SECONDS is offline.
+EAP_HEARTBEAT_INTERVAL_SECONDS = env_int(
+    "EAP_HEARTBEAT_INTERVAL_SECONDS", max(1, min(10, AGENT_OFFLINE_AFTER_SECONDS // 3)), minimum=1
+)
+if EAP_HEARTBEAT_INTERVAL_SECONDS >= AGENT_OFFLINE_AFTER_SECONDS:
+    raise ImproperlyConfigured(
+        f"EAP_HEARTBEAT_INTERVAL_SECONDS ({EAP_HEARTBEAT_INTERVAL_SECONDS}) must be below "
+        f"AGENT_OFFLINE_AFTER_SECONDS ({AGENT_OFFLINE_AFTER_SECONDS})."
+    )
+# One POST {endpoint}/task to a push agent: its timeout, and how many times a transient failure
+# (connect error, timeout, 429, 502, 503, 504) is tried again within one attempt of the task.
+EAP_PUSH_TIMEOUT_SECONDS = env_float("EAP_PUSH_TIMEOUT_SECONDS", 10.0, minimum=0.1)
+EAP_PUSH_RETRIES = env_int("EAP_PUSH_RETRIES", 2)
+# A push agent's circuit opens after this many consecutive failed POSTs (the agent shows as
+# degraded and gets no work), and lets one trial POST through after the reset time.
+EAP_BREAKER_FAIL_MAX = env_int("EAP_BREAKER_FAIL_MAX", 5, minimum=1)
+EAP_BREAKER_RESET_SECONDS = env_int("EAP_BREAKER_RESET_SECONDS", 30, minimum=1)
+# How often the gateway looks at a delivery it waits on (a result, a cancel, the deadline).
+EAP_POLL_INTERVAL_SECONDS = env_float("EAP_POLL_INTERVAL_SECONDS", 0.3, minimum=0.05)

@@ -166,7 +166,9 @@ class TaskSpecSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
             # The agent must be registered and able to do the task; whether it is online is a
             # runtime matter (the session turns degraded).
             name = attrs["agent"]
-            capabilities = Agent.objects.filter(name=name).values_list("capabilities", flat=True).first()
+            # Only our workers have an agent.<name> queue; external agents run behind a gateway.
+            workers = Agent.objects.filter(name=name, mode=Agent.Mode.WORKER)
+            capabilities = workers.values_list("capabilities", flat=True).first()
             if capabilities is None:
                 raise serializers.ValidationError({"agent": [f"no agent named {name!r} is registered"]})
             if attrs["capability"] not in capabilities:

@@ -13,6 +13,7 @@ from django.db import transaction
 from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
+from agents.eap import external_capabilities
 from agents.models import Agent
 from tasks.broker import held_message_ids
 from tasks.models import Task
@@ -67,9 +68,14 @@ def sweep_degraded_sessions() -> dict[str, int]:
     """running -> degraded when a ready task has had no live agent for DEGRADED_AFTER_SECONDS;
     degraded -> running once every ready task has one again. Each move writes its reason.
     On the way, a ready task stranded on a gone agent's queue by affinity is sent again."""
-    live_agents = [
-        a for a in Agent.objects.exclude(status__in=(Agent.Status.OFFLINE, Agent.Status.DRAINING)) if a.is_live
-    ]
+    workers = Agent.objects.filter(mode=Agent.Mode.WORKER)  # external agents have no queues
+    live_agents = [a for a in workers.exclude(status__in=(Agent.Status.OFFLINE, Agent.Status.DRAINING)) if a.is_live]
+    if any(a.executor == Agent.Executor.EAP for a in live_agents):
+        # An EAP gateway serves a capability only while a live external agent can take it.
+        reachable = external_capabilities()
+        for agent in live_agents:
+            if agent.executor == Agent.Executor.EAP:
+                agent.capabilities = [c for c in agent.capabilities if c in reachable]
     stale = timezone.now() - timedelta(seconds=settings.DEGRADED_AFTER_SECONDS)
     moved = {"degraded": 0, "recovered": 0, "rerouted": 0}
     # Running sessions with a ready task might degrade; every degraded one might recover (its

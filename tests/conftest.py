@@ -194,10 +194,18 @@ class Stack:
             env,
         )  # fmt: skip
 
-    def agent(self, name: str, capabilities: list[str], *, concurrency: int = 2, duration: float = 0.0):
+    def agent(
+        self,
+        name: str,
+        capabilities: list[str],
+        *,
+        concurrency: int = 2,
+        duration: float = 0.0,
+        executor: str = "scripted",
+    ):
         proc = self._spawn(
             name,
-            [sys.executable, "manage.py", "run_agent", "--name", name, "--executor", "scripted",
+            [sys.executable, "manage.py", "run_agent", "--name", name, "--executor", executor,
              "--capabilities", ",".join(capabilities), "--concurrency", str(concurrency),
              "--duration", str(duration)],
         )  # fmt: skip

@@ -115,7 +115,7 @@ def run_agent(*args: str) -> None:
         ),
         (["--name", "a1", "--capabilities", "testing", "--executor", "scripted", "--fail-rate", "1.5"], "fail-rate"),
         (["--name", "a1", "--capabilities", "testing", "--executor", "scripted", "--duration", "-1"], "duration"),
-        (["--name", "a1", "--capabilities", "testing", "--executor", "opencode"], "executor"),
+        (["--name", "a1", "--capabilities", "testing", "--executor", "telepathy"], "executor"),
         (["--capabilities", "testing", "--executor", "scripted"], "--name"),
     ],
     ids=[

@@ -53,10 +53,12 @@ class Executor(Protocol):
 
 
 def build_executor(kind: str, defaults: dict | None = None) -> Executor:
+    from .eap import EapExecutor
+    from .opencode import OpenCodeExecutor
     from .scripted import ScriptedExecutor
     from .shell import ShellExecutor
 
-    executors = {"scripted": ScriptedExecutor, "shell": ShellExecutor}
+    executors = {"scripted": ScriptedExecutor, "shell": ShellExecutor, "eap": EapExecutor, "opencode": OpenCodeExecutor}
     if kind not in executors:
         raise ValueError(f"unknown executor {kind!r}; choose one of {', '.join(sorted(executors))}")
     return executors[kind](**(defaults or {}))

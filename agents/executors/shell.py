@@ -31,7 +31,8 @@ class ShellExecutor:
             raise TaskFailed(f"no shell command is configured for capability {ctx.capability!r}")
         ctx.workspace.mkdir(parents=True, exist_ok=True)
         env = {k: os.environ[k] for k in self._KEPT_ENV if k in os.environ}
-        env.update(HOME=str(ctx.workspace), TMPDIR=tempfile.gettempdir(), CI="true")
+        # No bytecode: what the command leaves in the workspace ends up in the session's diff.
+        env.update(HOME=str(ctx.workspace), TMPDIR=tempfile.gettempdir(), CI="true", PYTHONDONTWRITEBYTECODE="1")
         with tempfile.TemporaryFile() as sink:
             proc = subprocess.Popen(
                 shlex.split(command),

@@ -40,6 +40,7 @@ class Command(BaseCommand):
         if duration < 0 or not 0 <= fail_rate <= 1:
             raise CommandError("--duration must be >= 0 and --fail-rate between 0 and 1")
         defaults = {"duration_s": duration, "fail_rate": fail_rate} if executor == Agent.Executor.SCRIPTED else {}
+        opencode = self._start_opencode() if executor == "opencode" and not settings.OPENCODE_URL else None
         agent = register_agent(name=name, capabilities=caps, executor=executor, concurrency=concurrency)
         set_current_agent(AgentRuntime(agent.pk, agent.name, executor, defaults))
         stop = threading.Event()
@@ -62,9 +63,22 @@ class Command(BaseCommand):
                 ]
             )
         finally:
+            if opencode is not None:
+                opencode.stop()
             stop.set()
             close_old_connections()
             Agent.objects.filter(pk=agent.pk).update(status=Agent.Status.OFFLINE, current_load=0)
+
+    def _start_opencode(self):
+        """No OPENCODE_URL: this agent owns an `opencode serve`, started before the pool forks."""
+        from agents.executors.opencode import OpenCodeServerError, start_server_for_worker
+
+        try:
+            server = start_server_for_worker()
+        except OpenCodeServerError as exc:
+            raise CommandError(str(exc)) from None
+        self.stderr.write(f"started opencode serve at {server.url}")
+        return server
 
     def _parse_capabilities(self, raw: str) -> list[str]:
         caps = [c.strip() for c in raw.split(",") if c.strip()]
@@ -82,6 +96,9 @@ def register_agent(*, name: str, capabilities: list[str], executor: str, concurr
     the dead run's pids, whose leases would then be renewed)."""
     from tasks.leases import recover_tasks_of
 
+    if Agent.objects.filter(name=name).exclude(mode=Agent.Mode.WORKER).exists():
+        # Taking the row over would turn a registered external agent into a worker.
+        raise CommandError(f"{name!r} is the name of an external agent (EAP); choose another --name")
     agent, _ = Agent.objects.update_or_create(
         name=name,
         defaults={

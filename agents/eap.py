@@ -1,0 +1,290 @@
+"""The External Agent Protocol on the server side (docs/EAP.md): registration and agent tokens,
+heartbeats, pull claims, results, and the circuit breaker of each push agent.
+
+External agents are Agent rows with mode push or pull. They consume no queues: an EAP gateway
+(an agent worker whose executor is agents.executors.eap) runs each task through the normal
+Celery path and hands it to one of them through an EapDelivery row, on which it then waits.
+"""
+
+import hashlib
+import hmac
+import logging
+import secrets
+from datetime import datetime, timedelta
+
+import pybreaker
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import Case, Count, F, Q, Value, When
+from django.utils import timezone
+
+from sessions.locking import redis_client
+
+from .models import Agent, EapDelivery, ewma
+
+logger = logging.getLogger(__name__)
+TOKEN_SCHEME = "eap"  # noqa: S105 - the tag tokens start with, not a secret
+# Compared against when no agent has the token's prefix, so that a miss costs the same compare.
+_NO_HASH = "0" * 64
+
+
+class NameTaken(Exception):
+    """Another agent (external or a Celery worker) already has this name."""
+
+
+class NotYourTask(Exception):
+    """The task is not running on this external agent (another agent's, finished, cancelled, unknown)."""
+
+
+class PushFailed(Exception):
+    """A POST {endpoint}/task that did not reach the agent (transient: worth another try) or that
+    it answered with an error (`status`)."""
+
+    def __init__(self, message: str, *, transient: bool, status: int | None = None) -> None:
+        super().__init__(message)
+        self.transient, self.status = transient, status
+
+
+def _not_a_push_failure(exc: BaseException) -> bool:
+    """Only a POST that did not get through (transient) or a 5xx counts towards opening the
+    circuit. A refusal below 500 (400, 401 ...) is the agent up and answering (it fails the task
+    instead); anything else (the worker's time limit, a bug) says nothing about the agent."""
+    return not (isinstance(exc, PushFailed) and (exc.transient or (exc.status or 0) >= 500))
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def sign(secret: str, timestamp: str, body: bytes) -> str:
+    """X-EAP-Signature of a push body: HMAC-SHA256 of "<timestamp>.<raw body>" keyed by the
+    agent's signing secret. The timestamp is signed too, so a captured request cannot be
+    replayed later with a fresh one (agents refuse old timestamps)."""
+    digest = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+    return f"sha256={digest}"
+
+
+def register_external_agent(*, name: str, capabilities: list[str], mode: str, endpoint_url: str = "") -> tuple:
+    """Create an external agent, online from now on; returns it and its token (shown only now:
+    only the token's hash is kept). Raises NameTaken."""
+    prefix = secrets.token_hex(6)
+    token = f"{TOKEN_SCHEME}_{prefix}_{secrets.token_urlsafe(32)}"
+    if Agent.objects.filter(name=name).exists():
+        raise NameTaken(name)
+    try:
+        with transaction.atomic():
+            agent = Agent.objects.create(
+                name=name,
+                capabilities=sorted(set(capabilities)),
+                executor=Agent.Executor.EAP,
+                mode=mode,
+                endpoint_url=endpoint_url,
+                token_prefix=prefix,
+                token_hash=hash_token(token),
+                signing_secret=secrets.token_hex(32),
+                status=Agent.Status.ONLINE,
+                last_heartbeat=timezone.now(),
+            )
+    except IntegrityError:  # a concurrent registration of the same name won
+        raise NameTaken(name) from None
+    logger.info("external agent %s registered (%s, %s)", name, mode, ", ".join(agent.capabilities))
+    return agent, token
+
+
+def agent_for_token(token: str) -> Agent | None:
+    """The external agent whose token this is, or None. Found by the token's (public) prefix,
+    then the hashes compared in constant time."""
+    scheme, _, rest = token.partition("_")
+    prefix, _, _ = rest.partition("_")
+    agent = None
+    if scheme == TOKEN_SCHEME and prefix:
+        agent = Agent.objects.exclude(mode=Agent.Mode.WORKER).filter(token_prefix=prefix).first()
+    matches = hmac.compare_digest(hash_token(token), agent.token_hash if agent else _NO_HASH)
+    return agent if agent is not None and matches else None
+
+
+def record_heartbeat(agent: Agent, *, status: str, current_load: int) -> None:
+    """The agent says it is alive, how loaded it is, and whether it drains. Draining sticks (an
+    operator resumes it, as for our workers); a push agent whose circuit is not closed stays
+    degraded whatever it says. Its counters and EWMA come from its recent deliveries."""
+    if status == Agent.Status.DRAINING:
+        reported = Agent.Status.DRAINING
+    elif agent.mode == Agent.Mode.PUSH and circuit_state(agent) != pybreaker.STATE_CLOSED:
+        reported = Agent.Status.DEGRADED
+    else:
+        reported = status
+    since = timezone.now() - timedelta(hours=settings.AGENT_STATS_WINDOW_HOURS)
+    recent = EapDelivery.objects.filter(agent_id=agent.pk, state=EapDelivery.State.DONE, finished_at__gte=since)
+    counts = recent.aggregate(completed=Count("pk", filter=Q(error="")), failed=Count("pk", filter=~Q(error="")))
+    spans = recent.exclude(claimed_at=None).order_by("-finished_at").values_list("claimed_at", "finished_at")[:20]
+    durations = [(end - start).total_seconds() for start, end in spans]
+    # One statement, so that an operator's drain in between is not overwritten.
+    Agent.objects.filter(pk=agent.pk).update(
+        last_heartbeat=timezone.now(),
+        status=Case(When(status=Agent.Status.DRAINING, then=Value(Agent.Status.DRAINING)), default=Value(reported)),
+        current_load=current_load,
+        tasks_completed=counts["completed"],
+        tasks_failed=counts["failed"],
+        ewma_duration_s=ewma(reversed(durations)),
+    )
+
+
+def live_external_agents(capability: str) -> list[Agent]:
+    """External agents with the capability that beat recently and take new work."""
+    silent_since = timezone.now() - timedelta(seconds=settings.AGENT_OFFLINE_AFTER_SECONDS)
+    return list(
+        Agent.objects.exclude(mode=Agent.Mode.WORKER)
+        .exclude(status__in=(Agent.Status.OFFLINE, Agent.Status.DRAINING))
+        .filter(capabilities__contains=[capability], last_heartbeat__gte=silent_since)
+    )
+
+
+def external_capabilities() -> set[str]:
+    """The capabilities some live external agent can take a task of now (a pull agent, or a push
+    agent whose circuit lets a call through): what an EAP gateway can really serve."""
+    silent_since = timezone.now() - timedelta(seconds=settings.AGENT_OFFLINE_AFTER_SECONDS)
+    agents = (
+        Agent.objects.exclude(mode=Agent.Mode.WORKER)
+        .exclude(status__in=(Agent.Status.OFFLINE, Agent.Status.DRAINING))
+        .filter(last_heartbeat__gte=silent_since)
+    )
+    return {c for a in agents if a.mode == Agent.Mode.PULL or circuit_allows_call(a) for c in a.capabilities}
+
+
+def claim_next_delivery(agent: Agent) -> EapDelivery | None:
+    """GET tasks/next: the oldest offered delivery of a task with one of the agent's capabilities,
+    now claimed by it; None if there is none (or the agent drains). Offers of an attempt that
+    has moved on (the gateway died and the task was taken back) are passed over. Rows another
+    claim holds are skipped, so concurrent agents never take the same delivery."""
+    if agent.status == Agent.Status.DRAINING:
+        return None
+    with transaction.atomic():
+        offered = (
+            EapDelivery.objects.select_for_update(skip_locked=True, of=("self",))
+            .select_related("task")
+            .filter(
+                state=EapDelivery.State.OFFERED,
+                task__capability__in=agent.capabilities,
+                task__status="running",
+                task__attempts=F("attempt"),
+            )
+            .order_by("created_at")
+        )
+        delivery = offered.first()
+        if delivery is None:
+            return None
+        delivery.state, delivery.agent, delivery.claimed_at = EapDelivery.State.CLAIMED, agent, timezone.now()
+        delivery.save(update_fields=["state", "agent", "claimed_at"])
+    logger.info("task %s attempt %s claimed by external agent %s", delivery.task_id, delivery.attempt, agent.name)
+    return delivery
+
+
+def report_result(agent: Agent, *, task_id, result: dict) -> EapDelivery:
+    """POST tasks/{id}/result: store the agent's (validated) result on its claimed delivery of
+    the task's current attempt; the gateway waiting on it records the task. Raises NotYourTask
+    (and changes nothing) for another agent's task, a delivery no longer claimed, or an attempt
+    the task has moved on from."""
+    not_yours = f"task {task_id} is not a running task of agent {agent.name}"
+    with transaction.atomic():
+        delivery = (
+            EapDelivery.objects.select_for_update(of=("self",))
+            .select_related("task")
+            .filter(task_id=task_id, agent=agent)
+            .order_by("-attempt")
+            .first()
+        )
+        if delivery is None:
+            raise NotYourTask(not_yours)
+        if delivery.state != EapDelivery.State.CLAIMED:
+            why = f": its delivery is {delivery.state}" + (f" ({delivery.error})" if delivery.error else "")
+            raise NotYourTask(not_yours + why)
+        task = delivery.task
+        if task.status != "running" or task.attempts != delivery.attempt:
+            raise NotYourTask(f"{not_yours}: it is {task.status} (attempt {task.attempts})")
+        delivery.state, delivery.result, delivery.finished_at = EapDelivery.State.DONE, result, timezone.now()
+        delivery.error = _failure_of(agent, result)
+        delivery.save(update_fields=["state", "result", "error", "finished_at"])
+    logger.info("external agent %s reported task %s %s", agent.name, task_id, result["status"])
+    return delivery
+
+
+def finish_delivery(delivery_id: int, agent: Agent, result: dict) -> bool:
+    """claimed -> done with a result the agent answered a push with (inline); False if the
+    delivery was given up meanwhile."""
+    claimed = EapDelivery.objects.filter(pk=delivery_id, state=EapDelivery.State.CLAIMED)
+    done = claimed.update(
+        state=EapDelivery.State.DONE, result=result, error=_failure_of(agent, result), finished_at=timezone.now()
+    )
+    return bool(done)
+
+
+def _failure_of(agent: Agent, result: dict) -> str:
+    """The delivery's error: empty for a completed result, never empty for a failed one."""
+    if result["status"] != "failed":
+        return ""
+    return (result.get("error") or f"agent {agent.name} reported a failure without saying why")[:5000]
+
+
+# The circuit breaker of each push agent. Its state lives in Redis, so that every gateway
+# process (and the API, for heartbeats) sees the same circuit; each process keeps its own
+# CircuitBreaker object over it.
+_breakers: dict[tuple, tuple[pybreaker.CircuitBreaker, pybreaker.CircuitRedisStorage]] = {}
+
+
+class _AgentStatusFollowsCircuit(pybreaker.CircuitBreakerListener):
+    """Open: the agent is degraded (it gets no work); closed again: online. Whichever process
+    first notices a change writes it; the updates are idempotent."""
+
+    def __init__(self, agent_id: int, name: str) -> None:
+        self.agent_id, self.name = agent_id, name
+
+    def state_change(self, cb, old_state, new_state) -> None:
+        agent = Agent.objects.filter(pk=self.agent_id)
+        if new_state.name == pybreaker.STATE_OPEN:
+            if agent.filter(status__in=(Agent.Status.ONLINE, Agent.Status.BUSY)).update(status=Agent.Status.DEGRADED):
+                logger.warning("circuit of external agent %s opened: degraded", self.name)
+        elif new_state.name == pybreaker.STATE_CLOSED and old_state is not None:
+            recovered = agent.filter(status=Agent.Status.DEGRADED).update(status=Agent.Status.ONLINE)
+            if recovered:
+                logger.info("circuit of external agent %s closed: online again", self.name)
+
+
+def breaker_for(agent: Agent) -> pybreaker.CircuitBreaker:
+    """The agent's circuit breaker in this process: every failed POST counts (transient failures
+    and 5xx), an answer resets the count."""
+    return _breaker_and_storage(agent)[0]
+
+
+def _breaker_and_storage(agent: Agent) -> tuple:
+    key = (agent.pk, settings.EAP_BREAKER_FAIL_MAX, settings.EAP_BREAKER_RESET_SECONDS)
+    if key not in _breakers:
+        # CircuitRedisStorage decodes what it reads itself: it needs a client that returns
+        # bytes (decode_responses off), which redis_client() is.
+        storage = pybreaker.CircuitRedisStorage(
+            pybreaker.STATE_CLOSED, redis_client(), namespace=f"eap:circuit:{agent.pk}"
+        )
+        breaker = pybreaker.CircuitBreaker(
+            fail_max=settings.EAP_BREAKER_FAIL_MAX,
+            reset_timeout=settings.EAP_BREAKER_RESET_SECONDS,
+            exclude=[_not_a_push_failure],
+            listeners=[_AgentStatusFollowsCircuit(agent.pk, agent.name)],
+            state_storage=storage,
+            name=f"eap:{agent.name}",
+        )
+        _breakers[key] = (breaker, storage)
+    return _breakers[key]
+
+
+def circuit_state(agent: Agent) -> str:
+    """closed, open or half-open, as every process sees it."""
+    return _breaker_and_storage(agent)[1].state
+
+
+def circuit_allows_call(agent: Agent) -> bool:
+    """Closed; half-open (a trial call is under way, and one whose caller died must not keep the
+    circuit half-open for good); or open for longer than the reset time (the next call is the trial)."""
+    _, storage = _breaker_and_storage(agent)
+    if storage.state != pybreaker.STATE_OPEN:
+        return True
+    opened_at: datetime | None = storage.opened_at
+    return opened_at is None or timezone.now() >= opened_at + timedelta(seconds=settings.EAP_BREAKER_RESET_SECONDS)

@@ -1,0 +1,132 @@
+"""The bodies of the External Agent Protocol (docs/EAP.md): what external agents send and get."""
+
+from django.core.validators import URLValidator
+from rest_framework import serializers
+
+from agents.management.commands.run_agent import NAME_PATTERN
+from sessions.serializers import RejectUnknownFieldsMixin, StrictCharField, StrictIntegerField, StrictRegexField
+from tasks.models import CAPABILITIES
+
+JSON_MAX_DEPTH = 32
+MAX_OUTPUT_CHARS = 500_000
+
+
+class RegisterSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
+    name = StrictRegexField(
+        NAME_PATTERN.pattern, max_length=100, help_text="Unique among all agents: a-z, 0-9, '-' and '_'."
+    )
+    capabilities = serializers.ListField(
+        child=serializers.ChoiceField(choices=CAPABILITIES), allow_empty=False, max_length=len(CAPABILITIES)
+    )
+    mode = serializers.ChoiceField(
+        choices=["push", "pull"], help_text="push: we POST tasks to endpoint_url; pull: the agent polls tasks/next."
+    )
+    endpoint_url = serializers.CharField(
+        required=False,
+        max_length=500,
+        validators=[URLValidator(schemes=["http", "https"])],
+        help_text="push only (required there): tasks go to POST {endpoint_url}/task.",
+    )
+
+    def validate(self, attrs):
+        if attrs["mode"] == "push" and not attrs.get("endpoint_url"):
+            raise serializers.ValidationError({"endpoint_url": ["required for a push agent"]})
+        if attrs["mode"] == "pull" and "endpoint_url" in attrs:
+            raise serializers.ValidationError({"endpoint_url": ["a pull agent has no endpoint; leave it out"]})
+        return attrs
+
+
+class RegistrationSerializer(serializers.Serializer):
+    agent_id = serializers.IntegerField()
+    token = serializers.CharField(help_text="Send as X-Agent-Token. Shown only now: only its hash is stored.")
+    heartbeat_interval_s = serializers.IntegerField(help_text="Beat (POST heartbeat/) at least this often.")
+    signing_secret = serializers.CharField(
+        help_text="Push agents verify X-EAP-Signature with it. Shown only now; keep it secret."
+    )
+
+
+class HeartbeatSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
+    status = serializers.ChoiceField(choices=["online", "busy", "draining"])
+    current_load = StrictIntegerField(min_value=0, max_value=100_000, help_text="Tasks the agent runs now.")
+
+
+class TaskOfferSerializer(serializers.Serializer):
+    """A task as an external agent receives it: the push body, and GET tasks/next's answer."""
+
+    task_id = serializers.UUIDField()
+    session_id = serializers.UUIDField()
+    capability = serializers.ChoiceField(choices=CAPABILITIES)
+    title = serializers.CharField()
+    instructions = serializers.CharField()
+    params = serializers.DictField()
+    deadline = serializers.DateTimeField(help_text="Report before this; the task fails afterwards.")
+    attempt = serializers.IntegerField(help_text="1 for the first attempt; (task_id, attempt) names a delivery.")
+
+
+def offer_of(delivery) -> dict:
+    task = delivery.task
+    return {
+        "task_id": task.pk,
+        "session_id": task.session_id,
+        "capability": task.capability,
+        "title": task.title,
+        "instructions": task.instructions,
+        "params": task.params,
+        "deadline": delivery.deadline,
+        "attempt": delivery.attempt,
+    }
+
+
+class ResultSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
+    status = serializers.ChoiceField(choices=["completed", "failed"])
+    output = StrictCharField(allow_blank=True, trim_whitespace=False, max_length=MAX_OUTPUT_CHARS)
+    artifacts = serializers.ListField(
+        child=serializers.DictField(), default=list, max_length=100, help_text="JSON objects, e.g. {path, content}."
+    )
+    error = StrictCharField(
+        default="", allow_blank=True, trim_whitespace=False, max_length=5000, help_text="Why it failed."
+    )
+
+    def validate_output(self, value: str) -> str:
+        return _storable(value)
+
+    def validate_error(self, value: str) -> str:
+        return _storable(value)
+
+    def validate_artifacts(self, value: list) -> list:
+        return _storable(value)
+
+
+def _storable(value):
+    """PostgreSQL's jsonb stores neither NUL characters nor unpaired surrogates; deep nesting is
+    refused before anything walks it recursively."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > JSON_MAX_DEPTH:
+            raise serializers.ValidationError(f"nested deeper than {JSON_MAX_DEPTH} levels")
+        if isinstance(item, str):
+            if "\x00" in item:
+                raise serializers.ValidationError("must not contain NUL characters (\\u0000)")
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise serializers.ValidationError("must not contain unpaired surrogate characters") from None
+        elif isinstance(item, dict):
+            stack.extend((key, depth) for key in item)
+            stack.extend((child, depth + 1) for child in item.values())
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item)
+    return value
+
+
+class ErrorDetailSerializer(serializers.Serializer):
+    code = serializers.CharField()
+    message = serializers.CharField()
+    details = serializers.DictField()
+
+
+class EapErrorSerializer(serializers.Serializer):
+    """Every error: {"error": {"code", "message", "details"}}."""
+
+    error = ErrorDetailSerializer()
