@@ -14,7 +14,7 @@ export REDIS_URL ?= redis://127.0.0.1:6379/0
 export WEB_PORT ?= 8000
 export FLOWER_PORT ?= 5555
 
-.PHONY: venv services up demo bench test lint format clean
+.PHONY: venv opencode services up demo bench test lint format clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required: sudo apt-get install -y python3 python3-venv")'
@@ -25,13 +25,25 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 
 venv: $(VENV)/.installed
 
+# The real `opencode serve` the opencode executor drives (node_modules/.bin/opencode), pinned in
+# package-lock.json. A registry that serves only some of opencode-ai's optional per-platform
+# packages leaves them out of the lock file, which `npm ci` then refuses as out of sync;
+# `npm install` installs the same locked versions from it without changing it.
+node_modules/.installed: package.json package-lock.json
+	@command -v npm >/dev/null || { echo "npm is required for the OpenCode server: install Node.js 18+ and npm: sudo apt-get install -y nodejs npm" >&2; exit 1; }
+	npm ci --no-audit --no-fund || npm install --no-audit --no-fund
+	node_modules/.bin/opencode --version
+	touch $@
+
+opencode: node_modules/.installed
+
 services: venv
 	@$(BIN)/python scripts/ensure_services.py
 
 up: services
 	scripts/up.sh
 
-demo: venv  # scripts/demo.py checks PostgreSQL and Redis for its own database
+demo: venv opencode  # scripts/demo.py checks PostgreSQL and Redis for its own database
 	$(BIN)/python scripts/demo.py
 
 bench: venv  # bench/env.py checks PostgreSQL and Redis for its own database
@@ -45,7 +57,7 @@ format: venv
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: lint services
+test: lint services opencode
 	$(BIN)/python manage.py makemigrations --check --dry-run
 	$(BIN)/pytest
 

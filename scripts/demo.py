@@ -1,17 +1,26 @@
 """Run one real coding session end to end on a private copy of the stack, then stop it.
 
 `make demo` runs this. It checks PostgreSQL and Redis for its own database (ensure_services.py),
-starts scripts/up.sh (web, the orchestrator worker, two scripted agents, beat, Flower) on its own
-database, Redis database and ports, so it never collides with a running `make up` or with the test
-suite; submits plain requirements through the REST API - first to the preview endpoint, printing
-the DAG the analyzer chose, then as a session - prints every transition as it happens, then stops
-everything it started.
+makes a small git repository whose `slugify` is not written yet (scripts/demo/repo), and starts
+scripts/up.sh with the demo's Procfile (scripts/demo/Procfile) on its own database, Redis
+database and ports, so it never collides with a running `make up` or with the test suite:
+web, the orchestrator worker, beat, a mock LLM (mockllm, offline) and three agents:
+
+- coder: the OpenCode executor driving the real `opencode serve` (npm opencode-ai), whose model
+  is the mock LLM; it writes the code;
+- tester: the shell executor running `python -m pytest -q` in the session's workspace;
+- reviewer: the shell executor running `ruff check .` there.
+
+It submits the session through the REST API, prints every transition as it happens, then the
+session's branch and final diff, and stops everything it started.
 Exit code 0 means the session reached `completed`.
 
-Only the standard library and httpx: this is also an example of a client of the API.
+Only the standard library, httpx and mockllm: this is also an example of a client of the API.
 """
 
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,19 +31,24 @@ from contextlib import suppress
 from datetime import UTC, datetime
 from itertools import pairwise
 from pathlib import Path
-from secrets import token_urlsafe
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script: the project's packages are beside it
+from mockllm.server import provider_config  # noqa: E402
+
 LOG_PATH = ROOT / ".run" / "demo-stack.log"
 WEB_PORT = 18000
-FLOWER_PORT = 15555
 DATABASE_URL = "postgres://postgres@127.0.0.1:5432/orchestrator_demo"
 REDIS_URL = "redis://127.0.0.1:6379/1"
-AGENTS = ("builder", "reviewer")
+AGENTS = ("coder", "tester", "reviewer")
+MOCKLLM_PORT = 18765
+DEMO_REPO = ROOT / ".run" / "demo-repo"
+WORKSPACES = ROOT / ".run" / "demo-workspaces"
+OPENCODE_BIN = ROOT / "node_modules" / ".bin" / "opencode"
 STARTUP_TIMEOUT_S = 90.0
 SESSION_DEADLINE_S = 120.0
 STOP_GRACE_S = 20.0
@@ -42,14 +56,17 @@ POLL_S = 0.3
 # Statuses after which nothing more happens without an operator (DESIGN §4).
 SETTLED = {"completed", "partially_completed", "cancelled", "failed", "timeout", "stopped", "orphaned"}
 
-# Plain requirements, no tasks: the analyzer picks the template and the capabilities. The builder
-# and the reviewer together have every capability, so whatever it picks can run.
-DEMO_TITLE = "Demo: add rate limiting to the payments API"
+DEMO_TITLE = "Demo: write slugify for the payments API"
 DEMO_REQUIREMENTS = (
-    "Add per-client rate limiting to the payments API, with tests and docs.\n"
-    "Each client gets a configurable number of requests per minute; requests above it are answered "
-    "with HTTP 429 and a Retry-After header."
+    "Implement slugify(text) in textutils.py: lowercase the text and join its words (letters and digits) "
+    "with single hyphens, dropping punctuation, so that tests/test_textutils.py passes."
 )
+# The DAG: the coder writes the code; then the tester runs the tests and the reviewer lints it.
+DEMO_TASKS = [
+    {"key": "implement", "title": "Write slugify", "capability": "code_generation", "instructions": DEMO_REQUIREMENTS},
+    {"key": "test", "title": "Run the tests", "capability": "testing", "depends_on": ["implement"]},
+    {"key": "review", "title": "Lint the code", "capability": "code_review", "depends_on": ["implement"]},
+]
 
 
 class DemoError(Exception):
@@ -72,12 +89,19 @@ def demo_environment() -> dict[str, str]:
         DATABASE_URL=os.environ.get("DEMO_DATABASE_URL") or DATABASE_URL,
         REDIS_URL=REDIS_URL,
         WEB_PORT=str(WEB_PORT),
-        FLOWER_PORT=str(FLOWER_PORT),
-        FLOWER_BASIC_AUTH=f"demo:{token_urlsafe(12)}",
         # Production settings would demand SECRET_KEY and redirect plain HTTP to HTTPS.
         DEBUG="true",
         PYTHONUNBUFFERED="1",
+        PROCFILE="scripts/demo/Procfile",
+        MOCKLLM_PORT=str(MOCKLLM_PORT),
+        # The coder's own `opencode serve` talks to the mock LLM: no network, no provider key.
+        OPENCODE_CONFIG=json.dumps(provider_config(f"http://127.0.0.1:{MOCKLLM_PORT}/v1")),
+        OPENCODE_MODEL="mock/mock-model",
+        SHELL_EXECUTOR_COMMANDS=json.dumps({"testing": "python -m pytest -q", "code_review": "ruff check ."}),
+        WORKSPACE_ROOT=str(WORKSPACES),
+        REPOSITORY_ROOTS=str(DEMO_REPO.parent),
     )
+    env.pop("OPENCODE_URL", None)  # the coder starts and owns its own server
     # An operator's broker or result backend would point the demo's workers at shared queues.
     env.pop("CELERY_BROKER_URL", None)
     env.pop("CELERY_RESULT_BACKEND", None)
@@ -91,8 +115,24 @@ def prepare_services(env: dict[str, str]) -> None:
         raise DemoError("PostgreSQL or Redis is not ready (see the ensure_services message above)")
     # Stale messages, locks and fencing counters of an interrupted earlier run must not leak in.
     flush_redis_db(env["REDIS_URL"])
-    for port in (WEB_PORT, FLOWER_PORT):
+    for port in (WEB_PORT, MOCKLLM_PORT):
         ensure_port_free(port)
+    if not os.access(OPENCODE_BIN, os.X_OK):
+        missing = OPENCODE_BIN.relative_to(ROOT)
+        raise DemoError(f"{missing} is missing: run `make demo`, which installs opencode-ai with npm")
+
+
+def make_demo_repo() -> None:
+    """A fresh git repository from scripts/demo/repo, with one commit on main."""
+    shutil.rmtree(DEMO_REPO, ignore_errors=True)
+    shutil.rmtree(WORKSPACES, ignore_errors=True)
+    shutil.copytree(ROOT / "scripts" / "demo" / "repo", DEMO_REPO)
+    identity = ["-c", "user.name=Demo", "-c", "user.email=demo@localhost"]
+    for command in (["init", "--quiet", "-b", "main"], ["add", "."], [*identity, "commit", "--quiet", "-m", "Start"]):
+        done = subprocess.run(["git", *command], cwd=DEMO_REPO, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise DemoError(f"git {command[0]} in {DEMO_REPO} failed: {done.stderr.strip()}")
+    say(f"Repository for the session: {DEMO_REPO.relative_to(ROOT)} (slugify not written, its tests fail)")
 
 
 def flush_redis_db(url: str) -> None:
@@ -123,7 +163,7 @@ def ensure_port_free(port: int) -> None:
 def start_stack(env: dict[str, str]) -> subprocess.Popen:
     """scripts/up.sh in a process group of its own, so Ctrl-C here does not reach it half-way."""
     LOG_PATH.parent.mkdir(exist_ok=True)
-    say(f"Starting the stack (web :{WEB_PORT}, Flower :{FLOWER_PORT}); its log: {LOG_PATH.relative_to(ROOT)}")
+    say(f"Starting the stack (web :{WEB_PORT}, mock LLM :{MOCKLLM_PORT}); its log: {LOG_PATH.relative_to(ROOT)}")
     with LOG_PATH.open("wb") as log:
         return subprocess.Popen(
             [str(ROOT / "scripts" / "up.sh")],
@@ -228,7 +268,7 @@ def bootstrap_token(env: dict[str, str]) -> str:
 
 
 def agents_online(client: httpx.Client, since: datetime) -> bool:
-    """Both agents live and heartbeating since this run started (not rows left by an earlier run)."""
+    """Every agent live and heartbeating since this run started (not rows left by an earlier run)."""
     agents = {a["name"]: a for a in api(client, "GET", "/api/v1/agents/", params={"page_size": 200})["results"]}
     return all(
         name in agents and agents[name]["is_live"] and datetime.fromisoformat(agents[name]["last_heartbeat"]) >= since
@@ -240,40 +280,30 @@ def session_body() -> dict[str, Any]:
     return {
         "title": DEMO_TITLE,
         "requirements": DEMO_REQUIREMENTS,
+        "repository": str(DEMO_REPO),
+        "base_branch": "main",
+        "tasks": DEMO_TASKS,
         "priority": 5,
         "timeout_seconds": int(SESSION_DEADLINE_S),
     }
 
 
 def print_plan(preview: dict[str, Any]) -> None:
-    """The DAG the analyzer chose, as the preview endpoint describes it."""
-    analysis = preview["analysis"]
     say("\nRequirements:")
     for line in DEMO_REQUIREMENTS.splitlines():
         say(f"  > {line}")
-    say(f"\nThe analyzer chose the {preview['template']!r} template ({analysis['complexity']} complexity).")
-    say(f"  keywords:     {', '.join(analysis['keywords'])}")
-    say(f"  capabilities: {', '.join(analysis['capabilities'])}")
-    on_path = set(preview["critical_path"])
-    say(f"\n  {'task':<16} {'capability':<20} {'expected h':>11}  after")
+    say(f"\n  {'task':<12} {'capability':<18} after")
     for task in preview["tasks"]:
-        star = "*" if task["key"] in on_path else " "
-        upstream = ", ".join(task["depends_on"]) or "(starts first)"
-        optional = "" if task["required"] else "  (optional)"
-        say(f"  {task['key']:<16} {task['capability']:<20} {task['expected_hours']:>10.2f}{star}  {upstream}{optional}")
-    say(f"\n  critical path (*): {' -> '.join(preview['critical_path'])}")
-    say(
-        f"  estimated makespan: {preview['estimated_makespan_hours']:.2f} h with enough agents (PERT expected"
-        " durations; the demo's scripted agents spend about half a second per task)"
-    )
+        say(f"  {task['key']:<12} {task['capability']:<18} {', '.join(task['depends_on']) or '(starts first)'}")
+    say(f"\n  critical path: {' -> '.join(preview['critical_path'])}")
 
 
 def submit_session(client: httpx.Client) -> str:
     body = session_body()
-    print_plan(api(client, "POST", "/api/v1/decompositions/preview/", json=body))
+    preview = {k: v for k, v in body.items() if k not in ("repository", "base_branch")}
+    print_plan(api(client, "POST", "/api/v1/decompositions/preview/", json=preview))
     session = api(client, "POST", "/api/v1/sessions/", json=body)
-    template = session["template"]
-    say(f"\nCreated session {session['id']} (status {session['status']}, template {template!r}); starting it.\n")
+    say(f"\nCreated session {session['id']} (status {session['status']}); starting it.\n")
     api(client, "POST", f"/api/v1/sessions/{session['id']}/start/")
     return session["id"]
 
@@ -356,10 +386,35 @@ def follow_session(client: httpx.Client, session_id: str, stack: subprocess.Pope
 def print_summary(client: httpx.Client, session_id: str) -> None:
     session = api(client, "GET", f"/api/v1/sessions/{session_id}/")
     say(f"\nSession {session_id}: {session['status']}")
-    say(f"  {'task':<16} {'capability':<20} {'status':<11} agent")
+    say(f"  {'task':<12} {'capability':<18} {'status':<11} agent")
     for task in fetch_tasks(client, session_id):
-        error = f"  error: {task['error']}" if task["error"] else ""
-        say(f"  {task['key']:<16} {task['capability']:<20} {task['status']:<11} {task['agent'] or '-'}{error}")
+        error = f"  error: {task['error'][:300]}" if task["error"] else ""
+        say(f"  {task['key']:<12} {task['capability']:<18} {task['status']:<11} {task['agent'] or '-'}{error}")
+        summary = task_summary(task.get("result") or {})
+        if summary:
+            say(f"      {summary}")
+    workspace = session["result"].get("workspace") or {}
+    if workspace.get("error"):
+        say(f"\nThe workspace could not be recorded: {workspace['error']}")
+    elif workspace:
+        files = ", ".join(f"{f['file']} (+{f['additions']} -{f['deletions']})" for f in workspace["files"])
+        say(f"\nBranch {workspace['branch']} in {workspace['repository']}: {workspace['base_commit'][:10]}..")
+        say(f"{workspace['head_commit'][:10]}, files changed: {files or 'none'}")
+        say(f"  (see it with: git -C {workspace['repository']} log -p main..{workspace['branch']})\n")
+        say("Final diff:")
+        for line in workspace["diff"].splitlines():
+            say(f"  | {line}")
+
+
+def task_summary(result: dict[str, Any]) -> str:
+    """One line on what an executor did: the model's answer and its tokens, or the command's exit."""
+    if "exit_code" in result:
+        last = (result.get("output") or "").strip().splitlines()[-1:] or [""]
+        return f"$ {result['command']}  -> exit {result['exit_code']}: {last[0][:120]}"
+    if "tokens" in result:
+        answer = (result.get("output") or "").strip().replace("\n", " ")[:120]
+        return f"opencode: {answer!r}; tokens {result['tokens']}"
+    return ""
 
 
 def print_where_to_look(database_url: str) -> None:
@@ -397,6 +452,7 @@ def main() -> int:
     stack, status = None, None
     try:
         prepare_services(env)
+        make_demo_repo()
         started = datetime.now(UTC)
         stack = start_stack(env)
         status = run_demo(env, stack, started)
