@@ -64,7 +64,7 @@ def sign(secret: str, timestamp: str, body: bytes) -> str:
     return f"sha256={digest}"
 
 
-def register_external_agent(*, name: str, capabilities: list[str], mode: str, endpoint_url: str = "") -> tuple:
+def register_external_agent(*, tenant, name: str, capabilities: list[str], mode: str, endpoint_url: str = "") -> tuple:
     """Create an external agent, online from now on; returns it and its token (shown only now:
     only the token's hash is kept). Raises NameTaken."""
     prefix = secrets.token_hex(6)
@@ -74,6 +74,7 @@ def register_external_agent(*, name: str, capabilities: list[str], mode: str, en
     try:
         with transaction.atomic():
             agent = Agent.objects.create(
+                tenant=tenant,
                 name=name,
                 capabilities=sorted(set(capabilities)),
                 executor=Agent.Executor.EAP,
@@ -129,13 +130,13 @@ def record_heartbeat(agent: Agent, *, status: str, current_load: int) -> None:
     )
 
 
-def live_external_agents(capability: str) -> list[Agent]:
-    """External agents with the capability that beat recently and take new work."""
+def live_external_agents(capability: str, tenant_id) -> list[Agent]:
+    """The tenant's external agents with the capability that beat recently and take new work."""
     silent_since = timezone.now() - timedelta(seconds=settings.AGENT_OFFLINE_AFTER_SECONDS)
     return list(
         Agent.objects.exclude(mode=Agent.Mode.WORKER)
         .exclude(status__in=(Agent.Status.OFFLINE, Agent.Status.DRAINING))
-        .filter(capabilities__contains=[capability], last_heartbeat__gte=silent_since)
+        .filter(tenant_id=tenant_id, capabilities__contains=[capability], last_heartbeat__gte=silent_since)
     )
 
 
@@ -165,6 +166,7 @@ def claim_next_delivery(agent: Agent) -> EapDelivery | None:
             .filter(
                 state=EapDelivery.State.OFFERED,
                 task__capability__in=agent.capabilities,
+                task__session__tenant_id=agent.tenant_id,  # never another tenant's task
                 task__status="running",
                 task__attempts=F("attempt"),
             )

@@ -18,6 +18,9 @@ class RegisterSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
     capabilities = serializers.ListField(
         child=serializers.ChoiceField(choices=CAPABILITIES), allow_empty=False, max_length=len(CAPABILITIES)
     )
+    tenant = serializers.SlugField(
+        required=False, help_text="The tenant whose tasks it runs; needed only if you operate several."
+    )
     mode = serializers.ChoiceField(
         choices=["push", "pull"], help_text="push: we POST tasks to endpoint_url; pull: the agent polls tasks/next."
     )

@@ -11,10 +11,12 @@ from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import status
 from rest_framework.authentication import BaseAuthentication
-from rest_framework.exceptions import APIException, AuthenticationFailed, NotFound
+from rest_framework.exceptions import APIException, AuthenticationFailed, NotFound, PermissionDenied, ValidationError
 from rest_framework.permissions import BasePermission
 from rest_framework.response import Response
 from rest_framework.views import APIView
+
+from tenants.models import Membership, Tenant
 
 from . import eap
 from .eap_serializers import (
@@ -111,6 +113,22 @@ class AgentView(APIView):
         return self.request.user.agent
 
 
+def operated_tenant(user, slug: str | None):
+    """The tenant an external agent registered by `user` will serve: the one named, or the only
+    one the user operates or administers."""
+    roles = (Membership.Role.ADMIN, Membership.Role.OPERATOR)
+    tenants = Tenant.objects.filter(memberships__user=user, memberships__role__in=roles)
+    if slug is not None:
+        tenant = tenants.filter(slug=slug).first()
+        if tenant is None:
+            raise PermissionDenied(f"you are not an operator or admin of tenant {slug!r}")
+        return tenant
+    operated = list(tenants[:2])
+    if len(operated) > 1:
+        raise ValidationError({"tenant": ["you operate several tenants: name the one this agent serves"]})
+    return operated[0]  # CanRegisterAgents let the user in: there is one
+
+
 class RegisterView(APIView):
     permission_classes = [CanRegisterAgents]
 
@@ -128,8 +146,10 @@ class RegisterView(APIView):
     def post(self, request):
         body = RegisterSerializer(data=request.data)
         body.is_valid(raise_exception=True)
+        fields = dict(body.validated_data)
+        tenant = operated_tenant(request.user, fields.pop("tenant", None))
         try:
-            agent, token = eap.register_external_agent(**body.validated_data)
+            agent, token = eap.register_external_agent(tenant=tenant, **fields)
         except eap.NameTaken:
             raise Conflict(f"an agent named {body.validated_data['name']!r} exists already") from None
         registration = {

@@ -56,6 +56,11 @@ class Agent(models.Model):
     # secret signs push bodies, so the server must keep it as it is.
     mode = models.CharField(max_length=8, choices=Mode.choices, default=Mode.WORKER, blank=True)
     endpoint_url = models.URLField(max_length=500, blank=True)
+    # An external agent belongs to the tenant whose operator registered it, and sees only that
+    # tenant's tasks (DESIGN §10). Our own workers (no tenant) serve every tenant.
+    tenant = models.ForeignKey(
+        "tenants.Tenant", null=True, blank=True, on_delete=models.CASCADE, related_name="external_agents"
+    )
     token_prefix = models.CharField(max_length=16, blank=True)
     token_hash = models.CharField(max_length=64, blank=True)
     signing_secret = models.CharField(max_length=128, blank=True)

@@ -18,7 +18,6 @@ class AgentSerializer(serializers.ModelSerializer):
             "queues",
             "executor",
             "mode",
-            "endpoint_url",
             "concurrency",
             "tier",
             "ewma_duration_s",

@@ -1,3 +1,4 @@
+from django.db.models import Q
 from drf_spectacular.utils import extend_schema
 from rest_framework import status, viewsets
 from rest_framework.decorators import action
@@ -27,6 +28,12 @@ class AgentViewSet(viewsets.ReadOnlyModelViewSet):
 
     queryset = Agent.objects.all()
     serializer_class = AgentSerializer
+
+    def get_queryset(self):
+        # Our workers serve everyone; an external agent is seen only by its own tenant's members.
+        mine = Q(tenant__isnull=True) | Q(tenant__memberships__user=self.request.user)
+        return super().get_queryset().filter(mine).distinct()
+
     filterset_fields = ["status", "executor"]
 
     def get_permissions(self):

@@ -227,6 +227,9 @@ WORKSPACE_ROOT = Path(env_str("WORKSPACE_ROOT", str(BASE_DIR / "workspaces")))
 # Sessions may name local repositories only under these directories (comma-separated): the
 # path comes from API input. Development allows any; production allows none until configured.
 REPOSITORY_ROOTS = env_list("REPOSITORY_ROOTS", "/" if DEBUG else "")
+# Git URLs a session may name must start with one of these (comma-separated), e.g.
+# https://github.com/acme/: they are cloned with the workers' git credentials.
+REPOSITORY_URL_PREFIXES = env_list("REPOSITORY_URL_PREFIXES", "https://,ssh://,git://,git@" if DEBUG else "")
 WORKSPACE_CLONE_TIMEOUT_SECONDS = env_int("WORKSPACE_CLONE_TIMEOUT_SECONDS", 600, minimum=1)
 # The final diff a session's result keeps, in characters (the branch has all of it).
 WORKSPACE_DIFF_LIMIT = env_int("WORKSPACE_DIFF_LIMIT", 200_000, minimum=1000)
@@ -280,6 +283,9 @@ OPENCODE_REQUEST_TIMEOUT_SECONDS = env_int("OPENCODE_REQUEST_TIMEOUT_SECONDS", 3
 # Connection failures to one OpenCode server before its circuit opens, and how long it stays open.
 OPENCODE_BREAKER_FAIL_MAX = env_int("OPENCODE_BREAKER_FAIL_MAX", 3, minimum=1)
 OPENCODE_BREAKER_RESET_SECONDS = env_int("OPENCODE_BREAKER_RESET_SECONDS", 30, minimum=1)
+# Environment variables a started server gets besides PATH, locale, proxies, OPENCODE_* flags and
+# *_API_KEY (comma-separated; e.g. AWS_ACCESS_KEY_ID for Bedrock). Nothing else of the worker's.
+OPENCODE_SERVER_ENV = env_list("OPENCODE_SERVER_ENV", "")
 
 # Celery. The hard limit kills a runaway task; the soft limit lets run_task record the failure
 # first. Redis redelivers an unacked message after visibility_timeout, so it must exceed the

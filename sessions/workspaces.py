@@ -21,12 +21,12 @@ import os
 import re
 import shutil
 import subprocess
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from django.conf import settings
 
-from .locking import FairLock
+from .locking import FairLock, NotLockOwner
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +73,7 @@ def check_repository(repository: str, base_branch: str = "") -> None:
     if base_branch and not _BRANCH.match(base_branch):
         raise WorkspaceError(f"{base_branch!r} is not a valid branch name")
     if is_remote(repository):
-        if repository.startswith("file://"):
-            _check_allowed(Path(repository.removeprefix("file://")))
+        _check_url(repository)
         return
     path = Path(repository)
     if not path.is_absolute():
@@ -100,6 +99,20 @@ def check_repository(repository: str, base_branch: str = "") -> None:
             raise WorkspaceError(f"{repository} has no commit to start from") from None
 
 
+def _check_url(url: str) -> None:
+    """A URL from API input is cloned with the worker's git credentials: only the hosts the
+    operator lists in REPOSITORY_URL_PREFIXES, and never credentials in the URL itself (they would
+    be stored, shown by the API and logged)."""
+    if re.match(r"^\w+://[^/@]*:[^/@]*@", url):
+        raise WorkspaceError("a repository URL must not carry credentials; give the workers git credentials instead")
+    if url.startswith("file://"):
+        _check_allowed(Path(url.removeprefix("file://")))
+        return
+    if not any(url.startswith(prefix) for prefix in settings.REPOSITORY_URL_PREFIXES):
+        allowed = ", ".join(settings.REPOSITORY_URL_PREFIXES) or "none are configured (REPOSITORY_URL_PREFIXES)"
+        raise WorkspaceError(f"{url} does not start with an allowed prefix: {allowed}")
+
+
 def _check_allowed(path: Path) -> None:
     """Local repositories come from API input: only those under REPOSITORY_ROOTS may be used, or
     a tenant could read any repository on the server's disk."""
@@ -120,10 +133,18 @@ def workspace_of(session_id) -> Path:
 
 @contextmanager
 def owning(session):
-    """The repository's fair lock: one git writer per repository, and so one owner per
-    (repository, branch) workspace."""
-    with FairLock(f"repository:{session.repository}", ttl=LOCK_TTL_S):
+    """A local repository's fair lock: one git writer per repository, and so one owner per
+    (repository, branch) workspace. A clone of a URL is the session's alone: no lock."""
+    if is_remote(session.repository):
         yield
+        return
+    lock = FairLock(f"repository:{Path(session.repository).resolve()}", ttl=LOCK_TTL_S)
+    lock.acquire(timeout=LOCK_TTL_S)
+    try:
+        yield
+    finally:
+        with suppress(NotLockOwner):  # the lease ran out meanwhile: git's own locks still held
+            lock.release()
 
 
 def prepare_workspace(session) -> Path:

@@ -514,6 +514,9 @@ def settle_session(session_id) -> str | None:
         except WorkspaceError as exc:
             logger.warning("session %s: could not record its workspace: %s", session.pk, exc)
             summary["workspace"] = {"error": str(exc), "branch": session.workspace_branch}
+        except LockUnavailable as exc:  # another session's git write holds the repository
+            logger.warning("session %s: settling later, its repository is busy: %s", session.pk, exc)
+            return None
 
     def store_summary(row: Session) -> None:
         row.result = {**row.result, **summary}

@@ -782,7 +782,7 @@ def test_with_no_live_external_agent_the_attempt_is_transient(gateway_operator, 
     stale = register(gateway_operator, name="silent")
     Agent.objects.filter(pk=stale["agent_id"]).update(last_heartbeat=timezone.now() - timedelta(minutes=5))
 
-    with pytest.raises(TransientError, match="no live external agent has capability documentation"):
+    with pytest.raises(TransientError, match="tenant has capability documentation"):
         EapExecutor().execute(context_for(running_task()))
     assert not EapDelivery.objects.exists()
 
@@ -1009,3 +1009,45 @@ def test_the_admin_shows_an_external_agent_without_its_secrets(admin_client, ope
     assert registered["signing_secret"] not in text and agent.token_hash not in text
     assert deliveries.status_code == 200
     assert "offered" in deliveries.content.decode()
+
+
+# Tenancy: an external agent serves the tenant whose operator registered it, and no other.
+
+
+def test_an_agent_never_claims_another_tenants_task_nor_is_offered_one(operator):
+    theirs = member_client("globex", "gary", role=Membership.Role.OPERATOR)
+    outsider = register(theirs, name="globex-pull")
+    ours = register(operator, name="acme-pull")
+    delivery = offer(running_task())  # an acme task
+
+    assert as_agent(outsider["token"]).get(NEXT).status_code == 204
+    assert eap.live_external_agents("documentation", Tenant.objects.get(slug="acme").pk) == [
+        Agent.objects.get(name="acme-pull")
+    ]
+    claimed = as_agent(ours["token"]).get(NEXT)
+    assert claimed.status_code == 200 and claimed.json()["task_id"] == str(delivery.task_id)
+
+
+def test_an_operator_of_several_tenants_names_the_one_the_agent_serves(db):
+    client = member_client("acme", "olga", role=Membership.Role.OPERATOR)
+    member_client("globex", "olga", role=Membership.Role.ADMIN)
+    body = {"name": "ext", "capabilities": ["testing"], "mode": "pull"}
+
+    error = error_of(client.post(REGISTER, body, format="json"), 400)
+    assert error["details"]["tenant"] == ["you operate several tenants: name the one this agent serves"]
+    denied = error_of(client.post(REGISTER, {**body, "tenant": "initech"}, format="json"), 403)
+    assert "not an operator or admin of tenant 'initech'" in denied["message"]
+    assert not Agent.objects.exists()
+
+    registered = register(client, name="ext", tenant="globex")
+    assert Agent.objects.get(pk=registered["agent_id"]).tenant.slug == "globex"
+
+
+def test_the_agents_list_shows_workers_and_only_the_callers_own_external_agents(operator):
+    register(member_client("globex", "gary", role=Membership.Role.OPERATOR), name="globex-pull")
+    register(operator, name="acme-pull")
+    Agent.objects.create(name="worker", capabilities=["testing"], executor="scripted")
+
+    names = {a["name"] for a in operator.get("/api/v1/agents/").json()["results"]}
+
+    assert names == {"worker", "acme-pull"}

@@ -6,6 +6,7 @@ every write goes through the executor's permission policy."""
 import contextlib
 import json
 import logging
+import os
 import re
 import socket
 import subprocess
@@ -468,3 +469,25 @@ def test_a_bad_opencode_setting_stops_the_process_naming_the_variable(env, varia
 
     assert result.returncode != 0
     assert "ImproperlyConfigured" in result.stderr and variable in result.stderr.splitlines()[-1]
+
+
+def test_a_started_server_gets_provider_keys_but_none_of_the_workers_secrets(monkeypatch, settings, tmp_path):
+    settings.OPENCODE_SERVER_ENV = ["AWS_ACCESS_KEY_ID"]
+    for name, value in {
+        "SECRET_KEY": "django-secret",
+        "DATABASE_URL": "postgres://u:db-password@h/d",
+        "ANTHROPIC_API_KEY": "provider-key",
+        "AWS_ACCESS_KEY_ID": "aws-key",
+        "OPENCODE_DISABLE_LSP_DOWNLOAD": "1",
+        "OPENCODE_CONFIG": '{"ours": true}',
+    }.items():
+        monkeypatch.setenv(name, value)
+    server = OpenCodeServer(binary=tmp_path / "opencode", config={"model": "mock/mock-model"})
+    server.state_dir = tmp_path
+
+    env = server._env()
+
+    assert {"SECRET_KEY", "DATABASE_URL", "OPENCODE_CONFIG"}.isdisjoint(env)
+    assert env["ANTHROPIC_API_KEY"] == "provider-key" and env["AWS_ACCESS_KEY_ID"] == "aws-key"
+    assert env["OPENCODE_DISABLE_LSP_DOWNLOAD"] == "1" and env["PATH"] == os.environ["PATH"]
+    assert json.loads(env["OPENCODE_CONFIG_CONTENT"]) == {"model": "mock/mock-model"}

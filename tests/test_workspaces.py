@@ -41,6 +41,7 @@ def make_repo(path: Path, branch: str = "main") -> Path:
 def repo(tmp_path, settings) -> Path:
     settings.WORKSPACE_ROOT = tmp_path / "workspaces"
     settings.REPOSITORY_ROOTS = [str(tmp_path)]
+    settings.REPOSITORY_URL_PREFIXES = ["https://git.example.com/acme/"]
     return make_repo(tmp_path / "repo")
 
 
@@ -120,6 +121,8 @@ def test_a_git_url_is_cloned_on_its_base_branch(api, repo, tmp_path):
         ("{tmp}/repo", "../escape", "is not a valid branch name"),
         ("/etc", None, "is not under an allowed repository root"),
         ("file:///etc/repo", None, "is not under an allowed repository root"),
+        ("https://git.example.com/other/repo.git", None, "does not start with an allowed prefix"),
+        ("https://bob:s3cret@git.example.com/acme/repo.git", None, "must not carry credentials"),
     ],
 )
 def test_a_bad_repository_is_refused_with_its_reason_and_nothing_is_stored(

@@ -29,6 +29,7 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_expo
 from agents import eap
 from agents.models import Agent, EapDelivery
 from agents.routing import score
+from sessions.models import Session
 
 from . import TaskAborted, TaskContext, TaskFailed, TransientError
 
@@ -44,9 +45,11 @@ class EapExecutor:
 
     def execute(self, ctx: TaskContext) -> dict:
         deadline = time.monotonic() + ctx.timeout_s
+        # External agents serve their own tenant only.
+        tenant_id = Session.objects.values_list("tenant_id", flat=True).get(pk=ctx.session_id)
         try:
-            delivery = self._resume(ctx) or self._deliver(ctx)
-            return self._wait(ctx, delivery.pk, deadline)
+            delivery = self._resume(ctx) or self._deliver(ctx, tenant_id)
+            return self._wait(ctx, delivery.pk, deadline, tenant_id)
         except (TaskFailed, TaskAborted, TransientError):
             raise
         except SoftTimeLimitExceeded:
@@ -56,7 +59,8 @@ class EapExecutor:
         except BaseException:
             # A shutdown, the database gone: the agent's result would have nobody to read it.
             with suppress(Exception):
-                _cancel_attempt(ctx, "the gateway stopped waiting for the result")
+                this_attempt = EapDelivery.objects.filter(task_id=ctx.task_id, attempt=ctx.attempt)
+                _cancel_open(this_attempt, "the gateway stopped waiting for the result")
             raise
 
     def _resume(self, ctx: TaskContext) -> EapDelivery | None:
@@ -67,14 +71,13 @@ class EapExecutor:
             raise TransientError(f"the delivery of attempt {ctx.attempt} was cancelled: {delivery.error}")
         return delivery
 
-    def _deliver(self, ctx: TaskContext) -> EapDelivery:
-        candidates = eap.live_external_agents(ctx.capability)
+    def _deliver(self, ctx: TaskContext, tenant_id) -> EapDelivery:
+        candidates = eap.live_external_agents(ctx.capability, tenant_id)
         if not candidates:
-            raise TransientError(f"no live external agent has capability {ctx.capability}")
+            raise TransientError(f"no live external agent of the session's tenant has capability {ctx.capability}")
         # An earlier attempt's delivery (its gateway died) must not take a result any more.
-        EapDelivery.objects.filter(task_id=ctx.task_id, attempt__lt=ctx.attempt, state__in=EapDelivery.OPEN).update(
-            state=State.CANCELLED, finished_at=timezone.now(), error=f"superseded by attempt {ctx.attempt}"
-        )
+        earlier = EapDelivery.objects.filter(task_id=ctx.task_id, attempt__lt=ctx.attempt)
+        _cancel_open(earlier, f"superseded by attempt {ctx.attempt}")
         deadline_at = timezone.now() + timedelta(seconds=ctx.timeout_s)
         push = [a for a in candidates if a.mode == Agent.Mode.PUSH and eap.circuit_allows_call(a)]
         if push:
@@ -102,11 +105,13 @@ class EapExecutor:
             # Raised instead of the failure that opened the circuit, which is its context.
             last = f" (last failure: {exc.__context__})" if exc.__context__ else ""
             why = f"{who} is unreachable: its circuit is open{last}"
-            _cancel(delivery.pk, why)
+            if not _cancel(delivery.pk, why):
+                return delivery  # a push that timed out got through: its result came meanwhile
             raise TransientError(why) from exc
         except eap.PushFailed as exc:
             why = f"{who} did not take the task: {exc}"
-            _cancel(delivery.pk, why)
+            if not _cancel(delivery.pk, why):
+                return delivery  # as above: _wait reads the reported result
             raise (TransientError if exc.transient else TaskFailed)(why) from exc
         if status == 202:
             return delivery
@@ -123,7 +128,7 @@ class EapExecutor:
         eap.finish_delivery(delivery.pk, agent, result)
         return delivery
 
-    def _wait(self, ctx: TaskContext, delivery_id: int, deadline: float) -> dict:
+    def _wait(self, ctx: TaskContext, delivery_id: int, deadline: float, tenant_id) -> dict:
         """Poll the delivery until it is done, or give it up: abort, deadline, the agent went
         silent, no pull agent left to claim it. Giving up is a compare-and-set (open ->
         cancelled); losing it means the result just came, which the next look returns."""
@@ -152,7 +157,7 @@ class EapExecutor:
                     why = "the external agent running the task was deleted"
                 if _cancel(delivery_id, why):
                     raise TransientError(why)
-            elif delivery.state == State.OFFERED and not _pull_agent_for(ctx.capability):
+            elif delivery.state == State.OFFERED and not _pull_agent_for(ctx.capability, tenant_id):
                 why = f"no live pull agent with capability {ctx.capability} is left to claim the task"
                 if _cancel(delivery_id, why):
                     raise TransientError(why)
@@ -269,19 +274,18 @@ def _at_deadline(ctx: TaskContext) -> dict:
     raise TaskFailed(why)
 
 
-def _cancel_attempt(ctx: TaskContext, why: str) -> bool:
-    open_ones = EapDelivery.objects.filter(task_id=ctx.task_id, attempt=ctx.attempt, state__in=EapDelivery.OPEN)
-    return bool(open_ones.update(state=State.CANCELLED, finished_at=timezone.now(), error=why[:5000]))
-
-
 def _cancel(delivery_id: int, why: str) -> bool:
     """open -> cancelled unless it has finished meanwhile; returns whether this call did it."""
-    still_open = EapDelivery.objects.filter(pk=delivery_id, state__in=EapDelivery.OPEN)
+    return _cancel_open(EapDelivery.objects.filter(pk=delivery_id), why)
+
+
+def _cancel_open(deliveries, why: str) -> bool:
+    still_open = deliveries.filter(state__in=EapDelivery.OPEN)
     return bool(still_open.update(state=State.CANCELLED, finished_at=timezone.now(), error=why[:5000]))
 
 
-def _pull_agent_for(capability: str) -> bool:
-    return any(a.mode == Agent.Mode.PULL for a in eap.live_external_agents(capability))
+def _pull_agent_for(capability: str, tenant_id) -> bool:
+    return any(a.mode == Agent.Mode.PULL for a in eap.live_external_agents(capability, tenant_id))
 
 
 def _outcome(delivery: EapDelivery) -> dict:

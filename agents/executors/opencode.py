@@ -38,6 +38,7 @@ from typing import Any
 import httpx
 import pybreaker
 import redis
+from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 
 from . import TaskAborted, TaskContext, TaskFailed, TransientError
@@ -53,8 +54,6 @@ RECONCILE_EVERY_S = 15.0
 SETTLE_AFTER_ABORT_S = 10.0
 STOP_GRACE_S = 1.0
 GET_ATTEMPTS = 3
-PERMISSION_REPLIES = ("once", "always", "reject")
-QUESTION_POLICIES = ("first_option", "reject")
 
 
 class Aborted(Exception):
@@ -288,8 +287,12 @@ class _Run:
             self._wait_connected(stream)
             self._create_session()
             try:
-                self._send_prompt()
-                self._follow(stream)
+                try:
+                    self._send_prompt()
+                    self._follow(stream)
+                except SoftTimeLimitExceeded:
+                    # Celery's soft limit is the same deadline, counted from a little earlier.
+                    raise self._deadline_passed() from None
             except Aborted as stop:
                 self._abort_and_settle(stream)
                 if stop.cancelled:
@@ -298,7 +301,7 @@ class _Run:
             except (TaskFailed, TaskAborted):
                 raise
             except BaseException:
-                # TransientError, Celery's soft time limit, a bug: the session must not run on
+                # TransientError, a bug, the worker shutting down: the session must not run on
                 # unattended while the task is retried or recorded as failed.
                 self._abort_quietly()
                 raise
@@ -347,6 +350,11 @@ class _Run:
         parts = [self.ctx.title.strip(), self.ctx.instructions.strip()]
         return "\n\n".join(part for part in parts if part) or self.ctx.key
 
+    def _deadline_passed(self) -> Aborted:
+        retrying = f" (OpenCode was retrying: {self.retrying})" if self.retrying else ""
+        message = f"deadline of {self.ctx.timeout_s:g}s exceeded; the OpenCode session was aborted{retrying}"
+        return Aborted(message, cancelled=False)
+
     def _follow(self, stream: EventStream) -> None:
         """Until our session is idle; raises Aborted at the deadline or when asked to stop."""
         connected_once = True
@@ -354,11 +362,7 @@ class _Run:
             if self.ctx.should_abort():
                 raise Aborted("stopped by the orchestrator; the OpenCode session was aborted", cancelled=True)
             if time.monotonic() >= self.deadline:
-                retrying = f" (OpenCode was retrying: {self.retrying})" if self.retrying else ""
-                raise Aborted(
-                    f"deadline of {self.ctx.timeout_s:g}s exceeded; the OpenCode session was aborted{retrying}",
-                    cancelled=False,
-                )
+                raise self._deadline_passed()
             try:
                 kind, item = stream.items.get(timeout=POLL_S)
             except queue.Empty:
@@ -531,12 +535,11 @@ class _Run:
         )
         info = last["info"]
         model = f"{info['providerID']}/{info['modelID']}" if info.get("providerID") else self.executor.model
-        diff, source = self._diff(users[-1]) if users else ([], "none")
+        diff = self._diff(users[-1]) if users else []
         return {
             **self.partial,
             "output": text,
             "diff": diff,
-            "diff_source": source,
             "tools": [
                 {"tool": p.get("tool"), "status": (p.get("state") or {}).get("status")}
                 for m in assistants
@@ -548,15 +551,13 @@ class _Run:
             "model": model,
         }
 
-    def _diff(self, user_message_id: str) -> tuple[list[dict], str]:
-        """What this prompt changed. /session/{id}/diff needs the user message id (without it
-        1.18.33 returns []); /vcs/diff?mode=git is the working tree of a git workspace, and
-        covers changes the session's snapshots missed."""
+    def _diff(self, user_message_id: str) -> list[dict]:
+        """What this prompt changed: /session/{id}/diff with the user message id (without it
+        1.18.33 returns []). Not /vcs/diff: the session's other tasks share the working tree, and
+        their changes are not this prompt's (the session's result has the whole diff)."""
         params = {"messageID": user_message_id}
-        diff, source = self._get(f"/session/{self.session_id}/diff", "reading the diff", params=params), "session"
-        if not diff and (self.workspace / ".git").exists():
-            diff, source = self._get("/vcs/diff", "reading the git diff", params={"mode": "git"}), "git"
-        return _capped([_file_change(d) for d in diff], settings.WORKSPACE_DIFF_LIMIT), source
+        diff = self._get(f"/session/{self.session_id}/diff", "reading the diff", params=params)
+        return _capped([_file_change(d) for d in diff], settings.WORKSPACE_DIFF_LIMIT)
 
     def _messages(self) -> list[dict]:
         return self._get(f"/session/{self.session_id}/message", "reading messages")
@@ -700,9 +701,11 @@ class OpenCodeServer:
 
     def _env(self) -> dict[str, str]:
         home = self.state_dir
-        # Our settings share opencode's OPENCODE_ prefix and one name: to opencode, OPENCODE_CONFIG
-        # is a file path. Its own flags (OPENCODE_DISABLE_..., provider keys) pass through.
-        env = {key: value for key, value in os.environ.items() if key not in _OUR_SETTINGS}
+        # The model's bash tool inherits this environment: only what the server needs passes, never
+        # the worker's secrets (SECRET_KEY, DATABASE_URL ...). Our settings share opencode's
+        # OPENCODE_ prefix and one name (to opencode, OPENCODE_CONFIG is a file path); its own
+        # flags (OPENCODE_DISABLE_...) and provider keys (*_API_KEY, OPENCODE_SERVER_ENV) pass.
+        env = {key: value for key, value in os.environ.items() if _passes_to_server(key)}
         env.setdefault("OPENCODE_DISABLE_AUTOUPDATE", "1")  # the version is pinned in package-lock.json
         env.update(
             HOME=str(home),
@@ -744,6 +747,18 @@ class OpenCodeServer:
         if self.state_dir is not None:
             shutil.rmtree(self.state_dir, ignore_errors=True)
             self.state_dir = None
+
+
+_SERVER_ENV = {
+    "PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "SSL_CERT_FILE", "NODE_EXTRA_CA_CERTS",
+    "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
+}  # fmt: skip
+
+
+def _passes_to_server(key: str) -> bool:
+    if key in _SERVER_ENV or key in settings.OPENCODE_SERVER_ENV or key.endswith("_API_KEY"):
+        return True
+    return key.startswith("OPENCODE_") and key not in _OUR_SETTINGS
 
 
 def _free_port() -> int:
