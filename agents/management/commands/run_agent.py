@@ -44,12 +44,15 @@ class Command(BaseCommand):
         agent = register_agent(name=name, capabilities=caps, executor=executor, concurrency=concurrency)
         set_current_agent(AgentRuntime(agent.pk, agent.name, executor, defaults))
         stop = threading.Event()
+        # A beat in progress at shutdown finishes before the agent is marked offline: a beat
+        # written after that would show a stopped agent online.
+        beating = threading.Lock()
 
         # Online only once the worker consumes (and receives control commands such as drain).
         @worker_ready.connect(weak=False)
         def go_online(**kwargs) -> None:
             beat(agent)
-            start_heartbeat(agent, stop)
+            start_heartbeat(agent, stop, beating)
 
         self.stderr.write(f"agent {name} consuming {', '.join(agent.queues)} with the {executor} executor")
         try:
@@ -66,8 +69,9 @@ class Command(BaseCommand):
             if opencode is not None:
                 opencode.stop()
             stop.set()
-            close_old_connections()
-            Agent.objects.filter(pk=agent.pk).update(status=Agent.Status.OFFLINE, current_load=0)
+            with beating:
+                close_old_connections()
+                Agent.objects.filter(pk=agent.pk).update(status=Agent.Status.OFFLINE, current_load=0)
 
     def _start_opencode(self):
         """No OPENCODE_URL: this agent owns an `opencode serve`, started before the pool forks."""
@@ -121,15 +125,19 @@ def beat(agent: Agent) -> None:
     agent.heartbeat(processes=[child.pid for child in active_children()])
 
 
-def start_heartbeat(agent: Agent, stop: threading.Event) -> None:
-    """Beat from the worker's main process; Beat's sweep marks silent agents offline."""
+def start_heartbeat(agent: Agent, stop: threading.Event, lock: threading.Lock) -> None:
+    """Beat from the worker's main process until `stop`, each beat under `lock`; Beat's sweep
+    marks silent agents offline."""
 
     def beating() -> None:
         while not stop.wait(settings.AGENT_HEARTBEAT_SECONDS):
-            try:
-                close_old_connections()
-                beat(agent)
-            except Exception:  # the database may be restarting; try again next beat
-                logger.warning("heartbeat of agent %s failed", agent.name, exc_info=True)
+            with lock:
+                if stop.is_set():
+                    return
+                try:
+                    close_old_connections()
+                    beat(agent)
+                except Exception:  # the database may be restarting; try again next beat
+                    logger.warning("heartbeat of agent %s failed", agent.name, exc_info=True)
 
     threading.Thread(target=beating, name=f"heartbeat-{agent.name}", daemon=True).start()
