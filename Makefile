@@ -26,12 +26,12 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 venv: $(VENV)/.installed
 
 # The real `opencode serve` the opencode executor drives (node_modules/.bin/opencode), pinned in
-# package-lock.json. A registry that serves only some of opencode-ai's optional per-platform
-# packages leaves them out of the lock file, which `npm ci` then refuses as out of sync;
-# `npm install` installs the same locked versions from it without changing it.
+# package-lock.json. Not `npm ci`: a registry that serves only this platform's binary package
+# leaves the other platforms' optional packages out of the lock file, which `npm ci` then refuses
+# as out of sync; `npm install` installs the locked versions from it and leaves it as it is.
 node_modules/.installed: package.json package-lock.json
 	@command -v npm >/dev/null || { echo "npm is required for the OpenCode server: install Node.js 18+ and npm: sudo apt-get install -y nodejs npm" >&2; exit 1; }
-	npm ci --no-audit --no-fund || npm install --no-audit --no-fund
+	npm install --no-audit --no-fund --loglevel=error
 	node_modules/.bin/opencode --version
 	touch $@
 
