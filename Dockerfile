@@ -7,9 +7,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /app
+# git for session workspaces; Node.js and npm for the OpenCode server the opencode executor drives.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends git nodejs npm \
+    && rm -rf /var/lib/apt/lists/*
 # Requirements first, so a code change does not reinstall them.
 COPY requirements.txt .
 RUN pip install -r requirements.txt
+COPY package.json package-lock.json ./
+RUN npm install --no-audit --no-fund --loglevel=error && node_modules/.bin/opencode --version
 
 COPY . .
 # DEBUG only for this build step: collectstatic needs settings, not a SECRET_KEY or a database.
