@@ -4,10 +4,15 @@ from django.core.validators import URLValidator
 from rest_framework import serializers
 
 from agents.management.commands.run_agent import NAME_PATTERN
-from sessions.serializers import RejectUnknownFieldsMixin, StrictCharField, StrictIntegerField, StrictRegexField
+from sessions.serializers import (
+    RejectUnknownFieldsMixin,
+    StrictCharField,
+    StrictIntegerField,
+    StrictRegexField,
+    validate_storable_json,
+)
 from tasks.models import CAPABILITIES
 
-JSON_MAX_DEPTH = 32
 MAX_OUTPUT_CHARS = 500_000
 
 
@@ -91,36 +96,13 @@ class ResultSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
     )
 
     def validate_output(self, value: str) -> str:
-        return _storable(value)
+        return validate_storable_json(value)
 
     def validate_error(self, value: str) -> str:
-        return _storable(value)
+        return validate_storable_json(value)
 
     def validate_artifacts(self, value: list) -> list:
-        return _storable(value)
-
-
-def _storable(value):
-    """PostgreSQL's jsonb stores neither NUL characters nor unpaired surrogates; deep nesting is
-    refused before anything walks it recursively."""
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if depth > JSON_MAX_DEPTH:
-            raise serializers.ValidationError(f"nested deeper than {JSON_MAX_DEPTH} levels")
-        if isinstance(item, str):
-            if "\x00" in item:
-                raise serializers.ValidationError("must not contain NUL characters (\\u0000)")
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError:
-                raise serializers.ValidationError("must not contain unpaired surrogate characters") from None
-        elif isinstance(item, dict):
-            stack.extend((key, depth) for key in item)
-            stack.extend((child, depth + 1) for child in item.values())
-        elif isinstance(item, list):
-            stack.extend((child, depth + 1) for child in item)
-    return value
+        return validate_storable_json(value)
 
 
 class ErrorDetailSerializer(serializers.Serializer):

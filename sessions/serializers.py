@@ -68,6 +68,14 @@ def _check_json_string(text: str) -> None:
 def validate_json_object(value: dict) -> dict:
     """Free-form JSON (metadata, params) that PostgreSQL's jsonb can store and we can re-encode:
     valid UTF-8 text without NUL characters, bounded nesting and size."""
+    validate_storable_json(value)
+    if len(json.dumps(value)) > METADATA_MAX_BYTES:
+        raise serializers.ValidationError(f"at most {METADATA_MAX_BYTES} bytes of JSON")
+    return value
+
+
+def validate_storable_json(value):
+    """Any JSON value jsonb can store: valid UTF-8 text without NUL characters, bounded nesting."""
     stack = [(value, 1)]
     while stack:  # iterative: a deeply nested value must not exhaust the Python stack
         item, depth = stack.pop()
@@ -80,8 +88,6 @@ def validate_json_object(value: dict) -> dict:
             stack.extend((child, depth + 1) for child in item.values())
         elif isinstance(item, list):
             stack.extend((child, depth + 1) for child in item)
-    if len(json.dumps(value)) > METADATA_MAX_BYTES:
-        raise serializers.ValidationError(f"at most {METADATA_MAX_BYTES} bytes of JSON")
     return value
 
 

@@ -302,7 +302,7 @@ def abort_key(task_id, attempt: int) -> str:
     return f"abort:task:{task_id}:{attempt}"
 
 
-def _context(task: Task, attempt: int) -> TaskContext:
+def task_context(task: Task, attempt: int) -> TaskContext:
     key = abort_key(task.pk, attempt)
     return TaskContext(
         task_id=str(task.pk),
@@ -328,7 +328,7 @@ def _abort_requested(key: str) -> bool:
 
 
 def _run_claimed(task: Task, attempt: int, runtime: AgentRuntime) -> str:
-    ctx = _context(task, attempt)
+    ctx = task_context(task, attempt)
     outcome, result, error = TS.FAILED, {}, ""
     try:
         result = runtime.executor.execute(ctx)

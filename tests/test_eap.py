@@ -11,9 +11,9 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pybreaker
 import pytest
@@ -32,6 +32,7 @@ from orchestrator_project.settings import env_float
 from sessions.models import Session, SessionEvent
 from sessions.sweeps import sweep_degraded_sessions
 from tasks.models import Task
+from tasks.services import task_context
 from tenants.models import Membership, Tenant
 
 from .conftest import ROOT, error_of, member_client, wait_until
@@ -600,19 +601,8 @@ def push_agent(client: APIClient, url: str, name: str = "ext-push") -> tuple[Age
 
 
 def context_for(task: Task, *, timeout: float = 10.0, abort=lambda: False) -> TaskContext:
-    return TaskContext(
-        task_id=str(task.pk),
-        session_id=str(task.session_id),
-        key=task.key,
-        title=task.title,
-        capability=task.capability,
-        instructions=task.instructions,
-        params=task.params,
-        workspace=Path("/nonexistent"),
-        attempt=task.attempts,
-        timeout_s=timeout,
-        should_abort=abort,
-    )
+    """What run_task would give the executor, with a short deadline and an abort of our own."""
+    return replace(task_context(task, task.attempts), timeout_s=timeout, should_abort=abort)
 
 
 def next_attempt(task: Task) -> Task:
