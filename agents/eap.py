@@ -18,8 +18,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Case, Count, F, Q, Value, When
 from django.utils import timezone
 
-from sessions.locking import redis_client
-
+from .breakers import redis_circuit_breaker
 from .models import Agent, EapDelivery, ewma
 
 logger = logging.getLogger(__name__)
@@ -69,8 +68,6 @@ def register_external_agent(*, tenant, name: str, capabilities: list[str], mode:
     only the token's hash is kept). Raises NameTaken."""
     prefix = secrets.token_hex(6)
     token = f"{TOKEN_SCHEME}_{prefix}_{secrets.token_urlsafe(32)}"
-    if Agent.objects.filter(name=name).exists():
-        raise NameTaken(name)
     try:
         with transaction.atomic():
             agent = Agent.objects.create(
@@ -130,25 +127,25 @@ def record_heartbeat(agent: Agent, *, status: str, current_load: int) -> None:
     )
 
 
-def live_external_agents(capability: str, tenant_id) -> list[Agent]:
-    """The tenant's external agents with the capability that beat recently and take new work."""
+def _live_external_agents():
+    """External agents that beat recently and take new work."""
     silent_since = timezone.now() - timedelta(seconds=settings.AGENT_OFFLINE_AFTER_SECONDS)
-    return list(
+    return (
         Agent.objects.exclude(mode=Agent.Mode.WORKER)
         .exclude(status__in=(Agent.Status.OFFLINE, Agent.Status.DRAINING))
-        .filter(tenant_id=tenant_id, capabilities__contains=[capability], last_heartbeat__gte=silent_since)
+        .filter(last_heartbeat__gte=silent_since)
     )
+
+
+def live_external_agents(capability: str, session_id):
+    """Those of them with the capability that serve the session's tenant."""
+    return _live_external_agents().filter(tenant__sessions=session_id, capabilities__contains=[capability])
 
 
 def external_capabilities() -> set[str]:
     """The capabilities some live external agent can take a task of now (a pull agent, or a push
     agent whose circuit lets a call through): what an EAP gateway can really serve."""
-    silent_since = timezone.now() - timedelta(seconds=settings.AGENT_OFFLINE_AFTER_SECONDS)
-    agents = (
-        Agent.objects.exclude(mode=Agent.Mode.WORKER)
-        .exclude(status__in=(Agent.Status.OFFLINE, Agent.Status.DRAINING))
-        .filter(last_heartbeat__gte=silent_since)
-    )
+    agents = _live_external_agents()
     return {c for a in agents if a.mode == Agent.Mode.PULL or circuit_allows_call(a) for c in a.capabilities}
 
 
@@ -210,14 +207,13 @@ def report_result(agent: Agent, *, task_id, result: dict) -> EapDelivery:
     return delivery
 
 
-def finish_delivery(delivery_id: int, agent: Agent, result: dict) -> bool:
-    """claimed -> done with a result the agent answered a push with (inline); False if the
-    delivery was given up meanwhile."""
+def finish_delivery(delivery_id: int, agent: Agent, result: dict) -> None:
+    """claimed -> done with a result the agent answered a push with (inline); nothing if the
+    delivery was given up meanwhile (the wait then reads why)."""
     claimed = EapDelivery.objects.filter(pk=delivery_id, state=EapDelivery.State.CLAIMED)
-    done = claimed.update(
+    claimed.update(
         state=EapDelivery.State.DONE, result=result, error=_failure_of(agent, result), finished_at=timezone.now()
     )
-    return bool(done)
 
 
 def _failure_of(agent: Agent, result: dict) -> str:
@@ -260,20 +256,14 @@ def breaker_for(agent: Agent) -> pybreaker.CircuitBreaker:
 def _breaker_and_storage(agent: Agent) -> tuple:
     key = (agent.pk, settings.EAP_BREAKER_FAIL_MAX, settings.EAP_BREAKER_RESET_SECONDS)
     if key not in _breakers:
-        # CircuitRedisStorage decodes what it reads itself: it needs a client that returns
-        # bytes (decode_responses off), which redis_client() is.
-        storage = pybreaker.CircuitRedisStorage(
-            pybreaker.STATE_CLOSED, redis_client(), namespace=f"eap:circuit:{agent.pk}"
-        )
-        breaker = pybreaker.CircuitBreaker(
+        _breakers[key] = redis_circuit_breaker(
+            f"eap:circuit:{agent.pk}",
+            name=f"eap:{agent.name}",
             fail_max=settings.EAP_BREAKER_FAIL_MAX,
             reset_timeout=settings.EAP_BREAKER_RESET_SECONDS,
             exclude=[_not_a_push_failure],
             listeners=[_AgentStatusFollowsCircuit(agent.pk, agent.name)],
-            state_storage=storage,
-            name=f"eap:{agent.name}",
         )
-        _breakers[key] = (breaker, storage)
     return _breakers[key]
 
 

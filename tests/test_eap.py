@@ -1011,7 +1011,7 @@ def test_an_agent_never_claims_another_tenants_task_nor_is_offered_one(operator)
     delivery = offer(running_task())  # an acme task
 
     assert as_agent(outsider["token"]).get(NEXT).status_code == 204
-    assert eap.live_external_agents("documentation", Tenant.objects.get(slug="acme").pk) == [
+    assert list(eap.live_external_agents("documentation", delivery.task.session_id)) == [
         Agent.objects.get(name="acme-pull")
     ]
     claimed = as_agent(ours["token"]).get(NEXT)

@@ -4,6 +4,7 @@ Each adapter takes a TaskContext and returns a result dict, or raises TaskFailed
 failure: recorded, never retried) or TransientError (retried with backoff up to max_attempts).
 """
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,13 +53,18 @@ class Executor(Protocol):
     def execute(self, ctx: TaskContext) -> dict: ...
 
 
-def build_executor(kind: str, defaults: dict | None = None) -> Executor:
-    from .eap import EapExecutor
-    from .opencode import OpenCodeExecutor
-    from .scripted import ScriptedExecutor
-    from .shell import ShellExecutor
+# kind -> module and class; a worker imports only the adapter it runs.
+EXECUTORS = {
+    "scripted": ("scripted", "ScriptedExecutor"),
+    "shell": ("shell", "ShellExecutor"),
+    "opencode": ("opencode", "OpenCodeExecutor"),
+    "eap": ("eap", "EapExecutor"),
+}
 
-    executors = {"scripted": ScriptedExecutor, "shell": ShellExecutor, "eap": EapExecutor, "opencode": OpenCodeExecutor}
-    if kind not in executors:
-        raise ValueError(f"unknown executor {kind!r}; choose one of {', '.join(sorted(executors))}")
-    return executors[kind](**(defaults or {}))
+
+def build_executor(kind: str, defaults: dict | None = None) -> Executor:
+    if kind not in EXECUTORS:
+        raise ValueError(f"unknown executor {kind!r}; choose one of {', '.join(sorted(EXECUTORS))}")
+    module, name = EXECUTORS[kind]
+    executor_class = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    return executor_class(**(defaults or {}))

@@ -29,7 +29,6 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_expo
 from agents import eap
 from agents.models import Agent, EapDelivery
 from agents.routing import score
-from sessions.models import Session
 
 from . import TaskAborted, TaskContext, TaskFailed, TransientError
 
@@ -45,11 +44,9 @@ class EapExecutor:
 
     def execute(self, ctx: TaskContext) -> dict:
         deadline = time.monotonic() + ctx.timeout_s
-        # External agents serve their own tenant only.
-        tenant_id = Session.objects.values_list("tenant_id", flat=True).get(pk=ctx.session_id)
         try:
-            delivery = self._resume(ctx) or self._deliver(ctx, tenant_id)
-            return self._wait(ctx, delivery.pk, deadline, tenant_id)
+            delivery = self._resume(ctx) or self._deliver(ctx)
+            return self._wait(ctx, delivery.pk, deadline)
         except (TaskFailed, TaskAborted, TransientError):
             raise
         except SoftTimeLimitExceeded:
@@ -71,8 +68,8 @@ class EapExecutor:
             raise TransientError(f"the delivery of attempt {ctx.attempt} was cancelled: {delivery.error}")
         return delivery
 
-    def _deliver(self, ctx: TaskContext, tenant_id) -> EapDelivery:
-        candidates = eap.live_external_agents(ctx.capability, tenant_id)
+    def _deliver(self, ctx: TaskContext) -> EapDelivery:
+        candidates = list(eap.live_external_agents(ctx.capability, ctx.session_id))
         if not candidates:
             raise TransientError(f"no live external agent of the session's tenant has capability {ctx.capability}")
         # An earlier attempt's delivery (its gateway died) must not take a result any more.
@@ -128,7 +125,7 @@ class EapExecutor:
         eap.finish_delivery(delivery.pk, agent, result)
         return delivery
 
-    def _wait(self, ctx: TaskContext, delivery_id: int, deadline: float, tenant_id) -> dict:
+    def _wait(self, ctx: TaskContext, delivery_id: int, deadline: float) -> dict:
         """Poll the delivery until it is done, or give it up: abort, deadline, the agent went
         silent, no pull agent left to claim it. Giving up is a compare-and-set (open ->
         cancelled); losing it means the result just came, which the next look returns."""
@@ -157,7 +154,7 @@ class EapExecutor:
                     why = "the external agent running the task was deleted"
                 if _cancel(delivery_id, why):
                     raise TransientError(why)
-            elif delivery.state == State.OFFERED and not _pull_agent_for(ctx.capability, tenant_id):
+            elif delivery.state == State.OFFERED and not _pull_agent_for(ctx):
                 why = f"no live pull agent with capability {ctx.capability} is left to claim the task"
                 if _cancel(delivery_id, why):
                     raise TransientError(why)
@@ -284,8 +281,8 @@ def _cancel_open(deliveries, why: str) -> bool:
     return bool(still_open.update(state=State.CANCELLED, finished_at=timezone.now(), error=why[:5000]))
 
 
-def _pull_agent_for(capability: str, tenant_id) -> bool:
-    return any(a.mode == Agent.Mode.PULL for a in eap.live_external_agents(capability, tenant_id))
+def _pull_agent_for(ctx: TaskContext) -> bool:
+    return eap.live_external_agents(ctx.capability, ctx.session_id).filter(mode=Agent.Mode.PULL).exists()
 
 
 def _outcome(delivery: EapDelivery) -> dict:

@@ -37,7 +37,6 @@ from typing import Any
 
 import httpx
 import pybreaker
-import redis
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 
@@ -110,6 +109,8 @@ class OpenCodeExecutor:
         self.username = username or settings.OPENCODE_SERVER_USERNAME
         self._password = password if password is not None else settings.OPENCODE_SERVER_PASSWORD
         self.model = model if model is not None else settings.OPENCODE_MODEL
+        # "provider/model", split once: each route wants the two halves in its own shape.
+        self.provider_id, _, self.model_id = self.model.partition("/")
         self.permission_policy = permission_policy or settings.OPENCODE_PERMISSION_POLICY
         self.question_policy = question_policy or settings.OPENCODE_QUESTION_POLICY
         self.request_timeout_s = request_timeout_s or settings.OPENCODE_REQUEST_TIMEOUT_SECONDS
@@ -122,26 +123,16 @@ class OpenCodeExecutor:
 
     @property
     def breaker(self) -> pybreaker.CircuitBreaker:
-        """The circuit of this server URL. Its state lives in Redis, so every pool process of the
-        agent (and every agent on the host) sees one circuit per server. CircuitRedisStorage
-        decodes the bytes it reads itself, so it needs a client without decode_responses, which
-        is what sessions.locking.redis_client() is."""
+        """The circuit of this server URL, shared by every process through Redis (agents.breakers)."""
         if self._breaker is None:
-            from sessions.locking import redis_client
+            from agents.breakers import redis_circuit_breaker
 
-            try:
-                storage = pybreaker.CircuitRedisStorage(
-                    pybreaker.STATE_CLOSED, redis_client(), namespace=f"opencode-breaker:{self.url}"
-                )
-            except redis.RedisError:
-                logger.warning("Redis unreachable: the circuit of %s is kept in this process only", self.url)
-                storage = pybreaker.CircuitMemoryStorage(pybreaker.STATE_CLOSED)
-            self._breaker = pybreaker.CircuitBreaker(
+            self._breaker, _ = redis_circuit_breaker(
+                f"opencode-breaker:{self.url}",
+                name=f"opencode {self.url}",
                 fail_max=self.breaker_fail_max,
                 reset_timeout=self.breaker_reset_s,
                 exclude=[_not_a_connection_failure],
-                state_storage=storage,
-                name=f"opencode {self.url}",
             )
         return self._breaker
 
@@ -321,8 +312,7 @@ class _Run:
     def _create_session(self) -> None:
         body: dict[str, Any] = {"title": f"{self.ctx.key}: {self.ctx.title}"[:200]}
         if self.executor.model:  # POST /session takes {id, providerID}; a null field is a 400
-            provider, model = self.executor.model.split("/", 1)
-            body["model"] = {"id": model, "providerID": provider}
+            body["model"] = {"id": self.executor.model_id, "providerID": self.executor.provider_id}
         session = self._post("/session", body, "creating a session")
         self.session_id = session["id"]
         self.family.add(self.session_id)
@@ -331,8 +321,7 @@ class _Run:
     def _send_prompt(self) -> None:
         body: dict[str, Any] = {"parts": [{"type": "text", "text": self._prompt_text()}]}
         if self.executor.model:  # the prompt routes take {providerID, modelID}
-            provider, model = self.executor.model.split("/", 1)
-            body["model"] = {"providerID": provider, "modelID": model}
+            body["model"] = {"providerID": self.executor.provider_id, "modelID": self.executor.model_id}
         try:
             response = self.client.post(f"/session/{self.session_id}/prompt_async", json=body)
         except httpx.TimeoutException:
