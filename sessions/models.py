@@ -104,8 +104,7 @@ class Session(models.Model):
     # branch to start from ("" for the repository's current one). sessions.workspaces.
     repository = models.CharField(max_length=1000, blank=True)
     base_branch = models.CharField(max_length=200, blank=True)
-    # Set when the workspace is made: the session's own branch, and the commit it started from.
-    workspace_branch = models.CharField(max_length=200, blank=True)
+    # Set when the workspace is made: the commit its branch (workspace_branch) started from.
     base_commit = models.CharField(max_length=64, blank=True)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -126,6 +125,13 @@ class Session(models.Model):
 
     def __str__(self) -> str:
         return f"{self.title} ({self.status})"
+
+    @property
+    def workspace_branch(self) -> str:
+        """The session's own branch, once its workspace is made ("" before)."""
+        from .workspaces import branch_for
+
+        return branch_for(self) if self.base_commit else ""
 
     @property
     def broker_priority(self) -> int:

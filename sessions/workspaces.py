@@ -148,13 +148,10 @@ def owning(session):
 
 
 def prepare_workspace(session) -> Path:
-    """The session's workspace, created on first use: idempotent, so that a resumed or retried
-    session (or a re-sent dispatch) finds the one it had. A half-made one (a crash mid-clone)
-    is made again. Returns its path; raises WorkspaceError."""
+    """The workspace of a session with a repository, created on first use: idempotent, so that
+    a resumed or retried session (or a re-sent dispatch) finds the one it had. A half-made one
+    (a crash mid-clone) is made again. Returns its path; raises WorkspaceError."""
     path = workspace_of(session.pk)
-    if not session.repository:
-        path.mkdir(parents=True, exist_ok=True)
-        return path
     branch = branch_for(session)
     with owning(session):
         if _is_workspace(path, branch):
@@ -173,8 +170,8 @@ def prepare_workspace(session) -> Path:
             git("worktree", "prune", cwd=session.repository)
             git("worktree", "add", "--quiet", "-B", branch, str(path), base, cwd=session.repository)
         base_commit = git("rev-parse", "HEAD", cwd=path).strip()
-    type(session).objects.filter(pk=session.pk).update(workspace_branch=branch, base_commit=base_commit)
-    session.workspace_branch, session.base_commit = branch, base_commit
+    type(session).objects.filter(pk=session.pk).update(base_commit=base_commit)
+    session.base_commit = base_commit
     logger.info("session %s: workspace %s on branch %s from %s", session.pk, path, branch, base_commit[:12])
     return path
 

@@ -96,7 +96,7 @@ def dispatch_session(session_id: str) -> bool:
     session = Session.objects.filter(pk=session_id).first()
     if session is None or session.status not in ACTIVE:
         return False
-    if not services.prepare_workspace_or_fail(session):
+    if session.repository and not services.prepare_workspace_or_fail(session):
         return False
     canvas, released = build_canvas(session)
     if canvas is None and not released:

@@ -25,9 +25,4 @@ class Migration(migrations.Migration):
             name='repository',
             field=models.CharField(blank=True, max_length=1000),
         ),
-        migrations.AddField(
-            model_name='session',
-            name='workspace_branch',
-            field=models.CharField(blank=True, max_length=200),
-        ),
     ]
