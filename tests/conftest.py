@@ -17,6 +17,7 @@ from django.core.management import call_command
 from rest_framework.test import APIClient
 
 from sessions.locking import redis_client
+from sessions.workspaces import git
 from tasks.models import Task
 from tenants.models import Membership
 
@@ -61,6 +62,17 @@ def run_task_message_ids() -> list[str]:
 def clean_redis():
     redis_client().flushdb()
     yield
+
+
+def commit_repository(path: Path, files: dict[str, str] | None = None) -> Path:
+    """`path` (made if missing, with `files` written in it) as a git repository whose branch
+    main has one commit of everything in it."""
+    path.mkdir(parents=True, exist_ok=True)
+    for name, text in (files or {}).items():
+        (path / name).write_text(text)
+    for command in (["init", "-q", "-b", "main"], ["add", "."], ["commit", "-q", "-m", "Start"]):
+        git("-c", "user.name=t", "-c", "user.email=t@t", *command, cwd=path)
+    return path
 
 
 def member_client(tenant_slug: str, username: str, role: str = Membership.Role.DEVELOPER) -> APIClient:

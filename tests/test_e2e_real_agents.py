@@ -14,7 +14,7 @@ import pytest
 from mockllm.server import MockLLM
 from sessions.models import Session
 from tasks.models import Task
-from tests.conftest import ROOT, create_and_start, member_client, wait_for_status
+from tests.conftest import ROOT, commit_repository, create_and_start, member_client, wait_for_status
 
 pytestmark = pytest.mark.e2e
 
@@ -23,9 +23,7 @@ DEMO = ROOT / "scripts" / "demo"
 
 def demo_repository(path: Path) -> Path:
     shutil.copytree(DEMO / "repo", path)
-    for command in (["init", "-q", "-b", "main"], ["add", "."], ["commit", "-q", "-m", "Start"]):
-        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *command], cwd=path, check=True)
-    return path
+    return commit_repository(path)
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from django.core.management import call_command
 
 from agents import eap
 from agents.models import Agent, EapDelivery
-from sessions.models import SessionEvent
+from sessions.models import SETTLED, SessionEvent
 from tasks.models import Task
 from tenants.models import Membership
 
@@ -32,7 +32,6 @@ from .test_eap import Endpoint, inline
 pytestmark = pytest.mark.e2e
 REFERENCE = ROOT / "examples" / "eap_agent.py"
 CAPABILITIES = ["documentation", "code_review"]
-SETTLED = {"completed", "failed", "partially_completed", "timeout", "orphaned"}
 TOKEN_PATTERN = re.compile(r"eap_[0-9a-f]{12}_")
 
 

@@ -9,7 +9,6 @@ import logging
 import os
 import re
 import socket
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -29,7 +28,7 @@ from agents.models import Agent
 from mockllm import MockLLM
 from sessions.locking import redis_client
 from tasks.models import Task
-from tests.conftest import create_and_start, member_client, wait_for_status, wait_until
+from tests.conftest import commit_repository, create_and_start, member_client, wait_for_status, wait_until
 from tests.test_settings import import_settings
 
 ONCE = {"default": "reject", "edit": "once"}
@@ -53,13 +52,7 @@ def server(mock):
 
 
 def git_workspace(path: Path) -> Path:
-    path.mkdir(parents=True)
-    (path / "README.md").write_text("# demo\n")
-    git = ["git", "-C", str(path), "-c", "user.name=t", "-c", "user.email=t@example.com"]
-    subprocess.run([*git[:3], "init", "-q"], check=True)
-    subprocess.run([*git, "add", "."], check=True)
-    subprocess.run([*git, "commit", "-qm", "initial"], check=True)
-    return path
+    return commit_repository(path, {"README.md": "# demo\n"})
 
 
 @pytest.fixture(scope="module")

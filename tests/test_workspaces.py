@@ -19,7 +19,7 @@ from sessions.workspaces import (
     workspace_of,
 )
 from tasks.tasks import dispatch_session
-from tests.conftest import error_of
+from tests.conftest import commit_repository, error_of
 
 pytestmark = pytest.mark.django_db
 
@@ -28,13 +28,8 @@ def run(*args: str, cwd: Path) -> str:
     return subprocess.run(args, cwd=cwd, check=True, capture_output=True, text=True).stdout
 
 
-def make_repo(path: Path, branch: str = "main") -> Path:
-    path.mkdir(parents=True)
-    run("git", "init", "--quiet", "-b", branch, cwd=path)
-    (path / "app.py").write_text("def add(a, b):\n    return a + b\n")
-    run("git", "add", ".", cwd=path)
-    run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "--quiet", "-m", "start", cwd=path)
-    return path
+def make_repo(path: Path) -> Path:
+    return commit_repository(path, {"app.py": "def add(a, b):\n    return a + b\n"})
 
 
 @pytest.fixture

@@ -1,7 +1,6 @@
 """R7: two Beat processes at once send each periodic task once per period, and the second
 takes over when the leader dies."""
 
-import json
 import os
 import signal
 import time
@@ -12,8 +11,7 @@ from django.apps import apps
 from django_celery_beat.models import PeriodicTask
 
 from orchestrator_project.schedules import SCHEDULES, sync_schedules
-from sessions.locking import redis_client
-from tests.conftest import Stack, wait_until
+from tests.conftest import Stack, queued_broker_messages, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -22,13 +20,7 @@ LEADER_TTL_S = 6
 
 def housekeeping_messages() -> list[dict]:
     """The periodic tasks' messages: nobody consumes the housekeeping queue in this test."""
-    client = redis_client()
-    return [
-        json.loads(raw)
-        for key in client.scan_iter("housekeeping*")
-        if client.type(key) == b"list"
-        for raw in client.lrange(key, 0, -1)
-    ]
+    return queued_broker_messages("housekeeping*")
 
 
 def sender_pid(message: dict) -> int:

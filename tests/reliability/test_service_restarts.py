@@ -14,10 +14,10 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
-import redis
 from django.conf import settings
 from django.db import connections
 
+from scripts.ensure_services import redis_answers
 from sessions.locking import redis_client
 from sessions.models import Session, SessionEvent
 from tasks.models import Task
@@ -68,17 +68,10 @@ def wait_for_all_to_complete(session_ids) -> None:
     assert not Task.objects.filter(session_id__in=session_ids).exclude(status="completed").exists()
 
 
-def redis_answers() -> bool:
-    try:
-        return bool(redis.Redis.from_url(settings.REDIS_URL, socket_connect_timeout=1).ping())
-    except redis.RedisError:
-        return False
-
-
 def restart_redis_without_its_data() -> None:
     redis_client().set("r3:before-the-restart", 1)
     redis_client().shutdown(nosave=True)  # it keeps nothing on disk either way
-    wait_until(lambda: not redis_answers(), timeout=10, what="Redis to stop")
+    wait_until(lambda: not redis_answers(settings.REDIS_URL), timeout=10, what="Redis to stop")
     time.sleep(1.0)  # the workers see it gone
     # Started again the way `make` starts it (it answers again before this returns).
     env = {**os.environ, "DATABASE_URL": "", "REDIS_URL": settings.REDIS_URL}
