@@ -13,7 +13,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 # Requirements first, so a code change does not reinstall them.
 COPY requirements.txt .
-RUN pip install -r requirements.txt
+RUN pip install --require-hashes -r requirements.txt
 COPY package.json package-lock.json ./
 RUN npm install --no-audit --no-fund --loglevel=error && node_modules/.bin/opencode --version
 

@@ -14,16 +14,23 @@ export REDIS_URL ?= redis://127.0.0.1:6379/0
 export WEB_PORT ?= 8000
 export FLOWER_PORT ?= 5555
 
-.PHONY: venv opencode services up demo bench test lint format clean
+.PHONY: venv lock opencode services up demo bench test lint format clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required: sudo apt-get install -y python3 python3-venv")'
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -r requirements-dev.txt
+	$(BIN)/pip install --quiet --require-hashes -r requirements.txt -r requirements-dev.txt
 	touch $@
 
 venv: $(VENV)/.installed
+
+# Re-pin after editing requirements.in or requirements-dev.in (pip-tools); versions already
+# pinned stay unless `make lock UPGRADE=--upgrade`.
+LOCK := $(BIN)/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url \
+	--no-emit-trusted-host --no-emit-find-links $(UPGRADE)
+lock: venv
+	$(LOCK) --output-file requirements.txt requirements.in
+	$(LOCK) --output-file requirements-dev.txt requirements-dev.in
 
 # The real `opencode serve` the opencode executor drives (node_modules/.bin/opencode), pinned in
 # package-lock.json. Not `npm ci`: a registry that serves only this platform's binary package
