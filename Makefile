@@ -59,6 +59,7 @@ bench: venv  # bench/env.py checks PostgreSQL and Redis for its own database
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 format: venv
 	$(BIN)/ruff format .

@@ -6,7 +6,7 @@ import logging
 import pybreaker
 import redis
 
-from sessions.locking import redis_client
+from orchestrator_project.redis_client import redis_client
 
 logger = logging.getLogger(__name__)
 

@@ -1,17 +1,19 @@
-"""The bodies of the External Agent Protocol (docs/EAP.md): what external agents send and get."""
+"""The bodies of the External Agent Protocol (docs/EAP.md): what external agents send and get.
+The API (api/eap.py) validates requests with them, and the eap executor a push agent's reply."""
 
 from django.core.validators import URLValidator
 from rest_framework import serializers
 
-from agents.management.commands.run_agent import NAME_PATTERN
-from sessions.serializers import (
+from orchestrator_project.validation import (
     RejectUnknownFieldsMixin,
     StrictCharField,
     StrictIntegerField,
     StrictRegexField,
     validate_storable_json,
 )
-from tasks.models import CAPABILITIES
+
+from .capabilities import CAPABILITIES
+from .models import NAME_PATTERN
 
 MAX_OUTPUT_CHARS = 500_000
 

@@ -1,10 +1,16 @@
+import re
 from datetime import timedelta
 
 from django.conf import settings
 from django.contrib.postgres.fields import ArrayField
 from django.db import models
-from django.db.models import Case, Count, Q, Value, When
+from django.db.models import Q
 from django.utils import timezone
+
+from .capabilities import capability_queue
+
+# Agent names: also the Celery node name and the queue agent.<name>.
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,99}$")
 
 
 class Agent(models.Model):
@@ -84,7 +90,7 @@ class Agent(models.Model):
     def queues(self) -> list[str]:
         if self.is_external:
             return []  # an EAP gateway's queues carry its tasks
-        return [f"cap.{capability}" for capability in self.capabilities] + [f"agent.{self.name}"]
+        return [capability_queue(capability) for capability in self.capabilities] + [f"agent.{self.name}"]
 
     @property
     def is_live(self) -> bool:
@@ -92,58 +98,33 @@ class Agent(models.Model):
             return False
         return timezone.now() - self.last_heartbeat < timedelta(seconds=settings.AGENT_OFFLINE_AFTER_SECONDS)
 
-    def heartbeat(self, processes: list[int] | None = None) -> None:
-        """Say the agent is alive, and refresh its load and counters from its tasks. With
-        `processes` (the worker's live pool processes), store them and renew the leases of the
-        tasks they run (tasks.leases).
+    @property
+    def score(self) -> float:
+        """How much routing wants this agent, 0..1.1 (docs/ROUTING.md):
 
-        The task rows are the truth: counting there, rather than bumping counters with every
-        claim and outcome, keeps this row out of the hot path (concurrent tasks of one agent
-        would queue on its lock) and cannot drift when a worker dies mid-task. The counters and
-        the EWMA cover the tasks it finished in the last AGENT_STATS_WINDOW_HOURS (an index on
-        (agent, finished_at) keeps this a range scan however long the agent lives). Between
-        beats the stored figures may lag; routing counts the live load itself (agents.routing).
-        """
-        from tasks.models import Task
+            0.5 * success + 0.3 * free + 0.2 * speed + 0.1 * tier / 3
+            success = (completed + 1) / (completed + failed + 1)   # a new agent starts at 1.0
+            free    = 1 - current_load / concurrency
+            speed   = 1 / (1 + ewma_duration_s / 60)                # 1.0 with no history yet
 
-        mine = Task.objects.filter(agent_id=self.pk)
-        recent = Q(finished_at__gte=timezone.now() - timedelta(hours=settings.AGENT_STATS_WINDOW_HOURS))
-        counts = mine.filter(recent | running()).aggregate(
-            load=Count("pk", filter=running()),
-            completed=Count("pk", filter=recent & Q(status=Task.Status.COMPLETED)),
-            failed=Count("pk", filter=recent & Q(status=Task.Status.FAILED)),
+        The optimistic priors let a brand-new agent with a free slot score at least as well as
+        any proven one, so it receives work and earns a history."""
+        done = self.tasks_completed + self.tasks_failed
+        success = (self.tasks_completed + 1) / (done + 1)
+        free = max(0.0, 1 - self.current_load / max(1, self.concurrency))
+        speed = 1.0 if self.ewma_duration_s is None else 1 / (1 + self.ewma_duration_s / 60)
+        return 0.5 * success + 0.3 * free + 0.2 * speed + 0.1 * min(self.tier, 3) / 3
+
+    def can_take(self, capability: str, pending: int = 0) -> bool:
+        """A worker that is live, not draining, has the capability and a free slot (`pending`:
+        slots promised to messages sent but not yet claimed)."""
+        return (
+            not self.is_external
+            and self.is_live
+            and self.status != self.Status.DRAINING
+            and capability in self.capabilities
+            and self.current_load + pending < self.concurrency
         )
-        load = counts["load"]
-        spans = mine.filter(recent, started_at__isnull=False).order_by("-finished_at")
-        durations = [
-            (end - start).total_seconds() for start, end in spans.values_list("started_at", "finished_at")[:20]
-        ]
-        # One statement, so a concurrent drain is never overwritten by a heartbeat.
-        Agent.objects.filter(pk=self.pk).update(
-            last_heartbeat=timezone.now(),
-            status=Case(
-                When(status=self.Status.DRAINING, then=Value(self.Status.DRAINING)),
-                When(concurrency__lte=load, then=Value(self.Status.BUSY)),
-                default=Value(self.Status.ONLINE),
-            ),
-            current_load=load,
-            tasks_completed=counts["completed"],
-            tasks_failed=counts["failed"],
-            ewma_duration_s=ewma(reversed(durations)),
-            **({} if processes is None else {"processes": processes}),
-        )
-        if processes is not None:
-            from tasks.leases import renew_leases
-
-            renew_leases(agent_id=self.pk)
-
-
-def running(prefix: str = "") -> Q:
-    """Running tasks, reached through `prefix` (e.g. "tasks__" from an agent). Unfinished is part
-    of the filter so that the (agent, finished_at) index finds them without the agent's history."""
-    from tasks.models import Task
-
-    return Q(**{f"{prefix}finished_at__isnull": True, f"{prefix}status": Task.Status.RUNNING})
 
 
 def ewma(values, alpha: float = 0.2) -> float | None:

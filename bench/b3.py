@@ -1,4 +1,4 @@
-"""B3 lock: our fair, fenced lock (sessions.locking.FairLock) against redis-py's Lock and
+"""B3 lock: our fair, fenced lock (orchestrator_project.locking.FairLock) against redis-py's Lock and
 python-redis-lock on the same Redis, in the same run."""
 
 import multiprocessing
@@ -9,7 +9,8 @@ import time
 import redis_lock
 
 from bench import BenchError
-from sessions.locking import FairLock, redis_client
+from orchestrator_project.locking import FairLock
+from orchestrator_project.redis_client import redis_client
 
 ROUNDS = 1000  # acquire+release pairs per timed batch, uncontended
 CONTENDERS = 8

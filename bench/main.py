@@ -40,7 +40,7 @@ def run(args: argparse.Namespace, env: dict[str, str]) -> dict:
     from bench.ours import bench_tenant, forget_earlier_runs
     from bench.queries import profile_queries
     from bench.workers import Workers
-    from sessions.locking import redis_client
+    from orchestrator_project.redis_client import redis_client
 
     # Messages, locks and fencing counters of an interrupted earlier run must not leak in.
     redis_client().flushdb()

@@ -10,9 +10,9 @@ from django.db.models import Max, Min
 
 from bench import BenchError
 from bench.shapes import Spec
-from sessions.locking import redis_client
+from orchestrator_project.redis_client import redis_client
 from sessions.models import SETTLED, Session
-from sessions.services import create_session, start_session
+from tasks.lifecycle import create_session, start_session
 from tasks.models import Task
 from tenants.models import Tenant
 

@@ -16,16 +16,16 @@ from types import CodeType
 
 from django.db import connection
 
-from agents.management.commands.run_agent import register_agent
 from agents.models import Agent
 from agents.runtime import AgentRuntime
 from bench import BenchError, shapes
 from bench.b1 import CHAIN_LENGTH, FAN_WIDTH
 from bench.env import ROOT
 from bench.ours import new_session, vacuum
-from sessions.services import start_session
+from tasks.fleet import register_worker
+from tasks.lifecycle import start_session
 from tasks.models import Task
-from tasks.services import execute_task
+from tasks.running import execute_task
 from tenants.models import Tenant
 
 AGENT = "bench-inprocess"
@@ -78,7 +78,7 @@ class StatementLog:
 
 @contextmanager
 def in_process_agent():
-    agent = register_agent(name=AGENT, capabilities=[shapes.CAPABILITY], executor="scripted", concurrency=1)
+    agent = register_worker(name=AGENT, capabilities=[shapes.CAPABILITY], executor="scripted", concurrency=1)
     try:
         yield AgentRuntime(agent.pk, agent.name, "scripted", {"duration_s": 0.0, "fail_rate": 0.0})
     finally:

@@ -16,7 +16,7 @@ import redis
 from django.conf import settings
 from django_celery_beat.schedulers import DatabaseScheduler
 
-from sessions.locking import FairLock, LockUnavailable, NotLockOwner
+from orchestrator_project.locking import FairLock, LockUnavailable, NotLockOwner
 
 logger = logging.getLogger(__name__)
 

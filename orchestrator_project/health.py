@@ -3,7 +3,7 @@
 from django.db import connection
 from django.http import JsonResponse
 
-from sessions.locking import redis_client
+from orchestrator_project.redis_client import redis_client
 
 from .celery import app
 

@@ -1,5 +1,5 @@
 # Its own module: DRF imports DEFAULT_PARSER_CLASSES while rest_framework.views is being
-# imported, so this must not import anything that imports the views (api.py does).
+# imported, so this must not import anything that imports the views (api/errors.py does).
 from rest_framework import exceptions, parsers
 
 

@@ -104,7 +104,7 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
 
-ROOT_URLCONF = "orchestrator_project.urls"
+ROOT_URLCONF = "api.urls"
 WSGI_APPLICATION = "orchestrator_project.wsgi.application"
 
 TEMPLATES = [
@@ -179,10 +179,10 @@ REST_FRAMEWORK = {
         "rest_framework.parsers.FormParser",
         "rest_framework.parsers.MultiPartParser",
     ],
-    "DEFAULT_PAGINATION_CLASS": "orchestrator_project.api.Pagination",
+    "DEFAULT_PAGINATION_CLASS": "api.pagination.Pagination",
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
-    "EXCEPTION_HANDLER": "orchestrator_project.api.exception_handler",
+    "EXCEPTION_HANDLER": "api.errors.exception_handler",
     "DEFAULT_THROTTLE_CLASSES": ["rest_framework.throttling.UserRateThrottle"],
     "DEFAULT_THROTTLE_RATES": {"user": os.environ.get("API_THROTTLE_USER", "6000/min")},
     "PAGE_SIZE": 50,
@@ -199,7 +199,7 @@ SPECTACULAR_SETTINGS = {
         "SessionStatusEnum": "sessions.models.Status",
         "TaskStatusEnum": "tasks.models.Task.Status",
         "AgentStatusEnum": "agents.models.Agent.Status",
-        "CapabilityEnum": "tasks.models.CAPABILITIES",
+        "CapabilityEnum": "agents.capabilities.CAPABILITIES",
     },
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",

@@ -10,7 +10,10 @@ from django.core.serializers.json import DjangoJSONEncoder
 from django.db import models, transaction
 from django.utils import timezone
 
-from .locking import LockUnavailable, redis_client, session_lock
+from orchestrator_project.locking import LockUnavailable
+from orchestrator_project.redis_client import redis_client
+
+from .locking import session_lock
 
 logger = logging.getLogger(__name__)
 
@@ -127,11 +130,14 @@ class Session(models.Model):
         return f"{self.title} ({self.status})"
 
     @property
+    def branch(self) -> str:
+        """The git branch of the session's workspace (sessions.workspaces)."""
+        return f"io/session-{self.pk.hex[:12]}"
+
+    @property
     def workspace_branch(self) -> str:
         """The session's own branch, once its workspace is made ("" before)."""
-        from .workspaces import branch_for
-
-        return branch_for(self) if self.base_commit else ""
+        return self.branch if self.base_commit else ""
 
     @property
     def broker_priority(self) -> int:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from django.conf import settings
 
-from .locking import FairLock, NotLockOwner
+from orchestrator_project.locking import FairLock, NotLockOwner
 
 logger = logging.getLogger(__name__)
 
@@ -123,10 +123,6 @@ def _check_allowed(path: Path) -> None:
         raise WorkspaceError(f"{path} is not under an allowed repository root: {allowed}")
 
 
-def branch_for(session) -> str:
-    return f"io/session-{session.pk.hex[:12]}"
-
-
 def workspace_of(session_id) -> Path:
     return settings.WORKSPACE_ROOT / str(session_id)
 
@@ -152,7 +148,7 @@ def prepare_workspace(session) -> Path:
     a resumed or retried session (or a re-sent dispatch) finds the one it had. A half-made one
     (a crash mid-clone) is made again. Returns its path; raises WorkspaceError."""
     path = workspace_of(session.pk)
-    branch = branch_for(session)
+    branch = session.branch
     with owning(session):
         if _is_workspace(path, branch):
             return path

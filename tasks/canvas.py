@@ -10,11 +10,9 @@ chord, so nothing waits for an unrelated task:
 A part that is not SP (e.g. A->C, A->D, B->D: D needs both, C only A) would need a barrier in
 canvas - C would wait for B. Such a part, and everything after it in series, is instead released
 from the database: run_task sends a task's message when its last upstream completes
-(services.settle_dependents). See docs/CANVAS.md.
+(release.release_dependents). See docs/CANVAS.md.
 """
 
-import secrets
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -25,6 +23,7 @@ from sessions.models import Session
 
 from . import statements
 from .dag import topological_levels
+from .messages import FINALIZE_SESSION, RUN_TASK, message, run_task_options
 from .models import Task
 
 # An SP expression: a task key, ("chain", [parts]) or ("group", [parts]).
@@ -149,38 +148,8 @@ def _as_chain(steps: list[Expr]) -> Expr | None:
     return None if not steps else steps[0] if len(steps) == 1 else ("chain", steps)
 
 
-def new_message_id(task: Task) -> str:
-    """A fresh Celery id for a run_task message: the task's id, a dot and a random token.
-
-    run_task reads its task from this id instead of taking an argument: a chain's message
-    repeats every later step of the chain, so an argument per step made a 200-task chain's
-    messages a third larger and each step slower (`make bench`, B1). The token makes every
-    dispatch's id new, so that a cancel's revoke never discards a later dispatch of the task."""
-    return f"{task.pk}.{secrets.token_hex(4)}"
-
-
-def task_of_message(message_id: str) -> uuid.UUID | None:
-    """The task a run_task message id names (see new_message_id); None for any other id."""
-    try:
-        return uuid.UUID(message_id.partition(".")[0])
-    except ValueError:
-        return None
-
-
-def message_options(task: Task, *, queue: str, priority: int) -> dict:
-    """Options of a run_task message: queue, broker priority, a fresh id naming the task (stored
-    on the task so a cancel can revoke it) and, for a task with its own deadline, its time
-    limits."""
-    options = {"queue": queue, "priority": priority, "task_id": new_message_id(task)}
-    if task.timeout_seconds:
-        options.update(soft_time_limit=task.timeout_seconds, time_limit=task.timeout_seconds + 60)
-    return options
-
-
 def node_signature(task: Task, priority: int) -> Signature:
-    from .tasks import run_task
-
-    return run_task.si().set(**message_options(task, queue=task.queue, priority=priority))
+    return message(RUN_TASK, **run_task_options(task, queue=task.queue, priority=priority))
 
 
 def _to_signature(expr: Expr, nodes: dict[str, Signature], in_group: bool = False) -> Signature:
@@ -200,10 +169,8 @@ def build_canvas(session: Session) -> tuple[Signature | None, list[Task]]:
 
     Canvas nodes get fresh message ids (stored on the task so cancel can revoke them).
     """
-    from .tasks import finalize_session
-
     unfinished = (
-        Task.objects.filter(session=session, status__in=(Task.Status.PENDING, Task.Status.QUEUED, Task.Status.RUNNING))
+        Task.objects.filter(session=session, status__in=Task.UNFINISHED)
         .only("key", "position", "status", "capability", "pinned_agent", "timeout_seconds")
         .order_by("position")
     )
@@ -246,6 +213,6 @@ def build_canvas(session: Session) -> tuple[Signature | None, list[Task]]:
     released = [tasks[key] for key in tasks if key in plan.released]
     if plan.canvas is None:
         return None, released
-    final = finalize_session.si(str(session.pk)).set(queue="orchestrator", priority=session.broker_priority)
+    final = message(FINALIZE_SESSION, str(session.pk), queue="orchestrator", priority=session.broker_priority)
     steps = plan.canvas[1] if isinstance(plan.canvas, tuple) and plan.canvas[0] == "chain" else [plan.canvas]
     return chain(*(_to_signature(step, nodes) for step in steps), final), released

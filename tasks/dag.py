@@ -2,19 +2,16 @@
 
 from collections.abc import Mapping, Sequence
 
+from orchestrator_project.validation import InvalidInput
+
 
 def pert_hours(optimistic: float, likely: float, pessimistic: float) -> float:
     """A task's expected duration: the PERT mean of its estimate."""
     return (optimistic + 4 * likely + pessimistic) / 6
 
 
-class DagError(ValueError):
+class DagError(InvalidInput):
     """A DAG is malformed; `path` names the offending field, e.g. "tasks[2].depends_on[0]"."""
-
-    def __init__(self, path: str, message: str):
-        self.path = path
-        self.message = message
-        super().__init__(f"{path}: {message}")
 
 
 def validate_dag(specs: Sequence[Mapping]) -> None:

@@ -12,10 +12,9 @@ from sessions.models import ACTIVE, Session
 
 from . import statements
 from .models import Task
-from .services import dispatch_task, leave_canvas, settle_dependents
+from .release import dispatch_task, leave_canvas, release_dependents
 
 logger = logging.getLogger(__name__)
-TS = Task.Status
 
 
 def renew_leases(agent_id: int | None = None) -> int:
@@ -36,7 +35,9 @@ def reap_expired_leases() -> dict[str, int]:
     renew_leases()
     done = {"requeued": 0, "orphaned": 0, "cancelled": 0}
     now = timezone.now()
-    expired = Task.objects.filter(status=TS.RUNNING, lease_expires_at__lt=now).select_related("session", "agent")
+    expired = Task.objects.filter(status=Task.Status.RUNNING, lease_expires_at__lt=now).select_related(
+        "session", "agent"
+    )
     for task in expired:
         who = f"agent {task.agent.name}" if task.agent else "an agent that is gone"
         lost = f"the lease of attempt {task.attempts} on {who} expired (its worker process died)"
@@ -46,41 +47,47 @@ def reap_expired_leases() -> dict[str, int]:
     return done
 
 
-def recover_lost_task(task: Task, lost: str, **still) -> str | None:
+def recover_lost_task(task: Task, lost: str, **as_read) -> str | None:
     """Take back a running task whose run was lost (`lost` says how): re-queued for another
     attempt, or, with its attempts used up, failed and its session orphaned; cancelled if its
     session has ended meanwhile. The recovery says why in the session's event log.
 
-    Compare-and-set on the task's status and attempt (and `still`, more conditions the caller
+    Compare-and-set on the task's status and attempt (and `as_read`, more conditions the caller
     read it under): returns what was done ("requeued", "orphaned", "failed" when the session
     was paused or orphaned already, "cancelled"), or None if the task had moved on."""
     now = timezone.now()
-    claim = Task.objects.filter(pk=task.pk, status=TS.RUNNING, attempts=task.attempts, **still)
+    claim = Task.objects.filter(pk=task.pk, status=Task.Status.RUNNING, attempts=task.attempts, **as_read)
     session = task.session
     outcome = note = None
     if session.status not in ACTIVE | {Session.Status.PAUSED}:
-        if claim.update(status=TS.CANCELLED, finished_at=now, lease_expires_at=None, error=f"{lost}; {session.status}"):
+        if claim.update(
+            status=Task.Status.CANCELLED, finished_at=now, lease_expires_at=None, error=f"{lost}; {session.status}"
+        ):
             outcome, note = "cancelled", f"task {task.key}: {lost}; cancelled, the session is {session.status}"
     elif task.attempts < task.max_attempts:
         with transaction.atomic():
-            if claim.update(status=TS.QUEUED, queued_at=now, lease_expires_at=None, worker_pid=None, error=lost):
+            if claim.update(
+                status=Task.Status.QUEUED, queued_at=now, lease_expires_at=None, worker_pid=None, error=lost
+            ):
                 leave_canvas(task)
                 dispatch_task(task, priority=session.broker_priority)
                 outcome, note = "requeued", f"task {task.key}: {lost}; re-queued"
     else:
         error = f"gave up after {task.attempts} attempts: {lost}"
         with transaction.atomic():
-            if claim.update(status=TS.FAILED, finished_at=now, lease_expires_at=None, error=error):
+            if claim.update(status=Task.Status.FAILED, finished_at=now, lease_expires_at=None, error=error):
                 # What RECORD does with a finish: one upstream fewer for each pending dependent.
-                Task.objects.filter(depends_on=task.pk, status=TS.PENDING).update(upstream_open=F("upstream_open") - 1)
+                Task.objects.filter(depends_on=task.pk, status=Task.Status.PENDING).update(
+                    upstream_open=F("upstream_open") - 1
+                )
                 outcome = "failed"
         if outcome:
             reason = f"task {task.key} lost: {lost}, and its {task.max_attempts} attempts are used up"
             if session.transition(Session.Status.ORPHANED, reason=reason, actor="beat", only_from=ACTIVE):
                 outcome = "orphaned"
-            else:  # paused, or orphaned by another lost task: what follows is settled as after a failure
-                task.status = TS.FAILED
-                settle_dependents(task, session.broker_priority)
+            else:  # paused, or orphaned by another lost task: what follows is released as after a failure
+                task.status = Task.Status.FAILED
+                release_dependents(task, session.broker_priority)
                 note = f"{reason}; failed"
     if note:
         session.note(note, actor="beat")
@@ -92,7 +99,7 @@ def recover_lost_task(task: Task, lost: str, **still) -> str | None:
 def recover_tasks_of(agent, why: str) -> int:
     """Take back every task `agent` is running (it went silent, or its worker started again):
     `why` says what happened, and each task's lost attempt is added to it. Returns how many."""
-    running = Task.objects.filter(agent=agent, finished_at__isnull=True, status=TS.RUNNING)
+    running = Task.objects.filter(agent=agent, finished_at__isnull=True, status=Task.Status.RUNNING)
     return sum(
         1 for task in running.select_related("session") if recover_lost_task(task, f"{why} attempt {task.attempts}")
     )

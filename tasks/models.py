@@ -1,37 +1,11 @@
 import uuid
 
 from django.db import models
+from django.db.models import Q
+
+from agents.capabilities import CAPABILITIES, capability_queue
 
 from .dag import pert_hours
-
-CAPABILITIES = (
-    "requirements_analysis",
-    "system_design",
-    "architecture_planning",
-    "task_decomposition",
-    "code_generation",
-    "test_generation",
-    "testing",
-    "documentation",
-    "refactoring",
-    "code_review",
-    "security_audit",
-    "performance_analysis",
-    "compliance_check",
-    "debugging",
-    "bug_fixing",
-    "troubleshooting",
-    "root_cause_analysis",
-    "optimization",
-    "deployment",
-    "configuration",
-    "monitoring",
-    "scaling",
-)
-
-
-def capability_queue(capability: str) -> str:
-    return f"cap.{capability}"
 
 
 class Task(models.Model):
@@ -45,6 +19,7 @@ class Task(models.Model):
         CANCELLED = "cancelled"
 
     FINISHED = frozenset({Status.COMPLETED, Status.FAILED, Status.SKIPPED, Status.CANCELLED})
+    UNFINISHED = frozenset({Status.PENDING, Status.QUEUED, Status.RUNNING})
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     # Indexed by (session, status) and (session, key) below; an index of its own would only be
@@ -118,3 +93,9 @@ class Task(models.Model):
     @property
     def expected_hours(self) -> float:
         return pert_hours(self.estimate_optimistic_h, self.estimate_likely_h, self.estimate_pessimistic_h)
+
+
+def running(prefix: str = "") -> Q:
+    """Running tasks, reached through `prefix` (e.g. "tasks__" from an agent). Unfinished is part
+    of the filter so that the (agent, finished_at) index finds them without the agent's history."""
+    return Q(**{f"{prefix}finished_at__isnull": True, f"{prefix}status": Task.Status.RUNNING})

@@ -31,10 +31,10 @@ logger = logging.getLogger(__name__)
 # The task's columns execute_task uses (LOAD_FIELDS, in this order), what it needs of its
 # session, the agents that ran its upstreams and, last, the attempt this agent claimed it for.
 # The session statuses in it are sessions.models.ACTIVE (a test holds them equal).
-# The claim happens at once when nothing needs a closer look: the session is
-# active, the task queued, and routing keeps it here - the message came on this agent's own
-# queue (%(stays)s), the task is pinned, or no upstream has run elsewhere. Otherwise the attempt
-# is NULL and execute_task looks at the row to see why.
+# The claim happens at once when nothing needs a closer look: the session is active, the task
+# queued, and routing keeps it here - routing is settled (%(routing_settled)s: the message came
+# on this agent's own queue), the task is pinned, or no upstream has run elsewhere. Otherwise
+# the attempt is NULL and execute_task looks at the row to see why.
 TAKE = """
 WITH t AS (
     SELECT t.id, t.session_id, t.key, t.title, t.capability, t.instructions, t.params, t.required, t.status,
@@ -51,7 +51,8 @@ WITH t AS (
         error = ''
     FROM t
     WHERE c.id = t.id AND c.status = 'queued' AND t.session_status IN ('queued', 'running', 'degraded')
-      AND (%(stays)s OR t.pinned_agent <> '' OR t.upstream_agents = '{}' OR %(agent)s = ANY(t.upstream_agents))
+      AND (%(routing_settled)s OR t.pinned_agent <> '' OR t.upstream_agents = '{}'
+           OR %(agent)s = ANY(t.upstream_agents))
     RETURNING c.attempts
 )
 SELECT t.*, (SELECT attempts FROM claimed) FROM t

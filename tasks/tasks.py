@@ -1,4 +1,6 @@
-"""Celery tasks: thin wrappers that take ids and call services."""
+"""The Celery tasks: thin wrappers that take ids and call the engine. Each keeps the name it is
+registered under (tasks/messages.py) whichever module defines it: messages in the broker,
+Beat's schedule rows (orchestrator_project/schedules.py) and Flower know it by that name."""
 
 import logging
 
@@ -7,10 +9,9 @@ from celery.signals import task_prerun
 from django.db import InterfaceError, OperationalError, close_old_connections, connections
 
 from agents.runtime import current_agent
-from sessions.locking import LockUnavailable
+from orchestrator_project.locking import LockUnavailable
 
-from . import services
-from .canvas import build_canvas, task_of_message
+from . import fleet, leases, lifecycle, messages, running, sweeps
 
 logger = logging.getLogger(__name__)
 
@@ -19,19 +20,23 @@ logger = logging.getLogger(__name__)
 def drop_stale_connections(sender=None, **kwargs) -> None:
     # Connections are reused across tasks (CELERY_DB_REUSE_MAX); like a web request, each task
     # starts by dropping a connection that is too old or saw an error, and checks the one it
-    # keeps (SELECT 1). run_task skips that check: it was a third round trip for every short
-    # task. A run_task whose connection turns out dead is retried, and the connection is dropped
+    # keeps (SELECT 1). run_task skips that check, which would add a round trip to every short
+    # task: a run_task whose connection turns out dead is retried, and the connection is dropped
     # here before the next task.
     close_old_connections()
-    if sender is not None and sender.name == "tasks.run_task":
+    if sender is not None and sender.name == messages.RUN_TASK:
         for conn in connections.all(initialized_only=True):
             conn.health_check_done = True
 
 
-@shared_task(name="tasks.run_task", bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def _backoff(retries: int) -> float:
+    return min(10.0, 0.5 * 2**retries)
+
+
+@shared_task(name=messages.RUN_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def run_task(self) -> str:
-    """Run the task this message names in its id (canvas.new_message_id) on this agent."""
-    task_id = task_of_message(self.request.id)
+    """Run the task this message names in its id (messages.new_message_id) on this agent."""
+    task_id = messages.task_of_message(self.request.id)
     if task_id is None:
         logger.error("run_task message %s names no task; dropped", self.request.id)
         return "gone"
@@ -42,28 +47,28 @@ def run_task(self) -> str:
         raise self.retry(countdown=5, max_retries=None)
     delivered_to = (self.request.delivery_info or {}).get("routing_key") or ""
     try:
-        outcome = services.execute_task(task_id=task_id, runtime=runtime, delivered_to=delivered_to)
-    except services.RedirectTask as exc:
+        outcome = running.execute_task(task_id=task_id, runtime=runtime, delivered_to=delivered_to)
+    except running.RedirectTask as exc:
         # retry() keeps the message id, so a chord still counts this node; exchange and routing
         # key must be replaced too, or the original delivery info routes it back.
         logger.info("task %s follows its upstream's agent to %s", task_id, exc.queue)
         raise self.retry(
             countdown=0, max_retries=None, queue=exc.queue, exchange=exc.queue, routing_key=exc.queue
         ) from exc
-    except services.RetryTask as exc:
-        countdown = exc.countdown if exc.countdown is not None else min(10.0, 0.5 * 2**self.request.retries)
+    except running.RetryTask as exc:
+        countdown = exc.countdown if exc.countdown is not None else _backoff(self.request.retries)
         raise self.retry(countdown=countdown, max_retries=None) from exc
     except (OperationalError, InterfaceError) as exc:
         # The database restarted or the connection broke: try again once it answers. Every
         # hand-off is a compare-and-set, so a step that did commit is not repeated.
         logger.warning("task %s: database unavailable (%s); retrying", task_id, exc)
-        raise self.retry(countdown=min(10.0, 0.5 * 2**self.request.retries), max_retries=None) from exc
+        raise self.retry(countdown=_backoff(self.request.retries), max_retries=None) from exc
     logger.info("task %s on %s (from %s): %s", task_id, runtime.name, delivered_to, outcome)
     return outcome
 
 
 @shared_task(
-    name="tasks.mark_session_running",
+    name=messages.MARK_SESSION_RUNNING,
     acks_late=True,
     reject_on_worker_lost=True,
     autoretry_for=(LockUnavailable,),
@@ -72,40 +77,42 @@ def run_task(self) -> str:
 )
 def mark_session_running(session_id: str, key: str, agent_name: str) -> bool:
     # Should the lock stay busy, settle_session still moves a queued session on at the end.
-    return services.mark_session_running(session_id, key, agent_name)
+    return lifecycle.mark_session_running(session_id, key, agent_name)
+
+
+@shared_task(name=messages.FINALIZE_SESSION, acks_late=True, reject_on_worker_lost=True)
+def finalize_session(session_id: str) -> str | None:
+    return lifecycle.settle_session(session_id)
+
+
+@shared_task(name=messages.DISPATCH_SESSION, acks_late=True, reject_on_worker_lost=True)
+def dispatch_session(session_id: str) -> bool:
+    return lifecycle.dispatch_session(session_id)
+
+
+# Beat's periodic tasks (orchestrator_project/schedules.py), on the housekeeping queue.
 
 
 @shared_task(name="tasks.reap_expired_leases")
 def reap_expired_leases() -> dict[str, int]:
-    from .leases import reap_expired_leases
-
-    return reap_expired_leases()
+    return leases.reap_expired_leases()
 
 
-@shared_task(name="tasks.finalize_session", acks_late=True, reject_on_worker_lost=True)
-def finalize_session(session_id: str) -> str | None:
-    return services.settle_session(session_id)
+@shared_task(name="agents.mark_silent_agents_offline", acks_late=True)
+def mark_silent_agents_offline() -> dict[str, int]:
+    return fleet.mark_silent_agents_offline()
 
 
-@shared_task(name="tasks.dispatch_session", acks_late=True, reject_on_worker_lost=True)
-def dispatch_session(session_id: str) -> bool:
-    """Send the session's unfinished DAG: a canvas for its series-parallel part, single messages
-    for the tasks the database releases that are ready now."""
-    from sessions.models import ACTIVE, Session
+@shared_task(name="sessions.sweep_degraded_sessions", acks_late=True)
+def sweep_degraded_sessions() -> dict[str, int]:
+    return sweeps.sweep_degraded_sessions()
 
-    session = Session.objects.filter(pk=session_id).first()
-    if session is None or session.status not in ACTIVE:
-        return False
-    if session.repository and not services.prepare_workspace_or_fail(session):
-        return False
-    canvas, released = build_canvas(session)
-    if canvas is None and not released:
-        services.settle_session(session_id)
-        return False
-    if canvas is not None:
-        canvas.apply_async()
-    # Read now, not when compiled: an upstream that finished while the canvas was built may
-    # have queued a task before it was marked as released (and so sent nothing). A duplicate
-    # message is harmless.
-    services.send_released([t.pk for t in released], session.broker_priority)
-    return True
+
+@shared_task(name="sessions.sweep_stuck_sessions", acks_late=True)
+def sweep_stuck_sessions() -> dict[str, int]:
+    return sweeps.sweep_stuck_sessions()
+
+
+@shared_task(name="sessions.apply_retention", acks_late=True)
+def apply_retention() -> int:
+    return sweeps.apply_retention()

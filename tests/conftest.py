@@ -16,7 +16,8 @@ from django.conf import settings
 from django.core.management import call_command
 from rest_framework.test import APIClient
 
-from sessions.locking import redis_client
+from agents.models import Agent
+from orchestrator_project.redis_client import redis_client
 from sessions.workspaces import git
 from tasks.models import Task
 from tenants.models import Membership
@@ -221,7 +222,6 @@ class Stack:
              "--capabilities", ",".join(capabilities), "--concurrency", str(concurrency),
              "--duration", str(duration)],
         )  # fmt: skip
-        from agents.models import Agent
 
         def online() -> bool:
             if proc.poll() is not None:

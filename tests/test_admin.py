@@ -6,9 +6,9 @@ from django.contrib.messages import WARNING
 from django.utils import timezone
 
 from agents.models import Agent
-from sessions import services
-from sessions.locking import FairLock
+from orchestrator_project.locking import FairLock
 from sessions.models import Session
+from tasks import lifecycle as services
 from tasks.models import Task
 from tests.conftest import dag_payload
 

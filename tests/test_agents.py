@@ -5,10 +5,12 @@ import pytest
 from django.utils import timezone
 
 from agents.models import Agent
-from agents.tasks import mark_silent_agents_offline
 from sessions.models import Session
+from tasks.fleet import record_heartbeat, register_worker
 from tasks.models import Task
+from tasks.tasks import mark_silent_agents_offline
 from tenants.models import Tenant
+from tests.test_execution import make_session
 
 from .conftest import wait_until
 
@@ -44,8 +46,8 @@ def test_a_heartbeat_reports_busy_at_full_load_and_never_undoes_a_drain(db):
     give_tasks(busy, ("running", 0))
     draining = make_agent("draining", status="draining")
 
-    busy.heartbeat()
-    draining.heartbeat()
+    record_heartbeat(busy)
+    record_heartbeat(draining)
 
     assert Agent.objects.get(name="busy").status == "busy"
     assert Agent.objects.get(name="draining").status == "draining"
@@ -56,7 +58,7 @@ def test_a_heartbeat_counts_load_outcomes_and_recent_duration_from_the_tasks(db)
     agent = make_agent("builder", concurrency=4, current_load=3, tasks_completed=99)  # stale figures
     give_tasks(agent, ("completed", 10), ("failed", 20), ("completed", 30), ("running", 0), ("cancelled", 5))
 
-    agent.heartbeat()
+    record_heartbeat(agent)
 
     agent.refresh_from_db()
     assert (agent.current_load, agent.tasks_completed, agent.tasks_failed) == (1, 2, 1)
@@ -86,15 +88,12 @@ def test_run_agent_registers_heartbeats_and_goes_offline_on_shutdown(stack):
 
 
 def test_an_agent_that_starts_again_takes_back_the_claims_of_its_last_run(db, django_capture_on_commit_callbacks):
-    from agents.management.commands.run_agent import register_agent
-    from tests.test_execution import make_session
-
     agent = make_agent("builder", status="online", last_heartbeat=timezone.now())
     session = make_session({"a": []})
     Task.objects.filter(session=session).update(status="running", attempts=1, agent=agent, worker_pid=os.getpid())
 
     with django_capture_on_commit_callbacks(execute=True):
-        register_agent(name="builder", capabilities=["testing"], executor="scripted", concurrency=2)
+        register_worker(name="builder", capabilities=["testing"], executor="scripted", concurrency=2)
 
     task = Task.objects.get(session=session)
     assert (task.status, task.worker_pid) == ("queued", None)

@@ -7,6 +7,7 @@ import uuid
 import pytest
 from rest_framework.test import APIClient
 
+from agents.models import Agent
 from sessions.models import Session, SessionEvent
 from tasks.models import Task
 from tests.conftest import dag_payload, error_of
@@ -596,8 +597,6 @@ def test_pinning_to_an_unregistered_agent_is_400(api):
 
 
 def test_pinning_to_an_agent_without_the_capability_is_400(api):
-    from agents.models import Agent
-
     Agent.objects.create(name="reviewer", executor="scripted", capabilities=["code_review"])
 
     error = error_of(post(api, tasks(one_task(agent="reviewer"))), 400)

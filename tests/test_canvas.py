@@ -2,7 +2,8 @@ import pytest
 from celery.canvas import _chain, chord, group
 
 from sessions.models import Session
-from tasks.canvas import build_canvas, plan_dag, task_of_message
+from tasks.canvas import build_canvas, plan_dag
+from tasks.messages import task_of_message
 from tasks.models import Task
 from tenants.models import Tenant
 

@@ -4,6 +4,7 @@ from itertools import pairwise
 
 import pytest
 
+from agents.capabilities import CAPABILITIES
 from tasks.dag import DagError, validate_dag
 from tasks.decomposition import (
     TEMPLATE_NAMES,
@@ -16,7 +17,6 @@ from tasks.decomposition import (
     topological_order,
 )
 from tasks.decomposition.templates import COMPLEXITY_SCALE, PESSIMISTIC_STRETCH, TEMPLATES
-from tasks.models import CAPABILITIES
 
 # Raises no concern that switches on an optional step, so every template shows its base shape.
 NEUTRAL = "Do the work described in the ticket."

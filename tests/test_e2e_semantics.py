@@ -7,8 +7,8 @@ import pytest
 
 from agents.models import Agent
 from sessions.models import Session
-from sessions.sweeps import sweep_degraded_sessions
 from tasks.models import Task
+from tasks.sweeps import sweep_degraded_sessions
 
 from .conftest import create_and_start, member_client, task_status, wait_for_status, wait_until
 

@@ -18,6 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pybreaker
 import pytest
 from django.core.exceptions import ImproperlyConfigured
+from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import connections
 from django.utils import timezone
@@ -27,12 +28,12 @@ from agents import eap
 from agents.executors import TaskAborted, TaskContext, TaskFailed, TransientError, build_executor
 from agents.executors.eap import EapExecutor
 from agents.models import Agent, EapDelivery
-from agents.routing import can_take
 from orchestrator_project.settings import env_float
 from sessions.models import Session, SessionEvent
-from sessions.sweeps import sweep_degraded_sessions
 from tasks.models import Task
-from tasks.services import task_context
+from tasks.running import task_context
+from tasks.sweeps import sweep_degraded_sessions
+from tasks.tasks import mark_silent_agents_offline
 from tenants.models import Membership, Tenant
 
 from .conftest import ROOT, error_of, member_client, wait_until
@@ -181,12 +182,10 @@ def test_a_taken_name_is_409_whether_an_external_agent_or_a_worker_has_it(operat
 
 
 def test_run_agent_refuses_to_take_over_an_external_agents_row(operator):
-    from agents.management.commands.run_agent import register_agent
-
     register(operator, name="ext-1")
 
-    with pytest.raises(CommandError, match="external agent"):
-        register_agent(name="ext-1", capabilities=["testing"], executor="scripted", concurrency=1)
+    with pytest.raises(CommandError, match="'ext-1' is the name of an external agent"):
+        call_command("run_agent", name="ext-1", capabilities="testing", executor="scripted")
     assert Agent.objects.get(name="ext-1").mode == "pull"
 
 
@@ -933,8 +932,6 @@ def test_a_gateway_serves_a_capability_only_while_an_external_agent_can_take_it(
 
 
 def test_a_silent_external_agent_is_marked_offline_like_a_worker(operator):
-    from agents.tasks import mark_silent_agents_offline
-
     registered = register(operator)
     Agent.objects.filter(pk=registered["agent_id"]).update(last_heartbeat=timezone.now() - timedelta(minutes=5))
 
@@ -948,8 +945,8 @@ def test_routing_never_picks_an_external_agent(db):
     external = live("ext", executor="eap", mode="pull", token_prefix="a1")
     worker = live("builder", executor="scripted")
 
-    assert not can_take(external, "documentation")
-    assert can_take(worker, "documentation")
+    assert not external.can_take("documentation")
+    assert worker.can_take("documentation")
 
 
 # Settings and admin

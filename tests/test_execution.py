@@ -6,22 +6,20 @@ import threading
 import pytest
 from django.db import connection
 from django.db.models import F
+from django.utils import timezone
 
 from agents.executors import TransientError
 from agents.models import Agent
 from agents.runtime import AgentRuntime
-from sessions.models import Session
-from tasks.canvas import new_message_id, task_of_message
+from sessions.models import ACTIVE, Session
+from tasks import statements
+from tasks import tasks as celery_tasks
+from tasks.leases import reap_expired_leases
+from tasks.lifecycle import mark_session_running, retry_session, settle_session
+from tasks.messages import new_message_id, task_of_message
 from tasks.models import Task
-from tasks.services import (
-    RetryTask,
-    claim_task,
-    execute_task,
-    mark_session_running,
-    release_ready_tasks,
-    settle_dependents,
-    settle_session,
-)
+from tasks.release import release_dependents, release_ready_tasks
+from tasks.running import RetryTask, claim_task, execute_task, record_outcome, take_task
 from tasks.tasks import run_task
 from tenants.models import Tenant
 from tests.conftest import queued_broker_messages
@@ -219,7 +217,7 @@ def test_a_fan_in_counts_every_upstream_whichever_finishes_last(db):
     finish(session, "b", TS.COMPLETED)
     finish(session, "c", TS.COMPLETED)
 
-    settle_dependents(session.tasks.get(key="c"), priority=4)
+    release_dependents(session.tasks.get(key="c"), priority=4)
 
     assert statuses(session)["d"] == "skipped"
 
@@ -229,11 +227,11 @@ def test_a_fan_in_is_queued_only_when_its_last_upstream_completes(db):
     finish(session, "a", TS.COMPLETED)
     session.tasks.filter(key="b").update(status=TS.RUNNING)
 
-    settle_dependents(session.tasks.get(key="a"), priority=4)
+    release_dependents(session.tasks.get(key="a"), priority=4)
     assert statuses(session)["d"] == "pending"
 
     finish(session, "b", TS.COMPLETED)
-    settle_dependents(session.tasks.get(key="b"), priority=4)
+    release_dependents(session.tasks.get(key="b"), priority=4)
     assert statuses(session)["d"] == "queued"
 
 
@@ -256,9 +254,6 @@ def test_a_redelivered_message_of_a_finished_task_releases_what_a_crash_left_pen
 
 
 def test_retry_takes_over_a_run_left_over_from_a_stop(db):
-    from sessions.services import retry_session
-    from tasks.services import record_outcome
-
     session = make_session({"a": []}, status="stopped")
     session.tasks.update(status=TS.RUNNING, attempts=1)
     stale = Task.objects.select_related("session").get(session=session)
@@ -323,13 +318,10 @@ def test_a_redelivered_outcome_lowers_the_dependents_count_only_once(db):
 
 
 def test_a_record_whose_reply_was_lost_is_settled_from_the_row(db):
-    from tasks import statements
-    from tasks.services import record_outcome, take_task
-
     session = make_session({"a": [], "b": [], "c": ["a", "b"]})
     release_ready_tasks(session.pk)
     finish(session, "b", TS.COMPLETED)
-    a, attempt = take_task(session.tasks.get(key="a").pk, runtime(), stays=True)
+    a, attempt = take_task(session.tasks.get(key="a").pk, runtime(), routing_settled=True)
     # The statement commits, but its reply never arrives; statements.run sends it again.
     recorded = {"task": a.pk, "attempt": attempt, "status": TS.COMPLETED, "result": "{}", "error": ""}
     statements.run(statements.RECORD, recorded)
@@ -342,16 +334,11 @@ def test_a_record_whose_reply_was_lost_is_settled_from_the_row(db):
 def test_the_claim_statement_knows_the_active_session_statuses():
     import re
 
-    from sessions.models import ACTIVE
-    from tasks import statements
-
     inline = re.search(r"t\.session_status IN \(([^)]*)\)", statements.TAKE).group(1)
     assert {s.strip(" '") for s in inline.split(",")} == set(ACTIVE)
 
 
 def test_a_statement_that_loses_its_connection_runs_again_on_a_new_one(transactional_db, caplog):
-    from tasks import statements
-
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_backend_pid()")
         [(pid,)] = cursor.fetchall()
@@ -440,32 +427,35 @@ def test_a_task_running_in_another_process_is_left_alone(db):
 def test_a_broker_away_when_the_first_claim_is_noted_does_not_stop_the_task(db, monkeypatch):
     from kombu.exceptions import OperationalError as BrokerError
 
-    from tasks.tasks import mark_session_running
-
     def broker_away(*args, **kwargs):
         raise BrokerError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
 
-    monkeypatch.setattr(mark_session_running, "apply_async", broker_away)
+    monkeypatch.setattr(celery_tasks.mark_session_running, "apply_async", broker_away)
     session = make_session({"a": []}, status="queued")
     session.tasks.update(status=TS.QUEUED)
 
     assert execute_task(task_id=session.tasks.get().pk, runtime=runtime()) == "completed"
 
 
-def test_an_error_that_escapes_after_the_claim_ends_its_lease_for_the_reaper(db, monkeypatch):
-    from tasks import services
-    from tasks.leases import reap_expired_leases
+class UnstorableResultExecutor:
+    """An executor bug the engine does not catch where it runs the executor: a result that JSON
+    cannot encode fails only when the outcome is recorded, after the claim."""
 
-    def crash(*args, **kwargs):
-        raise RuntimeError("a bug after the claim")
+    kind = "unstorable"
 
-    monkeypatch.setattr(services, "_run_claimed", crash)
+    def execute(self, ctx):
+        return {"output": object()}
+
+
+def test_an_error_that_escapes_after_the_claim_ends_its_lease_for_the_reaper(db):
     session = make_session({"a": []})
     session.tasks.update(status=TS.QUEUED)
 
-    with pytest.raises(RuntimeError):
-        execute_task(task_id=session.tasks.get().pk, runtime=runtime())
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        execute_task(task_id=session.tasks.get().pk, runtime=runtime(UnstorableResultExecutor()))
 
     task = session.tasks.get()
     assert (task.status, task.worker_pid) == (TS.RUNNING, None)  # no process holds it any more
+    assert task.lease_expires_at <= timezone.now()
     assert reap_expired_leases()["requeued"] == 1
+    assert session.tasks.get().status == TS.QUEUED

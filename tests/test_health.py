@@ -4,7 +4,7 @@ and names the one that is down."""
 import pytest
 
 from orchestrator_project.celery import app
-from sessions.locking import redis_client
+from orchestrator_project.redis_client import redis_client
 
 UNREACHABLE = "redis://127.0.0.1:1/0"
 

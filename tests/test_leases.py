@@ -9,6 +9,7 @@ from django.utils import timezone
 
 from agents.models import Agent
 from sessions.models import Session, SessionEvent
+from tasks.fleet import record_heartbeat
 from tasks.leases import reap_expired_leases, renew_leases
 from tasks.models import Task
 
@@ -75,7 +76,7 @@ def test_a_heartbeat_names_its_processes_and_renews_their_tasks(db, settings):
     row = agent("builder", processes=())
     task = claimed(session, "a", row, lease_s=1)
 
-    row.heartbeat(processes=[PID])
+    record_heartbeat(row, processes=[PID])
 
     assert Agent.objects.get(pk=row.pk).processes == [PID]
     assert Task.objects.get(pk=task.pk).lease_expires_at > timezone.now() + timedelta(seconds=50)

@@ -1,4 +1,4 @@
-"""The fair, fenced Redis lock (sessions.locking.FairLock) on the real Redis, across threads and
+"""The fair, fenced Redis lock (orchestrator_project.locking.FairLock) on the real Redis, across threads and
 processes."""
 
 import multiprocessing
@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from sessions.locking import DeadlockDetected, FairLock, LockUnavailable, NotLockOwner, redis_client
+from orchestrator_project.locking import DeadlockDetected, FairLock, LockUnavailable, NotLockOwner
+from orchestrator_project.redis_client import redis_client
 
 from .conftest import wait_until
 

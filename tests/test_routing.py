@@ -1,9 +1,9 @@
 from django.utils import timezone
 
 from agents.models import Agent
-from agents.routing import affinity_agent, can_take, queue_for, score
 from sessions.models import Session
 from tasks.models import Task
+from tasks.routing import affinity_agent, queue_for
 from tenants.models import Tenant
 
 
@@ -22,23 +22,23 @@ def test_a_brand_new_agent_scores_at_least_as_well_as_a_proven_one(db):
     veteran = agent("veteran", tasks_completed=500, tasks_failed=5, ewma_duration_s=12.0)
     newcomer = agent("newcomer")
 
-    assert score(newcomer) >= score(veteran)
+    assert newcomer.score >= veteran.score
 
 
 def test_failures_load_and_slowness_lower_the_score(db):
     good = agent("good", tasks_completed=100, ewma_duration_s=5.0)
 
-    assert score(agent("flaky", tasks_completed=50, tasks_failed=50, ewma_duration_s=5.0)) < score(good)
-    assert score(agent("loaded", tasks_completed=100, ewma_duration_s=5.0, current_load=2)) < score(good)
-    assert score(agent("slow", tasks_completed=100, ewma_duration_s=600.0)) < score(good)
+    assert agent("flaky", tasks_completed=50, tasks_failed=50, ewma_duration_s=5.0).score < good.score
+    assert agent("loaded", tasks_completed=100, ewma_duration_s=5.0, current_load=2).score < good.score
+    assert agent("slow", tasks_completed=100, ewma_duration_s=600.0).score < good.score
 
 
 def test_a_full_draining_offline_or_incapable_agent_cannot_take_work(db):
-    assert can_take(agent("ok"), "code_generation")
-    assert not can_take(agent("full", current_load=2), "code_generation")
-    assert not can_take(agent("draining", status="draining"), "code_generation")
-    assert not can_take(agent("silent", last_heartbeat=timezone.now() - timezone.timedelta(hours=1)), "code_generation")
-    assert not can_take(agent("reviewer-only", capabilities=["code_review"]), "code_generation")
+    assert agent("ok").can_take("code_generation")
+    assert not agent("full", current_load=2).can_take("code_generation")
+    assert not agent("draining", status="draining").can_take("code_generation")
+    assert not agent("silent", last_heartbeat=timezone.now() - timezone.timedelta(hours=1)).can_take("code_generation")
+    assert not agent("reviewer-only", capabilities=["code_review"]).can_take("code_generation")
 
 
 def make_tasks():

@@ -5,7 +5,9 @@ import time
 
 import pytest
 
-from sessions.locking import StaleFencingToken, redis_client, session_lock
+from orchestrator_project.locking import StaleFencingToken
+from orchestrator_project.redis_client import redis_client
+from sessions.locking import session_lock
 from sessions.models import TRANSITIONS, InvalidTransition, Session, SessionEvent
 from tenants.models import Tenant
 

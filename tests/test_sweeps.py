@@ -6,13 +6,13 @@ from celery import current_app
 from django.utils import timezone
 
 from agents.models import Agent
-from agents.tasks import mark_silent_agents_offline
-from sessions.locking import redis_client
+from orchestrator_project.redis_client import redis_client
 from sessions.models import Session, SessionEvent
-from sessions.sweeps import apply_retention, sweep_degraded_sessions, sweep_stuck_sessions, time_out
 from tasks.leases import recover_lost_task
 from tasks.models import Task
-from tasks.services import abort_key, dispatch_task, resend_queued_task
+from tasks.release import abort_key, dispatch_task, resend_queued_task
+from tasks.sweeps import apply_retention, sweep_degraded_sessions, sweep_stuck_sessions, time_out
+from tasks.tasks import mark_silent_agents_offline
 from tenants.models import Tenant
 
 from .conftest import run_task_message_ids

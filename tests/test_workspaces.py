@@ -9,7 +9,6 @@ import pytest
 from django.utils import timezone
 
 from sessions.models import Session
-from sessions.sweeps import apply_retention
 from sessions.workspaces import (
     WorkspaceError,
     check_repository,
@@ -18,6 +17,7 @@ from sessions.workspaces import (
     remove_workspace,
     workspace_of,
 )
+from tasks.sweeps import apply_retention
 from tasks.tasks import dispatch_session
 from tests.conftest import commit_repository, error_of
 

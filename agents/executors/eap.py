@@ -27,8 +27,9 @@ from rest_framework.fields import DateTimeField
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from agents import eap
+from agents.eap_serializers import ResultSerializer
 from agents.models import Agent, EapDelivery
-from agents.routing import score
+from orchestrator_project.validation import flatten_errors
 
 from . import TaskAborted, TaskContext, TaskFailed, TransientError
 
@@ -78,7 +79,7 @@ class EapExecutor:
         deadline_at = timezone.now() + timedelta(seconds=ctx.timeout_s)
         push = [a for a in candidates if a.mode == Agent.Mode.PUSH and eap.circuit_allows_call(a)]
         if push:
-            return self._push(ctx, max(push, key=score), deadline_at)
+            return self._push(ctx, max(push, key=lambda agent: agent.score), deadline_at)
         if any(a.mode == Agent.Mode.PULL for a in candidates):
             return EapDelivery.objects.create(task_id=ctx.task_id, attempt=ctx.attempt, deadline=deadline_at)
         names = ", ".join(sorted(a.name for a in candidates))
@@ -128,9 +129,9 @@ class EapExecutor:
     def _wait(self, ctx: TaskContext, delivery_id: int, deadline: float) -> dict:
         """Poll the delivery until it is done, or give it up: abort, deadline, the agent went
         silent, no pull agent left to claim it. Giving up is a compare-and-set (open ->
-        cancelled); losing it means the result just came, which the next look returns."""
+        cancelled); losing it means the result just came, which the next read returns."""
         while True:
-            delivery = _look(delivery_id)
+            delivery = _read_delivery(delivery_id)
             if delivery is None:  # the database is restarting: look again until the deadline
                 if time.monotonic() >= deadline:
                     raise TaskFailed(f"the database was unavailable at the deadline ({ctx.timeout_s:g}s)")
@@ -179,9 +180,6 @@ def task_payload(ctx: TaskContext, deadline_at) -> dict:
 def parse_result(content: bytes) -> dict:
     """A result reply ({"status", "output", "artifacts"?, "error"?}) as the result endpoint
     validates it; ValueError saying what is wrong otherwise."""
-    from agents.eap_serializers import ResultSerializer
-    from orchestrator_project.api import flatten_errors
-
     try:
         data = json.loads(content, parse_constant=_no_constants)
     except ValueError:
@@ -246,7 +244,7 @@ def _read_capped(reply: httpx.Response) -> bytes:
     return b"".join(chunks)
 
 
-def _look(delivery_id: int) -> EapDelivery | None:
+def _read_delivery(delivery_id: int) -> EapDelivery | None:
     close_old_connections()
     try:
         return EapDelivery.objects.select_related("agent").get(pk=delivery_id)

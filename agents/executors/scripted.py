@@ -1,7 +1,7 @@
 import random
 import time
 
-from sessions.locking import redis_client
+from orchestrator_project.redis_client import redis_client
 
 from . import TaskAborted, TaskContext, TaskFailed, TransientError
 

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 
-from tasks.models import CAPABILITIES
+from agents.capabilities import CAPABILITIES
 
 LOW, MEDIUM, HIGH = "low", "medium", "high"
 

@@ -25,7 +25,8 @@ def main(session_id: str) -> int:
     django.setup()
 
     import sessions.models
-    from sessions.locking import StaleFencingToken, session_lock
+    from orchestrator_project.locking import StaleFencingToken
+    from sessions.locking import session_lock
     from sessions.models import Session
 
     @contextmanager

@@ -4,9 +4,9 @@ import pytest
 
 from agents.executors.scripted import side_effects_of
 from agents.models import Agent
-from sessions.locking import redis_client
+from orchestrator_project.redis_client import redis_client
 from sessions.models import Session
-from tasks.canvas import new_message_id
+from tasks.messages import new_message_id
 from tasks.models import Task
 from tasks.tasks import run_task
 from tests.conftest import ALL_BUILD, chain_payload, member_client, run_task_message_ids, task_status, wait_until

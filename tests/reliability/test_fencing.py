@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sessions.locking import redis_client
+from orchestrator_project.redis_client import redis_client
 from sessions.models import Session, SessionEvent
 from tenants.models import Tenant
 from tests.conftest import ROOT, Stack, wait_until

@@ -21,7 +21,7 @@ from django.core.management import call_command
 from django.db import connections
 
 from sessions.models import RETRYABLE, TRANSITIONS, Session, SessionEvent
-from tasks.services import mark_session_running
+from tasks.lifecycle import mark_session_running
 from tests.conftest import dag_payload, error_of
 
 pytestmark = pytest.mark.e2e

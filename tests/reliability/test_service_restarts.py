@@ -17,8 +17,8 @@ import pytest
 from django.conf import settings
 from django.db import connections
 
+from orchestrator_project.redis_client import redis_client
 from scripts.ensure_services import redis_answers
-from sessions.locking import redis_client
 from sessions.models import Session, SessionEvent
 from tasks.models import Task
 from tests.conftest import (

@@ -15,24 +15,16 @@ from django.utils import timezone
 
 from agents.eap import external_capabilities
 from agents.models import Agent
-from tasks.broker import held_message_ids
-from tasks.models import Task
-from tasks.services import (
-    UNFINISHED,
-    mark_session_running,
-    release_tasks,
-    resend_queued_task,
-    send_released,
-    settle_session,
-    stop_open_tasks,
-)
+from orchestrator_project.locking import LockUnavailable
+from sessions.models import ACTIVE, SETTLED, Session
+from sessions.workspaces import WorkspaceError, remove_workspace
 
-from .locking import LockUnavailable
-from .models import ACTIVE, SETTLED, Session
-from .workspaces import WorkspaceError, remove_workspace
+from .broker import held_message_ids
+from .lifecycle import mark_session_running, settle_session
+from .models import Task
+from .release import release_tasks, resend_queued_task, send_released, stop_open_tasks
 
 logger = logging.getLogger(__name__)
-S = Session.Status
 
 
 def _stranded_reason(task: Task, live_agents: list[Agent]) -> str | None:
@@ -81,7 +73,7 @@ def sweep_degraded_sessions() -> dict[str, int]:
     # Running sessions with a ready task might degrade; every degraded one might recover (its
     # ready tasks may all have been claimed since).
     sessions = Session.objects.filter(
-        Q(status=S.RUNNING, tasks__status=Task.Status.QUEUED) | Q(status=S.DEGRADED)
+        Q(status=Session.Status.RUNNING, tasks__status=Task.Status.QUEUED) | Q(status=Session.Status.DEGRADED)
     ).distinct()
     for session in sessions:
         # Read once: rerouting changes neither a task's status nor when it was queued.
@@ -90,13 +82,17 @@ def sweep_degraded_sessions() -> dict[str, int]:
             task.session = session
         waited = [t for t in queued if t.queued_at is not None and t.queued_at < stale]
         moved["rerouted"] += _reroute_stranded(waited, live_agents)
-        if session.status == S.RUNNING:
+        if session.status == Session.Status.RUNNING:
             reasons = [r for t in waited if (r := _stranded_reason(t, live_agents))]
-            if reasons and session.transition(S.DEGRADED, reason="; ".join(reasons), only_from=frozenset({S.RUNNING})):
+            if reasons and session.transition(
+                Session.Status.DEGRADED, reason="; ".join(reasons), only_from=frozenset({Session.Status.RUNNING})
+            ):
                 moved["degraded"] += 1
         elif not any(_stranded_reason(t, live_agents) for t in queued):
             reason = "every ready task has a live agent again"
-            if session.transition(S.RUNNING, reason=reason, only_from=frozenset({S.DEGRADED})):
+            if session.transition(
+                Session.Status.RUNNING, reason=reason, only_from=frozenset({Session.Status.DEGRADED})
+            ):
                 moved["recovered"] += 1
     return moved
 
@@ -112,11 +108,13 @@ def sweep_stuck_sessions() -> dict[str, int]:
             done["timed_out"] += 1
     done["resent"] = redispatch_lost_messages()
     done["released"] = release_forgotten_tasks()
-    unfinished = Task.objects.filter(session=OuterRef("pk"), status__in=UNFINISHED)
+    unfinished = Task.objects.filter(session=OuterRef("pk"), status__in=Task.UNFINISHED)
     for session in Session.objects.filter(status__in=ACTIVE).exclude(Exists(unfinished)):
         if settle_session(session.pk):
             done["settled"] += 1
-    running = Task.objects.filter(status=Task.Status.RUNNING, session__status=S.QUEUED).select_related("agent")
+    running = Task.objects.filter(status=Task.Status.RUNNING, session__status=Session.Status.QUEUED).select_related(
+        "agent"
+    )
     for task in {task.session_id: task for task in running}.values():  # one per session
         if mark_session_running(task.session_id, task.key, task.agent.name if task.agent else "an agent"):
             done["marked_running"] += 1
@@ -132,13 +130,13 @@ def time_out(session: Session) -> bool:
     def target(row: Session) -> str | None:
         if row.deadline is None or row.deadline >= now:
             return None
-        return S.FAILED if row.status == S.QUEUED else S.TIMEOUT
+        return Session.Status.FAILED if row.status == Session.Status.QUEUED else Session.Status.TIMEOUT
 
     def stop_tasks(row: Session) -> None:
         stop_open_tasks(row.pk, reason=f"session {row.status}: deadline passed", revoke=True)
 
     late = f"deadline {session.deadline:%Y-%m-%d %H:%M:%S} UTC passed ({session.timeout_seconds}s)"
-    reason = f"{late} before any task started" if session.status == S.QUEUED else late
+    reason = f"{late} before any task started" if session.status == Session.Status.QUEUED else late
     event = session.transition(target, reason=reason, actor="beat", only_from=ACTIVE, effects=stop_tasks)
     return event is not None
 

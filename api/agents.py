@@ -1,3 +1,5 @@
+"""/api/v1/agents/: the agent registry, and drain and resume for operators."""
+
 from django.db.models import Q
 from drf_spectacular.utils import extend_schema
 from rest_framework import status, viewsets
@@ -5,10 +7,10 @@ from rest_framework.decorators import action
 from rest_framework.permissions import BasePermission
 from rest_framework.response import Response
 
+from agents import services
+from agents.models import Agent
 from tenants.models import Membership
 
-from . import services
-from .models import Agent
 from .serializers import AgentSerializer
 
 

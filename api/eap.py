@@ -16,10 +16,8 @@ from rest_framework.permissions import BasePermission
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from tenants.models import Membership, Tenant
-
-from . import eap
-from .eap_serializers import (
+from agents import eap
+from agents.eap_serializers import (
     EapErrorSerializer,
     HeartbeatSerializer,
     RegisterSerializer,
@@ -28,8 +26,10 @@ from .eap_serializers import (
     TaskOfferSerializer,
     offer_of,
 )
-from .models import Agent
-from .views import IsOperator
+from agents.models import Agent
+from tenants.models import Membership, Tenant
+
+from .agents import IsOperator
 
 TOKEN_HEADER = "X-Agent-Token"  # noqa: S105 - a header name
 

@@ -1,14 +1,17 @@
+"""Every URL: the REST API under /api/v1/, its schema and docs, health checks and the admin."""
+
 from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import DefaultRouter
 
-from agents import eap_views
-from agents.views import AgentViewSet
-from sessions.views import SessionViewSet
-from tasks.views import DecompositionPreviewView, TaskViewSet
+from orchestrator_project import health
 
-from . import health
+from . import eap
+from .agents import AgentViewSet
+from .preview import DecompositionPreviewView
+from .sessions import SessionViewSet
+from .tasks import TaskViewSet
 
 router = DefaultRouter()
 router.register("sessions", SessionViewSet, basename="session")
@@ -17,10 +20,10 @@ router.register("agents", AgentViewSet, basename="agent")
 
 urlpatterns = [
     path("api/v1/decompositions/preview/", DecompositionPreviewView.as_view(), name="decomposition-preview"),
-    path("api/v1/eap/register/", eap_views.RegisterView.as_view(), name="eap-register"),
-    path("api/v1/eap/heartbeat/", eap_views.HeartbeatView.as_view(), name="eap-heartbeat"),
-    path("api/v1/eap/tasks/next/", eap_views.NextTaskView.as_view(), name="eap-tasks-next"),
-    path("api/v1/eap/tasks/<str:task_id>/result/", eap_views.ResultView.as_view(), name="eap-task-result"),
+    path("api/v1/eap/register/", eap.RegisterView.as_view(), name="eap-register"),
+    path("api/v1/eap/heartbeat/", eap.HeartbeatView.as_view(), name="eap-heartbeat"),
+    path("api/v1/eap/tasks/next/", eap.NextTaskView.as_view(), name="eap-tasks-next"),
+    path("api/v1/eap/tasks/<str:task_id>/result/", eap.ResultView.as_view(), name="eap-task-result"),
     path("api/v1/", include(router.urls)),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),

@@ -1,33 +1,57 @@
-from django.conf import settings
+"""POST /api/v1/decompositions/preview/: the DAG a session created with the same body would get,
+its order, critical path and makespan; nothing is stored."""
+
 from drf_spectacular.utils import extend_schema
-from rest_framework import mixins, viewsets
+from rest_framework import serializers
 from rest_framework.exceptions import ValidationError
 from rest_framework.permissions import BasePermission
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from sessions.serializers import DecompositionPreviewSerializer, SessionCreateSerializer
-from tenants.permissions import TenantScopedMixin
+from agents.capabilities import CAPABILITIES
+from tasks.decomposition import DEFAULT_ESTIMATE, Plan, critical_path, edges, nodes_from_specs, topological_order
+from tasks.decomposition.analyzer import HIGH, LOW, MEDIUM
+from tasks.lifecycle import plan_new_session
 
-from .decomposition import (
-    DEFAULT_ESTIMATE,
-    Plan,
-    critical_path,
-    edges,
-    nodes_from_specs,
-    plan_session,
-    topological_order,
-)
-from .models import Task
-from .serializers import TaskSerializer
+from .inputs import EstimateSerializer, SessionCreateSerializer
 
 
-class TaskViewSet(TenantScopedMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
-    """One task of a session in the caller's tenants, with its result."""
+class PlannedTaskSerializer(serializers.Serializer):
+    key = serializers.CharField()
+    title = serializers.CharField()
+    capability = serializers.ChoiceField(choices=CAPABILITIES)
+    depends_on = serializers.ListField(child=serializers.CharField())
+    required = serializers.BooleanField()
+    instructions = serializers.CharField()
+    params = serializers.DictField()
+    estimate = EstimateSerializer()
+    expected_hours = serializers.FloatField(help_text="PERT mean: (optimistic + 4 * likely + pessimistic) / 6.")
 
-    queryset = Task.objects.select_related("agent").prefetch_related("depends_on")
-    serializer_class = TaskSerializer
-    tenant_field = "session__tenant"
+
+class AnalysisSerializer(serializers.Serializer):
+    complexity = serializers.ChoiceField(choices=[LOW, MEDIUM, HIGH])
+    keywords = serializers.ListField(child=serializers.CharField(), help_text="Whole words matched, in text order.")
+    concerns = serializers.ListField(child=serializers.CharField())
+    # A plain string child: a second enum of the capabilities would get a second name in the schema.
+    capabilities = serializers.ListField(
+        child=serializers.CharField(), help_text="Capabilities the requirements call for (see Task.capability)."
+    )
+    template_scores = serializers.DictField(child=serializers.IntegerField())
+
+
+class DecompositionPreviewSerializer(serializers.Serializer):
+    """What creating a session with the same body would produce; nothing is stored."""
+
+    template = serializers.CharField(allow_blank=True, help_text='The template used; "" for an explicit DAG.')
+    analysis = AnalysisSerializer()
+    tasks = PlannedTaskSerializer(many=True)
+    edges = serializers.ListField(
+        child=serializers.ListField(child=serializers.CharField(), min_length=2, max_length=2),
+        help_text="[upstream, downstream] task keys.",
+    )
+    topological_order = serializers.ListField(child=serializers.CharField())
+    critical_path = serializers.ListField(child=serializers.CharField(), help_text="By expected duration.")
+    estimated_makespan_hours = serializers.FloatField()
 
 
 class IsAnyTenantMember(BasePermission):
@@ -57,12 +81,7 @@ class DecompositionPreviewView(APIView):
         slug = data.get("tenant")
         if slug and not request.user.memberships.filter(tenant__slug=slug).exists():
             raise ValidationError({"tenant": [f"you are not a member of tenant {slug!r}"]})
-        plan = plan_session(
-            requirements=data["requirements"],
-            template=data.get("template"),
-            tasks=data.get("tasks"),
-            max_tasks=settings.MAX_TASKS_PER_SESSION,
-        )
+        plan = plan_new_session(data)
         return Response(DecompositionPreviewSerializer(preview_of(plan)).data)
 
 

@@ -1,48 +1,15 @@
-"""API-wide pieces: pagination and the one exception handler that shapes every error as
-{"error": {"code", "message", "details"}}."""
+"""The one exception handler: every error is {"error": {"code", "message", "details"}}, and the
+domain's errors get their HTTP status here (an illegal transition 409, a refused input 400)."""
 
 from django.core.exceptions import ObjectDoesNotExist, PermissionDenied
 from django.http import Http404
 from rest_framework import exceptions, status
-from rest_framework.pagination import PageNumberPagination
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
-from sessions.locking import LockUnavailable, StaleFencingToken
+from orchestrator_project.locking import LockUnavailable, StaleFencingToken
+from orchestrator_project.validation import InvalidInput, flatten_errors
 from sessions.models import InvalidTransition
-from tasks.dag import DagError
-
-
-class Pagination(PageNumberPagination):
-    page_size = 50
-    page_size_query_param = "page_size"
-    max_page_size = 200
-
-
-def flatten_errors(detail, path: str = "") -> dict[str, list[str]]:
-    """DRF's nested error structure as {"tasks[2].depends_on[0]": ["message", ...]}."""
-    if isinstance(detail, dict):
-        flat: dict[str, list[str]] = {}
-        for key, value in detail.items():
-            if isinstance(key, int):
-                # ListField and ListSerializer report their items' errors keyed by index.
-                flat.update(flatten_errors(value, f"{path}[{key}]"))
-                continue
-            key = str(key)
-            child = f"{path}{key}" if key.startswith("[") else f"{path}.{key}" if path else key
-            if key == "non_field_errors":
-                child = path or "body"
-            flat.update(flatten_errors(value, child))
-        return flat
-    if isinstance(detail, list):
-        if all(not isinstance(item, dict | list) for item in detail):
-            return {path or "body": [str(item) for item in detail]}
-        flat = {}
-        for index, item in enumerate(detail):
-            if item:
-                flat.update(flatten_errors(item, f"{path}[{index}]"))
-        return flat
-    return {path or "body": [str(detail)]}
 
 
 def error_response(code: str, message: str, details, http_status: int, headers=None) -> Response:
@@ -52,7 +19,7 @@ def error_response(code: str, message: str, details, http_status: int, headers=N
 
 
 def exception_handler(exc, context):
-    if isinstance(exc, DagError):  # a DAG (given or decomposed) that cannot run: the input's fault
+    if isinstance(exc, InvalidInput):  # input a service refused (a DAG that cannot run, a missing repository)
         exc = exceptions.ValidationError({exc.path: [exc.message]})
     if isinstance(exc, InvalidTransition):
         details = {"from": exc.from_status, "to": exc.to_status, "allowed": exc.allowed}

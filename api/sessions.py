@@ -1,3 +1,5 @@
+"""/api/v1/sessions/: create, list and follow sessions, and move them through their lifecycle."""
+
 import django_filters
 from django.db.models import Count, Q
 from drf_spectacular.utils import OpenApiParameter, extend_schema
@@ -6,18 +8,18 @@ from rest_framework.decorators import action
 from rest_framework.exceptions import ValidationError
 from rest_framework.response import Response
 
+from sessions.models import Checkpoint, Session
+from tasks import lifecycle
 from tasks.models import Task
-from tasks.serializers import TaskSerializer
 from tenants.permissions import TenantScopedMixin, tenant_for_write
 
-from . import services
-from .models import Checkpoint, Session
+from .inputs import SessionCreateSerializer
 from .serializers import (
     CheckpointSerializer,
     EventSerializer,
-    SessionCreateSerializer,
     SessionDetailSerializer,
     SessionSerializer,
+    TaskSerializer,
 )
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
@@ -89,18 +91,18 @@ class SessionViewSet(
         payload = SessionCreateSerializer(data=request.data)
         payload.is_valid(raise_exception=True)
         tenant = tenant_for_write(request.user, payload.validated_data.pop("tenant", None))
-        session, created = services.create_session(
+        session, created = lifecycle.create_session(
             tenant=tenant, user=request.user, data=payload.validated_data, idempotency_key=key
         )
         body = SessionDetailSerializer(self.get_queryset().get(pk=session.pk)).data
         code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
         return Response(body, status=code, headers={"Location": f"{request.path}{session.pk}/"})
 
-    start = _transition_action("start", services.start_session, "Start: compile the DAG and dispatch it")
-    pause = _transition_action("pause", services.pause_session, "Pause: running tasks finish, nothing new starts")
-    resume = _transition_action("resume", services.resume_session, "Resume a paused session")
-    cancel = _transition_action("cancel", services.cancel_session, "Cancel (stop, if running)")
-    retry = _transition_action("retry", services.retry_session, "Retry from the last checkpoint")
+    start = _transition_action("start", lifecycle.start_session, "Start: compile the DAG and dispatch it")
+    pause = _transition_action("pause", lifecycle.pause_session, "Pause: running tasks finish, nothing new starts")
+    resume = _transition_action("resume", lifecycle.resume_session, "Resume a paused session")
+    cancel = _transition_action("cancel", lifecycle.cancel_session, "Cancel (stop, if running)")
+    retry = _transition_action("retry", lifecycle.retry_session, "Retry: completed tasks stay, the rest run again")
 
     def _page(self, queryset, serializer_class, context_for_page=None):
         page = self.paginate_queryset(queryset)

@@ -1,7 +1,6 @@
+"""`manage.py run_agent`: one agent worker process (DESIGN §2)."""
+
 import logging
-import os
-import re
-import socket
 import threading
 
 from billiard.process import active_children
@@ -10,13 +9,13 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 from django.db import close_old_connections
 
-from agents.models import Agent
+from agents.capabilities import CAPABILITIES
+from agents.models import NAME_PATTERN, Agent
 from agents.runtime import AgentRuntime, set_current_agent
 from orchestrator_project.celery import app
-from tasks.models import CAPABILITIES
+from tasks.fleet import NameTaken, record_heartbeat, register_worker
 
 logger = logging.getLogger(__name__)
-NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,99}$")
 
 
 class Command(BaseCommand):
@@ -41,7 +40,10 @@ class Command(BaseCommand):
             raise CommandError("--duration must be >= 0 and --fail-rate between 0 and 1")
         defaults = {"duration_s": duration, "fail_rate": fail_rate} if executor == Agent.Executor.SCRIPTED else {}
         opencode = self._start_opencode() if executor == "opencode" and not settings.OPENCODE_URL else None
-        agent = register_agent(name=name, capabilities=caps, executor=executor, concurrency=concurrency)
+        try:
+            agent = register_worker(name=name, capabilities=caps, executor=executor, concurrency=concurrency)
+        except NameTaken:
+            raise CommandError(f"{name!r} is the name of an external agent (EAP); choose another --name") from None
         set_current_agent(AgentRuntime(agent.pk, agent.name, executor, defaults))
         stop = threading.Event()
         # A beat in progress at shutdown finishes before the agent is marked offline: a beat
@@ -94,35 +96,9 @@ class Command(BaseCommand):
         return sorted(set(caps))
 
 
-def register_agent(*, name: str, capabilities: list[str], executor: str, concurrency: int) -> Agent:
-    """The agent's row, new or taken over from the agent's last run. That run's claims died with
-    it: they are taken back now, not when their leases run out (a restarted pool may even reuse
-    the dead run's pids, whose leases would then be renewed)."""
-    from tasks.leases import recover_tasks_of
-
-    if Agent.objects.filter(name=name).exclude(mode=Agent.Mode.WORKER).exists():
-        # Taking the row over would turn a registered external agent into a worker.
-        raise CommandError(f"{name!r} is the name of an external agent (EAP); choose another --name")
-    agent, _ = Agent.objects.update_or_create(
-        name=name,
-        defaults={
-            "capabilities": capabilities,
-            "executor": executor,
-            "concurrency": concurrency,
-            "current_load": 0,
-            "status": Agent.Status.OFFLINE,
-            "hostname": socket.gethostname(),
-            "worker_name": f"{name}@{socket.gethostname()}",
-            "pid": os.getpid(),
-        },
-    )
-    recover_tasks_of(agent, f"agent {name} restarted while running")
-    return agent
-
-
 def beat(agent: Agent) -> None:
     """One heartbeat, naming the worker's live pool processes: their tasks' leases are renewed."""
-    agent.heartbeat(processes=[child.pid for child in active_children()])
+    record_heartbeat(agent, processes=[child.pid for child in active_children()])
 
 
 def start_heartbeat(agent: Agent, stop: threading.Event, lock: threading.Lock) -> None:

@@ -1,0 +1,130 @@
+"""The opencode executor: drives a real `opencode serve` over its HTTP API (docs/OPENCODE.md).
+
+One OpenCode session per task, scoped to the task's workspace with `?directory=`, after a health
+check through a circuit breaker per server URL. The modules: client (the HTTP calls and what
+their errors become), events (the /event stream), run (one task's run, start to finish) and
+server (an `opencode serve` an agent worker starts and owns).
+
+What each failure becomes: the server unreachable or the circuit open -> TransientError (the
+caller retries with backoff); 401 -> TaskFailed; a provider error in `info.error` /
+`session.error` -> TaskFailed with the provider's message; the task deadline -> POST /abort and
+TaskFailed; should_abort() -> POST /abort and TaskAborted. A prompt POST is never re-sent: the
+server queues every prompt it receives, so a retry after a timeout would run the work twice.
+
+The API facts this relies on are in docs/reference/opencode-server-api.md (1.18.33).
+"""
+
+from pathlib import Path
+
+import httpx
+import pybreaker
+from django.conf import settings
+
+from agents.breakers import redis_circuit_breaker
+from agents.executors import TaskContext, TaskFailed, TransientError
+
+from .client import OpenCodeClient, error_message, raise_for_status
+from .run import OpenCodeRun
+from .server import OpenCodeServer, OpenCodeServerError, start_server_for_worker
+
+__all__ = [
+    "OpenCodeExecutor",
+    "OpenCodeServer",
+    "OpenCodeServerError",
+    "error_message",
+    "start_server_for_worker",
+]
+
+
+def _not_a_connection_failure(exc: BaseException) -> bool:
+    # Only "could not talk to the server" counts against the circuit; a 401 or a bad body means
+    # the server is there.
+    return not isinstance(exc, httpx.TransportError)
+
+
+class OpenCodeExecutor:
+    kind = "opencode"
+
+    def __init__(
+        self,
+        url: str | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        model: str | None = None,
+        permission_policy: dict | None = None,
+        question_policy: str | None = None,
+        request_timeout_s: float | None = None,
+        breaker_fail_max: int | None = None,
+        breaker_reset_s: float | None = None,
+    ) -> None:
+        self.url = (url if url is not None else settings.OPENCODE_URL).rstrip("/")
+        self.username = username or settings.OPENCODE_SERVER_USERNAME
+        self._password = password if password is not None else settings.OPENCODE_SERVER_PASSWORD
+        self.model = model if model is not None else settings.OPENCODE_MODEL
+        self.permission_policy = permission_policy or settings.OPENCODE_PERMISSION_POLICY
+        self.question_policy = question_policy or settings.OPENCODE_QUESTION_POLICY
+        self.request_timeout_s = request_timeout_s or settings.OPENCODE_REQUEST_TIMEOUT_SECONDS
+        self.breaker_fail_max = breaker_fail_max or settings.OPENCODE_BREAKER_FAIL_MAX
+        self.breaker_reset_s = breaker_reset_s or settings.OPENCODE_BREAKER_RESET_SECONDS
+        self._breaker: pybreaker.CircuitBreaker | None = None
+
+    def __repr__(self) -> str:  # never the password
+        return f"OpenCodeExecutor(url={self.url!r}, username={self.username!r})"
+
+    @property
+    def breaker(self) -> pybreaker.CircuitBreaker:
+        """The circuit of this server URL, shared by every process through Redis (agents.breakers)."""
+        if self._breaker is None:
+            self._breaker, _ = redis_circuit_breaker(
+                f"opencode-breaker:{self.url}",
+                name=f"opencode {self.url}",
+                fail_max=self.breaker_fail_max,
+                reset_timeout=self.breaker_reset_s,
+                exclude=[_not_a_connection_failure],
+            )
+        return self._breaker
+
+    def http_client(self, workspace: Path | None = None) -> httpx.Client:
+        auth = httpx.BasicAuth(self.username, self._password) if self._password else None
+        params = {"directory": str(workspace)} if workspace else None
+        return httpx.Client(base_url=self.url, auth=auth, params=params, timeout=self.request_timeout_s)
+
+    def execute(self, ctx: TaskContext) -> dict:
+        if not self.url:
+            raise TaskFailed("no OpenCode server configured: set OPENCODE_URL, or start the agent with "
+                             "`run_agent --executor opencode`, which starts its own")  # fmt: skip
+        workspace = ctx.workspace.resolve()
+        workspace.mkdir(parents=True, exist_ok=True)
+        with self.http_client(workspace) as http:
+            self.check_server(http)
+            run = OpenCodeRun(
+                ctx,
+                workspace,
+                api=OpenCodeClient(http),
+                events=self.http_client(workspace),
+                server_url=self.url,
+                model=self.model,
+                permission_policy=self.permission_policy,
+                question_policy=self.question_policy,
+                wait_s=self.request_timeout_s,
+            )
+            return run.execute()
+
+    def check_server(self, client: httpx.Client) -> None:
+        """GET /global/health through the circuit breaker: TransientError while it is open."""
+        try:
+            body = self.breaker.call(self._health, client)
+        except pybreaker.CircuitBreakerError:
+            raise TransientError(
+                f"circuit open for the OpenCode server at {self.url} after {self.breaker.fail_counter} "
+                f"connection failures: not calling it for up to {self.breaker_reset_s:g}s"
+            ) from None
+        except httpx.TransportError as exc:
+            raise TransientError(f"OpenCode server at {self.url} is unreachable: {type(exc).__name__}: {exc}") from None
+        if not body.get("healthy"):
+            raise TransientError(f"OpenCode server at {self.url} reports itself unhealthy: {body}")
+
+    def _health(self, client: httpx.Client) -> dict:
+        response = client.get("/global/health")
+        raise_for_status(response, "health check")
+        return response.json()

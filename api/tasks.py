@@ -1,0 +1,16 @@
+"""GET /api/v1/tasks/{id}/: one task, with its result."""
+
+from rest_framework import mixins, viewsets
+
+from tasks.models import Task
+from tenants.permissions import TenantScopedMixin
+
+from .serializers import TaskSerializer
+
+
+class TaskViewSet(TenantScopedMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    """One task of a session in the caller's tenants, with its result."""
+
+    queryset = Task.objects.select_related("agent").prefetch_related("depends_on")
+    serializer_class = TaskSerializer
+    tenant_field = "session__tenant"

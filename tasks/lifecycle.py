@@ -1,0 +1,298 @@
+"""A session's life across its tasks: create it with its DAG, start, pause, resume, cancel and
+retry it, dispatch its DAG, mark it running at the first claim, and settle it once no task can
+run any more. Every status change goes through Session.transition (sessions/models.py)."""
+
+import logging
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+
+from agents.models import Agent
+from orchestrator_project.locking import LockUnavailable
+from orchestrator_project.validation import InvalidInput
+from sessions.models import ACTIVE, RETRYABLE, Session
+from sessions.workspaces import WorkspaceError, check_repository, finish_workspace, prepare_workspace
+
+from .canvas import build_canvas
+from .decomposition import Plan, plan_session
+from .messages import DISPATCH_SESSION, message
+from .models import Task
+from .release import release_ready_tasks, send_released, stop_open_tasks
+
+logger = logging.getLogger(__name__)
+
+
+def plan_new_session(data: dict) -> Plan:
+    """The DAG a session created from `data` (validated input, see api/inputs.py) would get,
+    after the checks that need the database or git: pinned agents must be registered workers
+    with the task's capability, a repository must be usable. Raises InvalidInput (DagError is
+    one) naming the field."""
+    for index, spec in enumerate(data.get("tasks") or []):
+        if "agent" in spec:
+            _check_pinned_agent(spec, f"tasks[{index}].agent")
+    if "repository" in data:
+        try:
+            check_repository(data["repository"], data.get("base_branch", ""))
+        except WorkspaceError as exc:
+            raise InvalidInput("repository", str(exc)) from None
+    return plan_session(
+        requirements=data["requirements"],
+        template=data.get("template"),
+        tasks=data.get("tasks"),
+        max_tasks=settings.MAX_TASKS_PER_SESSION,
+    )
+
+
+def _check_pinned_agent(spec: dict, path: str) -> None:
+    # Whether the agent is online is a runtime matter (the session turns degraded). Only our
+    # workers have an agent.<name> queue; external agents run behind a gateway.
+    name = spec["agent"]
+    capabilities = Agent.objects.filter(name=name, mode=Agent.Mode.WORKER).values_list("capabilities", flat=True)
+    capabilities = capabilities.first()
+    if capabilities is None:
+        raise InvalidInput(path, f"no agent named {name!r} is registered")
+    if spec["capability"] not in capabilities:
+        raise InvalidInput(path, f"agent {name!r} does not have capability {spec['capability']!r}")
+
+
+def create_session(*, tenant, user, data: dict, idempotency_key: str | None = None) -> tuple[Session, bool]:
+    """Create a session and its task DAG in one transaction; returns (session, created).
+
+    `data` is validated input (see api/inputs.py): the DAG is its `tasks`, or else the
+    decomposition of its requirements by the named or inferred template (plan_new_session,
+    which raises InvalidInput). With an idempotency key already used in this tenant, the
+    existing session is returned and nothing is written.
+    """
+    plan = plan_new_session(data)
+    if idempotency_key:
+        existing = Session.objects.filter(tenant=tenant, idempotency_key=idempotency_key).first()
+        if existing:
+            return existing, False
+    try:
+        with transaction.atomic():
+            session = Session.objects.create(
+                tenant=tenant,
+                created_by=user,
+                title=data["title"],
+                requirements=data["requirements"],
+                priority=data["priority"],
+                timeout_seconds=data["timeout_seconds"],
+                max_retries=data["max_retries"],
+                fail_fast=data.get("fail_fast", False),
+                metadata=data.get("metadata") or {},
+                template=plan.template,
+                repository=data.get("repository", ""),
+                base_branch=data.get("base_branch", ""),
+                idempotency_key=idempotency_key or None,
+            )
+            _create_tasks(session, plan.tasks)
+    except IntegrityError:
+        # Two requests with the same key raced; the other one's session is the answer.
+        existing = Session.objects.filter(tenant=tenant, idempotency_key=idempotency_key).first()
+        if idempotency_key and existing:
+            return existing, False
+        raise
+    return session, True
+
+
+def _create_tasks(session: Session, specs: list[dict]) -> None:
+    tasks = Task.objects.bulk_create(
+        Task(
+            session=session,
+            key=spec["key"],
+            title=spec["title"],
+            capability=spec["capability"],
+            required=spec.get("required", True),
+            instructions=spec.get("instructions", ""),
+            params=spec.get("params") or {},
+            max_attempts=spec.get("max_attempts", 3),
+            pinned_agent=spec.get("agent", ""),
+            timeout_seconds=spec.get("timeout_seconds"),
+            upstream_open=len(spec.get("depends_on", [])),
+            position=position,
+            **_estimate_fields(spec.get("estimate")),
+        )
+        for position, spec in enumerate(specs)
+    )
+    by_key = {task.key: task for task in tasks}
+    Edge = Task.depends_on.through
+    Edge.objects.bulk_create(
+        Edge(from_task_id=by_key[spec["key"]].pk, to_task_id=by_key[dep].pk)
+        for spec in specs
+        for dep in spec.get("depends_on", [])
+    )
+
+
+def _estimate_fields(estimate: dict | None) -> dict[str, float]:
+    if not estimate:
+        return {}  # the model's default estimate
+    return {
+        "estimate_optimistic_h": estimate["optimistic"],
+        "estimate_likely_h": estimate["likely"],
+        "estimate_pessimistic_h": estimate["pessimistic"],
+    }
+
+
+def _dispatch_after_commit(session: Session) -> None:
+    dispatch = message(DISPATCH_SESSION, str(session.pk))
+    transaction.on_commit(lambda: dispatch.apply_async(priority=session.broker_priority))
+
+
+def start_session(session: Session, *, actor: str) -> None:
+    def queue_ready_tasks(row: Session) -> None:
+        release_ready_tasks(row.pk)
+        _dispatch_after_commit(row)
+
+    pending = frozenset({Session.Status.PENDING})
+    session.transition(
+        Session.Status.QUEUED, reason="started", actor=actor, require_from=pending, effects=queue_ready_tasks
+    )
+
+
+def pause_session(session: Session, *, actor: str) -> None:
+    # Running tasks finish; run_task starts nothing new while the session is paused.
+    session.transition(Session.Status.PAUSED, reason="paused", actor=actor)
+
+
+def resume_session(session: Session, *, actor: str) -> None:
+    def target(row: Session) -> str:  # decided under the lock: a task may start or finish until then
+        return (
+            Session.Status.RUNNING if row.tasks.filter(status=Task.Status.RUNNING).exists() else Session.Status.QUEUED
+        )
+
+    paused = frozenset({Session.Status.PAUSED})
+    session.transition(target, reason="resumed", actor=actor, require_from=paused, effects=_dispatch_after_commit)
+
+
+def cancel_session(session: Session, *, actor: str) -> None:
+    """Cancel a session that has not run or is paused; stop one that is running."""
+
+    def target(row: Session) -> str:  # decided under the lock: the first claim may come until then
+        return Session.Status.STOPPED if row.status in ACTIVE - {Session.Status.QUEUED} else Session.Status.CANCELLED
+
+    def cancel_open_tasks(row: Session) -> None:
+        stop_open_tasks(row.pk, reason=f"session {row.status} by {actor}", revoke=True)
+
+    session.transition(target, reason=f"cancel by {actor}", actor=actor, effects=cancel_open_tasks)
+
+
+def retry_session(session: Session, *, actor: str) -> None:
+    """Run a failed, timed-out, stopped or orphaned session again: completed tasks keep their
+    status and results and do not run again; every other task starts over."""
+
+    def reset_unfinished_tasks(row: Session) -> None:
+        fresh = {"status": Task.Status.PENDING, "error": "", "agent": None, "started_at": None, "finished_at": None}
+        unfinished = row.tasks.exclude(status__in=(Task.Status.COMPLETED, Task.Status.RUNNING))
+        unfinished.update(attempts=0, queued_at=None, **fresh)
+        # A run still going from before the stop was told to abort; it is taken over. Its attempt
+        # count stays, so the old run's outcome (recorded against its own attempt) changes nothing.
+        row.tasks.filter(status=Task.Status.RUNNING).update(queued_at=None, lease_expires_at=None, **fresh)
+        release_ready_tasks(row.pk)
+        _dispatch_after_commit(row)
+
+    session.transition(
+        Session.Status.QUEUED,
+        reason=f"retry by {actor}",
+        actor=actor,
+        require_from=RETRYABLE,
+        effects=reset_unfinished_tasks,
+    )
+
+
+def dispatch_session(session_id) -> bool:
+    """Send the session's unfinished DAG: a canvas for its series-parallel part, single messages
+    for the tasks the database releases that are ready now. Returns whether anything was sent."""
+    session = Session.objects.filter(pk=session_id).first()
+    if session is None or session.status not in ACTIVE:
+        return False
+    if session.repository and not prepare_workspace_or_fail(session):
+        return False
+    canvas, released = build_canvas(session)
+    if canvas is None and not released:
+        settle_session(session_id)
+        return False
+    if canvas is not None:
+        canvas.apply_async()
+    # Read now, not when compiled: an upstream that finished while the canvas was built may
+    # have queued a task before it was marked as released (and so sent nothing). A duplicate
+    # message is harmless.
+    send_released([t.pk for t in released], session.broker_priority)
+    return True
+
+
+def prepare_workspace_or_fail(session: Session) -> bool:
+    """Make the session's workspace (sessions.workspaces) before any of its tasks is sent; a
+    repository that cannot be used fails the session with git's reason."""
+    try:
+        prepare_workspace(session)
+        return True
+    except WorkspaceError as exc:
+        reason = f"could not prepare the workspace: {exc}"[:500]
+    except LockUnavailable as exc:
+        reason = f"could not own the workspace: {exc}"[:500]
+
+    def stop_tasks(row: Session) -> None:
+        stop_open_tasks(row.pk, reason=reason, revoke=True)
+
+    logger.warning("session %s: %s", session.pk, reason)
+    session.transition(Session.Status.FAILED, reason=reason, actor="orchestrator", only_from=ACTIVE, effects=stop_tasks)
+    return False
+
+
+def mark_session_running(session_id, key: str, agent_name: str) -> bool:
+    """queued -> running: the session's first task (`key`) was claimed by `agent_name`.
+    Nothing happens if the session has moved on meanwhile (a later claim, a pause, settling)."""
+    session = Session.objects.filter(pk=session_id).first()
+    if session is None or session.status != Session.Status.QUEUED:
+        return False
+    event = session.transition(
+        Session.Status.RUNNING,
+        reason=f"task {key} claimed by {agent_name}",
+        actor=f"agent:{agent_name}",
+        only_from=frozenset({Session.Status.QUEUED}),
+    )
+    return event is not None
+
+
+def settle_session(session_id) -> str | None:
+    """Once no task can run any more, move an active session to its outcome."""
+    session = Session.objects.get(pk=session_id)
+    if session.status not in ACTIVE:
+        return None
+    tasks = list(Task.objects.filter(session_id=session_id).only("key", "status", "required"))
+    if any(t.status in Task.UNFINISHED for t in tasks):
+        return None
+    counts = task_counts(tasks)
+    if any(t.required and t.status != Task.Status.COMPLETED for t in tasks):
+        outcome, reason = Session.Status.FAILED, "a required task did not complete"
+    elif all(t.status == Task.Status.COMPLETED for t in tasks):
+        outcome, reason = Session.Status.COMPLETED, f"all {len(tasks)} tasks completed"
+    else:
+        outcome, reason = Session.Status.PARTIALLY_COMPLETED, "every required task completed; some optional did not"
+    if session.status == Session.Status.QUEUED:
+        queued = frozenset({Session.Status.QUEUED})
+        session.transition(Session.Status.RUNNING, reason="settling", only_from=queued)
+    summary = {"task_counts": counts}
+    if session.repository:  # git runs here, before the lock: slow I/O stays out of the transition
+        try:
+            summary["workspace"] = finish_workspace(session)
+        except WorkspaceError as exc:
+            logger.warning("session %s: could not record its workspace: %s", session.pk, exc)
+            summary["workspace"] = {"error": str(exc), "branch": session.workspace_branch}
+        except LockUnavailable as exc:  # another session's git write holds the repository
+            logger.warning("session %s: settling later, its repository is busy: %s", session.pk, exc)
+            return None
+
+    def store_summary(row: Session) -> None:
+        row.result = {**row.result, **summary}
+        row.save(update_fields=["result"])
+
+    event = session.transition(outcome, reason=reason, only_from=ACTIVE, effects=store_summary)
+    return outcome if event else None
+
+
+def task_counts(tasks) -> dict[str, int]:
+    counts = dict.fromkeys(Task.Status.values, 0)
+    for task in tasks:
+        counts[task.status] += 1
+    return counts

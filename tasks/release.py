@@ -1,0 +1,164 @@
+"""Which tasks of a session's DAG may run, and the messages that start them.
+
+A finished task releases what follows it: a dependent with no upstream left open is queued, one
+behind a blocking upstream is skipped, and so is what it blocks in turn. A canvas sends its own
+nodes' messages; the tasks the database releases (the parts a canvas cannot express, and canvas
+nodes whose message was lost) get theirs here. Every hand-off is a compare-and-set on
+Task.status, so a duplicate or redelivered message finds the work taken and does nothing.
+Cancelling what has not started, and signalling what runs to abort, live here too.
+"""
+
+from typing import NamedTuple
+
+from celery import current_app
+from django.db import transaction
+from django.utils import timezone
+
+from orchestrator_project.redis_client import redis_client
+
+from . import statements
+from .messages import RUN_TASK, message, run_task_options
+from .models import Task
+from .routing import queue_for
+
+
+class RecordedDependents(NamedTuple):
+    """What recording a task's outcome did to its pending dependents (statements.RECORD)."""
+
+    lowered: list  # those it took one open upstream from
+    ready: list  # of those, the ones with no upstream left open, still pending
+    to_send: list  # those it queued itself that are not canvas nodes: they need a message
+
+
+def blocks_dependents(task: Task) -> bool:
+    """Whether a finished task keeps its dependents from running (statements.RELEASE says the
+    same in SQL): cancelled or skipped, or required and failed."""
+    status = Task.Status
+    return task.status in (status.CANCELLED, status.SKIPPED) or (task.required and task.status == status.FAILED)
+
+
+def release_tasks(ids) -> tuple[dict, list]:
+    """Queue the pending tasks among `ids` with no upstream left open; skip those with a
+    blocking upstream, and what they block in turn (statements.RELEASE).
+
+    Returns {task id: new status}, and the ids of the queued tasks that the database releases
+    rather than a canvas: they need a message (send_released).
+    """
+    moved: dict = {}
+    to_send = []
+    while ids:
+        rows = statements.run(statements.RELEASE, {"ids": list(ids)})
+        ids = [pk for kind, pk, _, _ in rows if kind == "opened"]
+        for kind, pk, status, via_canvas in rows:
+            if kind == "moved":
+                moved[pk] = status
+                if status == Task.Status.QUEUED and not via_canvas:
+                    to_send.append(pk)
+    return moved, to_send
+
+
+def send_released(ids, priority: int) -> None:
+    """Send the messages of the queued tasks among `ids` (released by the database)."""
+    if not ids:
+        return  # the common case: a canvas sends what follows
+    routed: dict[str, int] = {}  # agent name -> tasks sent there in this round (not yet claimed)
+    for task in Task.objects.filter(pk__in=ids, status=Task.Status.QUEUED):
+        dispatch_task(task, priority=priority, routed=routed)
+
+
+def release_ready_tasks(session_id) -> None:
+    """Count every pending task's open upstreams again, then queue those with none open
+    (dispatch_session sends them). For start and retry only: no task of the session may
+    finish meanwhile, and none blocks another (retry makes every task that did not complete
+    or is not still running pending again)."""
+    statements.run(statements.RECOUNT, [session_id])
+    ready = Task.objects.filter(session_id=session_id, status=Task.Status.PENDING, upstream_open=0)
+    release_tasks(list(ready.values_list("pk", flat=True)))
+
+
+def release_dependents(task: Task, priority: int, recorded: RecordedDependents | None = None) -> bool:
+    """After `task` finished, queue or skip the dependents that can move now (skips pass on
+    down), and send the messages of those the database releases rather than a canvas.
+
+    `recorded`: what recording the outcome did to the dependents; None to look at every pending
+    dependent (a second release after a crash, or a finish recorded without RECORD). Returns
+    whether a dependent is left to run.
+    """
+    if recorded is None:
+        dependents = Task.objects.filter(depends_on=task.pk)
+        pending = list(dependents.filter(status=Task.Status.PENDING).values_list("pk", flat=True))
+        # Queued here before, but the message may not have gone out; a duplicate is harmless.
+        unsent = dependents.filter(status=Task.Status.QUEUED, via_canvas=False).values_list("pk", flat=True)
+        recorded = RecordedDependents(pending, pending, list(unsent))
+    moved, to_send = release_tasks(recorded.lowered if blocks_dependents(task) else recorded.ready)
+    send_released([*recorded.to_send, *to_send], priority)
+    return any(moved.get(pk) != Task.Status.SKIPPED for pk in recorded.lowered)
+
+
+def dispatch_task(task: Task, *, priority: int, routed: dict[str, int] | None = None) -> None:
+    """Send one run_task message after commit, on the queue routing picks (pin, affinity or
+    capability), and remember its id so a cancel can revoke it."""
+    options = run_task_options(task, queue=queue_for(task, routed), priority=priority)
+    Task.objects.filter(pk=task.pk).update(message_id=options["task_id"], dispatched_to=options["queue"])
+    transaction.on_commit(lambda: message(RUN_TASK).apply_async(**options))
+
+
+def resend_queued_task(task: Task, **changes) -> bool:
+    """Send a queued task's message again (its first was lost, or waits on the queue of an agent
+    that went away), writing `changes` with it; returns whether this call did. A compare-and-set
+    on the message id, which dispatch_task replaces: two sweeps that read the same row send once.
+
+    A canvas node leaves the canvas: it and its descendants are released from the database from
+    now on, since the chain that would have sent them waits behind the lost or stranded message.
+    Routing skips an agent that went away (not live, or draining), so a stranded task goes to
+    cap.<x> or to another upstream agent that can take it.
+    """
+    with transaction.atomic():
+        unchanged = Task.objects.filter(pk=task.pk, status=Task.Status.QUEUED, message_id=task.message_id)
+        if not unchanged.update(**changes):
+            return False
+        for field, value in changes.items():
+            setattr(task, field, value)
+        leave_canvas(task)
+        dispatch_task(task, priority=task.session.broker_priority)
+    return True
+
+
+def leave_canvas(task: Task) -> None:
+    """A canvas node whose message is lost or stuck leaves the canvas, with everything after
+    it: they are released from the database from now on (their canvas messages, if they still
+    come, find the work taken or not ready yet)."""
+    if not task.via_canvas:
+        return
+    stack, released = [task.pk], set()
+    while stack:
+        pk = stack.pop()
+        released.add(pk)
+        stack.extend(Task.objects.filter(depends_on=pk).exclude(pk__in=released).values_list("pk", flat=True))
+    Task.objects.filter(pk__in=released).update(via_canvas=False)
+
+
+def abort_key(task_id, attempt: int) -> str:
+    # Per attempt: a signal meant for a stopped run must not abort the run after a retry.
+    return f"abort:task:{task_id}:{attempt}"
+
+
+def stop_open_tasks(session_id, *, reason: str, revoke: bool) -> None:
+    """Cancel every task that has not started, and ask running executors to abort.
+
+    With `revoke`, queued messages are revoked too (cancel/stop: the session will not finish
+    its canvas). Fail-fast does not revoke: the cancelled nodes must still flow through the
+    canvas quickly so that its chords complete.
+    """
+    open_tasks = Task.objects.filter(session_id=session_id, status__in=(Task.Status.PENDING, Task.Status.QUEUED))
+    message_ids = [m for m in open_tasks.values_list("message_id", flat=True) if m] if revoke else []
+    open_tasks.update(status=Task.Status.CANCELLED, finished_at=timezone.now(), error=reason[:5000])
+    running = list(Task.objects.filter(session_id=session_id, status=Task.Status.RUNNING).values_list("pk", "attempts"))
+
+    def signal_workers() -> None:
+        if message_ids:
+            current_app.control.revoke(message_ids)
+        for task_id, attempt in running:
+            redis_client().set(abort_key(task_id, attempt), reason, ex=24 * 3600)
+
+    transaction.on_commit(signal_workers)
