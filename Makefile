@@ -1,5 +1,6 @@
 # make demo   - run one real session end to end on the local stack, then stop
 # make test   - lint, migration check and the whole test suite (what CI runs)
+# make test-fast - the same without the end-to-end and chaos tests (-m "not e2e"), for the inner loop
 # make up     - run the whole stack in the foreground (API :8000, Flower :5555)
 # make bench  - benchmarks (not part of CI)
 
@@ -14,7 +15,7 @@ export REDIS_URL ?= redis://127.0.0.1:6379/0
 export WEB_PORT ?= 8000
 export FLOWER_PORT ?= 5555
 
-.PHONY: venv lock opencode services up demo bench test lint format clean
+.PHONY: venv lock opencode services up demo bench test test-fast lint format clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required: sudo apt-get install -y python3 python3-venv")'
@@ -68,6 +69,10 @@ format: venv
 test: lint services opencode
 	$(BIN)/python manage.py makemigrations --check --dry-run
 	$(BIN)/pytest
+
+test-fast: lint services opencode
+	$(BIN)/python manage.py makemigrations --check --dry-run
+	$(BIN)/pytest -m "not e2e"
 
 clean:
 	rm -rf $(VENV) staticfiles .pytest_cache .ruff_cache

@@ -1,7 +1,7 @@
 """/api/v1/agents/: the agent registry, and drain and resume for operators."""
 
 from django.db.models import Q
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import extend_schema, extend_schema_view
 from rest_framework import status, viewsets
 from rest_framework.decorators import action
 from rest_framework.permissions import BasePermission
@@ -25,6 +25,14 @@ class IsOperator(BasePermission):
         return bool(user and user.is_authenticated and user.memberships.filter(role__in=roles).exists())
 
 
+@extend_schema_view(
+    list=extend_schema(
+        summary="List agents",
+        description="The platform's agent workers, which serve every tenant, and your tenants' external agents: "
+        "status, liveness, capabilities, queues, load and counters. Filter by status and executor.",
+    ),
+    retrieve=extend_schema(summary="Get an agent", description="One agent, as the list shows it."),
+)
 class AgentViewSet(viewsets.ReadOnlyModelViewSet):
     """The platform's agent workers; shared by every tenant, so not tenant-scoped."""
 
@@ -33,8 +41,8 @@ class AgentViewSet(viewsets.ReadOnlyModelViewSet):
 
     def get_queryset(self):
         # Our workers serve everyone; an external agent is seen only by its own tenant's members.
-        mine = Q(tenant__isnull=True) | Q(tenant__memberships__user=self.request.user)
-        return super().get_queryset().filter(mine).distinct()
+        visible = Q(tenant__isnull=True) | Q(tenant__memberships__user=self.request.user)
+        return super().get_queryset().filter(visible).distinct()
 
     filterset_fields = ["status", "executor"]
 
@@ -42,7 +50,13 @@ class AgentViewSet(viewsets.ReadOnlyModelViewSet):
         # Agents have no tenant, so steering them is a platform role, not a tenant object check.
         return [IsOperator()] if self.action in ("drain", "resume") else super().get_permissions()
 
-    @extend_schema(request=None, responses={202: AgentSerializer}, summary="Stop consuming; finish in-flight work")
+    @extend_schema(
+        request=None,
+        responses={202: AgentSerializer},
+        summary="Stop consuming; finish in-flight work",
+        description="Operators and admins: the agent takes no new work and what it runs finishes. "
+        "It stays draining until it is resumed.",
+    )
     @action(detail=True, methods=["post"])
     def drain(self, request, pk=None):
         agent = self.get_object()
@@ -50,7 +64,12 @@ class AgentViewSet(viewsets.ReadOnlyModelViewSet):
         agent.refresh_from_db()
         return Response(AgentSerializer(agent).data, status=status.HTTP_202_ACCEPTED)
 
-    @extend_schema(request=None, responses={202: AgentSerializer}, summary="Consume the agent's queues again")
+    @extend_schema(
+        request=None,
+        responses={202: AgentSerializer},
+        summary="Consume the agent's queues again",
+        description="Operators and admins: undo a drain.",
+    )
     @action(detail=True, methods=["post"])
     def resume(self, request, pk=None):
         agent = self.get_object()

@@ -73,6 +73,8 @@ class DecompositionPreviewView(APIView):
         request=SessionCreateSerializer,
         responses={200: DecompositionPreviewSerializer},
         summary="Preview the decomposition: tasks, edges, order, critical path and makespan, nothing stored",
+        description="The same body as creating a session, checked the same way; nothing is stored. Any member "
+        "of a tenant may ask, viewers too.",
     )
     def post(self, request):
         payload = SessionCreateSerializer(data=request.data)

@@ -2,7 +2,7 @@
 
 import django_filters
 from django.db.models import Count, Q
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import ValidationError
@@ -44,7 +44,7 @@ def _actor(request) -> str:
     return f"user:{request.user.get_username()}"
 
 
-def _transition_action(name: str, service, summary: str):
+def _transition_action(name: str, service, summary: str, description: str):
     def transition(self, request, pk=None):
         session = self.get_object()
         service(session, actor=_actor(request))
@@ -53,9 +53,22 @@ def _transition_action(name: str, service, summary: str):
     # DRF matches an action's function name to its attribute name.
     transition.__name__ = name
     decorated = action(detail=True, methods=["post"], url_path=name, url_name=name)(transition)
-    return extend_schema(request=None, responses={202: SessionSerializer}, summary=summary)(decorated)
+    schema = extend_schema(request=None, responses={202: SessionSerializer}, summary=summary, description=description)
+    return schema(decorated)
 
 
+@extend_schema_view(
+    list=extend_schema(
+        summary="List sessions",
+        description="Sessions of your tenants, newest first. Filter by status (repeatable), priority, "
+        "created_after, created_before and search (words in the title or requirements).",
+    ),
+    retrieve=extend_schema(
+        summary="Get a session",
+        description="With progress, task counts, the transitions allowed now, the critical path by "
+        "expected duration and the estimated makespan.",
+    ),
+)
 class SessionViewSet(
     TenantScopedMixin,
     mixins.ListModelMixin,
@@ -80,6 +93,10 @@ class SessionViewSet(
         return SessionDetailSerializer if self.action == "retrieve" else SessionSerializer
 
     @extend_schema(
+        summary="Create a session",
+        description="From an explicit DAG (tasks), or from requirements that a template decomposes (named, or "
+        "inferred). The session is pending until it is started. A request with an Idempotency-Key already used "
+        "in the tenant gets the session that key created, with 200.",
         request=SessionCreateSerializer,
         responses={201: SessionDetailSerializer, 200: SessionDetailSerializer},
         parameters=[OpenApiParameter(IDEMPOTENCY_HEADER, str, OpenApiParameter.HEADER, required=False)],
@@ -98,18 +115,50 @@ class SessionViewSet(
         code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
         return Response(body, status=code, headers={"Location": f"{request.path}{session.pk}/"})
 
-    start = _transition_action("start", lifecycle.start_session, "Start: compile the DAG and dispatch it")
-    pause = _transition_action("pause", lifecycle.pause_session, "Pause: running tasks finish, nothing new starts")
-    resume = _transition_action("resume", lifecycle.resume_session, "Resume a paused session")
-    cancel = _transition_action("cancel", lifecycle.cancel_session, "Cancel (stop, if running)")
-    retry = _transition_action("retry", lifecycle.retry_session, "Retry: completed tasks stay, the rest run again")
+    start = _transition_action(
+        "start",
+        lifecycle.start_session,
+        "Start: compile the DAG and dispatch it",
+        "pending -> queued: the tasks without upstreams are queued and the DAG is sent to the agents. "
+        "409 from any other status.",
+    )
+    pause = _transition_action(
+        "pause",
+        lifecycle.pause_session,
+        "Pause: running tasks finish, nothing new starts",
+        "queued, running or degraded -> paused. The session's deadline stops while it is paused. 409 otherwise.",
+    )
+    resume = _transition_action(
+        "resume",
+        lifecycle.resume_session,
+        "Resume a paused session",
+        "paused -> queued (running, if a task still runs) and the rest of the DAG is sent again. 409 unless paused.",
+    )
+    cancel = _transition_action(
+        "cancel",
+        lifecycle.cancel_session,
+        "Cancel (stop, if running)",
+        "A pending, queued or paused session is cancelled, a running or degraded one stopped: tasks not yet "
+        "started are cancelled and running ones told to abort. 409 for a settled session.",
+    )
+    retry = _transition_action(
+        "retry",
+        lifecycle.retry_session,
+        "Retry: completed tasks stay, the rest run again",
+        "failed, timeout, stopped or orphaned -> queued, at most max_retries times: completed tasks keep their "
+        "results and do not run again; every other task runs again. 409 otherwise.",
+    )
 
     def _page(self, queryset, serializer_class, context_for_page=None):
         page = self.paginate_queryset(queryset)
         context = context_for_page(page) if context_for_page else {}
         return self.get_paginated_response(serializer_class(page, many=True, context=context).data)
 
-    @extend_schema(responses=TaskSerializer(many=True))
+    @extend_schema(
+        responses=TaskSerializer(many=True),
+        summary="A session's tasks",
+        description="The session's DAG in order: each task's status, dependencies, agent, attempts, result and error.",
+    )
     @action(detail=True, methods=["get"])
     def tasks(self, request, pk=None):
         session = self.get_object()
@@ -117,6 +166,9 @@ class SessionViewSet(
 
     @extend_schema(
         responses=EventSerializer(many=True),
+        summary="A session's event log",
+        description="Every status change, and every recovery note, in order. Append-only: replaying it gives "
+        "the session's status.",
         parameters=[OpenApiParameter("after", int, description="Only events with a larger id.")],
     )
     @action(detail=True, methods=["get"])
@@ -131,7 +183,11 @@ class SessionViewSet(
             events = events.filter(id__gt=int(after))
         return self._page(events, EventSerializer)
 
-    @extend_schema(responses=CheckpointSerializer(many=True))
+    @extend_schema(
+        responses=CheckpointSerializer(many=True),
+        summary="The audit trail of completions",
+        description="One entry per task the session completed, in order, with the keys completed up to it.",
+    )
     @action(detail=True, methods=["get"])
     def checkpoints(self, request, pk=None):
         return self._page(

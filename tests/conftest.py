@@ -17,6 +17,7 @@ from django.core.management import call_command
 from rest_framework.test import APIClient
 
 from agents.models import Agent
+from orchestrator_project.celery import app
 from orchestrator_project.redis_client import redis_client
 from sessions.workspaces import git
 from tasks.models import Task
@@ -54,9 +55,18 @@ def queued_broker_messages(queues: str = "orchestrator*") -> list[dict]:
     return messages
 
 
-def run_task_message_ids() -> list[str]:
-    """The ids of the run_task messages waiting on the capability queues."""
-    return [m["headers"]["id"] for m in queued_broker_messages("cap.*")]
+def run_task_message_ids(queues: str = "cap.*") -> list[str]:
+    """The ids of the run_task messages waiting on the queues matching `queues`."""
+    return [m["headers"]["id"] for m in queued_broker_messages(queues)]
+
+
+def consumed_queues(worker_name: str) -> set[str] | None:
+    """The queues a worker consumes, as it answers a remote control inspection; None when it
+    does not answer within a second."""
+    replies = app.control.inspect(destination=[worker_name], timeout=1.0).active_queues() or {}
+    if worker_name not in replies:
+        return None
+    return {queue["name"] for queue in replies[worker_name]}
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,8 @@
 """The operator's admin: every changelist and the session page render, and the cancel and retry
 actions go through the state machine (an illegal one warns and changes nothing)."""
 
+import re
+
 import pytest
 from django.contrib.messages import WARNING
 from django.utils import timezone
@@ -8,7 +10,7 @@ from django.utils import timezone
 from agents.models import Agent
 from orchestrator_project.locking import FairLock
 from sessions.models import Session
-from tasks import lifecycle as services
+from tasks import lifecycle
 from tasks.models import Task
 from tests.conftest import dag_payload
 
@@ -65,7 +67,7 @@ def messages_of(response) -> list[tuple[int, str]]:
     ],
 )
 def test_changelists_render_for_a_superuser(admin_client, session, agent, path):
-    services.start_session(session, actor="test")
+    lifecycle.start_session(session, actor="test")
 
     response = admin_client.get(path.format(tenant=session.tenant_id))
 
@@ -78,7 +80,7 @@ def test_session_changelist_status_filter_shows_only_matching_sessions(admin_cli
     other = Session.objects.get(
         pk=api.post("/api/v1/sessions/", dag_payload(title="Other"), format="json").json()["id"]
     )
-    services.cancel_session(other, actor="test")
+    lifecycle.cancel_session(other, actor="test")
 
     response = admin_client.get(SESSION_CHANGELIST, {"status": "cancelled"})
 
@@ -87,16 +89,37 @@ def test_session_changelist_status_filter_shows_only_matching_sessions(admin_cli
     assert shown == [other]
 
 
+def inline_cells(html: str, group: str, field: str) -> list[str]:
+    """One column of an admin inline table (the inline whose formset prefix is `group`), row by row."""
+    assert f'id="{group}-group"' in html, f"the page has no {group} inline"
+    section = html.split(f'id="{group}-group"', 1)[1].split('inline-group" id=', 1)[0]
+    return re.findall(rf'<td class="field-{field}">\s*<p>(.*?)</p>', section)
+
+
 def test_session_change_page_shows_tasks_and_events_inline(admin_client, session):
-    services.start_session(session, actor="test")
+    lifecycle.start_session(session, actor="test")
 
     response = admin_client.get(f"/admin/agent_sessions/session/{session.pk}/change/")
 
     assert response.status_code == 200
     html = response.content.decode()
-    for key in ("design", "api", "ui", "tests", "review", "docs"):
-        assert key in html
-    assert "queued" in html
+    tasks = dict(zip(inline_cells(html, "tasks", "key"), inline_cells(html, "tasks", "status"), strict=True))
+    assert tasks == {
+        "design": "Queued",
+        "api": "Pending",
+        "ui": "Pending",
+        "tests": "Pending",
+        "review": "Pending",
+        "docs": "Pending",
+    }
+    events = zip(
+        inline_cells(html, "events", "from_status"),
+        inline_cells(html, "events", "to_status"),
+        inline_cells(html, "events", "reason"),
+        inline_cells(html, "events", "actor"),
+        strict=True,
+    )
+    assert list(events) == [("Pending", "Queued", "started", "test")]
 
 
 def test_task_agent_and_tenant_change_pages_render(admin_client, session, agent):
@@ -151,7 +174,7 @@ def test_admin_retry_action_requeues_a_failed_session(admin_client, session):
 
 def test_admin_cancel_action_on_a_mixed_selection_cancels_what_it_can(admin_client, api, session):
     done = Session.objects.get(pk=api.post("/api/v1/sessions/", dag_payload(title="Done"), format="json").json()["id"])
-    services.cancel_session(done, actor="test")
+    lifecycle.cancel_session(done, actor="test")
 
     response = run_action(admin_client, "cancel_sessions", session, done)
 

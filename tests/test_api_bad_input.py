@@ -274,10 +274,22 @@ def nested(depth: int) -> dict:
 
 
 @pytest.mark.parametrize("depth", [33, 500, 900])
-def test_deeply_nested_metadata_is_400(api, depth):
+def test_metadata_nested_deeper_than_32_levels_is_400_on_metadata(api, depth):
     error = error_of(post_raw(api, json.dumps(dag_payload(metadata=nested(depth)))), 400)
 
-    assert "metadata" in error["details"] or error["code"] == "parse_error"
+    assert error["code"] == "invalid"
+    assert error["details"] == {"metadata": ["nested deeper than 32 levels"]}
+    assert_nothing_written()
+
+
+def test_a_body_nested_deeper_than_the_json_parser_goes_is_a_parse_error(api):
+    depth = 5000  # past Python's recursion limit: the parser itself gives up
+    body = '{"requirements": "deep", "metadata": ' + '{"a": ' * depth + "{}" + "}" * depth + "}"
+
+    error = error_of(post_raw(api, body), 400)
+
+    assert error["code"] == "parse_error"
+    assert error["message"] == "JSON parse error - nested too deeply"
     assert_nothing_written()
 
 

@@ -1,8 +1,6 @@
 """Task semantics and routing on real worker processes: database release of non-series-parallel
 edges, retries with backoff, per-task deadlines, fail-fast, affinity, pinning and drain."""
 
-import time
-
 import pytest
 
 from agents.models import Agent
@@ -10,7 +8,15 @@ from sessions.models import Session
 from tasks.models import Task
 from tasks.sweeps import sweep_degraded_sessions
 
-from .conftest import create_and_start, member_client, task_status, wait_for_status, wait_until
+from .conftest import (
+    consumed_queues,
+    create_and_start,
+    member_client,
+    run_task_message_ids,
+    task_status,
+    wait_for_status,
+    wait_until,
+)
 
 pytestmark = pytest.mark.e2e
 SETTLED = {"completed", "failed", "partially_completed", "stopped", "cancelled"}
@@ -158,7 +164,10 @@ def test_a_pinned_task_runs_only_on_its_agent_and_degrades_the_session_while_it_
 
     start(client, session_id)
     wait_until(lambda: task_status(session_id, "train") == "queued", what="the pinned task to be ready")
-    time.sleep(1.0)  # builder could take it, were the pin not respected
+    # Its message waits on gpu-box's own queue, which builder, free and able, does not consume.
+    wait_until(lambda: run_task_message_ids("agent.gpu-box*"), what="the pinned task's message on agent.gpu-box")
+    builder = Agent.objects.get(name="builder")
+    assert "agent.gpu-box" not in consumed_queues(builder.worker_name)
     assert task_status(session_id, "train") == "queued"
     sweep_degraded_sessions()
     assert Session.objects.get(pk=session_id).status == "degraded"
@@ -178,11 +187,22 @@ def test_a_drained_agent_takes_no_new_work_until_resumed(client, stack):
     assert client.post(f"/api/v1/agents/{agent_id}/drain/").status_code == 403  # a developer may not
 
     assert operator.post(f"/api/v1/agents/{agent_id}/drain/").status_code == 202
-    time.sleep(1.0)  # the remote control command reaches the worker
+    worker = Agent.objects.get(pk=agent_id).worker_name
+    wait_until(
+        lambda: "cap.code_generation" not in (consumed_queues(worker) or {"no answer"}),
+        what="builder to stop consuming cap.code_generation",
+    )
     session_id = create_and_start(client, {"requirements": "drained", "tasks": [spec("one", [])]})
-    time.sleep(2.0)
+
+    def waiting_on_its_queue() -> bool:
+        message_id = Task.objects.get(session_id=session_id, key="one").message_id
+        return bool(message_id) and message_id in run_task_message_ids("cap.code_generation*")
+
+    # The task's message reaches its queue and waits there: nobody consumes it.
+    wait_until(waiting_on_its_queue, what="the task's message waiting on cap.code_generation")
     assert task_status(session_id, "one") == "queued"
     assert Agent.objects.get(pk=agent_id).status == "draining"
 
     assert operator.post(f"/api/v1/agents/{agent_id}/resume/").status_code == 202
+    wait_until(lambda: "cap.code_generation" in (consumed_queues(worker) or set()), what="builder to consume again")
     assert wait_for_status(client, session_id, SETTLED)["status"] == "completed"

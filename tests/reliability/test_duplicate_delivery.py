@@ -11,7 +11,7 @@ from tasks.models import Task
 from tasks.tasks import run_task
 from tests.conftest import ALL_BUILD, chain_payload, member_client, run_task_message_ids, task_status, wait_until
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.chaos]
 
 
 def test_the_same_task_message_delivered_twice_at_once_runs_once(stack):

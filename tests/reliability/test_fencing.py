@@ -16,7 +16,7 @@ from tests.conftest import ROOT, Stack, wait_until
 
 from .stalled_holder import STALE
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.chaos]
 
 LEASE_S = 2  # holder A's SESSION_LOCK_TTL_SECONDS
 

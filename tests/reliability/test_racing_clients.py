@@ -24,7 +24,7 @@ from sessions.models import RETRYABLE, TRANSITIONS, Session, SessionEvent
 from tasks.lifecycle import mark_session_running
 from tests.conftest import dag_payload, error_of
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.chaos]
 
 S = Session.Status
 CLIENTS = 50

@@ -34,7 +34,7 @@ from tests.conftest import (
 
 from .conftest import settled
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.chaos]
 
 SESSIONS = 10
 TASK_S = 1.0
