@@ -45,29 +45,36 @@ class Status(models.TextChoices):
     ORPHANED = "orphaned"
 
 
-S = Status
-_RUN_OUTCOMES = {S.COMPLETED, S.PARTIALLY_COMPLETED, S.FAILED, S.TIMEOUT, S.PAUSED, S.STOPPED, S.ORPHANED}
+_RUN_OUTCOMES = {
+    Status.COMPLETED,
+    Status.PARTIALLY_COMPLETED,
+    Status.FAILED,
+    Status.TIMEOUT,
+    Status.PAUSED,
+    Status.STOPPED,
+    Status.ORPHANED,
+}
 
 # DESIGN §4: the only legal moves. Anything else raises InvalidTransition.
 TRANSITIONS: dict[str, frozenset[str]] = {
-    S.PENDING: frozenset({S.QUEUED, S.CANCELLED, S.FAILED}),
-    S.QUEUED: frozenset({S.RUNNING, S.PAUSED, S.CANCELLED, S.FAILED, S.ORPHANED}),
-    S.RUNNING: frozenset(_RUN_OUTCOMES | {S.DEGRADED}),
-    S.DEGRADED: frozenset(_RUN_OUTCOMES | {S.RUNNING}),
-    S.PAUSED: frozenset({S.QUEUED, S.RUNNING, S.STOPPED, S.CANCELLED}),
-    S.FAILED: frozenset({S.QUEUED}),
-    S.TIMEOUT: frozenset({S.QUEUED}),
-    S.STOPPED: frozenset({S.QUEUED}),
-    S.ORPHANED: frozenset({S.QUEUED}),
-    S.COMPLETED: frozenset(),
-    S.PARTIALLY_COMPLETED: frozenset(),
-    S.CANCELLED: frozenset(),
+    Status.PENDING: frozenset({Status.QUEUED, Status.CANCELLED, Status.FAILED}),
+    Status.QUEUED: frozenset({Status.RUNNING, Status.PAUSED, Status.CANCELLED, Status.FAILED, Status.ORPHANED}),
+    Status.RUNNING: frozenset(_RUN_OUTCOMES | {Status.DEGRADED}),
+    Status.DEGRADED: frozenset(_RUN_OUTCOMES | {Status.RUNNING}),
+    Status.PAUSED: frozenset({Status.QUEUED, Status.RUNNING, Status.STOPPED, Status.CANCELLED}),
+    Status.FAILED: frozenset({Status.QUEUED}),
+    Status.TIMEOUT: frozenset({Status.QUEUED}),
+    Status.STOPPED: frozenset({Status.QUEUED}),
+    Status.ORPHANED: frozenset({Status.QUEUED}),
+    Status.COMPLETED: frozenset(),
+    Status.PARTIALLY_COMPLETED: frozenset(),
+    Status.CANCELLED: frozenset(),
 }
 TERMINAL = frozenset(status for status, targets in TRANSITIONS.items() if not targets)
-RETRYABLE = frozenset({S.FAILED, S.TIMEOUT, S.STOPPED, S.ORPHANED})
+RETRYABLE = frozenset({Status.FAILED, Status.TIMEOUT, Status.STOPPED, Status.ORPHANED})
 # Settled: no task of the session may start while the session is in one of these.
 SETTLED = TERMINAL | RETRYABLE
-ACTIVE = frozenset({S.QUEUED, S.RUNNING, S.DEGRADED})
+ACTIVE = frozenset({Status.QUEUED, Status.RUNNING, Status.DEGRADED})
 
 
 def broker_priority(priority: int) -> int:
@@ -149,7 +156,7 @@ class Session(models.Model):
     def check_transition(self, to: str) -> None:
         if to not in TRANSITIONS[self.status]:
             raise InvalidTransition(self.pk, self.status, to, self.allowed_targets())
-        if self.status in RETRYABLE and to == S.QUEUED and self.retry_count >= self.max_retries:
+        if self.status in RETRYABLE and to == Status.QUEUED and self.retry_count >= self.max_retries:
             raise InvalidTransition(
                 self.pk, self.status, to, [], why=f"retry limit reached ({self.retry_count}/{self.max_retries})"
             )
@@ -228,19 +235,21 @@ class Session(models.Model):
         self.version += 1
         self.fencing_token = token
         fields = ["status", "version", "fencing_token", "updated_at"]
-        if to == S.QUEUED and from_status != S.PAUSED:  # start or retry: a new deadline
+        if to == Status.QUEUED and from_status != Status.PAUSED:  # start or retry: a new deadline
             if from_status in RETRYABLE:
                 self.retry_count += 1
                 fields.append("retry_count")
             self.deadline = now + timedelta(seconds=self.timeout_seconds)
             self.finished_at = None
             fields += ["deadline", "finished_at"]
-        if from_status == S.PAUSED and self.deadline is not None and to in ACTIVE:
+        if from_status == Status.PAUSED and self.deadline is not None and to in ACTIVE:
             # The deadline does not run while the session is paused.
-            paused_at = self.events.filter(to_status=S.PAUSED).exclude(from_status=S.PAUSED).latest("id").created_at
+            paused_at = (
+                self.events.filter(to_status=Status.PAUSED).exclude(from_status=Status.PAUSED).latest("id").created_at
+            )
             self.deadline += now - paused_at
             fields.append("deadline")
-        if to == S.RUNNING and self.started_at is None:
+        if to == Status.RUNNING and self.started_at is None:
             self.started_at = now
             fields.append("started_at")
         if to in SETTLED:
@@ -304,11 +313,12 @@ def publish_event(event: SessionEvent) -> None:
 
 
 class Checkpoint(models.Model):
-    """A task the session completed, in order: the checkpoints up to one say what the session had
-    completed at that point (see completed_keys); a retry resumes from the latest.
-
-    One row per completion, written with it (tasks/statements.py, RECORD); the cumulative list
-    is derived when read, which keeps the write constant-time however large the session."""
+    """The audit trail of a session's completions: one row per task it completed, in order,
+    written in the same statement as the completion (tasks/statements.py, RECORD). The API lists
+    them, each with the keys completed up to it (completed_keys). Nothing decides anything from
+    them: retry works from the tasks' statuses (a completed task stays completed and does not
+    run again). Storing one task per row, and deriving the list when read, keeps the write
+    constant-time however large the session."""
 
     session = models.ForeignKey(Session, on_delete=models.CASCADE, related_name="checkpoints")
     task = models.ForeignKey("tasks.Task", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
