@@ -63,7 +63,7 @@ class Agent(models.Model):
     mode = models.CharField(max_length=8, choices=Mode.choices, default=Mode.WORKER, blank=True)
     endpoint_url = models.URLField(max_length=500, blank=True)
     # An external agent belongs to the tenant whose operator registered it, and sees only that
-    # tenant's tasks (DESIGN §10). Our own workers (no tenant) serve every tenant.
+    # tenant's tasks. Our own workers (no tenant) serve every tenant.
     tenant = models.ForeignKey(
         "tenants.Tenant", null=True, blank=True, on_delete=models.CASCADE, related_name="external_agents"
     )

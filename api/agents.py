@@ -59,10 +59,7 @@ class AgentViewSet(viewsets.ReadOnlyModelViewSet):
     )
     @action(detail=True, methods=["post"])
     def drain(self, request, pk=None):
-        agent = self.get_object()
-        services.drain_agent(agent)
-        agent.refresh_from_db()
-        return Response(AgentSerializer(agent).data, status=status.HTTP_202_ACCEPTED)
+        return self._steer(services.drain_agent)
 
     @extend_schema(
         request=None,
@@ -72,7 +69,10 @@ class AgentViewSet(viewsets.ReadOnlyModelViewSet):
     )
     @action(detail=True, methods=["post"])
     def resume(self, request, pk=None):
+        return self._steer(services.resume_agent)
+
+    def _steer(self, service) -> Response:
         agent = self.get_object()
-        services.resume_agent(agent)
+        service(agent)
         agent.refresh_from_db()
         return Response(AgentSerializer(agent).data, status=status.HTTP_202_ACCEPTED)

@@ -53,7 +53,7 @@ STARTUP_TIMEOUT_S = 90.0
 SESSION_DEADLINE_S = 120.0
 STOP_GRACE_S = 20.0
 POLL_S = 0.3
-# Statuses after which nothing more happens without an operator (DESIGN §4).
+# Statuses after which nothing more happens without an operator (docs/ARCHITECTURE.md, the session state machine).
 SETTLED = {"completed", "partially_completed", "cancelled", "failed", "timeout", "stopped", "orphaned"}
 
 DEMO_TITLE = "Demo: write slugify for the payments API"

@@ -55,7 +55,7 @@ _RUN_OUTCOMES = {
     Status.ORPHANED,
 }
 
-# DESIGN §4: the only legal moves. Anything else raises InvalidTransition.
+# The only legal moves (docs/ARCHITECTURE.md). Anything else raises InvalidTransition.
 TRANSITIONS: dict[str, frozenset[str]] = {
     Status.PENDING: frozenset({Status.QUEUED, Status.CANCELLED, Status.FAILED}),
     Status.QUEUED: frozenset({Status.RUNNING, Status.PAUSED, Status.CANCELLED, Status.FAILED, Status.ORPHANED}),
@@ -171,7 +171,7 @@ class Session(models.Model):
         require_from: frozenset[str] | None = None,
         effects: Callable[["Session"], None] | None = None,
     ) -> "SessionEvent | None":
-        """Move the session to `to`: the one way any status changes (DESIGN §4).
+        """Move the session to `to`: the one way any status changes.
 
         Lock (fencing token) -> row lock -> validate -> write row + event -> commit -> publish
         -> release. `to` may be a function of the locked row, for a target that depends on the

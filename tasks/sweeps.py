@@ -123,7 +123,7 @@ def sweep_stuck_sessions() -> dict[str, int]:
 
 def time_out(session: Session) -> bool:
     """A session past its deadline stops: open tasks are cancelled, running executors told to
-    abort. One that never started a task fails instead (DESIGN §4 has no queued -> timeout).
+    abort. One that never started a task fails instead (the state machine has no queued -> timeout).
     Decided under the lock: a retry may have given it a new deadline, a claim may have started it."""
     now = timezone.now()
 

@@ -1,5 +1,5 @@
-"""The sessions API of DESIGN §9 on real PostgreSQL and Redis: create, read, filter, paginate,
-transitions, idempotency, and who may see or change what (DESIGN §10)."""
+"""The sessions API on real PostgreSQL and Redis: create, read, filter, paginate,
+transitions, idempotency, and who may see or change what (tenants and roles)."""
 
 import threading
 from datetime import timedelta

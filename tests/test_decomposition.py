@@ -1,4 +1,4 @@
-"""The analyzer, the templates and the critical path (DESIGN §5, issue 3): pure functions, no database."""
+"""The analyzer, the templates and the critical path (docs/DECOMPOSITION.md): pure functions, no database."""
 
 from itertools import pairwise
 

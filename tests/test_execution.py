@@ -1,4 +1,4 @@
-"""The task hand-offs of tasks/services.py on the real database, in-process."""
+"""The task hand-offs of the engine (tasks/running.py, tasks/release.py) on the real database, in-process."""
 
 import os
 import threading

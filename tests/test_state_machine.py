@@ -1,4 +1,4 @@
-"""Every (from, to) pair of DESIGN §4, legal and illegal, through Session.transition."""
+"""Every (from, to) pair of the state machine (docs/ARCHITECTURE.md), legal and illegal, through Session.transition."""
 
 import itertools
 import time
@@ -13,7 +13,7 @@ from tenants.models import Tenant
 
 S = Session.Status
 
-# DESIGN §4 written out again, independently of the code's table, so a typo in either fails.
+# The table of docs/ARCHITECTURE.md written out again, independently of the code's table, so a typo in either fails.
 LEGAL = {
     ("pending", "queued"),
     ("pending", "cancelled"),

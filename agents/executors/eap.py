@@ -63,7 +63,7 @@ class EapExecutor:
 
     def _resume(self, ctx: TaskContext) -> EapDelivery | None:
         """This attempt's delivery, if this process made it already and lost track of the run
-        (tasks.services re-runs such a claim under the same attempt): wait on it again."""
+        (tasks.running re-runs such a claim under the same attempt): wait on it again."""
         delivery = EapDelivery.objects.filter(task_id=ctx.task_id, attempt=ctx.attempt).first()
         if delivery is not None and delivery.state == State.CANCELLED:
             raise TransientError(f"the delivery of attempt {ctx.attempt} was cancelled: {delivery.error}")

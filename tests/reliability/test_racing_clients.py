@@ -1,10 +1,10 @@
 """R5: 50 concurrent clients racing start/pause/resume/cancel/retry on one session, over real HTTP
 (a live threaded server, PostgreSQL, Redis): every answer is a 2xx or a 409 in the one error shape,
-the event log is a legal path through DESIGN §4 that ends in the row's status, and replaying the
+the event log is a legal path through the state machine that ends in the row's status, and replaying the
 log gives the row.
 
 No Celery worker runs (dispatch messages just wait on the broker). Instead a "claimer" thread calls
-the orchestrator's own queued -> running step (tasks.services.mark_session_running, the body of the
+the orchestrator's own queued -> running step (tasks.lifecycle.mark_session_running, the body of the
 task an agent's first claim sends), so that running can be part of the race too (and with it,
 rarely, stopped by a cancel while running, then retry)."""
 
@@ -46,7 +46,7 @@ def tenant_token(tenant_slug: str, username: str) -> str:
 
 def replay(events: list[SessionEvent]) -> tuple[str, int, int]:
     """Replay a session's event log (ordered by id) from "pending", checking each status change
-    against DESIGN §4 (sessions.models.TRANSITIONS) from the replayed state. Notes (from == to)
+    against sessions.models.TRANSITIONS from the replayed state. Notes (from == to)
     are passed over. Returns (status, number of status changes, number of retries)."""
     state, changes, retries = S.PENDING, 0, 0
     for event in events:
@@ -61,7 +61,7 @@ def replay(events: list[SessionEvent]) -> tuple[str, int, int]:
 
 
 def action_of(event: SessionEvent) -> str:
-    """The endpoint that wrote a client's event, from the reason sessions.services gives it."""
+    """The endpoint that wrote a client's event, from the reason tasks.lifecycle gives it."""
     reasons = {"started": "start", "paused": "pause", "resumed": "resume"}
     if event.reason in reasons:
         return reasons[event.reason]

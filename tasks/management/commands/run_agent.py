@@ -1,4 +1,4 @@
-"""`manage.py run_agent`: one agent worker process (DESIGN §2)."""
+"""`manage.py run_agent`: one agent worker process (docs/ARCHITECTURE.md)."""
 
 import logging
 import threading
