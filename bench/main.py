@@ -10,6 +10,7 @@ from typing import Any
 
 from bench import BenchError
 from bench.env import RUN_DIR, bench_environment, configure_django, prepare_services
+from bench.report import b1_text, b2_text, b3_text, profile_text, write_json
 
 JSON_PATH = RUN_DIR / "bench.json"
 
@@ -72,8 +73,6 @@ def host() -> dict:
 
 
 def print_report(results: dict) -> None:
-    from bench.report import b1_text, b2_text, b3_text, profile_text, write_json
-
     sections = [b1_text(results["b1"]), b2_text(results["b2"]), b3_text(results["b3"])]
     if "profile" in results:
         sections.append(profile_text(results["profile"]))

@@ -13,6 +13,7 @@ from bench import BenchError
 from bench.env import ROOT, RUN_DIR
 from bench.rawapp import QUEUE as RAW_QUEUE
 from bench.shapes import CAPABILITY
+from orchestrator_project.celery import app
 
 READY_TIMEOUT_S = 60.0
 STOP_GRACE_S = 20.0
@@ -69,8 +70,6 @@ class Workers:
 
     def _wait_ready(self, label: str) -> None:
         """Until the worker answers a ping, which it does only once it consumes its queues."""
-        from orchestrator_project.celery import app
-
         worker = self.running[label]
         deadline = time.monotonic() + READY_TIMEOUT_S
         while not app.control.ping(destination=[worker.node], timeout=0.5):
