@@ -20,7 +20,7 @@ def error_response(code: str, message: str, details, http_status: int, headers=N
 
 def exception_handler(exc, context):
     if isinstance(exc, InvalidInput):  # input a service refused (a DAG that cannot run, a missing repository)
-        exc = exceptions.ValidationError({exc.path: [exc.message]})
+        exc = exceptions.ValidationError({path: [message] for path, message in exc.errors.items()})
     if isinstance(exc, InvalidTransition):
         details = {"from": exc.from_status, "to": exc.to_status, "allowed": exc.allowed}
         return error_response("invalid_transition", str(exc), details, status.HTTP_409_CONFLICT)

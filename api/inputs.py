@@ -1,6 +1,6 @@
 """What the API accepts to create or preview a session: its shape, checked without I/O. The
 checks that need the database or git (pinned agents, the repository) are the service's
-(tasks.lifecycle.plan_new_session)."""
+(tasks.lifecycle.check_new_session)."""
 
 from django.conf import settings
 from rest_framework import serializers

@@ -11,7 +11,7 @@ from rest_framework.views import APIView
 from agents.capabilities import CAPABILITIES
 from tasks.decomposition import DEFAULT_ESTIMATE, Plan, critical_path, edges, nodes_from_specs, topological_order
 from tasks.decomposition.analyzer import HIGH, LOW, MEDIUM
-from tasks.lifecycle import plan_new_session
+from tasks.lifecycle import check_new_session, plan_new_session
 
 from .inputs import EstimateSerializer, SessionCreateSerializer
 
@@ -83,6 +83,7 @@ class DecompositionPreviewView(APIView):
         slug = data.get("tenant")
         if slug and not request.user.memberships.filter(tenant__slug=slug).exists():
             raise ValidationError({"tenant": [f"you are not a member of tenant {slug!r}"]})
+        check_new_session(data)
         plan = plan_new_session(data)
         return Response(DecompositionPreviewSerializer(preview_of(plan)).data)
 

@@ -88,7 +88,7 @@ INSTALLED_APPS = [
     "django_celery_beat",
     "tenants",
     "sessions.apps.SessionsConfig",
-    "tasks",
+    "tasks.apps.TasksConfig",
     "agents",
 ]
 

@@ -12,12 +12,14 @@ JSON_MAX_DEPTH = 32
 
 class InvalidInput(ValueError):
     """Input the API accepted in shape but a service refuses (a repository that is not there, a
-    pinned agent nobody registered, a cycle); `path` names the field, e.g. "tasks[2].agent".
-    The API answers 400 with the path, as it does for a field that fails validation."""
+    pinned agent nobody registered, a cycle); `path` names the field, e.g. "tasks[2].agent", and
+    `more` any other bad fields found with it. The API answers 400 with every path, as it does
+    for fields that fail validation."""
 
-    def __init__(self, path: str, message: str):
+    def __init__(self, path: str, message: str, *, more: dict[str, str] | None = None):
         self.path = path
         self.message = message
+        self.errors = {path: message, **(more or {})}
         super().__init__(f"{path}: {message}")
 
 

@@ -67,7 +67,8 @@ def git(*args: str, cwd: Path | str | None = None, timeout: float = GIT_TIMEOUT_
 
 
 def check_repository(repository: str, base_branch: str = "") -> None:
-    """What the API checks before it stores a session: a local repository must be an allowed,
+    """What a session's repository must be before the session is stored (the service checks it,
+    tasks.lifecycle.check_new_session): a local repository must be an allowed,
     existing git repository with that base branch; a URL must look like one (whether it can be
     cloned is known only when the session starts)."""
     if base_branch and not _BRANCH.match(base_branch):

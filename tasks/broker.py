@@ -1,5 +1,5 @@
 """What the broker still holds, so that the sweeper can tell a lost run_task message from one
-that waits (sessions/sweeps.py, redispatch_lost_messages).
+that waits (tasks/sweeps.py, redispatch_lost_messages).
 
 A message is held by the Redis transport in one of two places: a queue's list (one list per
 priority step) while it waits, or the `unacked` hash once a worker has taken it (acks_late:

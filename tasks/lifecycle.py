@@ -22,19 +22,42 @@ from .release import release_ready_tasks, send_released, stop_open_tasks
 logger = logging.getLogger(__name__)
 
 
-def plan_new_session(data: dict) -> Plan:
-    """The DAG a session created from `data` (validated input, see api/inputs.py) would get,
-    after the checks that need the database or git: pinned agents must be registered workers
-    with the task's capability, a repository must be usable. Raises InvalidInput (DagError is
-    one) naming the field."""
-    for index, spec in enumerate(data.get("tasks") or []):
-        if "agent" in spec:
-            _check_pinned_agent(spec, f"tasks[{index}].agent")
+def check_new_session(data: dict) -> None:
+    """The checks of a new session's input (validated in shape, see api/inputs.py) that need the
+    database or git: pinned agents must be registered workers with the task's capability, a
+    repository must be usable. Raises InvalidInput naming every bad pin, or the repository."""
+    bad_pins = {
+        f"tasks[{index}].agent": why
+        for index, spec in enumerate(data.get("tasks") or [])
+        if "agent" in spec and (why := _why_not_pinnable(spec))
+    }
+    if bad_pins:
+        (path, message), *more = bad_pins.items()
+        raise InvalidInput(path, message, more=dict(more))
     if "repository" in data:
         try:
             check_repository(data["repository"], data.get("base_branch", ""))
         except WorkspaceError as exc:
             raise InvalidInput("repository", str(exc)) from None
+
+
+def _why_not_pinnable(spec: dict) -> str | None:
+    # Whether the agent is online is a runtime matter (the session turns degraded). Only our
+    # workers have an agent.<name> queue; external agents run behind a gateway.
+    name = spec["agent"]
+    workers = Agent.objects.filter(name=name, mode=Agent.Mode.WORKER)
+    capabilities = workers.values_list("capabilities", flat=True).first()
+    if capabilities is None:
+        return f"no agent named {name!r} is registered"
+    if spec["capability"] not in capabilities:
+        return f"agent {name!r} does not have capability {spec['capability']!r}"
+    return None
+
+
+def plan_new_session(data: dict) -> Plan:
+    """The DAG a session created from `data` gets: its `tasks`, or the decomposition of its
+    requirements by the named or inferred template. Raises DagError (an InvalidInput) when the
+    decomposition cannot be used (plan_session)."""
     return plan_session(
         requirements=data["requirements"],
         template=data.get("template"),
@@ -43,31 +66,20 @@ def plan_new_session(data: dict) -> Plan:
     )
 
 
-def _check_pinned_agent(spec: dict, path: str) -> None:
-    # Whether the agent is online is a runtime matter (the session turns degraded). Only our
-    # workers have an agent.<name> queue; external agents run behind a gateway.
-    name = spec["agent"]
-    capabilities = Agent.objects.filter(name=name, mode=Agent.Mode.WORKER).values_list("capabilities", flat=True)
-    capabilities = capabilities.first()
-    if capabilities is None:
-        raise InvalidInput(path, f"no agent named {name!r} is registered")
-    if spec["capability"] not in capabilities:
-        raise InvalidInput(path, f"agent {name!r} does not have capability {spec['capability']!r}")
-
-
 def create_session(*, tenant, user, data: dict, idempotency_key: str | None = None) -> tuple[Session, bool]:
     """Create a session and its task DAG in one transaction; returns (session, created).
 
-    `data` is validated input (see api/inputs.py): the DAG is its `tasks`, or else the
-    decomposition of its requirements by the named or inferred template (plan_new_session,
-    which raises InvalidInput). With an idempotency key already used in this tenant, the
-    existing session is returned and nothing is written.
+    `data` is validated input (see api/inputs.py), checked here (check_new_session); the DAG
+    is its `tasks`, or else the decomposition of its requirements (plan_new_session). Both raise
+    InvalidInput. With an idempotency key already used in this tenant, the existing session is
+    returned and nothing is written.
     """
-    plan = plan_new_session(data)
+    check_new_session(data)
     if idempotency_key:
         existing = Session.objects.filter(tenant=tenant, idempotency_key=idempotency_key).first()
         if existing:
             return existing, False
+    plan = plan_new_session(data)
     try:
         with transaction.atomic():
             session = Session.objects.create(
@@ -182,8 +194,8 @@ def retry_session(session: Session, *, actor: str) -> None:
 
     def reset_unfinished_tasks(row: Session) -> None:
         fresh = {"status": Task.Status.PENDING, "error": "", "agent": None, "started_at": None, "finished_at": None}
-        unfinished = row.tasks.exclude(status__in=(Task.Status.COMPLETED, Task.Status.RUNNING))
-        unfinished.update(attempts=0, queued_at=None, **fresh)
+        to_run_again = row.tasks.exclude(status__in=(Task.Status.COMPLETED, Task.Status.RUNNING))
+        to_run_again.update(attempts=0, queued_at=None, **fresh)
         # A run still going from before the stop was told to abort; it is taken over. Its attempt
         # count stays, so the old run's outcome (recorded against its own attempt) changes nothing.
         row.tasks.filter(status=Task.Status.RUNNING).update(queued_at=None, lease_expires_at=None, **fresh)

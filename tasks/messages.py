@@ -1,8 +1,9 @@
 """The Celery messages the engine sends, by the names tasks/tasks.py registers them under.
 
 The engine enqueues by name because the task bodies in tasks/tasks.py call the engine:
-importing them here would close a loop. A signature by name resolves to the registered task
-when it is sent, so its options apply as if it had been imported. The names are a contract
+importing them here would close a loop. Every process registers the tasks at startup
+(tasks/apps.py), so a signature by name resolves to the registered task when it is sent and
+the task's own options apply, as if it had been imported. The names are a contract
 with messages already in the broker, Beat's schedule rows and Flower: they stay when code moves.
 """
 

@@ -1,4 +1,4 @@
-"""Every bad input of issue 2 gets a clear 4xx in the shape {"error": {"code", "message", "details"}},
+"""Every bad input gets a clear 4xx in the shape {"error": {"code", "message", "details"}},
 with the path of the bad field, and leaves nothing behind: no session, no task, no event."""
 
 import json
@@ -579,7 +579,7 @@ def test_idempotency_key_of_128_characters_is_accepted(api):
     assert Session.objects.get().idempotency_key == "k" * 128
 
 
-# Pinning, per-task deadlines and fail-fast (issue 3)
+# Pinning, per-task deadlines and fail-fast
 
 
 @pytest.mark.parametrize(
@@ -614,6 +614,24 @@ def test_pinning_to_an_agent_without_the_capability_is_400(api):
     error = error_of(post(api, tasks(one_task(agent="reviewer"))), 400)
 
     assert "does not have capability 'code_generation'" in error["details"]["tasks[0].agent"][0]
+    assert_nothing_written()
+
+
+def test_every_bad_pin_is_named_with_its_reason(api):
+    Agent.objects.create(name="reviewer", executor="scripted", capabilities=["code_review"])
+    payload = tasks(
+        one_task(key="a", agent="gpu-box"),
+        one_task(key="b", agent="reviewer"),
+        one_task(key="c", agent="reviewer", capability="code_review"),
+    )
+
+    error = error_of(post(api, payload), 400)
+
+    assert error["details"] == {
+        "tasks[0].agent": ["no agent named 'gpu-box' is registered"],
+        "tasks[1].agent": ["agent 'reviewer' does not have capability 'code_generation'"],
+    }
+    assert error["message"] == "tasks[0].agent: no agent named 'gpu-box' is registered"
     assert_nothing_written()
 
 

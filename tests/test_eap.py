@@ -365,15 +365,15 @@ def test_racing_pull_agents_never_claim_the_same_delivery(transactional_db):
     failures = []
 
     def pull(agent: Agent) -> None:
-        mine = []
+        its_claims = []
         try:
             barrier.wait(timeout=30)
             while (delivery := eap.claim_next_delivery(agent)) is not None:
-                mine.append(delivery.pk)
+                its_claims.append(delivery.pk)
         except BaseException as exc:
             failures.append(exc)
         finally:
-            claimed[agent.name] = mine
+            claimed[agent.name] = its_claims
             connections.close_all()
 
     threads = [threading.Thread(target=pull, args=(agent,)) for agent in agents]
@@ -383,10 +383,12 @@ def test_racing_pull_agents_never_claim_the_same_delivery(transactional_db):
         thread.join(timeout=60)
 
     assert not failures, failures
-    every_claim = [pk for mine in claimed.values() for pk in mine]
+    every_claim = [pk for its_claims in claimed.values() for pk in its_claims]
     assert sorted(every_claim) == sorted(offers)  # each delivery claimed exactly once
-    for name, mine in claimed.items():
-        assert set(EapDelivery.objects.filter(pk__in=mine).values_list("agent__name", "state")) <= {(name, "claimed")}
+    for name, its_claims in claimed.items():
+        assert set(EapDelivery.objects.filter(pk__in=its_claims).values_list("agent__name", "state")) <= {
+            (name, "claimed")
+        }
 
 
 # POST tasks/{id}/result

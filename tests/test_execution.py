@@ -406,21 +406,23 @@ def test_a_claim_this_process_lost_track_of_runs_again_under_the_same_attempt(db
     # TAKE committed but its reply was lost (or recording failed): the task is running on this
     # very process, which is not running it; its lease would be renewed as long as it lives.
     session = make_session({"a": []})
-    mine = runtime()
+    this_agent = runtime()
     Task.objects.filter(session=session).update(
-        status="running", attempts=1, agent_id=mine.agent_id, worker_pid=os.getpid()
+        status="running", attempts=1, agent_id=this_agent.agent_id, worker_pid=os.getpid()
     )
 
-    assert execute_task(task_id=session.tasks.get().pk, runtime=mine) == "completed"
+    assert execute_task(task_id=session.tasks.get().pk, runtime=this_agent) == "completed"
     assert session.tasks.get().attempts == 1
 
 
 def test_a_task_running_in_another_process_is_left_alone(db):
     session = make_session({"a": []})
-    mine = runtime()
-    Task.objects.filter(session=session).update(status="running", attempts=1, agent_id=mine.agent_id, worker_pid=1)
+    this_agent = runtime()
+    Task.objects.filter(session=session).update(
+        status="running", attempts=1, agent_id=this_agent.agent_id, worker_pid=1
+    )
 
-    assert execute_task(task_id=session.tasks.get().pk, runtime=mine) == "taken"
+    assert execute_task(task_id=session.tasks.get().pk, runtime=this_agent) == "taken"
     assert session.tasks.get().status == "running"
 
 

@@ -1,4 +1,4 @@
-"""Decomposition through the API (issue 3): the preview endpoint stores nothing, a session sent
+"""Decomposition through the API: the preview endpoint stores nothing, a session sent
 without tasks is decomposed, templates are named or inferred, estimates are validated and stored,
 and the session detail carries the critical path by expected duration."""
 

@@ -1,4 +1,4 @@
-"""The OpenAPI schema is the contract other-language clients are written against (issue 2): it is
+"""The OpenAPI schema is the contract other-language clients are written against: it is
 served, valid, warning-free, and carries every field of the create request and of the objects."""
 
 import inspect

@@ -87,7 +87,7 @@ def test_fifty_clients_racing_transitions_leave_a_legal_replayable_event_log(liv
         rng = random.Random(n)
         plan = [rng.choice(ACTIONS[:3])]
         plan += rng.choices(ACTIONS, WEIGHTS, k=ACTIONS_PER_CLIENT - 1)
-        mine = []
+        answered = []
         try:
             with httpx.Client(base_url=live_server.url, headers=headers, timeout=HTTP_TIMEOUT) as http:
                 # Open the connection before the barrier, so that the race is on the session, not
@@ -95,21 +95,21 @@ def test_fifty_clients_racing_transitions_leave_a_legal_replayable_event_log(liv
                 assert http.get(f"{base}/").status_code == 200
                 barrier.wait(timeout=BARRIER_TIMEOUT_S)
                 for action in plan:
-                    mine.append((action, http.post(f"{base}/{action}/")))
+                    answered.append((action, http.post(f"{base}/{action}/")))
         except BaseException as exc:
             with lock:
                 failures.append(exc)
         finally:
             with lock:
-                responses.extend(mine)
+                responses.extend(answered)
 
     def claimer() -> None:
         """An agent's first claim, over and over: queued -> running while the session is queued."""
-        mine = []
+        claimed = []
         try:
             barrier.wait(timeout=BARRIER_TIMEOUT_S)
             while racing.is_set():
-                mine.append(mark_session_running(session_id, "design", "racer-agent"))
+                claimed.append(mark_session_running(session_id, "design", "racer-agent"))
                 time.sleep(0.01)
         except BaseException as exc:
             with lock:
@@ -117,7 +117,7 @@ def test_fifty_clients_racing_transitions_leave_a_legal_replayable_event_log(liv
         finally:
             connections.close_all()
             with lock:
-                claims.extend(mine)
+                claims.extend(claimed)
 
     racing.set()
     clients = [threading.Thread(target=client, args=(n,), name=f"racer-{n}") for n in range(CLIENTS)]
