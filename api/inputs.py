@@ -6,6 +6,7 @@ from django.conf import settings
 from rest_framework import serializers
 
 from agents.capabilities import CAPABILITIES
+from agents.models import NAME_PATTERN
 from orchestrator_project.validation import (
     RejectUnknownFieldsMixin,
     StrictBooleanField,
@@ -63,7 +64,7 @@ class TaskSpecSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
     max_attempts = StrictIntegerField(min_value=1, max_value=10, default=3)
     estimate = EstimateSerializer(required=False, help_text="PERT estimate in hours; one hour each if left out.")
     agent = serializers.RegexField(
-        r"^[a-z0-9][a-z0-9_-]{0,99}$",
+        NAME_PATTERN.pattern,
         required=False,
         help_text="Pin the task to this agent: it runs only there, waiting while the agent is busy.",
     )

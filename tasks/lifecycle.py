@@ -26,10 +26,16 @@ def check_new_session(data: dict) -> None:
     """The checks of a new session's input (validated in shape, see api/inputs.py) that need the
     database or git: pinned agents must be registered workers with the task's capability, a
     repository must be usable. Raises InvalidInput naming every bad pin, or the repository."""
+    specs = data.get("tasks") or []
+    # Whether a pinned agent is online is a runtime matter (the session turns degraded). Only our
+    # workers have an agent.<name> queue; external agents run behind a gateway.
+    pinned = {spec["agent"] for spec in specs if "agent" in spec}
+    workers = Agent.objects.filter(name__in=pinned, mode=Agent.Mode.WORKER)
+    capabilities_of = dict(workers.values_list("name", "capabilities")) if pinned else {}
     bad_pins = {
         f"tasks[{index}].agent": why
-        for index, spec in enumerate(data.get("tasks") or [])
-        if "agent" in spec and (why := _why_not_pinnable(spec))
+        for index, spec in enumerate(specs)
+        if "agent" in spec and (why := _why_not_pinnable(spec, capabilities_of.get(spec["agent"])))
     }
     if bad_pins:
         (path, message), *more = bad_pins.items()
@@ -41,12 +47,8 @@ def check_new_session(data: dict) -> None:
             raise InvalidInput("repository", str(exc)) from None
 
 
-def _why_not_pinnable(spec: dict) -> str | None:
-    # Whether the agent is online is a runtime matter (the session turns degraded). Only our
-    # workers have an agent.<name> queue; external agents run behind a gateway.
+def _why_not_pinnable(spec: dict, capabilities: list[str] | None) -> str | None:
     name = spec["agent"]
-    workers = Agent.objects.filter(name=name, mode=Agent.Mode.WORKER)
-    capabilities = workers.values_list("capabilities", flat=True).first()
     if capabilities is None:
         return f"no agent named {name!r} is registered"
     if spec["capability"] not in capabilities:

@@ -4,9 +4,9 @@ the Procfiles and the scripts are read there."""
 
 import ast
 import re
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import ROOT
+
 DOC = ROOT / "docs" / "CONFIGURATION.md"
 HELPERS = {"env_str", "env_bool", "env_int", "env_float", "env_list", "env_json_dict"}
 

@@ -2,11 +2,11 @@
 relative link resolves, and every file of ours a doc names in backticks is there."""
 
 import re
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import ROOT
+
 DOCS = [ROOT / "README.md", ROOT / "bench" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 OUR_FOLDERS = "api|tasks|sessions|agents|tenants|orchestrator_project|tests|bench|scripts|docs|mockllm|examples"
 # A folder of ours and then folders ("tasks/decomposition/") or a file ("tasks/running.py"); an API
