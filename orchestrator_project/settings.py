@@ -3,6 +3,7 @@
 import json
 import os
 from pathlib import Path
+from urllib.parse import urlparse
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
@@ -281,6 +282,53 @@ OPENCODE_BREAKER_RESET_SECONDS = env_int("OPENCODE_BREAKER_RESET_SECONDS", 30, m
 # Environment variables a started server gets besides PATH, locale, proxies, OPENCODE_* flags and
 # *_API_KEY (comma-separated; e.g. AWS_ACCESS_KEY_ID for Bedrock). Nothing else of the worker's.
 OPENCODE_SERVER_ENV = env_list("OPENCODE_SERVER_ENV", "")
+
+# The sandbox every process an executor starts runs in (docs/SECURITY.md): bwrap (bubblewrap, the
+# default, required when DEBUG is false) or none (DEBUG only, a warning at every task start).
+SANDBOX = env_str("SANDBOX", "bwrap")
+if SANDBOX not in ("bwrap", "none"):
+    raise ImproperlyConfigured(f"SANDBOX must be bwrap or none, got {SANDBOX!r}.")
+if SANDBOX == "none" and not DEBUG:
+    raise ImproperlyConfigured("SANDBOX=none runs agent code next to the platform's secrets: DEBUG only.")
+if OPENCODE_URL and SANDBOX != "none":
+    raise ImproperlyConfigured(
+        "OPENCODE_URL names an OpenCode server outside the sandbox: unset it (each task starts its own "
+        "server in its sandbox), or use SANDBOX=none in development."
+    )
+# Known providers' API hosts, for the default of SANDBOX_ALLOWED_HOSTS.
+MODEL_PROVIDER_HOSTS = {
+    "anthropic": "api.anthropic.com", "openai": "api.openai.com", "openrouter": "openrouter.ai",
+    "google": "generativelanguage.googleapis.com", "mistral": "api.mistral.ai", "groq": "api.groq.com",
+    "deepseek": "api.deepseek.com", "xai": "api.x.ai", "opencode": "opencode.ai",
+}  # fmt: skip
+
+
+def _model_hosts() -> str:
+    """The configured model provider's host: each baseURL in OPENCODE_CONFIG (with its port when
+    it names one) and the API host of OPENCODE_MODEL's provider when it is a known one."""
+    hosts = []
+    for provider in (OPENCODE_CONFIG.get("provider") or {}).values():
+        url = urlparse(str(((provider or {}).get("options") or {}).get("baseURL") or ""))
+        if url.hostname:
+            hosts.append(f"{url.hostname}:{url.port}" if url.port else url.hostname)
+    known = MODEL_PROVIDER_HOSTS.get(OPENCODE_MODEL.partition("/")[0])
+    return ",".join(hosts + ([known] if known else []))
+
+
+# Hosts a sandboxed process may reach through the sandbox's proxy: host (ports 80 and 443),
+# host:port, or *.domain. Nothing else is reachable, the platform's own services included.
+SANDBOX_ALLOWED_HOSTS = env_list("SANDBOX_ALLOWED_HOSTS", _model_hosts())
+# Limits of every sandboxed process: data memory, processes of the sandbox's user, CPU seconds
+# and the size of any one file written. Wall time is the task's deadline.
+SANDBOX_MEMORY_MB = env_int("SANDBOX_MEMORY_MB", 2048, minimum=64)
+SANDBOX_MAX_PROCESSES = env_int("SANDBOX_MAX_PROCESSES", 256, minimum=16)
+SANDBOX_CPU_SECONDS = env_int("SANDBOX_CPU_SECONDS", 1800, minimum=1)
+SANDBOX_FILE_SIZE_MB = env_int("SANDBOX_FILE_SIZE_MB", 1024, minimum=1)
+# A worker running as root runs each sandbox as a user id of its own from this base (1,000 ids).
+SANDBOX_UID_BASE = env_int("SANDBOX_UID_BASE", 700_000, minimum=1000)
+# Directories visible read-only in every sandbox besides the system, Python and OpenCode
+# (toolchains the configured shell commands need, e.g. /opt/node).
+SANDBOX_READ_ONLY_PATHS = env_list("SANDBOX_READ_ONLY_PATHS", "")
 
 # Celery. The hard limit kills a runaway task; the soft limit lets run_task record the failure
 # first. Redis redelivers an unacked message after visibility_timeout, so it must exceed the

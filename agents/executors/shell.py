@@ -7,15 +7,18 @@ import time
 
 from django.conf import settings
 
+from agents.sandbox import Sandbox
+
 from . import TaskAborted, TaskContext, TaskFailed
 
 
 class ShellExecutor:
     """Runs the operator-configured command for the task's capability in the session workspace.
 
-    The command comes only from settings.SHELL_EXECUTOR_COMMANDS, never from API input. It runs
-    with a scrubbed environment, in its own process group (so a timeout kills its children too),
-    and with its output captured to a file and capped.
+    The command comes only from settings.SHELL_EXECUTOR_COMMANDS, never from API input, but what
+    it runs (a repository's tests) is the repository's: it runs in the task's sandbox
+    (agents.sandbox), with a scrubbed environment, in its own process group (so a timeout kills
+    its children too), and with its output captured to a file and capped.
     """
 
     kind = "shell"
@@ -33,21 +36,28 @@ class ShellExecutor:
         env = {k: os.environ[k] for k in self._KEPT_ENV if k in os.environ}
         # No bytecode: what the command leaves in the workspace ends up in the session's diff.
         env.update(HOME=str(ctx.workspace), TMPDIR=tempfile.gettempdir(), CI="true", PYTHONDONTWRITEBYTECODE="1")
-        with tempfile.TemporaryFile() as sink:
-            proc = subprocess.Popen(
-                shlex.split(command),
-                cwd=ctx.workspace,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=sink,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
+        with Sandbox(ctx.workspace) as sandbox, tempfile.TemporaryFile() as sink:
+            proc = sandbox.popen(
+                shlex.split(command), env=env, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT
             )
             exit_code = self._wait(proc, command, ctx)
             output, truncated = self._read_capped(sink)
-        result = {"command": command, "exit_code": exit_code, "output": output, "output_truncated": truncated}
+            report = sandbox.report()
+            limit = sandbox.explain(exit_code)
+        result = {
+            "command": command,
+            "exit_code": exit_code,
+            "output": output,
+            "output_truncated": truncated,
+            "sandbox": report,
+        }
+        if limit:
+            raise TaskFailed(f"{command!r} was stopped by the sandbox: it ran into {limit}", result=result)
         if exit_code != 0:
-            raise TaskFailed(f"{command!r} exited with {exit_code}: {output[-2000:]}", result=result)
+            refused = (
+                f" (the sandbox refused: {', '.join(report['refused_hosts'])})" if report.get("refused_hosts") else ""
+            )
+            raise TaskFailed(f"{command!r} exited with {exit_code}{refused}: {output[-2000:]}", result=result)
         return result
 
     def _wait(self, proc: subprocess.Popen, command: str, ctx: TaskContext) -> int:
