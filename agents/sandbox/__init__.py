@@ -42,7 +42,8 @@ logger = logging.getLogger(__name__)
 
 PROXY_PORT = 3128  # inside the sandbox, on its own loopback
 RUN_DIR = "/run/io"  # inside the sandbox: the proxy's socket and the server's
-SANDBOX_HOME = "/tmp/home"
+SANDBOX_TMP = "/tmp"  # noqa: S108 - inside the sandbox: a private tmpfs of its own
+SANDBOX_HOME = f"{SANDBOX_TMP}/home"
 UID_RANGE = 1000
 REQUIRED_TOOLS = ("bwrap", "socat", "prlimit", "setpriv")
 
@@ -166,7 +167,7 @@ class Sandbox:
         return {
             **env,
             "HOME": SANDBOX_HOME,
-            "TMPDIR": "/tmp",
+            "TMPDIR": SANDBOX_TMP,
             **{name: proxy for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")},
             **{name.lower(): proxy for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")},
         }
@@ -195,11 +196,11 @@ class Sandbox:
             elif host.is_dir():
                 args += ["--ro-bind", str(host), f"/{top}"]
         args += ["--ro-bind", "/usr", "/usr", "--ro-bind", "/etc", "/etc"]
-        args += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/tmp"]
+        args += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", SANDBOX_TMP]
         read_only = [*toolchain_paths(), *self.read_only]
         # bwrap makes a bind's missing parents 0700: ours may be traversed, never listed.
         parents = {p for path in [*read_only, self.workspace, Path(RUN_DIR)] for p in path.parents}
-        for parent in sorted(parents - {Path("/"), Path("/tmp")}):
+        for parent in sorted(parents - {Path("/"), Path(SANDBOX_TMP)}):
             args += ["--perms", "0711", "--dir", str(parent)]
         for path in read_only:
             args += ["--ro-bind", str(path), str(path)]
