@@ -1,11 +1,13 @@
 """The opencode executor: drives a real `opencode serve` over its HTTP API (docs/OPENCODE.md).
 
-One OpenCode session per task, scoped to the task's workspace with `?directory=`, after a health
-check through a circuit breaker per server URL. The modules: client (the HTTP calls and what
-their errors become), events (the /event stream), run (one task's run, start to finish) and
-server (an `opencode serve` an agent worker starts and owns).
+One `opencode serve` per task, started in the task's sandbox (agents.sandbox) and stopped when
+the task ends, so no server is ever shared by two sessions or tenants; one OpenCode session on
+it, scoped to the task's workspace with `?directory=`. (OPENCODE_URL, allowed only with
+SANDBOX=none, names a server someone else runs; it is health-checked through a circuit breaker.)
+The modules: client (the HTTP calls and what their errors become), events (the /event stream),
+run (one task's run, start to finish) and server (the `opencode serve` a task starts).
 
-What each failure becomes: the server unreachable or the circuit open -> TransientError (the
+What each failure becomes: the server not starting, unreachable or its circuit open -> TransientError (the
 caller retries with backoff); 401 -> TaskFailed; a provider error in `info.error` /
 `session.error` -> TaskFailed with the provider's message; the task deadline -> POST /abort and
 TaskFailed; should_abort() -> POST /abort and TaskAborted. A prompt POST is never re-sent: the
@@ -14,6 +16,7 @@ server queues every prompt it receives, so a retry after a timeout would run the
 The API facts this relies on are in docs/reference/opencode-server-api.md (1.18.33).
 """
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -22,24 +25,44 @@ from django.conf import settings
 
 from agents.breakers import redis_circuit_breaker
 from agents.executors import TaskContext, TaskFailed, TransientError
+from agents.sandbox import Sandbox, SandboxError
 
 from .client import OpenCodeClient, error_message, raise_for_status
 from .run import OpenCodeRun
-from .server import OpenCodeServer, OpenCodeServerError, start_server_for_worker
+from .server import OpenCodeServer, OpenCodeServerError
 
 __all__ = [
     "OpenCodeExecutor",
     "OpenCodeServer",
     "OpenCodeServerError",
     "error_message",
-    "start_server_for_worker",
 ]
+
+
+def _sandbox_report(sandbox: Sandbox | None) -> dict:
+    return {"sandbox": sandbox.report()} if sandbox is not None else {}
 
 
 def _not_a_connection_failure(exc: BaseException) -> bool:
     # Only "could not talk to the server" counts against the circuit; a 401 or a bad body means
     # the server is there.
     return not isinstance(exc, httpx.TransportError)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where and how to reach one `opencode serve`: a URL, or a Unix socket (a sandboxed server)."""
+
+    url: str
+    username: str
+    password: str = field(repr=False)
+    socket: Path | None = None
+
+    def client(self, workspace: Path | None, timeout_s: float) -> httpx.Client:
+        auth = httpx.BasicAuth(self.username, self.password) if self.password else None
+        params = {"directory": str(workspace)} if workspace else None
+        transport = httpx.HTTPTransport(uds=str(self.socket)) if self.socket else None
+        return httpx.Client(base_url=self.url, auth=auth, params=params, timeout=timeout_s, transport=transport)
 
 
 class OpenCodeExecutor:
@@ -84,31 +107,45 @@ class OpenCodeExecutor:
             )
         return self._breaker
 
-    def http_client(self, workspace: Path | None = None) -> httpx.Client:
-        auth = httpx.BasicAuth(self.username, self._password) if self._password else None
-        params = {"directory": str(workspace)} if workspace else None
-        return httpx.Client(base_url=self.url, auth=auth, params=params, timeout=self.request_timeout_s)
-
     def execute(self, ctx: TaskContext) -> dict:
-        if not self.url:
-            raise TaskFailed("no OpenCode server configured: set OPENCODE_URL, or start the agent with "
-                             "`run_agent --executor opencode`, which starts its own")  # fmt: skip
         workspace = ctx.workspace.resolve()
         workspace.mkdir(parents=True, exist_ok=True)
-        with self.http_client(workspace) as http:
-            self.check_server(http)
+        if self.url:  # a server someone else runs (SANDBOX=none only)
+            endpoint = Endpoint(self.url, self.username, self._password)
+            with endpoint.client(workspace, self.request_timeout_s) as http:
+                self.check_server(http)
+            return self._run(ctx, workspace, endpoint)
+        with Sandbox(workspace) as sandbox:
+            try:
+                server = OpenCodeServer.from_settings(sandbox).start()
+            except (OpenCodeServerError, SandboxError) as exc:
+                raise TransientError(f"cannot start the task's OpenCode server: {exc}") from None
+            try:
+                endpoint = Endpoint(server.url, server.username, server.password, server.socket)
+                return self._run(ctx, workspace, endpoint, sandbox)
+            finally:
+                server.stop()
+
+    def _run(self, ctx: TaskContext, workspace: Path, endpoint: Endpoint, sandbox: Sandbox | None = None) -> dict:
+        """One task on the server at `endpoint`; the result says what the sandbox refused."""
+        with endpoint.client(workspace, self.request_timeout_s) as http:
             run = OpenCodeRun(
                 ctx,
                 workspace,
                 api=OpenCodeClient(http),
-                events=self.http_client(workspace),
-                server_url=self.url,
+                events=endpoint.client(workspace, self.request_timeout_s),
+                server_url=endpoint.url,
                 model=self.model,
                 permission_policy=self.permission_policy,
                 question_policy=self.question_policy,
                 wait_s=self.request_timeout_s,
             )
-            return run.execute()
+            try:
+                result = run.execute()
+            except TaskFailed as failed:
+                failed.result.update(_sandbox_report(sandbox))
+                raise
+        return {**result, **_sandbox_report(sandbox)}
 
     def check_server(self, client: httpx.Client) -> None:
         """GET /global/health through the circuit breaker: TransientError while it is open."""

@@ -38,6 +38,9 @@ class Aborted(Exception):
         self.cancelled = cancelled
 
 
+TOOL_OUTPUT_LIMIT = 2000  # characters of each tool call's output kept in the result
+
+
 class OpenCodeRun:
     """One task on one OpenCode session, followed until it is idle: the run's state machine."""
 
@@ -326,12 +329,7 @@ class OpenCodeRun:
             **self.partial,
             "output": text,
             "diff": diff,
-            "tools": [
-                {"tool": p.get("tool"), "status": (p.get("state") or {}).get("status")}
-                for m in assistants
-                for p in m["parts"]
-                if p.get("type") == "tool"
-            ],
+            "tools": [_tool_call(p) for m in assistants for p in m["parts"] if p.get("type") == "tool"],
             "tokens": _token_totals(assistants),
             "cost": sum(m["info"].get("cost") or 0 for m in assistants),
             "model": model,
@@ -347,6 +345,14 @@ class OpenCodeRun:
 
     def _messages(self) -> list[dict]:
         return self.api.get(f"/session/{self.session_id}/message", "reading messages", result=self.partial)
+
+
+def _tool_call(part: dict) -> dict:
+    """A tool call of the run: which tool, its status and the tail of its output (a command's
+    output is where a refusal by the sandbox shows)."""
+    state = part.get("state") or {}
+    output = state.get("output") or state.get("error") or ""
+    return {"tool": part.get("tool"), "status": state.get("status"), "output": str(output)[-TOOL_OUTPUT_LIMIT:]}
 
 
 def _token_totals(assistants: list[dict]) -> dict:

@@ -1,5 +1,6 @@
-"""An `opencode serve` owned by an agent worker: started on a loopback port with a generated
-password, a private state directory and a scrubbed environment, stopped with the worker."""
+"""An `opencode serve` for one task: started in the task's sandbox (agents.sandbox) with a
+generated password and a scrubbed environment, reached over a Unix socket only the agent can
+open, and stopped when the task ends. With SANDBOX=none it listens on a loopback port instead."""
 
 import atexit
 import contextlib
@@ -20,9 +21,11 @@ from pathlib import Path
 
 from django.conf import settings
 
+from agents.sandbox import Sandbox
+
 logger = logging.getLogger(__name__)
 
-STOP_GRACE_S = 1.0
+SANDBOX_PORT = 4096  # inside the sandbox's own network namespace: never taken
 
 
 class OpenCodeServerError(Exception):
@@ -38,9 +41,10 @@ _OUR_SETTINGS = {
 
 
 class OpenCodeServer:
-    """An `opencode serve` owned by this process: a loopback port, a generated password, a
-    private HOME/XDG state directory and OPENCODE_CONFIG_CONTENT built from settings. Stopped
-    by stop() or at exit; PR_SET_PDEATHSIG kills it if its parent is killed outright."""
+    """An `opencode serve` owned by this process: a generated password and OPENCODE_CONFIG_CONTENT
+    built from settings. In `sandbox` (enabled) it listens on the sandbox's own loopback and is
+    reached through `socket`; otherwise on a free loopback port with a private HOME/XDG state
+    directory. Stopped by stop() or at exit; it dies with this process if that is killed."""
 
     def __init__(
         self,
@@ -50,13 +54,16 @@ class OpenCodeServer:
         username: str = "opencode",
         password: str | None = None,
         startup_timeout_s: float = 60.0,
+        sandbox: Sandbox | None = None,
     ) -> None:
         self.binary = Path(binary)
         self.config = config
         self.username = username
         self.password = password or secrets.token_urlsafe(24)
         self.startup_timeout_s = startup_timeout_s
+        self.sandbox = sandbox if sandbox is not None and sandbox.enabled else None
         self.url = ""
+        self.socket: Path | None = None  # the Unix socket to reach a sandboxed server through
         self.state_dir: Path | None = None
         self.proc: subprocess.Popen | None = None
         self.output: deque[str] = deque(maxlen=200)
@@ -66,39 +73,43 @@ class OpenCodeServer:
         return f"OpenCodeServer(url={self.url!r}, binary={str(self.binary)!r})"
 
     @classmethod
-    def from_settings(cls) -> "OpenCodeServer":
+    def from_settings(cls, sandbox: Sandbox | None = None) -> "OpenCodeServer":
         config = {"autoupdate": False, "share": "disabled", **settings.OPENCODE_CONFIG}
         if settings.OPENCODE_MODEL:
             config["model"] = settings.OPENCODE_MODEL
-        return cls(binary=settings.OPENCODE_BIN, config=config, username=settings.OPENCODE_SERVER_USERNAME)
+        return cls(
+            binary=settings.OPENCODE_BIN,
+            config=config,
+            username=settings.OPENCODE_SERVER_USERNAME,
+            sandbox=sandbox,
+        )
 
-    def environ(self) -> dict[str, str]:
-        """What a client of this server needs (run_agent exports it for the pool processes)."""
-        return {
-            "OPENCODE_URL": self.url,
-            "OPENCODE_SERVER_USERNAME": self.username,
-            "OPENCODE_SERVER_PASSWORD": self.password,
-        }
+    def __enter__(self) -> "OpenCodeServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
     def start(self) -> "OpenCodeServer":
         if not os.access(self.binary, os.X_OK):
             raise OpenCodeServerError(
-                f"no opencode binary at {self.binary}: run `make opencode` (npm ci) or set OPENCODE_BIN"
+                f"no opencode binary at {self.binary}: run `make opencode` (npm install) or set OPENCODE_BIN"
             )
-        self.state_dir = Path(tempfile.mkdtemp(prefix="opencode-state-"))
-        port = _free_port()
-        self.proc = subprocess.Popen(
-            [str(self.binary), "serve", "--hostname", "127.0.0.1", "--port", str(port)],
-            cwd=self.state_dir,
-            env=self._env(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            errors="replace",
-            start_new_session=True,  # stop() ends the server and whatever its tools started
-            preexec_fn=_die_with_parent,  # one libc call between fork and exec: takes no lock
-        )
+        output = {"stdin": subprocess.DEVNULL, "stdout": subprocess.PIPE, "stderr": subprocess.STDOUT}
+        output.update(text=True, errors="replace")
+        if self.sandbox is not None:
+            argv = self._argv(SANDBOX_PORT)
+            self.proc = self.sandbox.popen(argv, env=self._env(), serve_port=SANDBOX_PORT, **output)
+        else:
+            self.state_dir = Path(tempfile.mkdtemp(prefix="opencode-state-"))
+            self.proc = subprocess.Popen(
+                self._argv(_free_port()),
+                cwd=self.state_dir,
+                env=self._env(),
+                start_new_session=True,  # stop() ends the server and whatever its tools started
+                preexec_fn=_die_with_parent,  # one libc call between fork and exec: takes no lock
+                **output,
+            )
         ready = threading.Event()
         threading.Thread(target=self._drain, args=(ready,), name="opencode-serve-output", daemon=True).start()
         atexit.register(self.stop)
@@ -107,23 +118,40 @@ class OpenCodeServer:
             self.stop()
             output = "".join(self.output).strip() or "(no output)"
             raise OpenCodeServerError(f"opencode serve {state}; its output:\n{output}")
-        logger.info("started opencode serve (pid %s) at %s", self.proc.pid, self.url)
+        if self.sandbox is not None:
+            self.socket = self.sandbox.socket_path("serve.sock")  # socat listened before the server ran
+            self.url = "http://opencode"
+        logger.info("started opencode serve (pid %s) at %s", self.proc.pid, self.socket or self.url)
         return self
 
+    def _argv(self, port: int) -> list[str]:
+        return [str(self.binary.resolve()), "serve", "--hostname", "127.0.0.1", "--port", str(port)]
+
+    def environ(self) -> dict[str, str]:
+        """What a client of this server needs."""
+        return {
+            "OPENCODE_URL": self.url,
+            "OPENCODE_SERVER_USERNAME": self.username,
+            "OPENCODE_SERVER_PASSWORD": self.password,
+        }
+
     def _env(self) -> dict[str, str]:
-        home = self.state_dir
         # The model's bash tool inherits this environment: only what the server needs passes, never
         # the worker's secrets (SECRET_KEY, DATABASE_URL ...). Our settings share opencode's
         # OPENCODE_ prefix and one name (to opencode, OPENCODE_CONFIG is a file path); its own
         # flags (OPENCODE_DISABLE_...) and provider keys (*_API_KEY, OPENCODE_SERVER_ENV) pass.
         env = {key: value for key, value in os.environ.items() if _passes_to_server(key)}
         env.setdefault("OPENCODE_DISABLE_AUTOUPDATE", "1")  # the version is pinned in package-lock.json
+        if self.state_dir is not None:  # a sandbox has a private HOME of its own
+            home = self.state_dir
+            env.update(
+                HOME=str(home),
+                XDG_CONFIG_HOME=str(home / "config"),
+                XDG_DATA_HOME=str(home / "data"),
+                XDG_CACHE_HOME=str(home / "cache"),
+                XDG_STATE_HOME=str(home / "state"),
+            )
         env.update(
-            HOME=str(home),
-            XDG_CONFIG_HOME=str(home / "config"),
-            XDG_DATA_HOME=str(home / "data"),
-            XDG_CACHE_HOME=str(home / "cache"),
-            XDG_STATE_HOME=str(home / "state"),
             OPENCODE_SERVER_USERNAME=self.username,
             OPENCODE_SERVER_PASSWORD=self.password,
             OPENCODE_CONFIG_CONTENT=json.dumps(self.config),
@@ -142,19 +170,15 @@ class OpenCodeServer:
         ready.set()  # it exited: start() reports that rather than waiting out its timeout
 
     def stop(self) -> None:
+        """Kill the server and whatever its tools started. Its state is thrown away with it, so
+        there is nothing to flush (and after serving a session, 1.18.33 ignores SIGTERM)."""
         if self.proc is None or os.getpid() != self._owner_pid:
             return  # forked pool processes inherit this object; only the owner stops the server
+        atexit.unregister(self.stop)
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                # 1.18.33 exits at once on SIGTERM until it has served a session; afterwards it
-                # ignores it. Its state directory is thrown away, so there is nothing to flush.
-                self.proc.wait(timeout=STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
         if self.state_dir is not None:
             shutil.rmtree(self.state_dir, ignore_errors=True)
             self.state_dir = None
@@ -187,15 +211,3 @@ except OSError:  # not Linux/glibc: no parent-death signal, stop() and atexit st
 def _die_with_parent() -> None:
     if _libc is not None and hasattr(_libc, "prctl"):
         _libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG; SIGKILL, as it may ignore SIGTERM
-
-
-def start_server_for_worker() -> OpenCodeServer:
-    """Start the agent's own `opencode serve` and point this process and its future pool
-    processes at it: the environment for anything exec'd, settings for the forked children
-    (settings were read before the server existed)."""
-    server = OpenCodeServer.from_settings().start()
-    os.environ.update(server.environ())
-    settings.OPENCODE_URL = server.url
-    settings.OPENCODE_SERVER_USERNAME = server.username
-    settings.OPENCODE_SERVER_PASSWORD = server.password
-    return server

@@ -39,7 +39,6 @@ class Command(BaseCommand):
         if duration < 0 or not 0 <= fail_rate <= 1:
             raise CommandError("--duration must be >= 0 and --fail-rate between 0 and 1")
         defaults = {"duration_s": duration, "fail_rate": fail_rate} if executor == Agent.Executor.SCRIPTED else {}
-        opencode = self._start_opencode() if executor == "opencode" and not settings.OPENCODE_URL else None
         try:
             agent = register_worker(name=name, capabilities=caps, executor=executor, concurrency=concurrency)
         except NameTaken:
@@ -68,23 +67,10 @@ class Command(BaseCommand):
                 ]
             )
         finally:
-            if opencode is not None:
-                opencode.stop()
             stop.set()
             with beating:
                 close_old_connections()
                 Agent.objects.filter(pk=agent.pk).update(status=Agent.Status.OFFLINE, current_load=0)
-
-    def _start_opencode(self):
-        """No OPENCODE_URL: this agent owns an `opencode serve`, started before the pool forks."""
-        from agents.executors.opencode import OpenCodeServerError, start_server_for_worker
-
-        try:
-            server = start_server_for_worker()
-        except OpenCodeServerError as exc:
-            raise CommandError(str(exc)) from None
-        self.stderr.write(f"started opencode serve at {server.url}")
-        return server
 
     def _parse_capabilities(self, raw: str) -> list[str]:
         caps = [c.strip() for c in raw.split(",") if c.strip()]
