@@ -1,7 +1,9 @@
-"""Make sure PostgreSQL and Redis answer before make starts anything.
+"""Make sure PostgreSQL and Redis answer, and the sandbox's tools work, before make starts anything.
 
-Starts them if they are installed but stopped, creates the database named in DATABASE_URL if it
-is missing, and otherwise says exactly what to install. Exit code 1 means: not ready.
+Starts PostgreSQL and Redis if they are installed but stopped, creates the database named in
+DATABASE_URL if it is missing, installs the sandbox's Debian packages (bubblewrap, socat) when
+running as root with apt-get, and otherwise says exactly what to install. Exit code 1 means: not
+ready.
 """
 
 import os
@@ -106,7 +108,39 @@ def ensure_postgres(url: str) -> None:
             conn.execute(f'CREATE DATABASE "{name}"')
 
 
+SANDBOX_TOOLS = {"bwrap": "bubblewrap", "socat": "socat", "prlimit": "util-linux", "setpriv": "util-linux"}
+
+
+def ensure_sandbox() -> None:
+    """SANDBOX=bwrap (the default) needs bubblewrap, socat and util-linux's prlimit and setpriv,
+    and a kernel that lets bwrap make its namespaces."""
+    if os.environ.get("SANDBOX", "bwrap") == "none":
+        return
+    missing = sorted({package for tool, package in SANDBOX_TOOLS.items() if not shutil.which(tool)})
+    command = f"apt-get install -y {' '.join(missing)}"
+    if missing and os.geteuid() == 0 and shutil.which("apt-get"):
+        print(f"ensure_services: installing the sandbox's packages: {command}", file=sys.stderr)
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        quiet = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL, "env": env}
+        if subprocess.run(command.split(), check=False, **quiet).returncode != 0:
+            subprocess.run(["apt-get", "update"], check=False, **quiet)
+            subprocess.run(command.split(), check=False, **quiet)
+        missing = sorted({package for tool, package in SANDBOX_TOOLS.items() if not shutil.which(tool)})
+    if missing:
+        fail(f"the sandbox (SANDBOX=bwrap) needs {', '.join(missing)}. Install with: sudo {command}")
+    probe = ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--unshare-pid", "--unshare-net", "true"]
+    if os.geteuid() != 0:
+        probe[1:1] = ["--unshare-user"]
+    done = subprocess.run(probe, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        fail(
+            f"bubblewrap cannot make its namespaces here: {done.stderr.strip()}. Run the workers as root, "
+            "or allow unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1)."
+        )
+
+
 def main() -> None:
+    ensure_sandbox()
     database_url = os.environ.get("DATABASE_URL", "")
     if database_url.startswith(("postgres://", "postgresql://")):
         ensure_postgres(database_url)
