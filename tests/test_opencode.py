@@ -7,8 +7,8 @@ import contextlib
 import json
 import logging
 import os
-import re
 import socket
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -408,8 +408,14 @@ def test_both_error_body_shapes_are_read(body, expected):
     assert error_message(httpx.Response(400, json=body)) == expected
 
 
+def sandboxed_servers() -> list[str]:
+    """The command lines of running `opencode serve` processes started in a sandbox (port 4096)."""
+    done = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True)
+    return [line for line in done.stdout.splitlines() if " serve " in line and "--port 4096" in line]
+
+
 @pytest.mark.e2e
-def test_an_agent_started_with_the_opencode_executor_owns_its_server_and_completes_a_task(stack, mock, tmp_path):
+def test_an_opencode_agent_runs_each_task_on_a_server_of_its_own_in_the_sandbox(stack, mock, tmp_path):
     repo = git_workspace(tmp_path / "repo")
     mock.set_script([{"when": "E2E", "write": {"path": "feature.txt", "content": "made by opencode\n"}}])
     config = {**mock.provider_config(), "autoupdate": False}
@@ -417,7 +423,7 @@ def test_an_agent_started_with_the_opencode_executor_owns_its_server_and_complet
         "opencode-agent",
         [sys.executable, "manage.py", "run_agent", "--name", "opencode-agent", "--executor", "opencode",
          "--capabilities", "code_generation"],
-        {"OPENCODE_URL": "", "OPENCODE_CONFIG": json.dumps(config)},
+        {"OPENCODE_URL": "", "OPENCODE_CONFIG": json.dumps(config), "SANDBOX": "bwrap"},
     )  # fmt: skip
     log = stack.logs / "opencode-agent.log"
 
@@ -426,24 +432,30 @@ def test_an_agent_started_with_the_opencode_executor_owns_its_server_and_complet
         return Agent.objects.filter(name="opencode-agent", status=Agent.Status.ONLINE).exists()
 
     wait_until(online, timeout=60, what="the opencode agent to come online")
-    url = re.search(r"started opencode serve at (\S+)", log.read_text()).group(1)
+    assert not sandboxed_servers()  # none before a task asks for one
     client = member_client("acme", "alice")
     payload = {
         "requirements": "add a feature file",
         "repository": str(repo),
-        "tasks": [{"key": "build", "title": "E2E: write feature.txt", "capability": "code_generation"}],
+        "tasks": [
+            {"key": "build", "title": "E2E: write feature.txt", "capability": "code_generation"},
+            {"key": "again", "title": "E2E: write it again", "capability": "code_generation", "depends_on": ["build"]},
+        ],
     }
 
     session_id = create_and_start(client, payload)
-    body = wait_for_status(client, session_id, {"completed", "failed", "partially_completed"}, timeout=90)
+    body = wait_for_status(client, session_id, {"completed", "failed", "partially_completed"}, timeout=120)
 
-    task = Task.objects.get(session_id=session_id, key="build")
-    assert body["status"] == "completed", (task.error, task.result)
-    assert task.result["opencode_session_id"].startswith("ses_")
-    assert [d["file"] for d in task.result["diff"]] == ["feature.txt"]
-    stack.stop()  # run_agent's finally stops the server it started
-    with pytest.raises(httpx.TransportError):
-        httpx.get(f"{url}/global/health", timeout=2)
+    tasks = {t.key: t for t in Task.objects.filter(session_id=session_id)}
+    assert body["status"] == "completed", [(t.error, t.result) for t in tasks.values()]
+    build = tasks["build"].result
+    assert build["opencode_session_id"].startswith("ses_")
+    assert [d["file"] for d in build["diff"]] == ["feature.txt"]
+    assert build["sandbox"]["kind"] == "bwrap"
+    # Each task had a server of its own: the second one's OpenCode knows nothing of the first's.
+    assert tasks["again"].result["opencode_session_id"] != build["opencode_session_id"]
+    assert "started opencode serve" not in log.read_text().split("ready.")[0]  # nothing at start-up
+    wait_until(lambda: not sandboxed_servers(), timeout=10, what="the task's servers to be stopped")
 
 
 @pytest.mark.parametrize(
@@ -455,6 +467,9 @@ def test_an_agent_started_with_the_opencode_executor_owns_its_server_and_complet
         ({"OPENCODE_URL": "localhost:4096"}, "OPENCODE_URL"),
         ({"OPENCODE_BREAKER_FAIL_MAX": "0"}, "OPENCODE_BREAKER_FAIL_MAX"),
         ({"DEBUG": "false", "SECRET_KEY": "s", "OPENCODE_URL": "http://oc:4096"}, "OPENCODE_SERVER_PASSWORD"),
+        ({"OPENCODE_URL": "http://oc:4096"}, "OPENCODE_URL"),  # a server outside the sandbox
+        ({"SANDBOX": "docker"}, "SANDBOX"),
+        ({"DEBUG": "false", "SECRET_KEY": "s", "SANDBOX": "none"}, "SANDBOX"),
     ],
 )
 def test_a_bad_opencode_setting_stops_the_process_naming_the_variable(env, variable):

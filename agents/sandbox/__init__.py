@@ -81,7 +81,7 @@ class Limits:
             "prlimit",
             f"--data={self.memory_mb * 1024 * 1024}",
             f"--nproc={self.processes}",
-            f"--cpu={self.cpu_seconds}",
+            f"--cpu={self.cpu_seconds}:{self.cpu_seconds + 5}",  # SIGXCPU first, SIGKILL if ignored
             f"--fsize={self.file_size_mb * 1024 * 1024}",
             "--core=0",
             "--",

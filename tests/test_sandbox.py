@@ -1,0 +1,255 @@
+"""The sandbox (agents.sandbox, docs/SECURITY.md) against hostile agent code.
+
+tests/sandbox_probe.py plays the attacker: repository content that an operator's shell command
+runs, and a command the model has OpenCode's bash tool run. Each probe runs with SANDBOX=bwrap
+(refused) and with SANDBOX=none (allowed: the sandbox is what stops it).
+"""
+
+import http.server
+import json
+import secrets
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from django.test import override_settings
+
+from agents.executors import TaskContext, TaskFailed
+from agents.executors.opencode import OpenCodeExecutor
+from agents.executors.shell import ShellExecutor
+from agents.sandbox import Limits, Sandbox
+from agents.sandbox.proxy import allows
+from mockllm import MockLLM
+from tests.conftest import ROOT, commit_repository
+
+PROBE = Path(__file__).with_name("sandbox_probe.py")
+ATTACKS = [
+    "environ", "connect", "read_canary", "write_outside", "signal_agent", "ptrace_agent", "fork_bomb", "memory",
+    "disk", "host_direct", "host_via_proxy",
+]  # fmt: skip
+LIMITS = {"SANDBOX_MAX_PROCESSES": 64, "SANDBOX_MEMORY_MB": 256, "SANDBOX_FILE_SIZE_MB": 8}
+
+
+class _Hello(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "5")
+        self.end_headers()
+        self.wfile.write(b"hello")
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def targets(tmp_path_factory):
+    """What the probes go for: a platform process holding secrets in its environment, a local
+    service that is not allowed (standing in for the API and Flower), a canary in another
+    session's workspace and one beside the project's settings, and the allowed mock LLM."""
+    secret = f"canary-secret-{secrets.token_hex(8)}"
+    platform = subprocess.Popen(
+        ["sleep", "600"], env={"SECRET_KEY": secret, "DATABASE_URL": f"postgres://u:{secret}@127.0.0.1/db"}
+    )
+    local = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hello)
+    threading.Thread(target=local.serve_forever, daemon=True).start()
+    mock = MockLLM().start()
+    other = settings.WORKSPACE_ROOT / f"other-{uuid.uuid4()}"
+    other.mkdir(parents=True)
+    (other / "canary.txt").write_text("another session's canary")
+    beside_settings = ROOT / "orchestrator_project" / f".canary-{uuid.uuid4().hex}"
+    beside_settings.write_text("a canary beside the settings")
+    outside = tmp_path_factory.mktemp("outside") / "written.txt"
+    yield {
+        "secret": secret,
+        "ports": [5432, 6379, local.server_address[1]],
+        "allowed_url": f"{mock.base_url}/models",
+        "denied_url": f"http://127.0.0.1:{local.server_address[1]}/",
+        "canaries": [str(other / "canary.txt"), str(beside_settings)],
+        "outside": str(outside),
+        "pid": platform.pid,
+        "processes": 200,
+        "memory_mb": 512,
+        "file_mb": 16,
+        "mock": mock,
+    }
+    platform.kill()
+    platform.wait()
+    local.shutdown()
+    mock.stop()
+    shutil.rmtree(other)
+    beside_settings.unlink()
+
+
+def sandbox_settings(targets, mode: str):
+    mock = targets["mock"]
+    return override_settings(
+        SANDBOX=mode,
+        SANDBOX_ALLOWED_HOSTS=[mock.base_url.split("//")[1].split("/")[0]],
+        OPENCODE_CONFIG=mock.provider_config(),
+        OPENCODE_MODEL="mock/mock-model",
+        **LIMITS,
+    )
+
+
+def workspace_with_probe() -> Path:
+    path = settings.WORKSPACE_ROOT / f"probe-{uuid.uuid4()}"
+    return commit_repository(path, {"sandbox_probe.py": PROBE.read_text(), "README.md": "# hostile\n"})
+
+
+def context(workspace: Path, title: str = "run the probe", timeout: float = 120) -> TaskContext:
+    return TaskContext(
+        task_id=str(uuid.uuid4()),
+        session_id=str(uuid.uuid4()),
+        key="probe",
+        title=title,
+        capability="testing",
+        instructions="",
+        params={},
+        workspace=workspace,
+        attempt=1,
+        timeout_s=timeout,
+    )
+
+
+def probe_command(targets) -> str:
+    arguments = {k: v for k, v in targets.items() if k != "mock"}
+    return f"{sys.executable} sandbox_probe.py {shlex.quote(json.dumps(arguments))}"
+
+
+def verdicts(output: str) -> dict[str, tuple[str, str]]:
+    found = {}
+    for line in output.splitlines():
+        name, _, rest = line.partition(": ")
+        if name in (*ATTACKS, "allowed_host"):
+            verdict, _, detail = rest.partition(" ")
+            found[name] = (verdict, detail)
+    return found
+
+
+def run_shell(targets, mode: str) -> dict:
+    workspace = workspace_with_probe()
+    try:
+        with sandbox_settings(targets, mode):
+            result = ShellExecutor(commands={"testing": probe_command(targets)}).execute(context(workspace))
+        return {"verdicts": verdicts(result["output"]), "result": result, "workspace": workspace}
+    finally:
+        shutil.rmtree(workspace, ignore_errors=True)
+
+
+def run_opencode(targets, mode: str) -> dict:
+    workspace = workspace_with_probe()
+    command = probe_command(targets)
+    targets["mock"].set_script(
+        [{"when": "PROBE", "tool": "bash", "args": {"command": command, "description": "Run the probe"}}]
+    )
+    try:
+        with sandbox_settings(targets, mode):
+            executor = OpenCodeExecutor(url="", permission_policy={"default": "reject", "bash": "once"})
+            result = executor.execute(context(workspace, "PROBE the platform"))
+        output = "\n".join(tool["output"] for tool in result["tools"] if tool["tool"] == "bash")
+        return {"verdicts": verdicts(output), "result": result}
+    finally:
+        shutil.rmtree(workspace, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def shell_runs(targets):
+    return {mode: run_shell(targets, mode) for mode in ("bwrap", "none")}
+
+
+@pytest.fixture(scope="module")
+def opencode_runs(targets):
+    return {mode: run_opencode(targets, mode) for mode in ("bwrap", "none")}
+
+
+@pytest.mark.parametrize("attack", ATTACKS)
+def test_the_sandbox_refuses_what_a_repositorys_tests_try_and_without_it_they_succeed(shell_runs, attack):
+    verdict, detail = shell_runs["bwrap"]["verdicts"][attack]
+    assert verdict == "REFUSED", detail
+    verdict, detail = shell_runs["none"]["verdicts"][attack]
+    assert verdict == "ALLOWED", detail
+
+
+def test_a_sandboxed_command_still_reaches_the_allowed_host_and_says_what_the_proxy_refused(shell_runs, targets):
+    bwrap = shell_runs["bwrap"]
+    assert bwrap["verdicts"]["allowed_host"][0] == "ALLOWED", bwrap["verdicts"]["allowed_host"]
+    denied = targets["denied_url"].removeprefix("http://").rstrip("/")
+    assert bwrap["result"]["sandbox"]["refused_hosts"] == [denied]
+    assert bwrap["result"]["sandbox"]["limits"] == Limits(256, 64, settings.SANDBOX_CPU_SECONDS, 8).describe()
+    assert shell_runs["none"]["result"]["sandbox"] == {"kind": "none"}
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("attack", ATTACKS)
+def test_the_sandbox_refuses_what_the_models_bash_tool_tries_and_without_it_they_succeed(opencode_runs, attack):
+    assert set(opencode_runs["bwrap"]["verdicts"]) == {*ATTACKS, "allowed_host"}, opencode_runs["bwrap"]["result"]
+    verdict, detail = opencode_runs["bwrap"]["verdicts"][attack]
+    assert verdict == "REFUSED", detail
+    verdict, detail = opencode_runs["none"]["verdicts"][attack]
+    assert verdict == "ALLOWED", detail
+
+
+@pytest.mark.e2e
+def test_the_sandboxed_opencode_server_reaches_the_model_and_its_tools_reach_the_allowed_host(opencode_runs):
+    bwrap = opencode_runs["bwrap"]
+    assert bwrap["verdicts"]["allowed_host"][0] == "ALLOWED"
+    assert bwrap["result"]["sandbox"]["kind"] == "bwrap"
+    assert bwrap["result"]["output"] == "Done."  # the model answered after the tool: the server got through
+
+
+@pytest.mark.parametrize(
+    ("command", "limit"),
+    [
+        ("sh -c 'head -c 20000000 /dev/zero > big.bin'", "the file size limit (8 MB)"),
+        ("sh -c 'while :; do :; done'", "the CPU time limit (1 s)"),
+    ],
+)
+def test_a_command_that_runs_into_a_limit_fails_saying_which(tmp_path, settings, command, limit):
+    settings.SANDBOX, settings.SANDBOX_CPU_SECONDS = "bwrap", 1
+    settings.SANDBOX_FILE_SIZE_MB = 8
+
+    with pytest.raises(TaskFailed) as failed:
+        ShellExecutor(commands={"testing": command}).execute(context(tmp_path / "ws", timeout=30))
+
+    assert f"was stopped by the sandbox: it ran into {limit}" in str(failed.value)
+    assert failed.value.result["sandbox"]["kind"] == "bwrap"
+
+
+def test_a_sandbox_sees_only_its_own_workspace_the_system_and_the_toolchains(tmp_path, settings):
+    settings.SANDBOX = "bwrap"
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    listing = "import json, os; print(json.dumps([os.listdir('/'), os.getuid(), os.environ.get('HOME')]))"
+    with Sandbox(workspace) as sandbox:
+        proc = sandbox.popen([sys.executable, "-c", listing], env={"PATH": "/usr/bin"}, stdout=subprocess.PIPE)
+        output = proc.communicate(timeout=30)[0].decode()
+    top, uid, home = json.loads(output)
+    ours = {Path(p).parts[1] for p in (str(workspace), sys.prefix, sys.base_prefix)}
+    system = {"bin", "dev", "etc", "lib", "lib32", "lib64", "libx32", "proc", "run", "sbin", "tmp", "usr"}
+    assert set(top) <= system | ours
+    assert uid != 0 and home == "/tmp/home"
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "allowed"),
+    [
+        ("api.anthropic.com", 443, True),
+        ("API.Anthropic.com.", 443, True),
+        ("api.anthropic.com", 8443, False),
+        ("evil.com", 443, False),
+        ("api.anthropic.com.evil.com", 443, False),
+        ("127.0.0.1", 18765, True),
+        ("127.0.0.1", 5432, False),
+        ("x.models.example", 443, True),
+        ("models.example", 443, False),
+    ],
+)
+def test_the_proxy_allows_only_listed_hosts_and_ports(host, port, allowed):
+    allow_list = ["api.anthropic.com", "127.0.0.1:18765", "*.models.example"]
+    assert allows(allow_list, host, port) is allowed
