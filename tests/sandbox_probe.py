@@ -4,7 +4,7 @@
 line per probe, `<name>: ALLOWED <detail>` or `<name>: REFUSED <detail>`. The JSON names the
 targets: secret (a value to look for in /proc/*/environ), ports, allowed_url, denied_url,
 canaries (files to read), outside (a file to write), pid (a platform process), processes,
-memory_mb, file_mb.
+memory_mb, file_mb; and optionally probes, the names of the probes to run.
 
 Standard library only: it runs inside the sandbox, with whatever Python is there.
 """
@@ -164,7 +164,7 @@ def _child(name, targets, out):
 
 def main():
     targets = json.loads(sys.argv[1])
-    for name in PROBES:
+    for name in targets.get("probes") or PROBES:
         receive, send = multiprocessing.Pipe(duplex=False)
         child = multiprocessing.Process(target=_child, args=(name, targets, send))
         child.start()

@@ -33,7 +33,7 @@ ATTACKS = [
     "environ", "connect", "read_canary", "write_outside", "signal_agent", "ptrace_agent", "fork_bomb", "memory",
     "disk", "host_direct", "host_via_proxy",
 ]  # fmt: skip
-LIMITS = {"SANDBOX_MAX_PROCESSES": 64, "SANDBOX_MEMORY_MB": 256, "SANDBOX_FILE_SIZE_MB": 8}
+LIMITS = {"SANDBOX_MAX_PROCESSES": 64, "SANDBOX_MEMORY_MB": 2048, "SANDBOX_FILE_SIZE_MB": 8}  # OpenCode needs 2 GB
 
 
 class _Hello(http.server.BaseHTTPRequestHandler):
@@ -74,7 +74,7 @@ def targets(tmp_path_factory):
         "outside": str(outside),
         "pid": platform.pid,
         "processes": 200,
-        "memory_mb": 512,
+        "memory_mb": 4096,
         "file_mb": 16,
         "mock": mock,
     }
@@ -181,7 +181,7 @@ def test_a_sandboxed_command_still_reaches_the_allowed_host_and_says_what_the_pr
     assert bwrap["verdicts"]["allowed_host"][0] == "ALLOWED", bwrap["verdicts"]["allowed_host"]
     denied = targets["denied_url"].removeprefix("http://").rstrip("/")
     assert bwrap["result"]["sandbox"]["refused_hosts"] == [denied]
-    assert bwrap["result"]["sandbox"]["limits"] == Limits(256, 64, settings.SANDBOX_CPU_SECONDS, 8).describe()
+    assert bwrap["result"]["sandbox"]["limits"] == Limits(2048, 64, settings.SANDBOX_CPU_SECONDS, 8).describe()
     assert shell_runs["none"]["result"]["sandbox"] == {"kind": "none"}
 
 

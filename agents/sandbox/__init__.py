@@ -45,6 +45,7 @@ RUN_DIR = "/run/io"  # inside the sandbox: the proxy's socket and the server's
 SANDBOX_TMP = "/tmp"  # noqa: S108 - inside the sandbox: a private tmpfs of its own
 SANDBOX_HOME = f"{SANDBOX_TMP}/home"
 UID_RANGE = 1000
+SERVER_PROCESS_RESERVE = 32  # of SANDBOX_MAX_PROCESSES, kept from a server's tools for the server
 REQUIRED_TOOLS = ("bwrap", "socat", "prlimit", "setpriv")
 
 
@@ -133,6 +134,7 @@ class Sandbox:
                 self.uid, self._uid_lock = _take_uid()
                 _chown_tree(self.workspace, self.uid)
                 os.chown(self.run_dir, self.uid, self.uid)
+            self._write_tool_shell()
             self.proxy = AllowListProxy(self.run_dir / "proxy.sock", self.allowed_hosts).start()
         except BaseException:
             self.__exit__(None, None, None)
@@ -149,6 +151,19 @@ class Sandbox:
         if self._uid_lock is not None:
             self._uid_lock.close()
             self._uid_lock = None
+
+    def _write_tool_shell(self) -> None:
+        """The shell a server in the sandbox (OpenCode) runs its tools with ($SHELL): bash with a
+        smaller process budget than the server's, so that a fork bomb in a tool leaves the
+        server room to answer (RLIMIT_NPROC counts the user's processes and threads)."""
+        tools = max(8, self.limits.processes - SERVER_PROCESS_RESERVE)
+        shell = self.run_dir / "bash"
+        shell.write_text(f'#!/bin/bash\nulimit -u {tools}\nexec /bin/bash "$@"\n')
+        shell.chmod(0o755)
+
+    @property
+    def tool_shell(self) -> str:
+        return f"{RUN_DIR}/bash"
 
     @property
     def refused_hosts(self) -> list[str]:

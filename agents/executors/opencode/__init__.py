@@ -123,6 +123,16 @@ class OpenCodeExecutor:
             try:
                 endpoint = Endpoint(server.url, server.username, server.password, server.socket)
                 return self._run(ctx, workspace, endpoint, sandbox)
+            except TransientError:
+                if server.proc.poll() is None:
+                    raise
+                # Not worth a retry: the same work would end the same way.
+                exited = sandbox.explain(server.proc.returncode) or f"exit code {server.proc.returncode}"
+                raise TaskFailed(
+                    f"the task's OpenCode server stopped during the task ({exited}); the sandbox's limits: "
+                    f"{sandbox.limits.describe()}",
+                    result=_sandbox_report(sandbox),
+                ) from None
             finally:
                 server.stop()
 

@@ -98,8 +98,8 @@ class OpenCodeServer:
         output = {"stdin": subprocess.DEVNULL, "stdout": subprocess.PIPE, "stderr": subprocess.STDOUT}
         output.update(text=True, errors="replace")
         if self.sandbox is not None:
-            argv = self._argv(SANDBOX_PORT)
-            self.proc = self.sandbox.popen(argv, env=self._env(), serve_port=SANDBOX_PORT, **output)
+            env = {**self._env(), "SHELL": self.sandbox.tool_shell}  # tools: a smaller process budget
+            self.proc = self.sandbox.popen(self._argv(SANDBOX_PORT), env=env, serve_port=SANDBOX_PORT, **output)
         else:
             self.state_dir = Path(tempfile.mkdtemp(prefix="opencode-state-"))
             self.proc = subprocess.Popen(
