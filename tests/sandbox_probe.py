@@ -1,9 +1,9 @@
 """Hostile repository content: what an agent's command tries against the platform (tests/test_sandbox.py).
 
-`python sandbox_probe.py '<json>'` runs every probe in a child process of its own and prints one
+`python sandbox_probe.py '<json>'` (or `@file.json`) runs every probe in a child process of its own and prints one
 line per probe, `<name>: ALLOWED <detail>` or `<name>: REFUSED <detail>`. The JSON names the
 targets: secret (a value to look for in /proc/*/environ), ports, allowed_url, denied_url,
-canaries (files to read), outside (a file to write), pid (a platform process), processes,
+canaries (files or glob patterns to read), outside (a file to write), pid (a platform process), processes,
 memory_mb, file_mb; and optionally probes, the names of the probes to run.
 
 Standard library only: it runs inside the sandbox, with whatever Python is there.
@@ -44,7 +44,7 @@ def connect(t):
 
 
 def read_canary(t):
-    for path in t["canaries"]:
+    for path in [found for pattern in t["canaries"] for found in glob.glob(pattern) or [pattern]]:
         try:
             with open(path) as f:
                 return True, f"read {path}: {f.read(20)!r}"
@@ -163,7 +163,11 @@ def _child(name, targets, out):
 
 
 def main():
-    targets = json.loads(sys.argv[1])
+    argument = sys.argv[1]
+    if argument.startswith("@"):  # the targets in a file of the repository
+        with open(argument[1:]) as f:
+            argument = f.read()
+    targets = json.loads(argument)
     for name in targets.get("probes") or PROBES:
         receive, send = multiprocessing.Pipe(duplex=False)
         child = multiprocessing.Process(target=_child, args=(name, targets, send))

@@ -23,10 +23,12 @@ from django.test import override_settings
 from agents.executors import TaskContext, TaskFailed
 from agents.executors.opencode import OpenCodeExecutor
 from agents.executors.shell import ShellExecutor
+from agents.models import Agent
 from agents.sandbox import Limits, Sandbox
 from agents.sandbox.proxy import allows
 from mockllm import MockLLM
-from tests.conftest import ROOT, commit_repository
+from tasks.models import Task
+from tests.conftest import ROOT, commit_repository, create_and_start, member_client, wait_for_status, wait_until
 
 PROBE = Path(__file__).with_name("sandbox_probe.py")
 ATTACKS = [
@@ -253,3 +255,62 @@ def test_a_sandbox_sees_only_its_own_workspace_the_system_and_the_toolchains(tmp
 def test_the_proxy_allows_only_listed_hosts_and_ports(host, port, allowed):
     allow_list = ["api.anthropic.com", "127.0.0.1:18765", "*.models.example"]
     assert allows(allow_list, host, port) is allowed
+
+
+@pytest.mark.e2e
+def test_a_hostile_task_is_contained_the_agent_keeps_serving_and_the_session_beside_it_finishes_untouched(
+    stack, tmp_path, targets
+):
+    secret = f"agent-secret-{secrets.token_hex(8)}"
+    planted = settings.WORKSPACE_ROOT / f"planted-{uuid.uuid4().hex}.txt"
+    hostile_targets = {
+        **{k: v for k, v in targets.items() if k != "mock"},
+        "secret": secret,
+        "canaries": [str(settings.WORKSPACE_ROOT / "*" / "canary.txt")],  # any other session's
+        "outside": str(planted),
+        "pid": 0,  # the agent's, once it runs
+    }
+    commands = {"testing": f"{sys.executable} sandbox_probe.py @targets.json", "code_review": "cat canary.txt"}
+    env = {"SECRET_KEY": secret, "SANDBOX": "bwrap", **{k: str(v) for k, v in LIMITS.items()}}
+    env["SANDBOX_ALLOWED_HOSTS"] = targets["allowed_url"].split("//")[1].split("/")[0]
+    agent = stack._spawn(
+        "prober",
+        [sys.executable, "manage.py", "run_agent", "--name", "prober", "--executor", "shell",
+         "--capabilities", "testing,code_review", "--concurrency", "2"],
+        {**env, "SHELL_EXECUTOR_COMMANDS": json.dumps(commands)},
+    )  # fmt: skip
+    wait_until(lambda: Agent.objects.filter(name="prober", status="online").exists(), what="prober online")
+    hostile_targets["pid"] = agent.pid  # run_agent's own process, which holds SECRET_KEY
+
+    benign_repo = commit_repository(tmp_path / "benign", {"canary.txt": "the benign session's canary\n"})
+    hostile_repo = commit_repository(
+        tmp_path / "hostile", {"sandbox_probe.py": PROBE.read_text(), "targets.json": json.dumps(hostile_targets)}
+    )
+    client = member_client("acme", "alice")
+    benign = create_and_start(client, {
+        "requirements": "review", "repository": str(benign_repo),
+        "tasks": [{"key": "review", "title": "Review", "capability": "code_review"}],
+    })  # fmt: skip
+    hostile = create_and_start(client, {
+        "requirements": "test", "repository": str(hostile_repo),
+        "tasks": [{"key": "probe", "title": "Run the tests", "capability": "testing"}],
+    })  # fmt: skip
+
+    assert wait_for_status(client, hostile, {"completed", "failed"}, timeout=120)["status"] == "completed"
+    assert wait_for_status(client, benign, {"completed", "failed"}, timeout=60)["status"] == "completed"
+    probe_task = Task.objects.get(session_id=hostile, key="probe")
+    found = verdicts(probe_task.result["output"])
+    assert set(found) == {*ATTACKS, "allowed_host"}, probe_task.result["output"]
+    assert {name for name, (verdict, _) in found.items() if verdict != "REFUSED"} == {"allowed_host"}, found
+    assert probe_task.result["sandbox"]["refused_hosts"]  # the result says what the proxy refused
+    review = Task.objects.get(session_id=benign, key="review")
+    assert review.result["output"] == "the benign session's canary\n"
+    assert (benign_repo / "canary.txt").read_text() == "the benign session's canary\n"
+    assert not planted.exists()
+    # The agent keeps serving: it is online and runs the next session's task.
+    assert agent.poll() is None and Agent.objects.get(name="prober").status == "online"
+    again = create_and_start(client, {
+        "requirements": "review", "repository": str(benign_repo),
+        "tasks": [{"key": "review", "title": "Review", "capability": "code_review"}],
+    })  # fmt: skip
+    assert wait_for_status(client, again, {"completed", "failed"}, timeout=60)["status"] == "completed"
