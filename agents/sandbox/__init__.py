@@ -4,9 +4,9 @@ With SANDBOX=bwrap, `Sandbox.popen()` wraps a command in bubblewrap so that it a
 spawns get:
 
 - their own PID, IPC, UTS, cgroup and user namespaces: no platform process is visible, so none can
-  be signalled, traced or have its environment read; the user id is one of our own (a per-sandbox
-  uid from SANDBOX_UID_BASE when the worker runs as root, so that no two sandboxes share a process
-  budget), never root;
+  be signalled, traced or have its environment read; the user id is one of our own (a per-workspace
+  uid from SANDBOX_UID_BASE when the worker runs as root, shared only by the sandboxes of one
+  workspace, so that no two sessions share a process budget), never root;
 - their own network namespace: only their own loopback, where socat forwards HTTP_PROXY's port to
   an allow-listing proxy on a Unix socket of ours (agents.sandbox.proxy): the hosts in
   SANDBOX_ALLOWED_HOSTS and nothing else, so no route to PostgreSQL, Redis, the API or Flower;
@@ -131,7 +131,7 @@ class Sandbox:
         self.run_dir = Path(tempfile.mkdtemp(prefix="io-sandbox-"))
         try:
             if os.geteuid() == 0:
-                self.uid, self._uid_lock = _take_uid()
+                self.uid, self._uid_lock = _take_uid(str(self.workspace.resolve()))
                 _chown_tree(self.workspace, self.uid)
                 os.chown(self.run_dir, self.uid, self.uid)
             self._write_tool_shell()
@@ -272,20 +272,45 @@ def toolchain_paths() -> list[Path]:
     return [p for p in kept if not any(p != q and p.is_relative_to(q) for q in kept)]
 
 
-def _take_uid():
-    """A uid of SANDBOX_UID_BASE's range that no other sandbox on this host holds, held by an
-    flock on a file of ours until the returned file is closed."""
+def _take_uid(owner: str):
+    """The user id of the sandboxes working in `owner` (a workspace) on this host: the one they
+    already hold, else one that no sandbox holds. Sandboxes of one workspace share it, so that
+    each can write what the other wrote; no other sandbox has it, so no other shares its process
+    budget. Held by a shared flock on the slot's file (which names its owner) until the returned
+    file is closed."""
     directory = Path(tempfile.gettempdir()) / "io-sandbox-uids"
     directory.mkdir(mode=0o700, exist_ok=True)
-    for offset in range(UID_RANGE):
-        handle = open(directory / str(offset), "a")  # noqa: SIM115 - held until the sandbox ends
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+    with open(directory / "guard", "a") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)  # one chooser at a time on this host
+        free = None
+        for offset in range(UID_RANGE):
+            path = directory / str(offset)
+            if not path.exists():
+                free = offset if free is None else free
+                break
+            handle = open(path, "r+")  # noqa: SIM115 - held until the sandbox ends
+            if handle.read() == owner:
+                fcntl.flock(handle, fcntl.LOCK_SH)
+                return settings.SANDBOX_UID_BASE + offset, handle
+            if free is None and _unheld(handle):
+                free = offset
             handle.close()
-            continue
-        return settings.SANDBOX_UID_BASE + offset, handle
-    raise SandboxError(f"all {UID_RANGE} sandbox user ids are in use")
+        if free is None:
+            raise SandboxError(f"all {UID_RANGE} sandbox user ids are in use")
+        handle = open(directory / str(free), "w")  # noqa: SIM115 - held until the sandbox ends
+        handle.write(owner)
+        handle.flush()
+        fcntl.flock(handle, fcntl.LOCK_SH)
+        return settings.SANDBOX_UID_BASE + free, handle
+
+
+def _unheld(handle) -> bool:
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    fcntl.flock(handle, fcntl.LOCK_UN)
+    return True
 
 
 def _chown_tree(root: Path, uid: int) -> None:
