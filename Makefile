@@ -54,7 +54,7 @@ up: services
 demo: venv opencode  # scripts/demo.py checks PostgreSQL and Redis for its own database
 	$(BIN)/python scripts/demo.py
 
-bench: venv  # bench/env.py checks PostgreSQL and Redis for its own database
+bench: venv opencode  # bench/env.py checks PostgreSQL and Redis for its own database
 	$(BIN)/python -m bench
 
 lint: venv

@@ -1,4 +1,4 @@
-"""`python -m bench`: prepare the bench resources, profile, start workers, run B1, B2 and B3, report."""
+"""`python -m bench`: prepare the bench resources, profile, start workers, run B1, B2, B3 and B5, report."""
 
 import argparse
 import os
@@ -10,7 +10,7 @@ from typing import Any
 
 from bench import BenchError
 from bench.env import RUN_DIR, bench_environment, configure_django, prepare_services
-from bench.report import b1_text, b2_text, b3_text, profile_text, write_json
+from bench.report import b1_text, b2_text, b3_text, b5_text, profile_text, write_json
 
 JSON_PATH = RUN_DIR / "bench.json"
 
@@ -38,6 +38,7 @@ def run(args: argparse.Namespace, env: dict[str, str]) -> dict:
     from bench.b1 import run_b1
     from bench.b2 import run_b2
     from bench.b3 import run_b3
+    from bench.b5 import run_b5
     from bench.ours import bench_tenant, forget_earlier_runs
     from bench.queries import profile_queries
     from bench.workers import Workers
@@ -61,6 +62,8 @@ def run(args: argparse.Namespace, env: dict[str, str]) -> dict:
         results["b2"] = run_b2(workers, tenant, args.repeats, args.unit)
         print("B3: lock ...", file=sys.stderr, flush=True)
         results["b3"] = run_b3(args.repeats)
+        print("B5: sandbox cost ...", file=sys.stderr, flush=True)
+        results["b5"] = run_b5(args.repeats)
     finally:
         # A second Ctrl-C must not interrupt the clean-up half-way and leave workers behind.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -73,7 +76,7 @@ def host() -> dict:
 
 
 def print_report(results: dict) -> None:
-    sections = [b1_text(results["b1"]), b2_text(results["b2"]), b3_text(results["b3"])]
+    sections = [b1_text(results["b1"]), b2_text(results["b2"]), b3_text(results["b3"]), b5_text(results["b5"])]
     if "profile" in results:
         sections.append(profile_text(results["profile"]))
     print("\n\n".join(sections))

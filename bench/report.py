@@ -113,3 +113,21 @@ def write_json(results: dict, path: Path) -> str:
     path.parent.mkdir(exist_ok=True)
     path.write_text(text + "\n")
     return text
+
+
+def b5_text(b5: dict) -> str:
+    rows = [("zero-work shell task", b5["shell_none_ms"], b5["shell_bwrap_ms"], b5["added_ms"],
+             f"<= {b5['target_added_ms']:g}", b5["met"])]  # fmt: skip
+    starts = b5["opencode_start_ms"]
+    if starts:
+        added = round(starts["bwrap"] - starts["none"], 1)
+        rows.append(("opencode serve start", starts["none"], starts["bwrap"], added, "-", "-"))
+    headers = ("what", "without ms", "in the sandbox ms", "added ms", "target", "met?")
+    return "\n".join(
+        [
+            f"B5 sandbox cost (median of {b5['repeats']} tasks, {b5['opencode_repeats']} server starts; "
+            f"a workspace of {b5['workspace_files']} files)",
+            table(headers, rows),
+        ]
+        + ([] if starts else ["opencode serve: no binary (make opencode)"])
+    )

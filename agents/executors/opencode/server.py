@@ -141,7 +141,11 @@ class OpenCodeServer:
         # OPENCODE_ prefix and one name (to opencode, OPENCODE_CONFIG is a file path); its own
         # flags (OPENCODE_DISABLE_...) and provider keys (*_API_KEY, OPENCODE_SERVER_ENV) pass.
         env = {key: value for key, value in os.environ.items() if _passes_to_server(key)}
-        env.setdefault("OPENCODE_DISABLE_AUTOUPDATE", "1")  # the version is pinned in package-lock.json
+        # The version is pinned in package-lock.json; the workspace is hostile input, so its own
+        # opencode.json / .opencode (permissions, MCP servers, plugins, providers) must not
+        # configure the server; and a sandboxed server can reach only the model's host anyway.
+        for flag in ("AUTOUPDATE", "PROJECT_CONFIG", "MODELS_FETCH", "LSP_DOWNLOAD", "SHARE"):
+            env.setdefault(f"OPENCODE_DISABLE_{flag}", "1")
         if self.state_dir is not None:  # a sandbox has a private HOME of its own
             home = self.state_dir
             env.update(
