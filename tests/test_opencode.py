@@ -121,7 +121,7 @@ def test_a_prompt_that_writes_a_file_completes_with_the_file_on_disk_and_in_the_
     ]
     assert "+hi" in result["diff"][0]["patch"]
     assert result["permissions"] == [{"permission": "edit", "patterns": ["hello.txt"], "reply": "once"}]
-    assert result["tools"] == [{"tool": "write", "status": "completed"}]
+    assert result["tools"] == [{"tool": "write", "status": "completed", "output": "Wrote file successfully."}]
     assert result["model"] == "mock/mock-model"
     assert result["tokens"]["input"] > 0 and result["tokens"]["output"] > 0
     # What opencode sent the model: our prompt, with its write tool on offer.
@@ -140,7 +140,8 @@ def test_an_edit_the_policy_rejects_fails_the_task_and_writes_nothing(server, mo
 
     assert not (workspace / "nope.txt").exists()
     assert raised.value.result["permissions"] == [{"permission": "edit", "patterns": ["nope.txt"], "reply": "reject"}]
-    assert raised.value.result["tools"] == [{"tool": "write", "status": "error"}]
+    [tool] = raised.value.result["tools"]
+    assert (tool["tool"], tool["status"]) == ("write", "error") and "rejected" in tool["output"], tool
 
 
 def test_a_question_is_answered_with_its_first_option(server, mock, warm_workspace):
