@@ -7,9 +7,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /app
-# git for session workspaces; Node.js and npm for the OpenCode server the opencode executor drives.
+# git for session workspaces; Node.js and npm for the OpenCode server the opencode executor drives;
+# bubblewrap and socat for the sandbox agent processes run in (docs/SECURITY.md).
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends git nodejs npm \
+    && apt-get install -y --no-install-recommends git nodejs npm bubblewrap socat \
     && rm -rf /var/lib/apt/lists/*
 # Requirements first, so a code change does not reinstall them.
 COPY requirements.txt .
