@@ -314,3 +314,26 @@ def test_a_hostile_task_is_contained_the_agent_keeps_serving_and_the_session_bes
         "tasks": [{"key": "review", "title": "Review", "capability": "code_review"}],
     })  # fmt: skip
     assert wait_for_status(client, again, {"completed", "failed"}, timeout=60)["status"] == "completed"
+
+
+def test_sandbox_none_warns_at_every_task_start(tmp_path, settings, caplog):
+    settings.SANDBOX = "none"
+    executor = ShellExecutor(commands={"testing": "true"})
+
+    for _ in range(2):
+        result = executor.execute(context(tmp_path / "ws"))
+
+    warnings = [r for r in caplog.records if r.levelname == "WARNING" and "SANDBOX=none" in r.getMessage()]
+    assert len(warnings) == 2 and result["sandbox"] == {"kind": "none"}
+
+
+def test_without_the_sandbox_tools_the_service_check_says_exactly_what_to_install(monkeypatch, capsys):
+    import scripts.ensure_services as ensure_services
+
+    monkeypatch.setattr(ensure_services.shutil, "which", lambda tool: None if tool in ("bwrap", "socat") else "/x")
+    monkeypatch.setattr(ensure_services.os, "geteuid", lambda: 1000)  # not root: it may not install
+
+    with pytest.raises(SystemExit):
+        ensure_services.ensure_sandbox()
+
+    assert "Install with: sudo apt-get install -y bubblewrap socat" in capsys.readouterr().err
