@@ -355,8 +355,10 @@ def test_a_dropped_event_stream_is_reconnected_and_the_run_still_completes(serve
     assert "OpenCode event stream lost" in caplog.text
 
 
-def test_no_configured_server_fails_the_task(tmp_path):
-    with pytest.raises(TaskFailed, match="no OpenCode server configured"):
+def test_a_task_whose_server_cannot_start_is_retried_later_saying_why(tmp_path, settings):
+    settings.OPENCODE_BIN = str(tmp_path / "missing")
+
+    with pytest.raises(TransientError, match="cannot start the task's OpenCode server: no opencode binary at"):
         OpenCodeExecutor(url="").execute(context(tmp_path / "ws", "anything"))
 
 

@@ -39,6 +39,8 @@ class Aborted(Exception):
 
 
 TOOL_OUTPUT_LIMIT = 2000  # characters of each tool call's output kept in the result
+FILE_TOOLS = {"write", "edit", "multiedit", "patch", "apply_patch"}  # tools whose changes a diff shows
+DIFF_SETTLE_S = 5.0
 
 
 class OpenCodeRun:
@@ -324,24 +326,33 @@ class OpenCodeRun:
         )
         info = last["info"]
         model = f"{info['providerID']}/{info['modelID']}" if info.get("providerID") else self.model
-        diff = self._diff(users[-1]) if users else []
+        tools = [_tool_call(p) for m in assistants for p in m["parts"] if p.get("type") == "tool"]
+        edited = any(t["tool"] in FILE_TOOLS and t["status"] == "completed" for t in tools)
+        diff = self._diff(users[-1], edited) if users else []
         return {
             **self.partial,
             "output": text,
             "diff": diff,
-            "tools": [_tool_call(p) for m in assistants for p in m["parts"] if p.get("type") == "tool"],
+            "tools": tools,
             "tokens": _token_totals(assistants),
             "cost": sum(m["info"].get("cost") or 0 for m in assistants),
             "model": model,
         }
 
-    def _diff(self, user_message_id: str) -> list[dict]:
+    def _diff(self, user_message_id: str, edited: bool) -> list[dict]:
         """What this prompt changed: /session/{id}/diff with the user message id (without it
         1.18.33 returns []). Not /vcs/diff: the session's other tasks share the working tree, and
         their changes are not this prompt's (the session's result has the whole diff)."""
         params = {"messageID": user_message_id}
-        diff = self.api.get(f"/session/{self.session_id}/diff", "reading the diff", params=params, result=self.partial)
-        return _capped([_file_change(d) for d in diff], settings.WORKSPACE_DIFF_LIMIT)
+        # The server computes it after the session turns idle (session.diff follows session.idle):
+        # when a file tool ran, an empty answer right after idle may be one step behind.
+        wait_until = time.monotonic() + (DIFF_SETTLE_S if edited else 0)
+        route = f"/session/{self.session_id}/diff"
+        while True:
+            diff = self.api.get(route, "reading the diff", params=params, result=self.partial)
+            if diff or time.monotonic() >= wait_until:
+                return _capped([_file_change(d) for d in diff], settings.WORKSPACE_DIFF_LIMIT)
+            time.sleep(0.2)
 
     def _messages(self) -> list[dict]:
         return self.api.get(f"/session/{self.session_id}/message", "reading messages", result=self.partial)
