@@ -118,11 +118,16 @@ class SessionCreateSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
     repository = StrictCharField(
         max_length=1000,
         required=False,
-        help_text="A git repository to work on: an absolute path on the server (under REPOSITORY_ROOTS) or a git "
-        "URL. The session gets a workspace of its own on a new branch.",
+        help_text="A git repository to work on: an absolute path on the server (its real path under "
+        "REPOSITORY_ROOTS) or an https://, http://, ssh:// or git:// URL under REPOSITORY_URL_PREFIXES, with no "
+        "user or credentials in it; stored in its normalised form. The session gets a workspace of its own on a "
+        "new branch.",
     )
     base_branch = StrictCharField(
-        max_length=200, required=False, help_text="The branch to start from; the repository's current one if left out."
+        max_length=200,
+        required=False,
+        help_text="The branch to start from (a name `git check-ref-format --branch` takes); the repository's "
+        "current one if left out.",
     )
 
     def validate_requirements(self, value: str) -> str:

@@ -81,9 +81,15 @@ class DecompositionPreviewView(APIView):
         payload.is_valid(raise_exception=True)
         data = payload.validated_data
         slug = data.get("tenant")
-        if slug and not request.user.memberships.filter(tenant__slug=slug).exists():
-            raise ValidationError({"tenant": [f"you are not a member of tenant {slug!r}"]})
-        check_new_session(data)
+        memberships = request.user.memberships.select_related("tenant")
+        if slug:
+            memberships = memberships.filter(tenant__slug=slug)
+            if not memberships:
+                raise ValidationError({"tenant": [f"you are not a member of tenant {slug!r}"]})
+        tenant = memberships[0].tenant if len(memberships) == 1 else None
+        if "repository" in data and tenant is None:  # whose repository rules would apply?
+            raise ValidationError({"tenant": ["you belong to several tenants; name one"]})
+        check_new_session(data, tenant=tenant)
         plan = plan_new_session(data)
         return Response(DecompositionPreviewSerializer(preview_of(plan)).data)
 

@@ -8,6 +8,8 @@ from urllib.parse import urlparse
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
+from orchestrator_project.repositories import RefusedRepository, parse_url_prefix
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 
@@ -52,6 +54,24 @@ def _env_number(name: str, default, minimum, parse, kind: str):
 
 def env_list(name: str, default: str) -> list[str]:
     return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
+
+
+def env_absolute_paths(name: str, default: str) -> list[str]:
+    paths = env_list(name, default)
+    for path in paths:
+        if not path.startswith("/"):
+            raise ImproperlyConfigured(f"{name} must list absolute paths, got {path!r}.")
+    return paths
+
+
+def env_url_prefixes(name: str, default: str) -> list[str]:
+    prefixes = env_list(name, default)
+    for prefix in prefixes:
+        try:
+            parse_url_prefix(prefix)
+        except RefusedRepository as exc:
+            raise ImproperlyConfigured(f"{name}: {prefix!r} is not a URL prefix we accept: {exc}.") from None
+    return prefixes
 
 
 def env_json_dict(name: str, default: dict) -> dict:
@@ -220,12 +240,14 @@ AGENT_STATS_WINDOW_HOURS = env_int("AGENT_STATS_WINDOW_HOURS", 24, minimum=1)
 # A running session whose ready task has had no live agent this long turns degraded.
 DEGRADED_AFTER_SECONDS = env_int("DEGRADED_AFTER_SECONDS", 15)
 WORKSPACE_ROOT = Path(env_str("WORKSPACE_ROOT", str(BASE_DIR / "workspaces")))
-# Sessions may name local repositories only under these directories (comma-separated): the
-# path comes from API input. Development allows any; production allows none until configured.
-REPOSITORY_ROOTS = env_list("REPOSITORY_ROOTS", "/" if DEBUG else "")
-# Git URLs a session may name must start with one of these (comma-separated), e.g.
-# https://github.com/acme/: they are cloned with the workers' git credentials.
-REPOSITORY_URL_PREFIXES = env_list("REPOSITORY_URL_PREFIXES", "https://,ssh://,git://,git@" if DEBUG else "")
+# Sessions may name local repositories only under these directories (comma-separated absolute
+# paths, compared on real paths): the path comes from API input. Development allows any;
+# production allows none until configured. The admin can narrow them per tenant.
+REPOSITORY_ROOTS = env_absolute_paths("REPOSITORY_ROOTS", "/" if DEBUG else "")
+# Git URLs a session may name must lie under one of these (comma-separated, compared on parsed
+# components), e.g. https://github.com/acme/: they are cloned with the workers' git credentials.
+# The admin can narrow them per tenant.
+REPOSITORY_URL_PREFIXES = env_url_prefixes("REPOSITORY_URL_PREFIXES", "https://,ssh://,git://" if DEBUG else "")
 WORKSPACE_CLONE_TIMEOUT_SECONDS = env_int("WORKSPACE_CLONE_TIMEOUT_SECONDS", 600, minimum=1)
 # The final diff a session's result keeps, in characters (the branch has all of it).
 WORKSPACE_DIFF_LIMIT = env_int("WORKSPACE_DIFF_LIMIT", 200_000, minimum=1000)

@@ -27,22 +27,34 @@ from pathlib import Path
 from django.conf import settings
 
 from orchestrator_project.locking import FairLock, NotLockOwner
+from orchestrator_project.repositories import (
+    RefusedRepository,
+    is_url,
+    normalise_repository,
+    parse_url,
+    path_allowed,
+    url_allowed,
+)
 
 logger = logging.getLogger(__name__)
 
-# user@host:path (scp-like ssh) or a URL with one of the schemes git clones over.
-_REMOTE = re.compile(r"^(?:(?:https?|ssh|git|file)://\S+|[\w.-]+@[\w.-]+:\S+)$")
-_BRANCH = re.compile(r"^(?!-)(?!.*\.\.)(?!.*//)[\w./-]{1,200}(?<![./])$")
 GIT_TIMEOUT_S = 120
 LOCK_TTL_S = 180
+# An absolute path in git's own messages: they go to the API client, who learns no server path.
+_PATH_IN_MESSAGE = re.compile(r"(?<![\w:/.~-])/[^\s'\"]+")
 
 
 class WorkspaceError(Exception):
-    """The repository or branch cannot be used; the message says why, for the API or the log."""
+    """The repository or branch cannot be used; the message says why, for the API or the log, and
+    `field` which input it is about."""
+
+    def __init__(self, message: str, field: str = "repository"):
+        super().__init__(message)
+        self.field = field
 
 
 def is_remote(repository: str) -> bool:
-    return bool(_REMOTE.match(repository))
+    return is_url(repository)
 
 
 def git(*args: str, cwd: Path | str | None = None, timeout: float = GIT_TIMEOUT_S) -> str:
@@ -59,70 +71,83 @@ def git(*args: str, cwd: Path | str | None = None, timeout: float = GIT_TIMEOUT_
     except subprocess.TimeoutExpired as exc:
         raise WorkspaceError(f"git {args[0]} timed out after {timeout:g}s") from exc
     except OSError as exc:  # no git, or the directory is gone
-        raise WorkspaceError(f"git {args[0]} could not run: {exc.strerror}: {exc.filename}") from exc
+        raise WorkspaceError(f"git {args[0]} could not run: {exc.strerror}") from exc
     if done.returncode != 0:
         lines = (done.stderr or done.stdout).strip().splitlines() or [f"exit code {done.returncode}"]
         reason = next((line for line in lines if line.startswith(("fatal:", "error:"))), lines[-1])
-        raise WorkspaceError(f"git {args[0]} failed: {reason.removeprefix('fatal: ').removeprefix('error: ')}")
+        logger.info("git %s failed in %s: %s", args[0], cwd, reason)
+        reason = _PATH_IN_MESSAGE.sub("<path>", reason.removeprefix("fatal: ").removeprefix("error: "))
+        raise WorkspaceError(f"git {args[0]} failed: {reason}")
     return done.stdout
 
 
-def check_repository(repository: str, base_branch: str = "") -> None:
+def check_repository(repository: str, base_branch: str = "", *, tenant=None) -> str:
     """What a session's repository must be before the session is stored (the service checks it,
-    tasks.lifecycle.check_new_session): a local repository must be an allowed,
-    existing git repository with that base branch; a URL must look like one (whether it can be
-    cloned is known only when the session starts)."""
-    if base_branch and not _BRANCH.match(base_branch):
-        raise WorkspaceError(f"{base_branch!r} is not a valid branch name")
-    if is_remote(repository):
-        _check_url(repository)
+    tasks.lifecycle.check_new_session), and again before its workspace is made. A local
+    repository must be an existing git repository (the top of it) whose real path lies under the
+    allowed roots, and have the base branch; a URL must lie under the allowed prefixes (whether it
+    can be cloned is known only when the session starts). The roots and prefixes are the
+    settings', narrowed by the tenant's. Returns the repository's normalised form, the one to
+    store; raises WorkspaceError."""
+    check_base_branch(base_branch)
+    try:
+        canonical = normalise_repository(repository)
+        if is_url(canonical):
+            prefixes = tenant.allowed_repository_url_prefixes() if tenant else settings.REPOSITORY_URL_PREFIXES
+            if not url_allowed(parse_url(canonical), prefixes):
+                raise WorkspaceError("the repository URL is not under an allowed prefix")
+            return canonical
+    except RefusedRepository as exc:
+        raise WorkspaceError(str(exc)) from None
+    _check_local(_local_source(canonical, tenant), base_branch)
+    return canonical
+
+
+def check_base_branch(name: str) -> None:
+    """A base branch is given to git on its command line: it must be a branch name as git
+    itself parses one (`git check-ref-format --branch`), and exactly that name."""
+    if not name:
         return
-    path = Path(repository)
-    if not path.is_absolute():
-        raise WorkspaceError("a local repository must be an absolute path (or use a git URL)")
-    _check_allowed(path)
+    if name.startswith("-") or "@{" in name:
+        raise WorkspaceError(f"{name!r} is not a valid branch name", field="base_branch")
+    try:
+        checked = git("check-ref-format", "--branch", name, cwd="/", timeout=10).strip()
+    except WorkspaceError:
+        checked = None
+    if checked != name:
+        raise WorkspaceError(f"{name!r} is not a valid branch name", field="base_branch")
+
+
+def _local_source(repository: str, tenant) -> Path:
+    """The real path of a local repository (symbolic links resolved), if it is under an allowed
+    root and not a session's workspace. The messages name no path: the client learns nothing of
+    the server's directories, or of the roots."""
+    roots = tenant.allowed_repository_roots() if tenant else settings.REPOSITORY_ROOTS
+    real = Path(os.path.realpath(repository))
+    if not path_allowed(str(real), roots) or path_allowed(str(real), [str(settings.WORKSPACE_ROOT)]):
+        raise WorkspaceError("the repository is not under an allowed root")
+    return real
+
+
+def _check_local(path: Path, base_branch: str) -> None:
     if not path.is_dir():
-        raise WorkspaceError(f"{repository} does not exist or is not a directory")
+        raise WorkspaceError("the repository does not exist or is not a directory")
     try:
         top = git("rev-parse", "--show-toplevel", cwd=path, timeout=10).strip()
     except WorkspaceError:
-        raise WorkspaceError(f"{repository} is not a git repository") from None
-    if Path(top).resolve() != path.resolve():
-        raise WorkspaceError(f"{repository} is inside the git repository {top}; name its top directory")
+        raise WorkspaceError("the repository is not a git repository") from None
+    if os.path.realpath(top) != str(path):
+        raise WorkspaceError("the repository is inside a git repository; name its top directory")
     if base_branch:
         try:
             git("rev-parse", "--verify", "--quiet", f"refs/heads/{base_branch}", cwd=path, timeout=10)
         except WorkspaceError:
-            raise WorkspaceError(f"{repository} has no branch {base_branch!r}") from None
+            raise WorkspaceError(f"the repository has no branch {base_branch!r}", field="base_branch") from None
     else:
         try:
             git("rev-parse", "--verify", "--quiet", "HEAD", cwd=path, timeout=10)
         except WorkspaceError:
-            raise WorkspaceError(f"{repository} has no commit to start from") from None
-
-
-def _check_url(url: str) -> None:
-    """A URL from API input is cloned with the worker's git credentials: only the hosts the
-    operator lists in REPOSITORY_URL_PREFIXES, and never credentials in the URL itself (they would
-    be stored, shown by the API and logged)."""
-    if re.match(r"^\w+://[^/@]*:[^/@]*@", url):
-        raise WorkspaceError("a repository URL must not carry credentials; give the workers git credentials instead")
-    if url.startswith("file://"):
-        _check_allowed(Path(url.removeprefix("file://")))
-        return
-    if not any(url.startswith(prefix) for prefix in settings.REPOSITORY_URL_PREFIXES):
-        allowed = ", ".join(settings.REPOSITORY_URL_PREFIXES) or "none are configured (REPOSITORY_URL_PREFIXES)"
-        raise WorkspaceError(f"{url} does not start with an allowed prefix: {allowed}")
-
-
-def _check_allowed(path: Path) -> None:
-    """Local repositories come from API input: only those under REPOSITORY_ROOTS may be used, or
-    a tenant could read any repository on the server's disk."""
-    roots = [Path(root).resolve() for root in settings.REPOSITORY_ROOTS]
-    resolved = path.resolve()
-    if not any(resolved == root or root in resolved.parents for root in roots):
-        allowed = ", ".join(map(str, roots)) or "none are configured (REPOSITORY_ROOTS)"
-        raise WorkspaceError(f"{path} is not under an allowed repository root: {allowed}")
+            raise WorkspaceError("the repository has no commit to start from") from None
 
 
 def workspace_of(session_id) -> Path:
@@ -136,7 +161,7 @@ def owning(session):
     if is_remote(session.repository):
         yield
         return
-    lock = FairLock(f"repository:{Path(session.repository).resolve()}", ttl=LOCK_TTL_S)
+    lock = FairLock(f"repository:{os.path.realpath(session.repository)}", ttl=LOCK_TTL_S)
     lock.acquire(timeout=LOCK_TTL_S)
     try:
         yield
@@ -154,7 +179,8 @@ def prepare_workspace(session) -> Path:
     with owning(session):
         if _is_workspace(path, branch):
             return path
-        check_repository(session.repository, session.base_branch)  # it may have gone since the API saw it
+        # Checked again: the repository may have gone, or the settings changed, since the API saw it.
+        check_repository(session.repository, session.base_branch, tenant=session.tenant)
         _remove(session, path)
         path.parent.mkdir(parents=True, exist_ok=True)
         if is_remote(session.repository):

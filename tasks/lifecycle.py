@@ -22,10 +22,13 @@ from .release import release_ready_tasks, send_released, stop_open_tasks
 logger = logging.getLogger(__name__)
 
 
-def check_new_session(data: dict) -> None:
+def check_new_session(data: dict, *, tenant=None) -> None:
     """The checks of a new session's input (validated in shape, see api/inputs.py) that need the
     database or git: pinned agents must be registered workers with the task's capability, a
-    repository must be usable. Raises InvalidInput naming every bad pin, or the repository."""
+    repository must be usable by the tenant (the settings' roots and URL prefixes as the tenant
+    narrows them; the settings' alone without a tenant). Replaces data["repository"] with its
+    normalised form, the one that was checked. Raises InvalidInput naming every bad pin, or the
+    repository or base branch."""
     specs = data.get("tasks") or []
     # Whether a pinned agent is online is a runtime matter (the session turns degraded). Only our
     # workers have an agent.<name> queue; external agents run behind a gateway.
@@ -42,9 +45,9 @@ def check_new_session(data: dict) -> None:
         raise InvalidInput(path, message, more=dict(more))
     if "repository" in data:
         try:
-            check_repository(data["repository"], data.get("base_branch", ""))
+            data["repository"] = check_repository(data["repository"], data.get("base_branch", ""), tenant=tenant)
         except WorkspaceError as exc:
-            raise InvalidInput("repository", str(exc)) from None
+            raise InvalidInput(exc.field, str(exc)) from None
 
 
 def _why_not_pinnable(spec: dict, capabilities: list[str] | None) -> str | None:
@@ -76,7 +79,7 @@ def create_session(*, tenant, user, data: dict, idempotency_key: str | None = No
     InvalidInput. With an idempotency key already used in this tenant, the existing session is
     returned and nothing is written.
     """
-    check_new_session(data)
+    check_new_session(data, tenant=tenant)
     if idempotency_key:
         existing = Session.objects.filter(tenant=tenant, idempotency_key=idempotency_key).first()
         if existing:

@@ -14,6 +14,17 @@ class TenantAdmin(admin.ModelAdmin):
     list_display = ["slug", "name", "created_at"]
     search_fields = ["slug", "name"]
     inlines = [MembershipInline]
+    fieldsets = [
+        (None, {"fields": ["slug", "name"]}),
+        (
+            "Repositories",
+            {
+                "fields": ["repository_roots", "repository_url_prefixes"],
+                "description": "Narrow, for this tenant's sessions, the repositories the settings allow "
+                "(REPOSITORY_ROOTS, REPOSITORY_URL_PREFIXES). Empty: the settings' own.",
+            },
+        ),
+    ]
 
 
 @admin.register(Membership)

@@ -1,10 +1,29 @@
 from django.conf import settings
+from django.contrib.postgres.fields import ArrayField
+from django.core.exceptions import ValidationError
 from django.db import models
+
+from orchestrator_project.repositories import RefusedRepository, parse_url_prefix, path_under, url_has_prefix
 
 
 class Tenant(models.Model):
     slug = models.SlugField(max_length=64, unique=True)
     name = models.CharField(max_length=200)
+    # Which repositories the tenant's sessions may name. Each list may only narrow the setting of
+    # the same name (clean() checks it); an empty list means the setting's own.
+    repository_roots = ArrayField(
+        models.CharField(max_length=500),
+        default=list,
+        blank=True,
+        help_text="Comma-separated directories, each under one of REPOSITORY_ROOTS; empty: REPOSITORY_ROOTS.",
+    )
+    repository_url_prefixes = ArrayField(
+        models.CharField(max_length=500),
+        default=list,
+        blank=True,
+        help_text="Comma-separated URL prefixes, each under one of REPOSITORY_URL_PREFIXES; "
+        "empty: REPOSITORY_URL_PREFIXES.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -12,6 +31,45 @@ class Tenant(models.Model):
 
     def __str__(self) -> str:
         return self.slug
+
+    def clean(self) -> None:
+        errors = {}
+        wide = [root for root in self.repository_roots if not _root_within_settings(root)]
+        if wide:
+            errors["repository_roots"] = f"not under any of REPOSITORY_ROOTS: {', '.join(wide)}"
+        wide = [prefix for prefix in self.repository_url_prefixes if not _prefix_within_settings(prefix)]
+        if wide:
+            errors["repository_url_prefixes"] = f"not under any of REPOSITORY_URL_PREFIXES: {', '.join(wide)}"
+        if errors:
+            raise ValidationError(errors)
+
+    def allowed_repository_roots(self) -> list[str]:
+        """The directories the tenant's local repositories must lie under. Entries the settings
+        no longer allow (they changed after the tenant was saved) are dropped, never widened."""
+        if not self.repository_roots:
+            return list(settings.REPOSITORY_ROOTS)
+        return [root for root in self.repository_roots if _root_within_settings(root)]
+
+    def allowed_repository_url_prefixes(self) -> list[str]:
+        """The URL prefixes the tenant's repository URLs must lie under, as narrowed."""
+        if not self.repository_url_prefixes:
+            return list(settings.REPOSITORY_URL_PREFIXES)
+        return [prefix for prefix in self.repository_url_prefixes if _prefix_within_settings(prefix)]
+
+
+def _root_within_settings(root: str) -> bool:
+    return root.startswith("/") and any(path_under(root, allowed) for allowed in settings.REPOSITORY_ROOTS)
+
+
+def _prefix_within_settings(prefix: str) -> bool:
+    """A tenant's prefix narrows a setting's when everything under it is under the setting's."""
+    try:
+        narrow = parse_url_prefix(prefix)
+    except RefusedRepository:
+        return False
+    if narrow.host is None:  # a scheme alone is only as narrow as a setting of that scheme alone
+        return any(parse_url_prefix(allowed) == narrow for allowed in settings.REPOSITORY_URL_PREFIXES)
+    return any(url_has_prefix(narrow, parse_url_prefix(allowed)) for allowed in settings.REPOSITORY_URL_PREFIXES)
 
 
 class Membership(models.Model):

@@ -8,7 +8,16 @@ import re
 from tests.conftest import ROOT
 
 DOC = ROOT / "docs" / "CONFIGURATION.md"
-HELPERS = {"env_str", "env_bool", "env_int", "env_float", "env_list", "env_json_dict"}
+HELPERS = {
+    "env_str",
+    "env_bool",
+    "env_int",
+    "env_float",
+    "env_list",
+    "env_absolute_paths",
+    "env_url_prefixes",
+    "env_json_dict",
+}
 
 
 def variables_settings_reads() -> set[str]:

@@ -131,7 +131,14 @@ def test_debug_settings_load_without_a_secret_key():
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("DEBUG", "sometimes"), ("MAX_TASKS_PER_SESSION", "lots"), ("SHELL_EXECUTOR_COMMANDS", "[1]")],
+    [
+        ("DEBUG", "sometimes"),
+        ("MAX_TASKS_PER_SESSION", "lots"),
+        ("SHELL_EXECUTOR_COMMANDS", "[1]"),
+        ("REPOSITORY_ROOTS", "/srv/repos,relative/repos"),
+        ("REPOSITORY_URL_PREFIXES", "https://github.com/acme/,git@github.com:acme/"),
+        ("REPOSITORY_URL_PREFIXES", "file:///srv/"),
+    ],
 )
 def test_a_bad_variable_stops_the_settings_import_naming_it(name, value):
     result = import_settings(**{"DEBUG": "true", name: value})

@@ -1,8 +1,13 @@
 """Per-session git workspaces (sessions.workspaces): a worktree or clone per session on its own
-branch, the final commit and diff in the session's result, and every bad repository refused."""
+branch, the final commit and diff in the session's result, and every bad repository refused. The
+repository input cases are in test_repository_input.py."""
 
+import functools
+import socket
 import subprocess
+import threading
 from datetime import timedelta
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -38,6 +43,26 @@ def repo(tmp_path, settings) -> Path:
     settings.REPOSITORY_ROOTS = [str(tmp_path)]
     settings.REPOSITORY_URL_PREFIXES = ["https://git.example.com/acme/"]
     return make_repo(tmp_path / "repo")
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def git_http(tmp_path, settings):
+    """A git server on 127.0.0.1 (the dumb HTTP protocol: plain files) serving tmp_path/served,
+    allowed as a URL prefix. Yields (served directory, base URL)."""
+    served = tmp_path / "served"
+    served.mkdir()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(served)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}/"
+    settings.REPOSITORY_URL_PREFIXES = [*settings.REPOSITORY_URL_PREFIXES, base]
+    yield served, base
+    server.shutdown()
+    server.server_close()
 
 
 def new_session(api, **fields) -> Session:
@@ -88,40 +113,46 @@ def test_finishing_commits_on_the_branch_and_records_the_diff(api, repo):
     assert finish_workspace(Session.objects.get(pk=session.pk))["head_commit"] == result["head_commit"]
 
 
-def test_a_git_url_is_cloned_on_its_base_branch(api, repo, tmp_path):
+def test_a_git_url_is_cloned_on_its_base_branch(api, repo, git_http):
+    served, base = git_http
     run("git", "branch", "release", cwd=repo)
     run("git", "checkout", "--quiet", "release", cwd=repo)
     (repo / "release.txt").write_text("only on release\n")
     run("git", "add", ".", cwd=repo)
     run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "--quiet", "-m", "release", cwd=repo)
     run("git", "checkout", "--quiet", "main", cwd=repo)
+    run("git", "clone", "--quiet", "--bare", str(repo), str(served / "repo.git"), cwd=repo)
+    run("git", "update-server-info", cwd=served / "repo.git")
 
-    session = new_session(api, repository=f"file://{repo}", base_branch="release")
+    session = new_session(api, repository=f"{base}repo.git", base_branch="release")
     path = prepare_workspace(session)
 
     assert (path / "release.txt").exists()
     assert run("git", "rev-parse", "--abbrev-ref", "HEAD", cwd=path).strip() == session.workspace_branch
+    (path / "release.txt").write_text("changed\n")
+    result = finish_workspace(Session.objects.get(pk=session.pk))
+    assert [f["file"] for f in result["files"]] == ["release.txt"]
+    assert run("git", "rev-parse", session.branch, cwd=path).strip() == result["head_commit"]
     remove_workspace(session)
     assert not path.exists()
 
 
 @pytest.mark.parametrize(
-    ("repository", "base_branch", "message"),
+    ("repository", "base_branch", "field", "message"),
     [
-        ("{tmp}/missing", None, "does not exist"),
-        ("{tmp}/plain", None, "is not a git repository"),
-        ("relative/path", None, "must be an absolute path"),
-        ("{tmp}/repo/sub", None, "name its top directory"),
-        ("{tmp}/repo", "no-such-branch", "has no branch 'no-such-branch'"),
-        ("{tmp}/repo", "../escape", "is not a valid branch name"),
-        ("/etc", None, "is not under an allowed repository root"),
-        ("file:///etc/repo", None, "is not under an allowed repository root"),
-        ("https://git.example.com/other/repo.git", None, "does not start with an allowed prefix"),
-        ("https://bob:s3cret@git.example.com/acme/repo.git", None, "must not carry credentials"),
+        ("{tmp}/missing", None, "repository", "the repository does not exist or is not a directory"),
+        ("{tmp}/plain", None, "repository", "the repository is not a git repository"),
+        ("relative/path", None, "repository", "must be an absolute path"),
+        ("{tmp}/repo/sub", None, "repository", "is inside a git repository; name its top directory"),
+        ("{tmp}/repo", "no-such-branch", "base_branch", "the repository has no branch 'no-such-branch'"),
+        ("{tmp}/repo", "../escape", "base_branch", "'../escape' is not a valid branch name"),
+        ("/etc", None, "repository", "the repository is not under an allowed root"),
+        ("https://git.example.com/other/repo.git", None, "repository", "is not under an allowed prefix"),
+        ("https://bob:s3cret@git.example.com/acme/repo.git", None, "repository", "must not carry a user name"),
     ],
 )
 def test_a_bad_repository_is_refused_with_its_reason_and_nothing_is_stored(
-    api, repo, tmp_path, repository, base_branch, message
+    api, repo, tmp_path, repository, base_branch, field, message
 ):
     (tmp_path / "plain").mkdir()
     (repo / "sub").mkdir()
@@ -129,9 +160,11 @@ def test_a_bad_repository_is_refused_with_its_reason_and_nothing_is_stored(
     if base_branch:
         payload["base_branch"] = base_branch
 
-    error = error_of(api.post("/api/v1/sessions/", payload, format="json"), 400)
+    response = api.post("/api/v1/sessions/", payload, format="json")
 
-    assert message in " ".join(error["details"]["repository"])
+    error = error_of(response, 400)
+    assert message in " ".join(error["details"][field])
+    assert str(tmp_path) not in response.content.decode()  # no server path in the answer
     assert not Session.objects.exists()
 
 
@@ -140,7 +173,7 @@ def test_a_base_branch_without_a_repository_is_refused(api):
     assert error["details"]["base_branch"] == ["a base branch needs a repository"]
 
 
-def test_a_repository_gone_before_the_start_fails_the_session_with_gits_reason(api, repo, tmp_path):
+def test_a_repository_gone_before_the_start_fails_the_session_with_the_reason(api, repo, tmp_path):
     session = new_session(api, repository=str(repo))
     subprocess.run(["rm", "-rf", str(repo)], check=True)
     assert api.post(f"/api/v1/sessions/{session.pk}/start/").status_code == 202
@@ -150,12 +183,16 @@ def test_a_repository_gone_before_the_start_fails_the_session_with_gits_reason(a
     session.refresh_from_db()
     assert session.status == "failed"
     reason = session.events.order_by("-version").first().reason
-    assert reason == f"could not prepare the workspace: {repo} does not exist or is not a directory"
+    assert reason == "could not prepare the workspace: the repository does not exist or is not a directory"
     assert set(session.tasks.values_list("status", flat=True)) == {"cancelled"}
 
 
-def test_an_unreachable_url_fails_the_session_without_a_prompt(api, repo, tmp_path):
-    session = new_session(api, repository=f"file://{tmp_path}/nowhere.git")
+def test_an_unreachable_url_fails_the_session_without_a_prompt(api, repo, settings):
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings.REPOSITORY_URL_PREFIXES = [f"http://127.0.0.1:{port}/"]
+    session = new_session(api, repository=f"http://127.0.0.1:{port}/nowhere.git")
     assert api.post(f"/api/v1/sessions/{session.pk}/start/").status_code == 202
 
     assert dispatch_session(str(session.pk)) is False
@@ -166,7 +203,7 @@ def test_an_unreachable_url_fails_the_session_without_a_prompt(api, repo, tmp_pa
 
 
 def test_check_repository_accepts_a_good_local_repository_and_branch(repo):
-    check_repository(str(repo), "main")
+    assert check_repository(f"{repo}/./", "main") == str(repo)
     with pytest.raises(WorkspaceError, match="has no branch"):
         check_repository(str(repo), "develop")
 
