@@ -120,8 +120,8 @@ class SessionCreateSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
         required=False,
         help_text="A git repository to work on: an absolute path on the server (its real path under "
         "REPOSITORY_ROOTS) or an https://, http://, ssh:// or git:// URL under REPOSITORY_URL_PREFIXES, with no "
-        "user or credentials in it; stored in its normalised form. The session gets a workspace of its own on a "
-        "new branch.",
+        "user or credentials in it; stored in its normalised form. The session gets a clone of its own on a new "
+        "branch.",
     )
     base_branch = StrictCharField(
         max_length=200,

@@ -248,6 +248,12 @@ REPOSITORY_ROOTS = env_absolute_paths("REPOSITORY_ROOTS", "/" if DEBUG else "")
 # components), e.g. https://github.com/acme/: they are cloned with the workers' git credentials.
 # The admin can narrow them per tenant.
 REPOSITORY_URL_PREFIXES = env_url_prefixes("REPOSITORY_URL_PREFIXES", "https://,ssh://,git://" if DEBUG else "")
+# A git config file of the operator's that our git commands outside a workspace (clones, checks
+# and fetches in a local repository) read as their global config: credential helpers, proxies,
+# safe.directory. Git in a workspace reads none. Empty: none.
+REPOSITORY_GIT_CONFIG = env_str("REPOSITORY_GIT_CONFIG", "")
+if REPOSITORY_GIT_CONFIG and not REPOSITORY_GIT_CONFIG.startswith("/"):
+    raise ImproperlyConfigured(f"REPOSITORY_GIT_CONFIG must be an absolute path, got {REPOSITORY_GIT_CONFIG!r}.")
 WORKSPACE_CLONE_TIMEOUT_SECONDS = env_int("WORKSPACE_CLONE_TIMEOUT_SECONDS", 600, minimum=1)
 # The final diff a session's result keeps, in characters (the branch has all of it).
 WORKSPACE_DIFF_LIMIT = env_int("WORKSPACE_DIFF_LIMIT", 200_000, minimum=1000)

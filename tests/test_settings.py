@@ -138,6 +138,7 @@ def test_debug_settings_load_without_a_secret_key():
         ("REPOSITORY_ROOTS", "/srv/repos,relative/repos"),
         ("REPOSITORY_URL_PREFIXES", "https://github.com/acme/,git@github.com:acme/"),
         ("REPOSITORY_URL_PREFIXES", "file:///srv/"),
+        ("REPOSITORY_GIT_CONFIG", "gitconfig"),
     ],
 )
 def test_a_bad_variable_stops_the_settings_import_naming_it(name, value):

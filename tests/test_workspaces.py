@@ -1,8 +1,11 @@
-"""Per-session git workspaces (sessions.workspaces): a worktree or clone per session on its own
-branch, the final commit and diff in the session's result, and every bad repository refused. The
-repository input cases are in test_repository_input.py."""
+"""Per-session git workspaces (sessions.workspaces): a clone per session on its own branch that
+shares nothing with its source, the final commit and diff in the session's result, the branch
+fetched back into a local source, nothing an agent planted in the workspace run by our git, and
+every bad repository refused. The repository input cases are in test_repository_input.py."""
 
 import functools
+import os
+import shutil
 import socket
 import subprocess
 import threading
@@ -72,7 +75,11 @@ def new_session(api, **fields) -> Session:
     return Session.objects.get(pk=created.json()["id"])
 
 
-def test_two_sessions_on_one_repository_get_their_own_worktree_and_branch(api, repo):
+def branches(repo: Path) -> list[str]:
+    return sorted(run("git", "branch", "--list", "--format=%(refname:short)", "io/*", cwd=repo).split())
+
+
+def test_two_sessions_on_one_repository_get_their_own_clone_and_branch(api, repo):
     first, second = new_session(api, repository=str(repo)), new_session(api, repository=str(repo))
     paths = [prepare_workspace(first), prepare_workspace(second)]
 
@@ -82,10 +89,24 @@ def test_two_sessions_on_one_repository_get_their_own_worktree_and_branch(api, r
     assert (paths[1] / "app.py").read_text() == "def add(a, b):\n    return a + b\n"
     assert not (paths[1] / "new.py").exists()
     assert (repo / "app.py").read_text() == "def add(a, b):\n    return a + b\n"  # the checkout is untouched
-    branches = run("git", "branch", "--list", "--format=%(refname:short)", "io/*", cwd=repo).split()
-    assert sorted(branches) == sorted([first.workspace_branch, second.workspace_branch])
+    for session, path in zip([first, second], paths, strict=True):
+        assert run("git", "rev-parse", "--abbrev-ref", "HEAD", cwd=path).strip() == session.branch
+    assert run("git", "worktree", "list", "--porcelain", cwd=repo).count("worktree ") == 1  # no worktree
+    assert branches(repo) == []  # a branch comes back into the source when its session settles
     head = run("git", "rev-parse", "HEAD", cwd=repo).strip()
     assert Session.objects.get(pk=first.pk).base_commit == head
+
+
+def test_a_workspace_shares_no_file_config_or_hook_with_its_source(api, repo):
+    session = new_session(api, repository=str(repo))
+    path = prepare_workspace(session)
+
+    assert (path / ".git").is_dir() and not (path / ".git").is_symlink()
+    assert not (path / ".git" / "hooks").exists()
+    source_inodes = {p.stat().st_ino for p in (repo / ".git").rglob("*") if p.is_file()}
+    assert not [p for p in (path / ".git").rglob("*") if p.is_file() and p.stat().st_ino in source_inodes]
+    assert run("git", "config", "--get", "remote.origin.url", cwd=path).strip() == str(repo)
+    assert not (path / ".git" / "objects" / "info" / "alternates").exists()
 
 
 def test_preparing_again_keeps_the_workspace_and_its_work(api, repo):
@@ -97,7 +118,7 @@ def test_preparing_again_keeps_the_workspace_and_its_work(api, repo):
     assert (path / "work.txt").read_text() == "in progress\n"
 
 
-def test_finishing_commits_on_the_branch_and_records_the_diff(api, repo):
+def test_finishing_commits_fetches_the_branch_back_and_records_the_diff(api, repo):
     session = new_session(api, repository=str(repo))
     path = prepare_workspace(session)
     (path / "app.py").write_text("def add(a, b):\n    return b + a\n")
@@ -105,12 +126,88 @@ def test_finishing_commits_on_the_branch_and_records_the_diff(api, repo):
 
     result = finish_workspace(Session.objects.get(pk=session.pk))
 
+    session.refresh_from_db()
     assert result["branch"] == session.workspace_branch
     assert {f["file"] for f in result["files"]} == {"app.py", "test_app.py"}
     assert "+    return b + a" in result["diff"] and "+from app import add" in result["diff"]
     assert run("git", "rev-parse", session.workspace_branch, cwd=repo).strip() == result["head_commit"]
     assert result["base_commit"] != result["head_commit"]
     assert finish_workspace(Session.objects.get(pk=session.pk))["head_commit"] == result["head_commit"]
+    assert (repo / "app.py").read_text() == "def add(a, b):\n    return a + b\n"  # the checkout is untouched
+
+
+def test_what_an_agent_plants_in_the_workspace_runs_nothing_when_the_session_finishes(api, repo, tmp_path):
+    session = new_session(api, repository=str(repo))
+    path = prepare_workspace(session)
+    source_config = (repo / ".git" / "config").read_bytes()
+    source_hooks = sorted(os.listdir(repo / ".git" / "hooks"))
+    canary = tmp_path / "canary"
+    evil = tmp_path / "evil.sh"
+    evil.write_text(f'#!/bin/sh\necho "$0 $*" >> {canary}\ncat\n')
+    evil.chmod(0o755)
+    hooks = tmp_path / "evil-hooks"
+    hooks.mkdir()
+    (path / ".git" / "hooks").mkdir()
+    for hook in ("pre-commit", "commit-msg", "post-commit", "reference-transaction", "post-index-change"):
+        for where in (hooks, path / ".git" / "hooks"):
+            shutil.copy(evil, where / hook)
+
+    # The agent: its own change, and everything that would make git run a program.
+    (path / "app.py").write_text("def add(a, b):\n    return b + a\n")
+    (path / ".gitattributes").write_text("* filter=evil diff=evil\n")
+    (path / ".git" / "info").mkdir(exist_ok=True)
+    (path / ".git" / "info" / "attributes").write_text("* filter=evil diff=evil\n")
+    with (path / ".git" / "config").open("a") as config:
+        config.write(
+            f"[core]\n\tfsmonitor = {evil}\n\thooksPath = {hooks}\n\tpager = {evil}\n"
+            f'[filter "evil"]\n\tclean = {evil}\n\tsmudge = {evil}\n'
+            f'[diff]\n\texternal = {evil}\n[diff "evil"]\n\tcommand = {evil}\n\ttextconv = {evil}\n'
+        )
+    # What we defend against is real: plain git in a copy of that workspace runs the plants.
+    copy = tmp_path / "copy"
+    shutil.copytree(path, copy, symlinks=True)
+    run("git", "add", "--all", cwd=copy)
+    run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "--quiet", "-m", "x", cwd=copy)
+    run("git", "diff", "HEAD~1", "HEAD", cwd=copy)
+    assert canary.exists()
+    canary.unlink()
+    (path / ".git" / "commondir").write_text(str(tmp_path / "elsewhere"))
+
+    result = finish_workspace(Session.objects.get(pk=session.pk))
+
+    assert not canary.exists(), canary.read_text()
+    assert {f["file"] for f in result["files"]} == {"app.py", ".gitattributes"}
+    assert "+    return b + a" in result["diff"]
+    assert run("git", "rev-parse", session.branch, cwd=repo).strip() == result["head_commit"]
+    assert (repo / ".git" / "config").read_bytes() == source_config
+    assert sorted(os.listdir(repo / ".git" / "hooks")) == source_hooks
+    config = (path / ".git" / "config").read_text()
+    assert "evil" not in config and str(repo) in config
+    assert not (path / ".git" / "hooks").exists() and not (path / ".git" / "commondir").exists()
+
+
+@pytest.mark.parametrize("plant", ["git-dir-is-a-link", "git-dir-is-a-file", "link-inside-git-dir"])
+def test_a_workspace_git_dir_that_leads_elsewhere_is_refused_and_the_source_untouched(api, repo, plant):
+    session = new_session(api, repository=str(repo))
+    path = prepare_workspace(session)
+    (path / "app.py").write_text("changed\n")
+    source_config = (repo / ".git" / "config").read_bytes()
+    if plant == "git-dir-is-a-link":
+        shutil.rmtree(path / ".git")
+        (path / ".git").symlink_to(repo / ".git")
+    elif plant == "git-dir-is-a-file":
+        shutil.rmtree(path / ".git")
+        (path / ".git").write_text(f"gitdir: {repo / '.git'}\n")
+    else:
+        (path / ".git" / "config").unlink()
+        (path / ".git" / "config").symlink_to(repo / ".git" / "config")
+
+    with pytest.raises(WorkspaceError, match=r"the workspace's \.git"):
+        finish_workspace(Session.objects.get(pk=session.pk))
+
+    assert (repo / ".git" / "config").read_bytes() == source_config
+    assert branches(repo) == []
+    assert run("git", "status", "--porcelain", cwd=repo) == ""
 
 
 def test_a_git_url_is_cloned_on_its_base_branch(api, repo, git_http):
@@ -212,6 +309,8 @@ def test_retention_removes_the_workspace_of_a_deleted_session_and_keeps_its_bran
     settings.SESSION_RETENTION_DAYS = 30
     session = new_session(api, repository=str(repo))
     path = prepare_workspace(session)
+    (path / "work.txt").write_text("done\n")
+    finish_workspace(Session.objects.get(pk=session.pk))
     kept = new_session(api, repository=str(repo))
     kept_path = prepare_workspace(kept)
     long_ago = timezone.now() - timedelta(days=31)
@@ -220,6 +319,4 @@ def test_retention_removes_the_workspace_of_a_deleted_session_and_keeps_its_bran
     assert apply_retention() == 1
 
     assert not path.exists() and kept_path.exists()
-    worktrees = run("git", "worktree", "list", "--porcelain", cwd=repo)
-    assert str(path) not in worktrees and str(kept_path) in worktrees
-    assert run("git", "branch", "--list", "--format=%(refname:short)", session.workspace_branch, cwd=repo).strip()
+    assert branches(repo) == [session.branch]
