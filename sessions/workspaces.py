@@ -21,6 +21,7 @@ what makes a workspace (repository + branch) owned by one session at a time.
 import logging
 import os
 import re
+import shlex
 import shutil
 import subprocess
 from contextlib import contextmanager, suppress
@@ -357,10 +358,13 @@ def _fetch_branch_back(session, path: Path) -> None:
     workspace is the branch's only writer). Run in the source, under its lock; the objects that
     come in are checked (transfer.fsckObjects refuses, say, a tree that holds a `.git`)."""
     source = _local_source(session.repository, session.tenant)
+    # git-upload-pack runs in the workspace, and git does not pass our -c settings on to a local
+    # transport's process: they go on its own command line (a shell command, hence the quoting).
+    upload_pack = shlex.join(["git", *(part for item in _SAFE_CONFIG for part in ("-c", item)), "upload-pack"])
     git(
         "-c", "transfer.fsckObjects=true",
         "fetch", "--quiet", "--no-tags", "--no-write-fetch-head", "--no-recurse-submodules",
-        "--", str(path), f"+HEAD:refs/heads/{session.branch}",
+        f"--upload-pack={upload_pack}", "--", str(path), f"+HEAD:refs/heads/{session.branch}",
         cwd=source, transport="file",
     )  # fmt: skip
 

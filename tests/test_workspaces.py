@@ -136,6 +136,21 @@ def test_finishing_commits_fetches_the_branch_back_and_records_the_diff(api, rep
     assert (repo / "app.py").read_text() == "def add(a, b):\n    return a + b\n"  # the checkout is untouched
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving the workspace to another user needs root")
+def test_a_workspace_the_sandboxs_user_owns_is_finished_and_its_branch_fetched_back(api, repo):
+    session = new_session(api, repository=str(repo))
+    path = prepare_workspace(session)
+    (path / "app.py").write_text("def add(a, b):\n    return b + a\n")
+    for directory, dirs, files in os.walk(path):  # as the sandbox leaves it (agents.sandbox)
+        for name in [directory, *(os.path.join(directory, n) for n in dirs + files)]:
+            os.lchown(name, 700_000, 700_000)
+
+    result = finish_workspace(Session.objects.get(pk=session.pk))
+
+    assert [f["file"] for f in result["files"]] == ["app.py"]
+    assert run("git", "rev-parse", session.branch, cwd=repo).strip() == result["head_commit"]
+
+
 def test_what_an_agent_plants_in_the_workspace_runs_nothing_when_the_session_finishes(api, repo, tmp_path):
     session = new_session(api, repository=str(repo))
     path = prepare_workspace(session)
