@@ -225,6 +225,31 @@ def test_a_workspace_git_dir_that_leads_elsewhere_is_refused_and_the_source_unto
     assert run("git", "status", "--porcelain", cwd=repo) == ""
 
 
+def test_an_agents_commit_whose_tree_holds_a_git_directory_never_reaches_the_source(api, repo):
+    session = new_session(api, repository=str(repo))
+    path = prepare_workspace(session)
+
+    def mktree(entries: str) -> str:
+        made = subprocess.run(["git", "mktree"], cwd=path, input=entries, capture_output=True, text=True, check=True)
+        return made.stdout.strip()
+
+    blob = subprocess.run(
+        ["git", "hash-object", "-w", "--stdin"], cwd=path, input="#!/bin/sh\n", capture_output=True, text=True
+    ).stdout.strip()
+    hooks = mktree(f"100755 blob {blob}\tpost-checkout\n")
+    dot_git = mktree(f"040000 tree {hooks}\thooks\n")
+    top = mktree(f"040000 tree {dot_git}\t.git\n100644 blob {blob}\tapp.py\n")
+    commit = run(
+        "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit-tree", top, "-p", "HEAD", "-m", "x", cwd=path
+    )
+    run("git", "update-ref", "HEAD", commit.strip(), cwd=path)
+
+    with pytest.raises(WorkspaceError, match=r"invalid path '\.git/hooks/post-checkout'"):
+        finish_workspace(Session.objects.get(pk=session.pk))
+
+    assert branches(repo) == []
+
+
 def test_a_git_url_is_cloned_on_its_base_branch(api, repo, git_http):
     served, base = git_http
     run("git", "branch", "release", cwd=repo)
