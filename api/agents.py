@@ -1,28 +1,39 @@
-"""/api/v1/agents/: the agent registry, and drain and resume for operators."""
+"""/api/v1/agents/: the agent registry, and drain and resume (staff, or the agent's tenant's operators)."""
 
 from django.db.models import Q
 from drf_spectacular.utils import extend_schema, extend_schema_view
 from rest_framework import status, viewsets
 from rest_framework.decorators import action
-from rest_framework.permissions import BasePermission
+from rest_framework.permissions import BasePermission, IsAuthenticated
 from rest_framework.response import Response
 
 from agents import services
 from agents.models import Agent
 from tenants.models import Membership
+from tenants.permissions import IsTenantMember
 
 from .serializers import AgentSerializer
 
 
-class IsOperator(BasePermission):
-    """Agents are shared by every tenant: only operators and admins may steer them."""
-
-    message = "Only operators and admins may drain or resume agents."
+class StaffOrMember(IsTenantMember):
+    """Reading the registry: members of a tenant, and staff (who run the platform's workers)."""
 
     def has_permission(self, request, view) -> bool:
-        roles = (Membership.Role.ADMIN, Membership.Role.OPERATOR)
+        return bool(request.user and request.user.is_staff) or super().has_permission(request, view)
+
+
+class MaySteer(BasePermission):
+    """Draining or resuming an agent: a platform worker serves every tenant, so only staff may
+    steer it; an external agent belongs to one tenant, whose admins and operators may."""
+
+    message = "Only staff may drain or resume a platform worker, and only its tenant's operators an external agent."
+
+    def has_object_permission(self, request, view, obj: Agent) -> bool:
         user = request.user
-        return bool(user and user.is_authenticated and user.memberships.filter(role__in=roles).exists())
+        if obj.tenant_id is None:
+            return bool(user.is_staff)
+        roles = (Membership.Role.ADMIN, Membership.Role.OPERATOR)
+        return user.memberships.filter(tenant_id=obj.tenant_id, role__in=roles).exists()
 
 
 @extend_schema_view(
@@ -47,15 +58,17 @@ class AgentViewSet(viewsets.ReadOnlyModelViewSet):
     filterset_fields = ["status", "executor"]
 
     def get_permissions(self):
-        # Agents have no tenant, so steering them is a platform role, not a tenant object check.
-        return [IsOperator()] if self.action in ("drain", "resume") else super().get_permissions()
+        if self.action in ("drain", "resume"):
+            return [IsAuthenticated(), MaySteer()]
+        return [StaffOrMember()]
 
     @extend_schema(
         request=None,
         responses={202: AgentSerializer},
         summary="Stop consuming; finish in-flight work",
-        description="Operators and admins: the agent takes no new work and what it runs finishes. "
-        "It stays draining until it is resumed.",
+        description="The agent takes no new work and what it runs finishes; it stays draining until it is "
+        "resumed. A platform worker: staff only; an external agent: its tenant's operators and admins (403 "
+        "otherwise, the agent unchanged).",
     )
     @action(detail=True, methods=["post"])
     def drain(self, request, pk=None):
@@ -65,7 +78,8 @@ class AgentViewSet(viewsets.ReadOnlyModelViewSet):
         request=None,
         responses={202: AgentSerializer},
         summary="Consume the agent's queues again",
-        description="Operators and admins: undo a drain.",
+        description="Undo a drain. Who may: as for drain (staff for a platform worker, the tenant's operators "
+        "and admins for an external agent).",
     )
     @action(detail=True, methods=["post"])
     def resume(self, request, pk=None):
@@ -75,4 +89,4 @@ class AgentViewSet(viewsets.ReadOnlyModelViewSet):
         agent = self.get_object()
         service(agent)
         agent.refresh_from_db()
-        return Response(AgentSerializer(agent).data, status=status.HTTP_202_ACCEPTED)
+        return Response(self.get_serializer(agent).data, status=status.HTTP_202_ACCEPTED)

@@ -181,3 +181,10 @@ class AgentSerializer(serializers.ModelSerializer):
             "registered_at",
         ]
         read_only_fields = fields
+
+    def to_representation(self, agent):
+        data = super().to_representation(agent)
+        request = self.context.get("request")
+        if agent.tenant_id is None and not (request and request.user.is_staff):
+            data["hostname"] = ""  # where the platform's workers run is for staff to know
+        return data

@@ -97,6 +97,17 @@ def member_client(tenant_slug: str, username: str, role: str = Membership.Role.D
     return client
 
 
+def staff_client() -> APIClient:
+    """An API client authenticated as a staff user, a member of no tenant (who runs the platform)."""
+    from django.contrib.auth import get_user_model
+    from rest_framework.authtoken.models import Token
+
+    user = get_user_model().objects.create_user("root-of-platform", is_staff=True)
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
+    return client
+
+
 @pytest.fixture
 def api(db) -> APIClient:
     return member_client("acme", "alice")

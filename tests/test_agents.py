@@ -12,7 +12,7 @@ from tasks.tasks import mark_silent_agents_offline
 from tenants.models import Tenant
 from tests.test_execution import make_session
 
-from .conftest import wait_until
+from .conftest import member_client, staff_client, wait_until
 
 
 def make_agent(name: str, **fields) -> Agent:
@@ -98,3 +98,67 @@ def test_an_agent_that_starts_again_takes_back_the_claims_of_its_last_run(db, dj
     task = Task.objects.get(session=session)
     assert (task.status, task.worker_pid) == ("queued", None)
     assert "agent builder restarted while running attempt 1" in task.error
+
+
+@pytest.fixture
+def fleet(db):
+    """A platform worker (no tenant) and an external agent of each of two tenants, all online."""
+    member_client("acme", "setup")
+    member_client("globex", "setup")
+
+    def external(name: str, tenant: str) -> Agent:
+        return Agent.objects.create(
+            name=name, executor="eap", capabilities=["testing"], status="online", hostname=f"{name}.example",
+            tenant=Tenant.objects.get(slug=tenant),
+        )  # fmt: skip
+
+    return {
+        "platform": make_agent("platform-1", status="online", hostname="gpu-07.internal"),
+        "acme": external("acme-ext", "acme"),
+        "globex": external("globex-ext", "globex"),
+    }
+
+
+@pytest.mark.parametrize(
+    ("who", "target", "expected"),
+    [
+        ("acme operator", "platform", 403),  # an operator in some tenant is not the platform's
+        ("acme admin", "platform", 403),
+        ("staff", "platform", 202),
+        ("acme operator", "acme", 202),
+        ("acme developer", "acme", 403),
+        ("acme viewer", "acme", 403),
+        ("acme operator, globex viewer", "globex", 403),  # seen there, but only as a viewer
+        ("acme operator", "globex", 404),  # not a member: not even seen
+        ("staff", "globex", 404),  # staff steer the platform's workers, not a tenant's agents
+    ],
+)
+@pytest.mark.parametrize("action", ["drain", "resume"])
+def test_who_may_drain_and_resume_which_agent(fleet, who, target, expected, action):
+    client = client_for(who)
+    agent = fleet[target]
+    before = "draining" if action == "resume" else "online"
+    Agent.objects.filter(pk=agent.pk).update(status=before)
+
+    response = client.post(f"/api/v1/agents/{agent.pk}/{action}/")
+
+    assert response.status_code == expected, response.content
+    after = {"drain": "draining", "resume": "online"}[action] if expected == 202 else before
+    assert Agent.objects.get(pk=agent.pk).status == after
+
+
+def test_platform_workers_host_names_are_shown_to_staff_only(fleet):
+    def hostnames(client) -> dict:
+        return {a["name"]: a["hostname"] for a in client.get("/api/v1/agents/").json()["results"]}
+
+    assert hostnames(client_for("acme operator"))["platform-1"] == ""
+    assert client_for("acme admin").get(f"/api/v1/agents/{fleet['platform'].pk}/").json()["hostname"] == ""
+    assert hostnames(staff_client())["platform-1"] == "gpu-07.internal"
+
+
+def client_for(who: str):
+    """ "staff", or one user's memberships: "acme operator, globex viewer"."""
+    if who == "staff":
+        return staff_client()
+    clients = [member_client(tenant, "pat", role=role) for tenant, role in (part.split() for part in who.split(", "))]
+    return clients[-1]  # every one authenticates the same user

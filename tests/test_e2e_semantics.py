@@ -13,6 +13,7 @@ from .conftest import (
     create_and_start,
     member_client,
     run_task_message_ids,
+    staff_client,
     task_status,
     wait_for_status,
     wait_until,
@@ -182,9 +183,11 @@ def test_a_pinned_task_runs_only_on_its_agent_and_degrades_the_session_while_it_
 
 def test_a_drained_agent_takes_no_new_work_until_resumed(client, stack):
     stack.agent("builder", ["code_generation"])
-    operator = member_client("acme", "olga", role="operator")
+    operator = staff_client()  # a platform worker: staff steer it
     agent_id = Agent.objects.get(name="builder").pk
     assert client.post(f"/api/v1/agents/{agent_id}/drain/").status_code == 403  # a developer may not
+    tenant_operator = member_client("acme", "olga", role="operator")
+    assert tenant_operator.post(f"/api/v1/agents/{agent_id}/drain/").status_code == 403  # nor a tenant's operator
 
     assert operator.post(f"/api/v1/agents/{agent_id}/drain/").status_code == 202
     worker = Agent.objects.get(pk=agent_id).worker_name
