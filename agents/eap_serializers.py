@@ -13,6 +13,7 @@ from orchestrator_project.validation import (
 )
 
 from .capabilities import CAPABILITIES
+from .endpoints import EndpointRefused, check_url
 from .models import NAME_PATTERN
 
 MAX_OUTPUT_CHARS = 500_000
@@ -35,8 +36,16 @@ class RegisterSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
         required=False,
         max_length=500,
         validators=[URLValidator(schemes=["http", "https"])],
-        help_text="push only (required there): tasks go to POST {endpoint_url}/task.",
+        help_text="push only (required there): tasks go to POST {endpoint_url}/task. https (http only in "
+        "development); its host must resolve to public addresses only (EAP_ENDPOINT_ALLOW_NETWORKS adds "
+        "trusted ones), checked again at every push.",
     )
+
+    def validate_endpoint_url(self, url: str) -> str:
+        try:
+            return check_url(url)
+        except EndpointRefused as exc:
+            raise serializers.ValidationError(str(exc)) from None
 
     def validate(self, attrs):
         if attrs["mode"] == "push" and not attrs.get("endpoint_url"):
@@ -63,6 +72,10 @@ class HeartbeatSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
 class TaskOfferSerializer(serializers.Serializer):
     """A task as an external agent receives it: the push body, and GET tasks/next's answer."""
 
+    delivery_id = serializers.IntegerField(
+        help_text="Names this hand-over of the task. Signed with the rest of a push's body: remember the ones you "
+        "took and refuse a push whose delivery_id you have seen (a replay)."
+    )
     task_id = serializers.UUIDField()
     session_id = serializers.UUIDField()
     capability = serializers.ChoiceField(choices=CAPABILITIES)
@@ -76,6 +89,7 @@ class TaskOfferSerializer(serializers.Serializer):
 def offer_of(delivery) -> dict:
     task = delivery.task
     return {
+        "delivery_id": delivery.pk,
         "task_id": task.pk,
         "session_id": task.session_id,
         "capability": task.capability,

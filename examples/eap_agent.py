@@ -78,6 +78,21 @@ class Agent:
         self.load_lock = threading.Lock()
         self.agent_id = self.token = self.secret = None
         self.heartbeat_interval = 10.0
+        # The delivery ids of the pushes taken, which are signed with their bodies: a push whose
+        # id was seen already is a retry or a replay, never new work (kept for twice the
+        # signature tolerance, after which a replay's timestamp is refused anyway).
+        self.seen_deliveries: dict[int, float] = {}
+        self.seen_lock = threading.Lock()
+
+    def first_time(self, delivery_id: int) -> bool:
+        now = time.time()
+        with self.seen_lock:
+            for old in [d for d, at in self.seen_deliveries.items() if now - at > 2 * SIGNATURE_TOLERANCE_S]:
+                del self.seen_deliveries[old]
+            if delivery_id in self.seen_deliveries:
+                return False
+            self.seen_deliveries[delivery_id] = now
+            return True
 
     def client(self, **headers) -> httpx.Client:
         return httpx.Client(base_url=self.args.url, timeout=30.0, headers=headers)
@@ -188,9 +203,14 @@ def push_handler(agent: Agent) -> type[BaseHTTPRequestHandler]:
                 return self.answer(401, {"error": problem})
             try:
                 task = json.loads(body)
-                task["task_id"]  # the one field we cannot do without
+                task["task_id"], task["delivery_id"]  # the fields we cannot do without
             except (ValueError, KeyError, TypeError):
                 return self.answer(400, {"error": "not a task"})
+            if not agent.first_time(task["delivery_id"]):
+                # The same delivery again: a retry after a timeout, or a replay. Either way the
+                # work is not done twice; the first push's result stands.
+                log(f"delivery {task['delivery_id']} was pushed already: not running it again")
+                return self.answer(202, {"accepted": task["task_id"], "repeat": True})
             if agent.args.inline:
                 result = do_the_work(task)
                 return self.answer(200, result) if result else self.answer(202, {})

@@ -1,5 +1,6 @@
 """Settings for every process, read from environment variables (see README "Configuration")."""
 
+import ipaddress
 import json
 import os
 from pathlib import Path
@@ -438,6 +439,19 @@ if EAP_HEARTBEAT_INTERVAL_SECONDS >= AGENT_OFFLINE_AFTER_SECONDS:
 # (connect error, timeout, 429, 502, 503, 504) is tried again within one attempt of the task.
 EAP_PUSH_TIMEOUT_SECONDS = env_float("EAP_PUSH_TIMEOUT_SECONDS", 10.0, minimum=0.1)
 EAP_PUSH_RETRIES = env_int("EAP_PUSH_RETRIES", 2)
+# Networks an operator trusts push endpoints in, beyond the public internet (comma-separated
+# CIDRs). Loopback only in development (DEBUG), so that a local agent can be tried; metadata
+# addresses are refused whatever this says. See docs/SECURITY.md.
+# Plain http push endpoints: development only.
+EAP_ENDPOINT_ALLOW_HTTP = env_bool("EAP_ENDPOINT_ALLOW_HTTP", DEBUG)
+if EAP_ENDPOINT_ALLOW_HTTP and not DEBUG:
+    raise ImproperlyConfigured("EAP_ENDPOINT_ALLOW_HTTP: push endpoints must use https when DEBUG is false.")
+EAP_ENDPOINT_ALLOW_NETWORKS = env_list("EAP_ENDPOINT_ALLOW_NETWORKS", "127.0.0.0/8,::1/128" if DEBUG else "")
+for _network in EAP_ENDPOINT_ALLOW_NETWORKS:
+    try:
+        ipaddress.ip_network(_network, strict=False)
+    except ValueError:
+        raise ImproperlyConfigured(f"EAP_ENDPOINT_ALLOW_NETWORKS: {_network!r} is not a network (CIDR).") from None
 # A push agent's circuit opens after this many consecutive failed POSTs (the agent shows as
 # degraded and gets no work), and lets one trial POST through after the reset time.
 EAP_BREAKER_FAIL_MAX = env_int("EAP_BREAKER_FAIL_MAX", 5, minimum=1)

@@ -146,7 +146,8 @@ def test_the_reference_agent_refuses_a_push_without_a_good_signature_and_stops_o
     announced = start_reference(processes, live_server.url, name="ref-push", mode="push")
     agent = Agent.objects.get(pk=announced["agent_id"])
     url = announced["endpoint_url"] + "/task"
-    body = json.dumps({"task_id": str(uuid.uuid4()), "capability": "documentation", "instructions": "hi"}).encode()
+    task = {"delivery_id": 7, "task_id": str(uuid.uuid4()), "capability": "documentation", "instructions": "hi"}
+    body = json.dumps(task).encode()
     good = signed(agent.signing_secret, body)
 
     with httpx.Client(timeout=10) as http:
@@ -158,10 +159,12 @@ def test_the_reference_agent_refuses_a_push_without_a_good_signature_and_stops_o
             "no timestamp": http.post(url, content=body, headers={"X-EAP-Signature": good["X-EAP-Signature"]}),
         }
         accepted = http.post(url, content=body, headers=good)
+        replayed = http.post(url, content=body, headers=good)  # the same signed delivery again
 
     assert {why: r.status_code for why, r in refusals.items()} == dict.fromkeys(refusals, 401)
     assert refusals["tampered body"].json() == {"error": "bad X-EAP-Signature"}
     assert accepted.status_code == 202, accepted.text
+    assert replayed.status_code == 202 and replayed.json()["repeat"] is True  # taken once, not run twice
     proc = processes.procs["ref-push"]
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=15) == 0

@@ -23,11 +23,10 @@ from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import InterfaceError, OperationalError, close_old_connections
 from django.utils import timezone
-from rest_framework.fields import DateTimeField
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
-from agents import eap
-from agents.eap_serializers import ResultSerializer
+from agents import eap, endpoints
+from agents.eap_serializers import ResultSerializer, TaskOfferSerializer, offer_of
 from agents.models import Agent, EapDelivery
 from orchestrator_project.validation import flatten_errors
 
@@ -95,7 +94,7 @@ class EapExecutor:
             claimed_at=timezone.now(),
             deadline=deadline_at,
         )
-        body = json.dumps(task_payload(ctx, deadline_at), cls=DjangoJSONEncoder).encode()
+        body = json.dumps(TaskOfferSerializer(offer_of(delivery)).data, cls=DjangoJSONEncoder).encode()
         who = f"external agent {agent.name}"
         try:
             status, content = _post_with_retries(agent, body)
@@ -163,20 +162,6 @@ class EapExecutor:
                 time.sleep(settings.EAP_POLL_INTERVAL_SECONDS)
 
 
-def task_payload(ctx: TaskContext, deadline_at) -> dict:
-    """The task as an external agent receives it (push body; GET tasks/next answers the same)."""
-    return {
-        "task_id": ctx.task_id,
-        "session_id": ctx.session_id,
-        "capability": ctx.capability,
-        "title": ctx.title,
-        "instructions": ctx.instructions,
-        "params": ctx.params,
-        "deadline": DateTimeField().to_representation(deadline_at),
-        "attempt": ctx.attempt,
-    }
-
-
 def parse_result(content: bytes) -> dict:
     """A result reply ({"status", "output", "artifacts"?, "error"?}) as the result endpoint
     validates it; ValueError saying what is wrong otherwise."""
@@ -208,29 +193,37 @@ def _post_with_retries(agent: Agent, body: bytes) -> tuple[int, bytes]:
 
 
 def _post_once(agent: Agent, body: bytes) -> tuple[int, bytes]:
+    """One signed POST to the agent's endpoint, at the address checked just now (no redirects,
+    no proxy from the environment). A refusal or a non-2xx answer says only its status: the body
+    of an answer we did not ask for is never copied into the task."""
+    try:
+        target = endpoints.pinned(agent.endpoint_url.rstrip("/") + "/task")
+    except endpoints.EndpointRefused as exc:
+        raise eap.PushFailed(f"its endpoint is refused: {exc}", transient=False) from None
     timestamp = str(int(time.time()))
     headers = {
+        "Host": target.host_header,
         "Content-Type": "application/json",
         "X-EAP-Timestamp": timestamp,
         "X-EAP-Signature": eap.sign(agent.signing_secret, timestamp, body),
     }
-    url = agent.endpoint_url.rstrip("/") + "/task"
     timeout = settings.EAP_PUSH_TIMEOUT_SECONDS
     try:
         with (
-            httpx.Client(timeout=timeout) as client,
-            client.stream("POST", url, content=body, headers=headers) as reply,
+            httpx.Client(timeout=timeout, trust_env=False, follow_redirects=False) as client,
+            client.stream(
+                "POST", target.url, content=body, headers=headers, extensions={"sni_hostname": target.server_name}
+            ) as reply,
         ):
             status, content = reply.status_code, _read_capped(reply)
     except httpx.TimeoutException:
         raise eap.PushFailed(f"no answer within {timeout:g}s", transient=True) from None
     except httpx.TransportError as exc:
-        raise eap.PushFailed(f"{type(exc).__name__}: {exc}", transient=True) from None
+        raise eap.PushFailed(f"{type(exc).__name__}", transient=True) from None
     if status in TRANSIENT_STATUSES:
         raise eap.PushFailed(f"HTTP {status}", transient=True, status=status)
     if not 200 <= status < 300:
-        text = content[:300].decode("utf-8", errors="replace")
-        raise eap.PushFailed(f"HTTP {status}: {text}", transient=False, status=status)
+        raise eap.PushFailed(f"HTTP {status}", transient=False, status=status)
     return status, content
 
 
