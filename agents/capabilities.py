@@ -28,3 +28,8 @@ CAPABILITIES = (
 
 def capability_queue(capability: str) -> str:
     return f"cap.{capability}"
+
+
+# Every EAP gateway also consumes this queue: tasks pinned to one external agent wait here, and
+# whichever gateway takes one hands it to that agent only.
+EAP_PINNED_QUEUE = "eap.pinned"

@@ -167,6 +167,7 @@ def claim_next_delivery(agent: Agent) -> EapDelivery | None:
                 task__status="running",
                 task__attempts=F("attempt"),
             )
+            .filter(Q(agent__isnull=True) | Q(agent=agent))  # an offer pinned to one agent is its alone
             .order_by("created_at")
         )
         delivery = offered.first()

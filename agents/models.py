@@ -7,7 +7,7 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
-from .capabilities import capability_queue
+from .capabilities import EAP_PINNED_QUEUE, capability_queue
 
 # Agent names: also the Celery node name and the queue agent.<name>.
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,99}$")
@@ -90,7 +90,8 @@ class Agent(models.Model):
     def queues(self) -> list[str]:
         if self.is_external:
             return []  # an EAP gateway's queues carry its tasks
-        return [capability_queue(capability) for capability in self.capabilities] + [f"agent.{self.name}"]
+        gateway = [EAP_PINNED_QUEUE] if self.executor == self.Executor.EAP else []
+        return [capability_queue(capability) for capability in self.capabilities] + [f"agent.{self.name}", *gateway]
 
     @property
     def is_live(self) -> bool:

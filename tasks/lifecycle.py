@@ -6,6 +6,7 @@ import logging
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
+from django.db.models import Q
 
 from agents.models import Agent
 from orchestrator_project.locking import LockUnavailable
@@ -24,17 +25,20 @@ logger = logging.getLogger(__name__)
 
 def check_new_session(data: dict, *, tenant=None) -> None:
     """The checks of a new session's input (validated in shape, see api/inputs.py) that need the
-    database or git: pinned agents must be registered workers with the task's capability, a
+    database or git: pinned agents must be registered workers, or external agents of the tenant,
+    with the task's capability, a
     repository must be usable by the tenant (the settings' roots and URL prefixes as the tenant
     narrows them; the settings' alone without a tenant). Replaces data["repository"] with its
     normalised form, the one that was checked. Raises InvalidInput naming every bad pin, or the
     repository or base branch."""
     specs = data.get("tasks") or []
-    # Whether a pinned agent is online is a runtime matter (the session turns degraded). Only our
-    # workers have an agent.<name> queue; external agents run behind a gateway.
+    # Whether a pinned agent is online is a runtime matter (the session turns degraded). Our
+    # workers have an agent.<name> queue; the tenant's external agents are reached through an
+    # EAP gateway (EAP_PINNED_QUEUE); another tenant's do not exist for this one.
     pinned = {spec["agent"] for spec in specs if "agent" in spec}
-    workers = Agent.objects.filter(name__in=pinned, mode=Agent.Mode.WORKER)
-    capabilities_of = dict(workers.values_list("name", "capabilities")) if pinned else {}
+    pinnable = Q(mode=Agent.Mode.WORKER) | (Q(tenant=tenant) if tenant is not None else Q(pk__in=[]))
+    agents = Agent.objects.filter(pinnable, name__in=pinned)
+    capabilities_of = dict(agents.values_list("name", "capabilities")) if pinned else {}
     bad_pins = {
         f"tasks[{index}].agent": why
         for index, spec in enumerate(specs)
@@ -113,6 +117,11 @@ def create_session(*, tenant, user, data: dict, idempotency_key: str | None = No
 
 
 def _create_tasks(session: Session, specs: list[dict]) -> None:
+    pinned = {spec["agent"] for spec in specs if "agent" in spec}
+    external = set(
+        Agent.objects.filter(name__in=pinned, tenant=session.tenant_id).exclude(mode=Agent.Mode.WORKER)
+        .values_list("name", flat=True)
+    ) if pinned else set()  # fmt: skip
     tasks = Task.objects.bulk_create(
         Task(
             session=session,
@@ -124,6 +133,7 @@ def _create_tasks(session: Session, specs: list[dict]) -> None:
             params=spec.get("params") or {},
             max_attempts=spec.get("max_attempts", 3),
             pinned_agent=spec.get("agent", ""),
+            pinned_via_gateway=spec.get("agent") in external,
             timeout_seconds=spec.get("timeout_seconds"),
             upstream_open=len(spec.get("depends_on", [])),
             position=position,

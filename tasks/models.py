@@ -3,7 +3,7 @@ import uuid
 from django.db import models
 from django.db.models import Q
 
-from agents.capabilities import CAPABILITIES, capability_queue
+from agents.capabilities import CAPABILITIES, EAP_PINNED_QUEUE, capability_queue
 
 from .dag import pert_hours
 
@@ -56,6 +56,8 @@ class Task(models.Model):
     estimate_pessimistic_h = models.FloatField(default=1.0)
     # When set, the task runs only on this agent (queue agent.<name>).
     pinned_agent = models.CharField(max_length=100, blank=True)
+    # The pinned agent is an external one (EAP): an EAP gateway hands the task to it.
+    pinned_via_gateway = models.BooleanField(default=False)
     # Per-task deadline; None means settings.TASK_DEADLINE_SECONDS.
     timeout_seconds = models.PositiveIntegerField(null=True, blank=True)
     # False for tasks whose run_task message is sent when the database releases them (the parts
@@ -88,6 +90,8 @@ class Task(models.Model):
 
     @property
     def queue(self) -> str:
+        if self.pinned_via_gateway:
+            return EAP_PINNED_QUEUE
         return f"agent.{self.pinned_agent}" if self.pinned_agent else capability_queue(self.capability)
 
     @property

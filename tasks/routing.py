@@ -37,7 +37,7 @@ def queue_for(task: Task, routed: dict[str, int] | None = None) -> str:
     """The queue for a task's next message. `routed` counts what the caller already sent to each
     agent in this round, so a fan-out does not pile onto the one agent that had a free slot."""
     if task.pinned_agent:
-        return f"agent.{task.pinned_agent}"
+        return task.queue
     preferred = affinity_agent(task, routed)
     if preferred is None:
         return task.queue

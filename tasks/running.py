@@ -221,6 +221,7 @@ def task_context(task: Task, attempt: int) -> TaskContext:
         attempt=attempt,
         timeout_s=float(task_timeout(task)),
         should_abort=lambda: _abort_requested(key),
+        pinned_agent=task.pinned_agent,
     )
 
 

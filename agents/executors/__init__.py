@@ -45,6 +45,8 @@ class TaskContext:
     timeout_s: float
     # Polled by long-running executors; True once the task should stop (cancel, stop, fail-fast).
     should_abort: Callable[[], bool] = never
+    # The agent the task is pinned to, if any (the eap executor hands it to that external agent only).
+    pinned_agent: str = ""
 
 
 class Executor(Protocol):

@@ -70,6 +70,10 @@ class EapExecutor:
 
     def _deliver(self, ctx: TaskContext) -> EapDelivery:
         candidates = list(eap.live_external_agents(ctx.capability, ctx.session_id))
+        if ctx.pinned_agent:
+            candidates = [a for a in candidates if a.name == ctx.pinned_agent]
+            if not candidates:
+                raise TransientError(f"external agent {ctx.pinned_agent}, which the task is pinned to, is not live")
         if not candidates:
             raise TransientError(f"no live external agent of the session's tenant has capability {ctx.capability}")
         # An earlier attempt's delivery (its gateway died) must not take a result any more.
@@ -79,8 +83,11 @@ class EapExecutor:
         push = [a for a in candidates if a.mode == Agent.Mode.PUSH and eap.circuit_allows_call(a)]
         if push:
             return self._push(ctx, max(push, key=lambda agent: agent.score), deadline_at)
-        if any(a.mode == Agent.Mode.PULL for a in candidates):
-            return EapDelivery.objects.create(task_id=ctx.task_id, attempt=ctx.attempt, deadline=deadline_at)
+        if pulling := [a for a in candidates if a.mode == Agent.Mode.PULL]:
+            # Offered to any pull agent of the tenant with the capability, or only to the pinned one.
+            only = pulling[0] if ctx.pinned_agent else None
+            offer = {"task_id": ctx.task_id, "attempt": ctx.attempt, "deadline": deadline_at, "agent": only}
+            return EapDelivery.objects.create(**offer)
         names = ", ".join(sorted(a.name for a in candidates))
         raise TransientError(f"no external agent can take {ctx.capability} now: the circuit of {names} is open")
 
@@ -273,7 +280,8 @@ def _cancel_open(deliveries, why: str) -> bool:
 
 
 def _pull_agent_for(ctx: TaskContext) -> bool:
-    return eap.live_external_agents(ctx.capability, ctx.session_id).filter(mode=Agent.Mode.PULL).exists()
+    pulling = eap.live_external_agents(ctx.capability, ctx.session_id).filter(mode=Agent.Mode.PULL)
+    return (pulling.filter(name=ctx.pinned_agent) if ctx.pinned_agent else pulling).exists()
 
 
 def _outcome(delivery: EapDelivery) -> dict:
