@@ -121,6 +121,40 @@ def test_a_session_completes_through_the_reference_agent(stack, live_server, gat
     assert_no_secret_in_logs(stack)
 
 
+@pytest.mark.parametrize("mode", ["push", "pull"])
+def test_a_task_pinned_to_an_external_agent_reaches_it_through_the_default_stacks_gateway(stack, live_server, mode):
+    # As the Procfile runs them: a gateway with no capability of its own (pinned tasks only) and a
+    # scripted worker that has the task's capability and must not get it.
+    stack.agent("eap-gateway", [], executor="eap", concurrency=2)
+    stack.agent("builder", ["documentation"])
+    announced = start_reference(stack, live_server.url, name=f"pinned-{mode}", mode=mode)
+    start_reference(stack, live_server.url, name=f"other-{mode}", mode=mode)  # same capability, not pinned
+    client = member_client("acme", "dev")
+    task = {"key": "docs", "title": "Docs", "capability": "documentation", "agent": f"pinned-{mode}",
+            "instructions": "Describe the limiter"}  # fmt: skip
+
+    session_id = create_and_start(client, {"requirements": "pinned", "tasks": [task]})
+    body = wait_for_status(client, session_id, SETTLED)
+
+    assert body["status"] == "completed", body
+    done = Task.objects.select_related("agent").get(session_id=session_id, key="docs")
+    assert (done.agent.name, done.result["external_agent"]) == ("eap-gateway", f"pinned-{mode}")
+    assert EapDelivery.objects.get(task=done).agent_id == announced["agent_id"]
+
+
+def test_another_tenants_external_agent_cannot_be_pinned(db):
+    other = member_client("globex", "ops", role="operator")
+    bot = {"name": "globex-bot", "capabilities": ["documentation"], "mode": "pull"}
+    registered = other.post("/api/v1/eap/register/", bot, format="json")
+    assert registered.status_code == 201
+    task = {"key": "docs", "title": "Docs", "capability": "documentation", "agent": "globex-bot"}
+
+    body = {"requirements": "x", "tasks": [task]}
+    response = member_client("acme", "dev").post("/api/v1/sessions/", body, format="json")
+
+    assert response.status_code == 400 and "tasks[0].agent" in response.json()["error"]["details"]
+
+
 def test_a_reported_failure_fails_the_task_and_skips_what_follows(stack, live_server, gateway):
     gateway()
     start_reference(stack, live_server.url, name="ref-push", mode="push", extra=("--inline",))

@@ -23,7 +23,12 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("--name", required=True, help="unique agent name (lowercase letters, digits, - and _)")
-        parser.add_argument("--capabilities", required=True, help="comma-separated, e.g. code_generation,testing")
+        parser.add_argument(
+            "--capabilities",
+            required=True,
+            help="comma-separated, e.g. code_generation,testing; an EAP gateway may have none ('') and then "
+            "takes only tasks pinned to an external agent",
+        )
         parser.add_argument("--executor", required=True, choices=Agent.Executor.values)
         parser.add_argument("--concurrency", type=int, default=1, help="tasks run at once (default 1)")
         parser.add_argument("--duration", type=float, default=0.0, help="scripted: default seconds per task")
@@ -31,7 +36,7 @@ class Command(BaseCommand):
         parser.add_argument("--loglevel", default="INFO")
 
     def handle(self, *args, name, capabilities, executor, concurrency, duration, fail_rate, loglevel, **options):
-        caps = self._parse_capabilities(capabilities)
+        caps = self._parse_capabilities(capabilities, none_allowed=executor == Agent.Executor.EAP)
         if not NAME_PATTERN.match(name):
             raise CommandError(f"--name {name!r}: use lowercase letters, digits, '-' and '_' (at most 100)")
         if not 1 <= concurrency <= 64:
@@ -72,10 +77,10 @@ class Command(BaseCommand):
                 close_old_connections()
                 Agent.objects.filter(pk=agent.pk).update(status=Agent.Status.OFFLINE, current_load=0)
 
-    def _parse_capabilities(self, raw: str) -> list[str]:
+    def _parse_capabilities(self, raw: str, none_allowed: bool) -> list[str]:
         caps = [c.strip() for c in raw.split(",") if c.strip()]
         unknown = sorted(set(caps) - set(CAPABILITIES))
-        if not caps or unknown:
+        if (not caps and not none_allowed) or unknown:
             raise CommandError(
                 f"unknown capabilities: {', '.join(unknown) or '(none given)'}; known: {', '.join(CAPABILITIES)}"
             )
