@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
@@ -17,6 +18,7 @@ from django.conf import settings
 from django.core.management import call_command
 from rest_framework.test import APIClient
 
+from agents.executors import TaskContext
 from agents.models import Agent
 from orchestrator_project.celery import app
 from orchestrator_project.redis_client import redis_client
@@ -74,6 +76,31 @@ def consumed_queues(worker_name: str) -> set[str] | None:
 def clean_redis():
     redis_client().flushdb()
     yield
+
+
+def executor_context(
+    workspace: Path,
+    title: str = "Run the tests",
+    *,
+    capability: str = "testing",
+    params: dict | None = None,
+    timeout: float = 30.0,
+    should_abort: Callable[[], bool] = lambda: False,
+) -> TaskContext:
+    """What run_task gives an executor, for the tests that call one directly."""
+    return TaskContext(
+        task_id=str(uuid.uuid4()),
+        session_id=str(uuid.uuid4()),
+        key="k",
+        title=title,
+        capability=capability,
+        instructions="",
+        params=params or {},
+        workspace=workspace,
+        attempt=1,
+        timeout_s=timeout,
+        should_abort=should_abort,
+    )
 
 
 def commit_repository(path: Path, files: dict[str, str] | None = None) -> Path:

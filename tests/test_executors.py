@@ -7,23 +7,13 @@ import pytest
 from agents.executors import TaskContext, TaskFailed, build_executor
 from agents.executors.scripted import ScriptedExecutor
 from agents.executors.shell import ShellExecutor
+from tests.conftest import executor_context
 
 
 def context(
     tmp_path: Path, capability: str = "testing", params: dict | None = None, timeout: float = 30
 ) -> TaskContext:
-    return TaskContext(
-        task_id="t1",
-        session_id="s1",
-        key="k",
-        title="Run the tests",
-        capability=capability,
-        instructions="",
-        params=params or {},
-        workspace=tmp_path / "ws",
-        attempt=1,
-        timeout_s=timeout,
-    )
+    return executor_context(tmp_path / "ws", capability=capability, params=params, timeout=timeout)
 
 
 def test_scripted_results_are_labelled_simulated_and_params_override_defaults(tmp_path):

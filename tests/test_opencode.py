@@ -28,7 +28,14 @@ from agents.models import Agent
 from mockllm import MockLLM
 from orchestrator_project.redis_client import redis_client
 from tasks.models import Task
-from tests.conftest import commit_repository, create_and_start, member_client, wait_for_status, wait_until
+from tests.conftest import (
+    commit_repository,
+    create_and_start,
+    executor_context,
+    member_client,
+    wait_for_status,
+    wait_until,
+)
 from tests.test_settings import import_settings
 
 ONCE = {"default": "reject", "edit": "once"}
@@ -72,19 +79,7 @@ def executor_for(server: OpenCodeServer, **overrides) -> OpenCodeExecutor:
 
 
 def context(workspace: Path, prompt: str, *, timeout: float = 60, should_abort=lambda: False) -> TaskContext:
-    return TaskContext(
-        task_id="t1",
-        session_id="s1",
-        key="build",
-        title=prompt,
-        capability="code_generation",
-        instructions="",
-        params={},
-        workspace=workspace,
-        attempt=1,
-        timeout_s=timeout,
-        should_abort=should_abort,
-    )
+    return executor_context(workspace, prompt, capability="code_generation", timeout=timeout, should_abort=should_abort)
 
 
 def api(server: OpenCodeServer, workspace: Path) -> httpx.Client:

@@ -28,7 +28,15 @@ from agents.sandbox import Limits, Sandbox
 from agents.sandbox.proxy import allows
 from mockllm import MockLLM
 from tasks.models import Task
-from tests.conftest import ROOT, commit_repository, create_and_start, member_client, wait_for_status, wait_until
+from tests.conftest import (
+    ROOT,
+    commit_repository,
+    create_and_start,
+    executor_context,
+    member_client,
+    wait_for_status,
+    wait_until,
+)
 
 PROBE = Path(__file__).with_name("sandbox_probe.py")
 ATTACKS = [
@@ -105,18 +113,7 @@ def workspace_with_probe() -> Path:
 
 
 def context(workspace: Path, title: str = "run the probe", timeout: float = 120) -> TaskContext:
-    return TaskContext(
-        task_id=str(uuid.uuid4()),
-        session_id=str(uuid.uuid4()),
-        key="probe",
-        title=title,
-        capability="testing",
-        instructions="",
-        params={},
-        workspace=workspace,
-        attempt=1,
-        timeout_s=timeout,
-    )
+    return executor_context(workspace, title, timeout=timeout)
 
 
 def probe_command(targets) -> str:
