@@ -28,6 +28,7 @@ import socket
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
@@ -70,6 +71,15 @@ def do_the_work(task: dict) -> dict | None:
     return {"status": "completed", "output": output, "artifacts": artifacts}
 
 
+@dataclass
+class Taken:
+    """A push this agent took: when, and its inline result once there is one."""
+
+    at: float
+    result: dict | None = None
+    report_later: bool = False  # a repeat was answered 202 while the inline work still ran
+
+
 class Agent:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -78,21 +88,36 @@ class Agent:
         self.load_lock = threading.Lock()
         self.agent_id = self.token = self.secret = None
         self.heartbeat_interval = 10.0
-        # The delivery ids of the pushes taken, which are signed with their bodies: a push whose
-        # id was seen already is a retry or a replay, never new work (kept for twice the
-        # signature tolerance, after which a replay's timestamp is refused anyway).
-        self.seen_deliveries: dict[int, float] = {}
-        self.seen_lock = threading.Lock()
+        # The pushes taken, by delivery id (signed with the body): a push whose id was seen already
+        # is a retry or a replay, never new work. Kept for twice the signature tolerance, after
+        # which a replay's timestamp is refused anyway.
+        self.taken: dict[int, Taken] = {}
+        self.taken_lock = threading.Lock()
 
-    def first_time(self, delivery_id: int) -> bool:
+    def take(self, delivery_id: int) -> tuple[Taken, bool]:
+        """The record of this delivery, and whether this push is its first."""
         now = time.time()
-        with self.seen_lock:
-            for old in [d for d, at in self.seen_deliveries.items() if now - at > 2 * SIGNATURE_TOLERANCE_S]:
-                del self.seen_deliveries[old]
-            if delivery_id in self.seen_deliveries:
-                return False
-            self.seen_deliveries[delivery_id] = now
-            return True
+        with self.taken_lock:
+            for old in [d for d, t in self.taken.items() if now - t.at > 2 * SIGNATURE_TOLERANCE_S]:
+                del self.taken[old]
+            first = delivery_id not in self.taken
+            return self.taken.setdefault(delivery_id, Taken(now)), first
+
+    def answer_repeat(self, taken: Taken) -> dict | None:
+        """The result to answer a repeated push with (an inline result that is ready), or None: then
+        the answer is 202 and, should the first push still be working inline, the result goes to the
+        result endpoint when it is done, since the gateway is no longer waiting for the first answer."""
+        with self.taken_lock:
+            if taken.result is None:
+                taken.report_later = True
+            return taken.result
+
+    def finish_inline(self, task: dict, taken: Taken, result: dict) -> None:
+        with self.taken_lock:
+            taken.result = result
+            report = taken.report_later
+        if report:
+            self.report(task["task_id"], result)
 
     def client(self, **headers) -> httpx.Client:
         return httpx.Client(base_url=self.args.url, timeout=30.0, headers=headers)
@@ -206,14 +231,19 @@ def push_handler(agent: Agent) -> type[BaseHTTPRequestHandler]:
                 task["task_id"], task["delivery_id"]  # the fields we cannot do without
             except (ValueError, KeyError, TypeError):
                 return self.answer(400, {"error": "not a task"})
-            if not agent.first_time(task["delivery_id"]):
-                # The same delivery again: a retry after a timeout, or a replay. Either way the
-                # work is not done twice; the first push's result stands.
+            taken, first = agent.take(task["delivery_id"])
+            if not first:
+                # The same delivery again: a retry after a timeout, or a replay. The work is not done
+                # twice: the answer is the first push's inline result, or 202.
                 log(f"delivery {task['delivery_id']} was pushed already: not running it again")
-                return self.answer(202, {"accepted": task["task_id"], "repeat": True})
+                result = agent.answer_repeat(taken)
+                return self.answer(200, result) if result else self.answer(202, {"repeat": True})
             if agent.args.inline:
                 result = do_the_work(task)
-                return self.answer(200, result) if result else self.answer(202, {})
+                if result is None:  # silent: never reports
+                    return self.answer(202, {})
+                agent.finish_inline(task, taken, result)
+                return self.answer(200, result)
             threading.Thread(target=agent.run_task, args=(task,), daemon=True).start()
             return self.answer(202, {"accepted": task["task_id"]})
 

@@ -205,6 +205,21 @@ def test_the_reference_agent_refuses_a_push_without_a_good_signature_and_stops_o
     assert Agent.objects.get(pk=agent.pk).status == "draining"  # its last word
 
 
+def test_the_inline_reference_agent_answers_a_repeated_push_with_the_same_result(processes, live_server):
+    announced = start_reference(processes, live_server.url, name="ref-inline", mode="push", extra=("--inline",))
+    secret = Agent.objects.get(pk=announced["agent_id"]).signing_secret
+    task = {"delivery_id": 8, "task_id": str(uuid.uuid4()), "capability": "documentation", "instructions": "a b c"}
+    body = json.dumps(task).encode()
+
+    with httpx.Client(timeout=10) as http:
+        first = http.post(announced["endpoint_url"] + "/task", content=body, headers=signed(secret, body))
+        repeat = http.post(announced["endpoint_url"] + "/task", content=body, headers=signed(secret, body))
+
+    assert first.status_code == 200 and first.json()["status"] == "completed", first.text
+    # The gateway that repeats a push never read the first answer: it gets the same result again.
+    assert (repeat.status_code, repeat.json()) == (200, first.json())
+
+
 def heartbeat_until(stop: threading.Event, url: str, token: str) -> None:
     with httpx.Client(base_url=url, headers={"X-Agent-Token": token}, timeout=10) as http:
         while not stop.wait(0.5):
