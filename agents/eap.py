@@ -15,11 +15,11 @@ from datetime import datetime, timedelta
 import pybreaker
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import Case, Count, F, Q, Value, When
+from django.db.models import Case, F, Q, Value, When
 from django.utils import timezone
 
 from .breakers import redis_circuit_breaker
-from .models import Agent, EapDelivery, ewma
+from .models import Agent, EapDelivery, recent_figures
 
 logger = logging.getLogger(__name__)
 TOKEN_SCHEME = "eap"  # noqa: S105 - the tag tokens start with, not a secret
@@ -112,18 +112,19 @@ def record_heartbeat(agent: Agent, *, status: str, current_load: int) -> None:
     else:
         reported = status
     since = timezone.now() - timedelta(hours=settings.AGENT_STATS_WINDOW_HOURS)
-    recent = EapDelivery.objects.filter(agent_id=agent.pk, state=EapDelivery.State.DONE, finished_at__gte=since)
-    counts = recent.aggregate(completed=Count("pk", filter=Q(error="")), failed=Count("pk", filter=~Q(error="")))
-    spans = recent.exclude(claimed_at=None).order_by("-finished_at").values_list("claimed_at", "finished_at")[:20]
-    durations = [(end - start).total_seconds() for start, end in spans]
+    latest = EapDelivery.objects.filter(agent_id=agent.pk, state=EapDelivery.State.DONE, finished_at__gte=since)
+    figures = recent_figures(
+        (error == "", error != "", claimed, finished)
+        for error, claimed, finished in latest.order_by("-finished_at").values_list(
+            "error", "claimed_at", "finished_at"
+        )[: settings.AGENT_STATS_WINDOW_TASKS]
+    )
     # One statement, so that an operator's drain in between is not overwritten.
     Agent.objects.filter(pk=agent.pk).update(
         last_heartbeat=timezone.now(),
         status=Case(When(status=Agent.Status.DRAINING, then=Value(Agent.Status.DRAINING)), default=Value(reported)),
         current_load=current_load,
-        tasks_completed=counts["completed"],
-        tasks_failed=counts["failed"],
-        ewma_duration_s=ewma(reversed(durations)),
+        **figures,
     )
 
 

@@ -128,12 +128,29 @@ class Agent(models.Model):
         )
 
 
+EWMA_SPAN = 20  # Agent.ewma_duration_s covers this many latest tasks
+
+
 def ewma(values, alpha: float = 0.2) -> float | None:
     """Exponentially weighted mean of `values`, oldest first; None for none."""
     mean = None
     for value in values:
         mean = value if mean is None else (1 - alpha) * mean + alpha * value
     return mean
+
+
+def recent_figures(finishes) -> dict:
+    """An agent's counters and EWMA duration (Agent.score) from its latest finishes, newest
+    first, each (completed, failed, started_at or None, finished_at): the EWMA covers the last
+    EWMA_SPAN that have a start."""
+    completed = failed = 0
+    durations = []
+    for ok, bad, started, finished in finishes:
+        completed += ok
+        failed += bad
+        if started is not None and len(durations) < EWMA_SPAN:
+            durations.append((finished - started).total_seconds())
+    return {"tasks_completed": completed, "tasks_failed": failed, "ewma_duration_s": ewma(reversed(durations))}
 
 
 class EapDelivery(models.Model):

@@ -1,7 +1,7 @@
 """/api/v1/sessions/: create, list and follow sessions, and move them through their lifecycle."""
 
 import django_filters
-from django.db.models import Count, Q
+from django.db.models import Q
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
@@ -10,16 +10,17 @@ from rest_framework.response import Response
 
 from sessions.models import Checkpoint, Session
 from tasks import lifecycle
-from tasks.models import Task
 from tenants.permissions import TenantScopedMixin, tenant_for_write
 
 from .inputs import SessionCreateSerializer
+from .pagination import Pagination, SessionCursorPagination
 from .serializers import (
     CheckpointSerializer,
     EventSerializer,
     SessionDetailSerializer,
     SessionSerializer,
     TaskSerializer,
+    add_task_counts,
 )
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
@@ -61,7 +62,14 @@ def _transition_action(name: str, service, summary: str, description: str):
     list=extend_schema(
         summary="List sessions",
         description="Sessions of your tenants, newest first. Filter by status (repeatable), priority, "
-        "created_after, created_before and search (words in the title or requirements).",
+        "created_after, created_before and search (words in the title or requirements). Paged by `page` "
+        "(with a count), or by `cursor` (empty for the first page, then follow `next`): no count, and as "
+        "fast on any page.",
+        parameters=[
+            OpenApiParameter(
+                "cursor", str, description="Cursor paging: empty for the first page, then the `next` link's."
+            )
+        ],
     ),
     retrieve=extend_schema(
         summary="Get a session",
@@ -78,13 +86,10 @@ class SessionViewSet(
 ):
     """Coding sessions of the caller's tenants: create, follow, and move through their lifecycle."""
 
-    # GROUP BY (from the counts) drops Meta.ordering, so order explicitly; pk breaks ties so that
-    # pages never overlap or skip.
-    queryset = (
-        Session.objects.select_related("tenant")
-        .annotate(**{f"n_{s}": Count("tasks", filter=Q(tasks__status=s), distinct=True) for s in Task.Status.values})
-        .order_by("-created_at", "-pk")
-    )
+    # pk breaks ties so that pages never overlap or skip. Task counts are added for the rows of
+    # the page only (paginate_queryset): counting in the list's own query would join every
+    # session's tasks before paging.
+    queryset = Session.objects.select_related("tenant").order_by("-created_at", "-pk")
     serializer_class = SessionSerializer
     filterset_class = SessionFilter
 
@@ -148,6 +153,20 @@ class SessionViewSet(
         "failed, timeout, stopped or orphaned -> queued, at most max_retries times: completed tasks keep their "
         "results and do not run again; every other task runs again. 409 otherwise.",
     )
+
+    @property
+    def paginator(self):
+        """Page numbers, or cursors when the list is asked for with ?cursor=."""
+        if not hasattr(self, "_paginator"):
+            by_cursor = self.action == "list" and "cursor" in self.request.query_params
+            self._paginator = SessionCursorPagination() if by_cursor else Pagination()
+        return self._paginator
+
+    def paginate_queryset(self, queryset):
+        page = super().paginate_queryset(queryset)
+        if self.action == "list" and page is not None:
+            add_task_counts(page)
+        return page
 
     def _page(self, queryset, serializer_class, context_for_page=None):
         page = self.paginate_queryset(queryset)

@@ -236,8 +236,10 @@ TASK_DEADLINE_SECONDS = env_int("TASK_DEADLINE_SECONDS", 1800, minimum=1)
 TASK_LEASE_SECONDS = env_int("TASK_LEASE_SECONDS", 60, minimum=2)
 AGENT_HEARTBEAT_SECONDS = env_int("AGENT_HEARTBEAT_SECONDS", 5, minimum=1)
 AGENT_OFFLINE_AFTER_SECONDS = env_int("AGENT_OFFLINE_AFTER_SECONDS", 30, minimum=2)
-# An agent's counters and EWMA duration (routing's score) cover the tasks it finished this recently.
+# An agent's counters and EWMA duration (routing's score) cover its latest finished tasks: at
+# most this many, finished at most this long ago (so a heartbeat's cost does not grow with history).
 AGENT_STATS_WINDOW_HOURS = env_int("AGENT_STATS_WINDOW_HOURS", 24, minimum=1)
+AGENT_STATS_WINDOW_TASKS = env_int("AGENT_STATS_WINDOW_TASKS", 200, minimum=20)
 # A running session whose ready task has had no live agent this long turns degraded.
 DEGRADED_AFTER_SECONDS = env_int("DEGRADED_AFTER_SECONDS", 15)
 WORKSPACE_ROOT = Path(env_str("WORKSPACE_ROOT", str(BASE_DIR / "workspaces")))

@@ -1,5 +1,5 @@
 """The agent workers as the engine sees them: a worker registering (its last run's claims taken
-back), its heartbeats (load and counters counted from its task rows, its tasks' leases
+back), its heartbeats (load and counters counted from its latest task rows, its tasks' leases
 renewed), and agents gone silent marked offline with their tasks taken back."""
 
 import os
@@ -7,10 +7,10 @@ import socket
 from datetime import timedelta
 
 from django.conf import settings
-from django.db.models import Case, Count, Q, Value, When
+from django.db.models import Case, Value, When
 from django.utils import timezone
 
-from agents.models import Agent, ewma
+from agents.models import Agent, recent_figures
 
 from .leases import recover_tasks_of, renew_leases
 from .models import Task, running
@@ -52,21 +52,22 @@ def record_heartbeat(agent: Agent, processes: list[int] | None = None) -> None:
 
     The task rows are the truth: counting there, rather than bumping counters with every
     claim and outcome, keeps the agent's row out of the hot path (concurrent tasks of one agent
-    would queue on its lock) and cannot drift when a worker dies mid-task. The counters and
-    the EWMA cover the tasks it finished in the last AGENT_STATS_WINDOW_HOURS (an index on
-    (agent, finished_at) keeps this a range scan however long the agent lives). Between
-    beats the stored figures may lag; routing counts the live load itself (tasks.routing).
+    would queue on its lock) and cannot drift when a worker dies mid-task. The cost does not
+    grow with the agent's history: the load counts its running tasks (a partial index holds
+    only those), and the counters and the EWMA read at most AGENT_STATS_WINDOW_TASKS of its
+    latest finishes within AGENT_STATS_WINDOW_HOURS (a backward scan of the (agent,
+    finished_at) index). Between beats the stored figures may lag; routing counts the live load
+    itself (tasks.routing).
     """
-    tasks = Task.objects.filter(agent_id=agent.pk)
-    recent = Q(finished_at__gte=timezone.now() - timedelta(hours=settings.AGENT_STATS_WINDOW_HOURS))
-    counts = tasks.filter(recent | running()).aggregate(
-        load=Count("pk", filter=running()),
-        completed=Count("pk", filter=recent & Q(status=Task.Status.COMPLETED)),
-        failed=Count("pk", filter=recent & Q(status=Task.Status.FAILED)),
+    load = Task.objects.filter(running(), agent_id=agent.pk).count()
+    since = timezone.now() - timedelta(hours=settings.AGENT_STATS_WINDOW_HOURS)
+    latest = Task.objects.filter(agent_id=agent.pk, finished_at__gte=since).order_by("-finished_at")
+    figures = recent_figures(
+        (status == Task.Status.COMPLETED, status == Task.Status.FAILED, started, finished)
+        for status, started, finished in latest.values_list("status", "started_at", "finished_at")[
+            : settings.AGENT_STATS_WINDOW_TASKS
+        ]
     )
-    load = counts["load"]
-    spans = tasks.filter(recent, started_at__isnull=False).order_by("-finished_at")
-    durations = [(end - start).total_seconds() for start, end in spans.values_list("started_at", "finished_at")[:20]]
     # One statement, so a concurrent drain is never overwritten by a heartbeat.
     Agent.objects.filter(pk=agent.pk).update(
         last_heartbeat=timezone.now(),
@@ -76,9 +77,7 @@ def record_heartbeat(agent: Agent, processes: list[int] | None = None) -> None:
             default=Value(Agent.Status.ONLINE),
         ),
         current_load=load,
-        tasks_completed=counts["completed"],
-        tasks_failed=counts["failed"],
-        ewma_duration_s=ewma(reversed(durations)),
+        **figures,
         **({} if processes is None else {"processes": processes}),
     )
     if processes is not None:

@@ -43,7 +43,7 @@ class Task(models.Model):
     # (one being skipped because several upstreams were skipped together may be lowered once).
     upstream_open = models.PositiveIntegerField(default=0)
     max_attempts = models.PositiveSmallIntegerField(default=3)
-    # Indexed with finished_at below (routing and the heartbeat count an agent's tasks).
+    # Indexed below: with finished_at (its latest finishes), and its running tasks.
     agent = models.ForeignKey(
         "agents.Agent", null=True, blank=True, on_delete=models.SET_NULL, related_name="tasks", db_index=False
     )
@@ -80,8 +80,15 @@ class Task(models.Model):
         ordering = ["session_id", "position"]
         indexes = [
             models.Index(fields=["session", "status"], name="task_session_status"),
-            # An agent's running tasks (finished_at is NULL) and its recent history (heartbeat).
+            # An agent's latest finishes (its heartbeat's counters).
             models.Index(fields=["agent", "finished_at"], name="task_agent_finished"),
+            # Partial indexes hold only the tasks in flight, so that what looks for those (routing
+            # and heartbeats counting an agent's load, leases, the sweeps) costs the same however
+            # many finished tasks are stored.
+            models.Index(fields=["agent"], condition=Q(status="running"), name="task_running_agent"),
+            models.Index(fields=["lease_expires_at"], condition=Q(status="running"), name="task_running_lease"),
+            models.Index(fields=["queued_at"], condition=Q(status="queued"), name="task_queued"),
+            models.Index(fields=["session"], condition=Q(status="pending", upstream_open=0), name="task_unblocked"),
         ]
         constraints = [models.UniqueConstraint(fields=["session", "key"], name="unique_task_key_per_session")]
 
@@ -99,7 +106,6 @@ class Task(models.Model):
         return pert_hours(self.estimate_optimistic_h, self.estimate_likely_h, self.estimate_pessimistic_h)
 
 
-def running(prefix: str = "") -> Q:
-    """Running tasks, reached through `prefix` (e.g. "tasks__" from an agent). Unfinished is part
-    of the filter so that the (agent, finished_at) index finds them without the agent's history."""
-    return Q(**{f"{prefix}finished_at__isnull": True, f"{prefix}status": Task.Status.RUNNING})
+def running() -> Q:
+    """Running tasks; the partial index task_running_agent holds exactly these."""
+    return Q(finished_at__isnull=True, status=Task.Status.RUNNING)

@@ -9,7 +9,8 @@ is free first takes the message. Two cases route explicitly to agent.<name>:
   agents, the best Agent.score wins (docs/ROUTING.md).
 """
 
-from django.db.models import Count
+from django.db.models import Count, OuterRef, Subquery
+from django.db.models.functions import Coalesce
 
 from agents.models import Agent
 
@@ -24,8 +25,12 @@ def affinity_agent(task: Task, routed: dict[str, int] | None = None, among: list
         among = Task.objects.filter(dependents=task, agent__isnull=False).values("agent_id")
     # The stored load lags until the next heartbeat; count the running tasks now instead.
     # Only our Celery workers have queues (an external agent's tasks run on an EAP gateway).
+    # Counted in a subquery over its running tasks only (a partial index), never its history.
+    running_now = (
+        Task.objects.filter(running(), agent=OuterRef("pk")).order_by().values("agent").annotate(n=Count("pk"))
+    )
     upstream_agents = Agent.objects.filter(pk__in=among, mode=Agent.Mode.WORKER).annotate(
-        running=Count("tasks", filter=running("tasks__"))
+        running=Coalesce(Subquery(running_now.values("n")), 0)
     )
     for agent in upstream_agents:
         agent.current_load = agent.running

@@ -67,6 +67,19 @@ def test_a_heartbeat_counts_load_outcomes_and_recent_duration_from_the_tasks(db)
     assert agent.status == "online"
 
 
+def test_a_heartbeat_reads_only_the_latest_finishes_however_long_the_history(db, settings):
+    settings.AGENT_STATS_WINDOW_TASKS = 3
+    agent = make_agent("veteran", concurrency=4)
+    # Oldest first: the two failures are older than the three latest finishes.
+    give_tasks(agent, ("failed", 50), ("failed", 50), ("completed", 10), ("failed", 20), ("completed", 30))
+
+    record_heartbeat(agent)
+
+    agent.refresh_from_db()
+    assert (agent.tasks_completed, agent.tasks_failed) == (2, 1)
+    assert agent.ewma_duration_s == pytest.approx((10 * 0.8 + 20 * 0.2) * 0.8 + 30 * 0.2)
+
+
 def test_agent_queues_are_its_capabilities_and_its_own_name(db):
     agent = make_agent("builder", status="online")
 

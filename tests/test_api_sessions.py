@@ -278,6 +278,37 @@ def test_list_pages_walk_every_session_once_newest_first(api):
     assert created == sorted(created, reverse=True)
 
 
+def test_list_by_cursor_walks_every_session_once_newest_first_without_a_count(api):
+    sessions = bulk_sessions("acme", 7)
+    Task.objects.create(session=sessions[1], key="a", title="a", capability="testing")
+    now = timezone.now()
+    for session, age in zip(sessions, [3, 0, 5, 1, 1, 6, 2], strict=True):  # a tie on created_at too
+        Session.objects.filter(pk=session.pk).update(created_at=now - timedelta(hours=age))
+
+    walked, page = [], api.get(SESSIONS, {"cursor": "", "page_size": 2}).json()
+    assert set(page) == {"next", "previous", "results"}
+    while True:
+        walked += page["results"]
+        if page["next"] is None:
+            break
+        page = api.get(page["next"]).json()
+
+    ids = [s["id"] for s in walked]
+    assert sorted(ids) == sorted(str(s.pk) for s in sessions) and len(ids) == 7
+    assert [s["created_at"] for s in walked] == sorted((s["created_at"] for s in walked), reverse=True)
+    assert walked[0]["task_counts"]["pending"] == 1  # counted for the page's rows
+
+
+@pytest.mark.parametrize("cursor", ["not-base64!", "bz0tMQ==", "cD0yMDI2"])  # junk, o=-1, a bad position
+def test_a_bad_cursor_is_a_400_naming_it(api, cursor):
+    bulk_sessions("acme", 3)
+
+    response = api.get(SESSIONS, {"cursor": cursor})
+
+    assert response.status_code == 400
+    assert "cursor" in response.json()["error"]["details"]
+
+
 def test_list_query_count_does_not_grow_with_page_size(api):
     def queries_for_list() -> int:
         with CaptureQueriesContext(connection) as captured:
