@@ -32,6 +32,7 @@ def bench_environment() -> dict[str, str]:
         DEBUG="false",
         SECRET_KEY=secrets.token_urlsafe(32),
         LOG_LEVEL="WARNING",
+        ALLOWED_HOSTS="127.0.0.1",  # B4 calls the API in process, as this host
         PYTHONUNBUFFERED="1",
     )
     return env

@@ -1,4 +1,4 @@
-"""`python -m bench`: prepare the bench resources, profile, start workers, run B1, B2, B3 and B5, report."""
+"""`python -m bench`: prepare the bench resources, profile, start workers, run B1 to B5, report."""
 
 import argparse
 import os
@@ -10,9 +10,10 @@ from typing import Any
 
 from bench import BenchError
 from bench.env import RUN_DIR, bench_environment, configure_django, prepare_services
-from bench.report import b1_text, b2_text, b3_text, b5_text, profile_text, write_json
+from bench.report import b1_text, b2_text, b3_text, b4_text, b5_text, profile_text, write_json
 
 JSON_PATH = RUN_DIR / "bench.json"
+BENCHMARKS = ("b1", "b2", "b3", "b4", "b5")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -20,7 +21,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=9, choices=range(1, 16), metavar="1..15")
     parser.add_argument("--unit", type=float, default=0.5, help="B2's duration unit in seconds (default 0.5)")
     parser.add_argument("--skip-profile", action="store_true", help="skip the in-process SQL profile")
+    parser.add_argument(
+        "--only", action="append", choices=BENCHMARKS, help="run only this benchmark (repeatable; default: all)"
+    )
+    parser.add_argument("--million", action="store_true", help="B4: measure at 1,000,000 stored sessions too")
     args = parser.parse_args(argv)
+    args.only = args.only or list(BENCHMARKS)
     if not 0.05 <= args.unit <= 5:
         parser.error("--unit must be between 0.05 and 5 seconds")
     return args
@@ -38,6 +44,7 @@ def run(args: argparse.Namespace, env: dict[str, str]) -> dict:
     from bench.b1 import run_b1
     from bench.b2 import run_b2
     from bench.b3 import run_b3
+    from bench.b4 import run_b4
     from bench.b5 import run_b5
     from bench.ours import bench_tenant, forget_earlier_runs
     from bench.queries import profile_queries
@@ -49,21 +56,25 @@ def run(args: argparse.Namespace, env: dict[str, str]) -> dict:
     tenant = bench_tenant()
     forget_earlier_runs(tenant)
     results: dict[str, Any] = {"started_at": datetime.now(UTC).isoformat(timespec="seconds"), "host": host()}
-    if not args.skip_profile:
+    if not args.skip_profile and "b1" in args.only:
         print("profiling execute_task in process ...", file=sys.stderr, flush=True)
         results["profile"] = profile_queries(tenant)
         redis_client().flushdb()  # the messages the profile sent, which no worker is to run
+    steps = {
+        "b1": ("B1: dispatch overhead", lambda: run_b1(workers, tenant, args.repeats)),
+        "b2": ("B2: makespan", lambda: run_b2(workers, tenant, args.repeats, args.unit)),
+        "b3": ("B3: lock", lambda: run_b3(args.repeats)),
+        "b4": ("B4: cost against history", lambda: run_b4(workers, args.million)),
+        "b5": ("B5: sandbox cost", lambda: run_b5(args.repeats)),
+    }
     workers = Workers(env)
     try:
         workers.orchestrator()
-        print("B1: dispatch overhead ...", file=sys.stderr, flush=True)
-        results["b1"] = run_b1(workers, tenant, args.repeats)
-        print("B2: makespan ...", file=sys.stderr, flush=True)
-        results["b2"] = run_b2(workers, tenant, args.repeats, args.unit)
-        print("B3: lock ...", file=sys.stderr, flush=True)
-        results["b3"] = run_b3(args.repeats)
-        print("B5: sandbox cost ...", file=sys.stderr, flush=True)
-        results["b5"] = run_b5(args.repeats)
+        for name in BENCHMARKS:
+            if name in args.only:
+                title, step = steps[name]
+                print(f"{title} ...", file=sys.stderr, flush=True)
+                results[name] = step()
     finally:
         # A second Ctrl-C must not interrupt the clean-up half-way and leave workers behind.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -76,7 +87,8 @@ def host() -> dict:
 
 
 def print_report(results: dict) -> None:
-    sections = [b1_text(results["b1"]), b2_text(results["b2"]), b3_text(results["b3"]), b5_text(results["b5"])]
+    texts = {"b1": b1_text, "b2": b2_text, "b3": b3_text, "b4": b4_text, "b5": b5_text}
+    sections = [text(results[name]) for name, text in texts.items() if name in results]
     if "profile" in results:
         sections.append(profile_text(results["profile"]))
     print("\n\n".join(sections))

@@ -115,6 +115,34 @@ def write_json(results: dict, path: Path) -> str:
     return text
 
 
+def b4_text(b4: dict) -> str:
+    levels = b4["levels"]
+    growth = [f"growth {level}" for level in levels[1:]]
+    headers = (
+        "what",
+        *(f"{level:,} sessions" for level in levels),
+        *(f"growth x{level // levels[0]:,}" for level in levels[1:]),
+        "target",
+        "met?",
+    )
+    rows = [
+        (r["what"], *(r[str(level)] for level in levels), *(r[g] for g in growth), f"<= {b4['target']}", r["met"])
+        for r in b4["rows"]
+    ]
+    stored = ", ".join(
+        f"{level:,}: {b4['tasks'][str(level)]:,} tasks in {b4['generated'][str(level)]:g} s" for level in levels
+    )
+    return "\n".join(
+        [
+            f"B4 cost against history (ms unless said; growth = at N sessions / at {levels[0]:,}; "
+            "met? is judged at 100,000)",
+            table(headers, rows),
+            f"stored history: {stored}",
+            f"measured: {b4['measured']}",
+        ]
+    )
+
+
 def b5_text(b5: dict) -> str:
     rows = [("zero-work shell task", b5["shell_none_ms"], b5["shell_bwrap_ms"], b5["added_ms"],
              f"<= {b5['target_added_ms']:g}", b5["met"])]  # fmt: skip

@@ -1,0 +1,204 @@
+# ruff: noqa: S608 - statements built from constants and introspected column names; values are parameters
+"""B4's stored history: finished sessions written in SQL, seconds for 100,000 of them.
+
+One real session is made and finished through the ORM (the template: 6 tasks, root -> 4 -> sink,
+its events and checkpoints), then every history session is a copy of it made by INSERT ...
+SELECT over generate_series, with ids derived from the copy's number (md5 as a UUID), so that a
+copy's tasks, edges and checkpoints find each other without a round trip. Columns are copied
+from the template unless named here, so a new model field needs no change.
+
+History sessions are created 0.5 s apart going back from now (100,000 span 14 hours: inside the
+agents' statistics window, the worst case), one in ten failed, and their tasks alternate
+between the agents given, so each agent carries half of the history.
+"""
+
+import sys
+import time
+from datetime import timedelta
+
+from django.db import DatabaseError, connection, transaction
+from django.utils import timezone
+
+from agents.models import Agent
+from bench import shapes
+from bench.ours import new_session
+from sessions.models import Checkpoint, Session, SessionEvent
+from tasks.models import Task
+from tenants.models import Tenant
+
+TEMPLATE_TITLE = "history template"
+SPACING_S = 0.5
+TASKS_PER_SESSION = 6
+
+
+def task_id(position: str) -> str:
+    """A copy's task id: its session's id with the task's position in the last 4 digits, so that
+    rows inserted in session order are in id order too (sorted inserts into every index that
+    starts with either, instead of random ones: most of the time, otherwise)."""
+    return f"overlay(md5('s' || g) placing lpad(to_hex({position}), 4, '0') from 29)::uuid"
+
+
+# The columns written from the copy's number g; every other column is the template's.
+SESSION_COLUMNS = {
+    "id": "md5('s' || g)::uuid",
+    "title": "'history ' || g",
+    "status": "CASE WHEN g %% 10 = 0 THEN 'failed' ELSE 'completed' END",
+    "idempotency_key": "NULL",
+    "created_at": "%(now)s - g * %(spacing)s",
+    "updated_at": "%(now)s - g * %(spacing)s + interval '10 seconds'",
+    "started_at": "%(now)s - g * %(spacing)s + interval '1 second'",
+    "finished_at": "%(now)s - g * %(spacing)s + interval '10 seconds'",
+}
+TASK_COLUMNS = {
+    "id": task_id("src.position"),
+    "session_id": "md5('s' || g)::uuid",
+    "agent_id": "(%(agents)s::bigint[])[1 + g %% cardinality(%(agents)s::bigint[])]",
+    "created_at": "%(now)s - g * %(spacing)s",
+    "queued_at": "%(now)s - g * %(spacing)s + interval '1 second'",
+    "started_at": "%(now)s - g * %(spacing)s + interval '2 seconds'",
+    "finished_at": "%(now)s - g * %(spacing)s + interval '3 seconds'",
+}
+EDGE_COLUMNS = {
+    "from_task_id": task_id("src.from_position"),
+    "to_task_id": task_id("src.to_position"),
+}
+EVENT_COLUMNS = {
+    "session_id": "md5('s' || g)::uuid",
+    "created_at": "%(now)s - g * %(spacing)s",
+}
+CHECKPOINT_COLUMNS = {
+    "session_id": "md5('s' || g)::uuid",
+    "task_id": task_id("src.task_position"),
+    "created_at": "%(now)s - g * %(spacing)s",
+}
+
+
+def columns(table: str) -> list[str]:
+    with connection.cursor() as cursor:
+        return [c.name for c in connection.introspection.get_table_description(cursor, table)]
+
+
+def copy_statement(model, written: dict[str, str], template_rows: str) -> str:
+    """INSERT INTO model's table one row per (template row, copy number g). `template_rows`
+    selects the template's rows, named `src`; a serial id is left to its default. The template's
+    rows are materialised first: scanned once per copy, the table would be read again with every
+    row inserted so far."""
+    table = model._meta.db_table
+    names = [c for c in columns(table) if c in written or not (c == "id" and model._meta.pk.name == "id")]
+    picked = ", ".join(written.get(c, f"src.{c}") for c in names)
+    return (
+        f"WITH src AS MATERIALIZED ({template_rows}) INSERT INTO {table} ({', '.join(names)}) "
+        f"SELECT {picked} FROM src, generate_series(%(first)s, %(last)s) g ORDER BY md5('s' || g)"
+    )
+
+
+def template(tenant: Tenant, agents: list[Agent]) -> Session:
+    """The session every history session copies, finished as a real one would be."""
+    existing = Session.objects.filter(tenant=tenant, title=TEMPLATE_TITLE).first()
+    if existing is not None:
+        return existing
+    specs = shapes.fan(TASKS_PER_SESSION - 2)
+    session = new_session(tenant, TEMPLATE_TITLE, specs)
+    now = timezone.now()
+    tasks = list(session.tasks.order_by("position"))
+    for number, task in enumerate(tasks):
+        task.status = Task.Status.COMPLETED
+        task.agent = agents[number % len(agents)]
+        task.attempts = 1
+        task.upstream_open = 0
+        task.started_at, task.finished_at = now, now + timedelta(seconds=1)
+        task.result = {"output": f"{task.key} done", "executor": "scripted"}
+    Task.objects.bulk_update(
+        tasks, ["status", "agent", "attempts", "upstream_open", "started_at", "finished_at", "result"]
+    )
+    Checkpoint.objects.bulk_create(Checkpoint(session=session, task=task) for task in tasks)
+    steps = [("pending", "queued", "started"), ("queued", "running", "task root claimed"), ("running", "completed", "")]
+    SessionEvent.objects.bulk_create(
+        SessionEvent(session=session, from_status=a, to_status=b, reason=why, actor="bench", fencing_token=1, version=n)
+        for n, (a, b, why) in enumerate(steps, start=1)
+    )
+    Session.objects.filter(pk=session.pk).update(status="completed", version=len(steps), finished_at=now)
+    return session
+
+
+def stored(tenant: Tenant) -> int:
+    """How many history sessions the tenant has (the template is one)."""
+    return Session.objects.filter(tenant=tenant).count()
+
+
+def grow(tenant: Tenant, agents: list[Agent], sessions: int) -> float:
+    """Store history until the tenant has `sessions`; returns the seconds it took."""
+    started = time.perf_counter()
+    source = template(tenant, agents)
+    first, last = stored(tenant), sessions - 1  # the template is copy 0
+    if last < first:
+        return 0.0
+    params = {
+        "template": source.pk,
+        "first": first,
+        "last": last,
+        "now": timezone.now(),
+        "spacing": timedelta(seconds=SPACING_S),
+        "agents": [agent.pk for agent in agents],
+    }
+    statements = [
+        copy_statement(Session, SESSION_COLUMNS, "SELECT * FROM agent_sessions_session WHERE id = %(template)s"),
+        copy_statement(Task, TASK_COLUMNS, "SELECT * FROM tasks_task WHERE session_id = %(template)s"),
+        copy_statement(
+            Task.depends_on.through,
+            EDGE_COLUMNS,
+            "SELECT e.*, f.position AS from_position, u.position AS to_position FROM tasks_task_depends_on e "
+            "JOIN tasks_task f ON f.id = e.from_task_id JOIN tasks_task u ON u.id = e.to_task_id "
+            "WHERE f.session_id = %(template)s",
+        ),
+        copy_statement(
+            SessionEvent, EVENT_COLUMNS, "SELECT * FROM agent_sessions_sessionevent WHERE session_id = %(template)s"
+        ),
+        copy_statement(
+            Checkpoint,
+            CHECKPOINT_COLUMNS,
+            "SELECT c.*, t.position AS task_position FROM agent_sessions_checkpoint c "
+            "JOIN tasks_task t ON t.id = c.task_id WHERE c.session_id = %(template)s",
+        ),
+    ]
+    with transaction.atomic(), connection.cursor() as cursor:
+        skip_foreign_key_checks(cursor)
+        for sql in statements:
+            cursor.execute(sql, params)
+            # Fresh statistics before the next table's foreign keys are checked against this one:
+            # planned for the table as it was, each check would scan it whole.
+            cursor.execute(f"ANALYZE {sql.split(' INSERT INTO ', 1)[1].split()[0]}")
+    with connection.cursor() as cursor:
+        cursor.execute("VACUUM (ANALYZE)")
+    return time.perf_counter() - started
+
+
+def skip_foreign_key_checks(cursor) -> None:
+    """For this transaction, where the role may (a superuser, as on a development machine): the
+    rows are consistent by construction, and checking a million foreign keys one row at a time
+    is most of the time otherwise."""
+    try:
+        with transaction.atomic():
+            cursor.execute("SET LOCAL session_replication_role = replica")
+    except DatabaseError:
+        print("B4: not a superuser, so history is stored with its foreign keys checked (slower)", file=sys.stderr)
+
+
+def forget(tenant: Tenant, *, measured_only: bool = False) -> None:
+    """Delete the tenant's sessions (only those the measuring made, with `measured_only`) and
+    everything of theirs, in SQL: the ORM's cascade would load a million rows to delete them."""
+    sessions = "SELECT id FROM agent_sessions_session WHERE tenant_id = %(tenant)s"
+    if measured_only:
+        sessions += " AND title NOT LIKE 'history %%'"
+    tasks = f"SELECT id FROM tasks_task WHERE session_id IN ({sessions})"
+    with connection.cursor() as cursor:
+        for sql in (
+            f"DELETE FROM tasks_task_depends_on WHERE from_task_id IN ({tasks})",
+            f"DELETE FROM agent_sessions_checkpoint WHERE session_id IN ({sessions})",
+            f"DELETE FROM agent_sessions_sessionevent WHERE session_id IN ({sessions})",
+            f"DELETE FROM agents_eapdelivery WHERE task_id IN ({tasks})",
+            f"DELETE FROM tasks_task WHERE session_id IN ({sessions})",
+            f"DELETE FROM agent_sessions_session WHERE id IN ({sessions})",
+        ):
+            cursor.execute(sql, {"tenant": tenant.pk})
+        cursor.execute("VACUUM (ANALYZE)")
