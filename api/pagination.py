@@ -1,9 +1,11 @@
 """Pagination: page numbers for every list (50 a page by default, at most 200), and cursors for
 the session list, whose pages stay as cheap at page 10,000 as at page 1."""
 
-from django.utils.dateparse import parse_datetime
+from django.core.exceptions import ValidationError as DjangoValidationError
 from rest_framework.exceptions import NotFound, ValidationError
 from rest_framework.pagination import CursorPagination, PageNumberPagination
+
+from sessions.models import Session
 
 
 class Pagination(PageNumberPagination):
@@ -28,14 +30,12 @@ class SessionCursorPagination(CursorPagination):
             cursor = super().decode_cursor(request)
         except NotFound as exc:  # a client's bad input, not a missing resource
             raise ValidationError({self.cursor_query_param: [str(exc.detail)]}) from exc
-        # The position is filtered on as a created_at: anything else would fail in the query.
-        if cursor.position is not None and parse_datetime_or_none(cursor.position) is None:
-            raise ValidationError({self.cursor_query_param: ["Invalid cursor"]})
+        # The position is filtered on as the ordering field's value: check it as that field does,
+        # or a bad one would fail in the query.
+        field = self.ordering[0].lstrip("-")
+        if cursor.position is not None:
+            try:
+                Session._meta.get_field(field).to_python(cursor.position)
+            except DjangoValidationError as exc:
+                raise ValidationError({self.cursor_query_param: ["Invalid cursor"]}) from exc
         return cursor
-
-
-def parse_datetime_or_none(value: str):
-    try:
-        return parse_datetime(value)
-    except ValueError:  # well formatted, but not a date (month 13)
-        return None
