@@ -255,20 +255,31 @@ def test_list_is_newest_first_with_task_counts(api):
     assert results[1]["task_counts"]["pending"] == 6
 
 
-def test_list_pages_walk_every_session_once_newest_first(api):
+def aged_sessions() -> list[Session]:
+    """Seven sessions whose ages are out of insertion order, with a tie, so that only an explicit
+    ORDER BY walks them newest first."""
     sessions = bulk_sessions("acme", 7)
     now = timezone.now()
-    # Out of insertion order, with a tie, so that only an explicit ORDER BY gives this order.
-    ages = [3, 0, 5, 1, 1, 6, 2]
-    for session, age in zip(sessions, ages, strict=True):
+    for session, age in zip(sessions, [3, 0, 5, 1, 1, 6, 2], strict=True):
         Session.objects.filter(pk=session.pk).update(created_at=now - timedelta(hours=age))
+    return sessions
 
-    walked, page = [], api.get(SESSIONS, {"page_size": 2}).json()
+
+def walk(api, params: dict) -> tuple[dict, list[dict]]:
+    """The first page of the session list, and every session on it and the pages after it."""
+    first = page = api.get(SESSIONS, params).json()
+    walked = []
     while True:
         walked += page["results"]
         if page["next"] is None:
-            break
+            return first, walked
         page = api.get(page["next"]).json()
+
+
+def test_list_pages_walk_every_session_once_newest_first(api):
+    sessions = aged_sessions()
+
+    _, walked = walk(api, {"page_size": 2})
 
     ids = [s["id"] for s in walked]
     assert sorted(ids) == sorted(str(s.pk) for s in sessions)
@@ -279,20 +290,12 @@ def test_list_pages_walk_every_session_once_newest_first(api):
 
 
 def test_list_by_cursor_walks_every_session_once_newest_first_without_a_count(api):
-    sessions = bulk_sessions("acme", 7)
+    sessions = aged_sessions()
     Task.objects.create(session=sessions[1], key="a", title="a", capability="testing")
-    now = timezone.now()
-    for session, age in zip(sessions, [3, 0, 5, 1, 1, 6, 2], strict=True):  # a tie on created_at too
-        Session.objects.filter(pk=session.pk).update(created_at=now - timedelta(hours=age))
 
-    walked, page = [], api.get(SESSIONS, {"cursor": "", "page_size": 2}).json()
-    assert set(page) == {"next", "previous", "results"}
-    while True:
-        walked += page["results"]
-        if page["next"] is None:
-            break
-        page = api.get(page["next"]).json()
+    first, walked = walk(api, {"cursor": "", "page_size": 2})
 
+    assert set(first) == {"next", "previous", "results"}
     ids = [s["id"] for s in walked]
     assert sorted(ids) == sorted(str(s.pk) for s in sessions) and len(ids) == 7
     assert [s["created_at"] for s in walked] == sorted((s["created_at"] for s in walked), reverse=True)
