@@ -186,7 +186,7 @@ def run_b4(workers: Workers, million: bool) -> dict:
             # Throughput falls as cost grows: its growth is the first rate over this one.
             growth = first / value if name.startswith("end-to-end") else value / first
             row[f"growth {level}"] = round(growth, 2)
-        row["met"] = all(row[f"growth {level}"] <= TARGET_RATIO for level in levels[1:2])
+        row["met"] = row[f"growth {LEVELS[1]}"] <= TARGET_RATIO  # the target is for 100,000
         rows.append(row)
     return {
         "levels": levels,

@@ -3,7 +3,7 @@
 
 One real session is made and finished through the ORM (the template: 6 tasks, root -> 4 -> sink,
 its events and checkpoints), then every history session is a copy of it made by INSERT ...
-SELECT over generate_series, with ids derived from the copy's number (md5 as a UUID), so that a
+SELECT over generate_series, with ids derived from the tenant and the copy's number (md5 as a UUID), so that a
 copy's tasks, edges and checkpoints find each other without a round trip. Columns are copied
 from the template unless named here, so a new model field needs no change.
 
@@ -35,12 +35,12 @@ def task_id(position: str) -> str:
     """A copy's task id: its session's id with the task's position in the last 4 digits, so that
     rows inserted in session order are in id order too (sorted inserts into every index that
     starts with either, instead of random ones: most of the time, otherwise)."""
-    return f"overlay(md5('s' || g) placing lpad(to_hex({position}), 4, '0') from 29)::uuid"
+    return f"overlay(md5(%(seed)s || g) placing lpad(to_hex({position}), 4, '0') from 29)::uuid"
 
 
 # The columns written from the copy's number g; every other column is the template's.
 SESSION_COLUMNS = {
-    "id": "md5('s' || g)::uuid",
+    "id": "md5(%(seed)s || g)::uuid",
     "title": "'history ' || g",
     "status": "CASE WHEN g %% 10 = 0 THEN 'failed' ELSE 'completed' END",
     "idempotency_key": "NULL",
@@ -51,7 +51,7 @@ SESSION_COLUMNS = {
 }
 TASK_COLUMNS = {
     "id": task_id("src.position"),
-    "session_id": "md5('s' || g)::uuid",
+    "session_id": "md5(%(seed)s || g)::uuid",
     "agent_id": "(%(agents)s::bigint[])[1 + g %% cardinality(%(agents)s::bigint[])]",
     "created_at": "%(now)s - g * %(spacing)s",
     "queued_at": "%(now)s - g * %(spacing)s + interval '1 second'",
@@ -63,14 +63,36 @@ EDGE_COLUMNS = {
     "to_task_id": task_id("src.to_position"),
 }
 EVENT_COLUMNS = {
-    "session_id": "md5('s' || g)::uuid",
+    "session_id": "md5(%(seed)s || g)::uuid",
     "created_at": "%(now)s - g * %(spacing)s",
 }
 CHECKPOINT_COLUMNS = {
-    "session_id": "md5('s' || g)::uuid",
+    "session_id": "md5(%(seed)s || g)::uuid",
     "task_id": task_id("src.task_position"),
     "created_at": "%(now)s - g * %(spacing)s",
 }
+
+
+# What each copy is made of, in the order the foreign keys need: the model, the columns written
+# from g, and the template's rows (with the positions that name a copy's tasks).
+COPIES = [
+    (Session, SESSION_COLUMNS, "SELECT * FROM agent_sessions_session WHERE id = %(template)s"),
+    (Task, TASK_COLUMNS, "SELECT * FROM tasks_task WHERE session_id = %(template)s"),
+    (
+        Task.depends_on.through,
+        EDGE_COLUMNS,
+        "SELECT e.*, f.position AS from_position, u.position AS to_position FROM tasks_task_depends_on e "
+        "JOIN tasks_task f ON f.id = e.from_task_id JOIN tasks_task u ON u.id = e.to_task_id "
+        "WHERE f.session_id = %(template)s",
+    ),
+    (SessionEvent, EVENT_COLUMNS, "SELECT * FROM agent_sessions_sessionevent WHERE session_id = %(template)s"),
+    (
+        Checkpoint,
+        CHECKPOINT_COLUMNS,
+        "SELECT c.*, t.position AS task_position FROM agent_sessions_checkpoint c "
+        "JOIN tasks_task t ON t.id = c.task_id WHERE c.session_id = %(template)s",
+    ),
+]
 
 
 def columns(table: str) -> list[str]:
@@ -88,7 +110,7 @@ def copy_statement(model, written: dict[str, str], template_rows: str) -> str:
     picked = ", ".join(written.get(c, f"src.{c}") for c in names)
     return (
         f"WITH src AS MATERIALIZED ({template_rows}) INSERT INTO {table} ({', '.join(names)}) "
-        f"SELECT {picked} FROM src, generate_series(%(first)s, %(last)s) g ORDER BY md5('s' || g)"
+        f"SELECT {picked} FROM src, generate_series(%(first)s, %(last)s) g ORDER BY md5(%(seed)s || g)"
     )
 
 
@@ -135,39 +157,20 @@ def grow(tenant: Tenant, agents: list[Agent], sessions: int) -> float:
         return 0.0
     params = {
         "template": source.pk,
+        "seed": f"{tenant.pk}:",  # copies of another tenant's history get other ids
         "first": first,
         "last": last,
         "now": timezone.now(),
         "spacing": timedelta(seconds=SPACING_S),
         "agents": [agent.pk for agent in agents],
     }
-    statements = [
-        copy_statement(Session, SESSION_COLUMNS, "SELECT * FROM agent_sessions_session WHERE id = %(template)s"),
-        copy_statement(Task, TASK_COLUMNS, "SELECT * FROM tasks_task WHERE session_id = %(template)s"),
-        copy_statement(
-            Task.depends_on.through,
-            EDGE_COLUMNS,
-            "SELECT e.*, f.position AS from_position, u.position AS to_position FROM tasks_task_depends_on e "
-            "JOIN tasks_task f ON f.id = e.from_task_id JOIN tasks_task u ON u.id = e.to_task_id "
-            "WHERE f.session_id = %(template)s",
-        ),
-        copy_statement(
-            SessionEvent, EVENT_COLUMNS, "SELECT * FROM agent_sessions_sessionevent WHERE session_id = %(template)s"
-        ),
-        copy_statement(
-            Checkpoint,
-            CHECKPOINT_COLUMNS,
-            "SELECT c.*, t.position AS task_position FROM agent_sessions_checkpoint c "
-            "JOIN tasks_task t ON t.id = c.task_id WHERE c.session_id = %(template)s",
-        ),
-    ]
     with transaction.atomic(), connection.cursor() as cursor:
         skip_foreign_key_checks(cursor)
-        for sql in statements:
-            cursor.execute(sql, params)
+        for model, written, template_rows in COPIES:
+            cursor.execute(copy_statement(model, written, template_rows), params)
             # Fresh statistics before the next table's foreign keys are checked against this one:
             # planned for the table as it was, each check would scan it whole.
-            cursor.execute(f"ANALYZE {sql.split(' INSERT INTO ', 1)[1].split()[0]}")
+            cursor.execute(f"ANALYZE {model._meta.db_table}")
     with connection.cursor() as cursor:
         cursor.execute("VACUUM (ANALYZE)")
     return time.perf_counter() - started
