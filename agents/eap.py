@@ -19,7 +19,7 @@ from django.db.models import Case, F, Q, Value, When
 from django.utils import timezone
 
 from .breakers import redis_circuit_breaker
-from .models import Agent, EapDelivery, recent_figures
+from .models import Agent, EapDelivery, latest_finishes, recent_figures
 
 logger = logging.getLogger(__name__)
 TOKEN_SCHEME = "eap"  # noqa: S105 - the tag tokens start with, not a secret
@@ -111,13 +111,10 @@ def record_heartbeat(agent: Agent, *, status: str, current_load: int) -> None:
         reported = Agent.Status.DEGRADED
     else:
         reported = status
-    since = timezone.now() - timedelta(hours=settings.AGENT_STATS_WINDOW_HOURS)
-    latest = EapDelivery.objects.filter(agent_id=agent.pk, state=EapDelivery.State.DONE, finished_at__gte=since)
+    done = EapDelivery.objects.filter(agent_id=agent.pk, state=EapDelivery.State.DONE)
     figures = recent_figures(
         (error == "", error != "", claimed, finished)
-        for error, claimed, finished in latest.order_by("-finished_at").values_list(
-            "error", "claimed_at", "finished_at"
-        )[: settings.AGENT_STATS_WINDOW_TASKS]
+        for error, claimed, finished in latest_finishes(done, "error", "claimed_at", "finished_at")
     )
     # One statement, so that an operator's drain in between is not overwritten.
     Agent.objects.filter(pk=agent.pk).update(

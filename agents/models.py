@@ -139,6 +139,15 @@ def ewma(values, alpha: float = 0.2) -> float | None:
     return mean
 
 
+def latest_finishes(finished, *fields):
+    """Of `finished` (an agent's tasks or deliveries), the latest within the statistics window
+    (AGENT_STATS_WINDOW_TASKS finished in the last AGENT_STATS_WINDOW_HOURS), newest first, as
+    tuples of `fields`: a backward scan of the (agent, finished_at) index, whatever the history."""
+    since = timezone.now() - timedelta(hours=settings.AGENT_STATS_WINDOW_HOURS)
+    latest = finished.filter(finished_at__gte=since).order_by("-finished_at")
+    return latest.values_list(*fields)[: settings.AGENT_STATS_WINDOW_TASKS]
+
+
 def recent_figures(finishes) -> dict:
     """An agent's counters and EWMA duration (Agent.score) from its latest finishes, newest
     first, each (completed, failed, started_at or None, finished_at): the EWMA covers the last

@@ -10,7 +10,7 @@ from django.conf import settings
 from django.db.models import Case, Value, When
 from django.utils import timezone
 
-from agents.models import Agent, recent_figures
+from agents.models import Agent, latest_finishes, recent_figures
 
 from .leases import recover_tasks_of, renew_leases
 from .models import Task, running
@@ -60,13 +60,11 @@ def record_heartbeat(agent: Agent, processes: list[int] | None = None) -> None:
     itself (tasks.routing).
     """
     load = Task.objects.filter(running(), agent_id=agent.pk).count()
-    since = timezone.now() - timedelta(hours=settings.AGENT_STATS_WINDOW_HOURS)
-    latest = Task.objects.filter(agent_id=agent.pk, finished_at__gte=since).order_by("-finished_at")
     figures = recent_figures(
         (status == Task.Status.COMPLETED, status == Task.Status.FAILED, started, finished)
-        for status, started, finished in latest.values_list("status", "started_at", "finished_at")[
-            : settings.AGENT_STATS_WINDOW_TASKS
-        ]
+        for status, started, finished in latest_finishes(
+            Task.objects.filter(agent_id=agent.pk), "status", "started_at", "finished_at"
+        )
     )
     # One statement, so a concurrent drain is never overwritten by a heartbeat.
     Agent.objects.filter(pk=agent.pk).update(
