@@ -1,17 +1,82 @@
-"""Pagination: page numbers for every list (50 a page by default, at most 200), and cursors for
-the session list, whose pages stay as cheap at page 10,000 as at page 1."""
+"""Pagination: page numbers for every list (50 a page by default, at most 200) over a count
+that stops at API_COUNT_LIMIT, and cursors for the session list, whose pages stay as cheap at
+page 10,000 as at page 1."""
 
+from django.conf import settings
 from django.core.exceptions import ValidationError as DjangoValidationError
+from django.core.paginator import EmptyPage
+from django.core.paginator import Paginator as DjangoPaginator
+from django.utils.functional import cached_property
 from rest_framework.exceptions import NotFound, ValidationError
 from rest_framework.pagination import CursorPagination, PageNumberPagination
+from rest_framework.response import Response
 
 from sessions.models import Session
+
+
+class CappedCountPaginator(DjangoPaginator):
+    """Counts at most API_COUNT_LIMIT rows: a count costs what the limit costs, however many rows
+    the list has (an exact count walks all of them). `exact` says whether the count is all."""
+
+    @cached_property
+    def _counted(self) -> int:
+        """The rows, counted up to one past the limit."""
+        rows = self.object_list
+        if not hasattr(rows, "order_by"):
+            return len(rows)
+        return rows.order_by()[: settings.API_COUNT_LIMIT + 1].count()
+
+    @property
+    def exact(self) -> bool:
+        return self._counted <= settings.API_COUNT_LIMIT
+
+    @property
+    def count(self) -> int:
+        return min(self._counted, settings.API_COUNT_LIMIT)
+
+    def validate_number(self, number):
+        try:
+            return super().validate_number(number)
+        except EmptyPage:
+            if self.exact:
+                raise
+            raise EmptyPage(
+                f"pages stop at the first {settings.API_COUNT_LIMIT} results; narrow the list with filters, "
+                "or page the sessions with ?cursor="
+            ) from None
 
 
 class Pagination(PageNumberPagination):
     page_size = 50
     page_size_query_param = "page_size"
     max_page_size = 200
+    django_paginator_class = CappedCountPaginator
+    invalid_page_message = "Invalid page: {message}."
+
+    def get_paginated_response(self, data):
+        return Response(
+            {
+                "count": self.page.paginator.count,
+                "count_exact": self.page.paginator.exact,
+                "next": self.get_next_link(),
+                "previous": self.get_previous_link(),
+                "results": data,
+            }
+        )
+
+    def get_paginated_response_schema(self, schema):
+        response = super().get_paginated_response_schema(schema)
+        response["properties"]["count"]["description"] = "Results in the list, or API_COUNT_LIMIT when there are more."
+        response["properties"] = {
+            "count": response["properties"]["count"],
+            "count_exact": {
+                "type": "boolean",
+                "description": "false when the list has more results than were counted (API_COUNT_LIMIT).",
+            },
+            **{k: v for k, v in response["properties"].items() if k != "count"},
+        }
+        response["required"] = ["count", "count_exact", "results"]
+        return response
 
 
 class SessionCursorPagination(CursorPagination):

@@ -209,6 +209,8 @@ REST_FRAMEWORK = {
     "DEFAULT_THROTTLE_RATES": {"user": os.environ.get("API_THROTTLE_USER", "6000/min")},
     "PAGE_SIZE": 50,
 }
+# A list's count stops here (api/pagination.py): counting every row costs as much as the rows.
+API_COUNT_LIMIT = env_int("API_COUNT_LIMIT", 10_000, minimum=100)
 
 SPECTACULAR_SETTINGS = {
     "TITLE": "Industrial Orchestrator API",

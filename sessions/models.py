@@ -131,7 +131,13 @@ class Session(models.Model):
             ),
             models.CheckConstraint(condition=models.Q(priority__lte=9), name="priority_0_to_9"),
         ]
-        indexes = [models.Index(fields=["tenant", "status"])]
+        indexes = [
+            models.Index(fields=["tenant", "status"]),
+            # Retention looks for the oldest settled sessions: a range of this index, not every row.
+            models.Index(
+                fields=["finished_at"], condition=models.Q(finished_at__isnull=False), name="session_finished"
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"{self.title} ({self.status})"

@@ -72,9 +72,10 @@ def sweep_degraded_sessions() -> dict[str, int]:
     moved = {"degraded": 0, "recovered": 0, "rerouted": 0}
     # Running sessions with a ready task might degrade; every degraded one might recover (its
     # ready tasks may all have been claimed since).
-    sessions = Session.objects.filter(
-        Q(status=Session.Status.RUNNING, tasks__status=Task.Status.QUEUED) | Q(status=Session.Status.DEGRADED)
-    ).distinct()
+    has_queued = Exists(Task.objects.filter(session=OuterRef("pk"), status=Task.Status.QUEUED))
+    sessions = Session.objects.filter(status__in=(Session.Status.RUNNING, Session.Status.DEGRADED)).filter(
+        Q(status=Session.Status.DEGRADED) | has_queued
+    )
     for session in sessions:
         # Read once: rerouting changes neither a task's status nor when it was queued.
         queued = list(session.tasks.filter(status=Task.Status.QUEUED))

@@ -14,7 +14,7 @@ from agents.models import Agent
 from sessions.models import Checkpoint, Session, SessionEvent
 from tasks.models import Task
 from tenants.models import Membership, Tenant
-from tests.conftest import dag_payload, member_client, queued_broker_messages
+from tests.conftest import dag_payload, error_of, member_client, queued_broker_messages
 
 SESSIONS = "/api/v1/sessions/"
 
@@ -211,8 +211,8 @@ def test_list_paginates_with_count_next_previous_results(api):
     first = api.get(SESSIONS, {"page_size": 2}).json()
     second = api.get(first["next"]).json()
 
-    assert set(first) == {"count", "next", "previous", "results"}
-    assert first["count"] == 5
+    assert set(first) == {"count", "count_exact", "next", "previous", "results"}
+    assert (first["count"], first["count_exact"]) == (5, True)
     assert len(first["results"]) == 2
     assert first["previous"] is None
     assert "page=2" in first["next"]
@@ -220,6 +220,30 @@ def test_list_paginates_with_count_next_previous_results(api):
     assert second["previous"] is not None
     ids = {s["id"] for s in first["results"]} | {s["id"] for s in second["results"]}
     assert len(ids) == 4
+
+
+def test_list_count_stops_at_the_limit_and_pages_past_it_are_refused(api, settings):
+    settings.API_COUNT_LIMIT = 3
+    sessions = bulk_sessions("acme", 5)
+
+    first = api.get(SESSIONS, {"page_size": 2}).json()
+    second = api.get(first["next"]).json()
+    past = error_of(api.get(SESSIONS, {"page_size": 2, "page": 3}), 404)
+
+    assert (first["count"], first["count_exact"]) == (3, False)
+    assert len(second["results"]) == 1 and second["next"] is None  # pages hold the counted results
+    assert "first 3 results" in past["message"] and "cursor" in past["message"]
+    _, walked = walk(api, {"cursor": "", "page_size": 2})
+    assert sorted(s["id"] for s in walked) == sorted(str(s.pk) for s in sessions)
+
+
+def test_list_count_is_exact_up_to_the_limit(api, settings):
+    settings.API_COUNT_LIMIT = 5
+    bulk_sessions("acme", 5)
+
+    body = api.get(SESSIONS, {"status": "pending"}).json()
+
+    assert (body["count"], body["count_exact"]) == (5, True)
 
 
 def test_list_default_page_size_is_50(api):
