@@ -27,7 +27,9 @@ IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 
 class SessionFilter(django_filters.FilterSet):
-    status = django_filters.MultipleChoiceFilter(choices=Session.Status.choices)
+    # Not DISTINCT (django-filter's default for a multiple choice): status is a column of the row,
+    # so no row can match twice, and DISTINCT sorts every matching session to page 50 of them.
+    status = django_filters.MultipleChoiceFilter(choices=Session.Status.choices, distinct=False)
     priority = django_filters.NumberFilter()
     created_after = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
     created_before = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="lt")

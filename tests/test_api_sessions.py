@@ -350,6 +350,19 @@ def test_list_query_count_does_not_grow_with_page_size(api):
     assert queries_for_list() == few
 
 
+def test_list_filtered_by_status_reads_no_more_rows_than_the_page(api):
+    # DISTINCT, or a count without a limit, would make PostgreSQL read every matching session.
+    bulk_sessions("acme", 3)
+
+    with CaptureQueriesContext(connection) as captured:
+        assert api.get(SESSIONS, {"status": ["pending", "queued"]}).status_code == 200
+
+    sessions = [q["sql"] for q in captured if 'FROM "agent_sessions_session"' in q["sql"]]
+    assert len(sessions) == 2  # the capped count and the page
+    assert not any("DISTINCT" in sql for sql in sessions), sessions
+    assert all("LIMIT" in sql for sql in sessions), sessions
+
+
 def test_filter_by_status_accepts_several_values(api):
     _pending, queued, cancelled = bulk_sessions("acme", 3)
     Session.objects.filter(pk=queued.pk).update(status=Session.Status.QUEUED)
