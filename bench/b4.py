@@ -171,6 +171,7 @@ def run_b4(workers: Workers, million: bool) -> dict:
             results[level] = {
                 "generated_s": round(seconds, 1),
                 "tasks": tasks,
+                "bytes": history.table_bytes(),
                 "figures": measure_level(tenant, client, agents),
             }
     finally:
@@ -188,8 +189,13 @@ def run_b4(workers: Workers, million: bool) -> dict:
             row[f"growth {level}"] = round(growth, 2)
         row["met"] = row[f"growth {LEVELS[1]}"] <= TARGET_RATIO  # the target is for 100,000
         rows.append(row)
+    low, high = results[levels[0]], results[levels[-1]]
     return {
         "levels": levels,
+        # What one more session costs on disk: the difference between two levels, so that the
+        # tables' fixed overhead and the measuring's own rows cancel out.
+        "bytes_per_session": round((high["bytes"] - low["bytes"]) / (levels[-1] - levels[0])),
+        "tasks_per_session": history.TASKS_PER_SESSION,
         "generated": {str(level): results[level]["generated_s"] for level in levels},
         "tasks": {str(level): results[level]["tasks"] for level in levels},
         "target": TARGET_RATIO,

@@ -176,6 +176,14 @@ def grow(tenant: Tenant, agents: list[Agent], sessions: int) -> float:
     return time.perf_counter() - started
 
 
+def table_bytes() -> int:
+    """The bytes on disk of the tables history fills, with their indexes and TOAST."""
+    tables = [model._meta.db_table for model, _, _ in COPIES]
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT sum(pg_total_relation_size(t::regclass)) FROM unnest(%s::text[]) t", [tables])
+        return int(cursor.fetchone()[0])
+
+
 def skip_foreign_key_checks(cursor) -> None:
     """For this transaction, where the role may (a superuser, as on a development machine): the
     rows are consistent by construction, and checking a million foreign keys one row at a time

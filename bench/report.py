@@ -137,7 +137,8 @@ def b4_text(b4: dict) -> str:
             f"B4 cost against history (ms unless said; growth = at N sessions / at {levels[0]:,}; "
             "met? is judged at 100,000)",
             table(headers, rows),
-            f"stored history: {stored}",
+            f"stored history: {stored}; on disk, with indexes: {b4['bytes_per_session']:,} bytes per "
+            f"{b4['tasks_per_session']}-task session",
             f"measured: {b4['measured']}",
         ]
     )
