@@ -147,13 +147,13 @@ def measure_level(tenant: Tenant, client: APIClient, agents: dict[str, Agent]) -
     figures |= fleet_and_sweeps(agents[WORKER_AGENT])
     figures["end-to-end sessions/min"] = throughput(tenant)
     # What the measuring added is not history: the next level starts from the same count.
-    history.forget(tenant, measured_only=True)
+    history.forget_measured(tenant)
     return figures
 
 
 def run_b4(workers: Workers, million: bool) -> dict:
     tenant, _ = Tenant.objects.get_or_create(slug="bench-history", defaults={"name": "B4 history"})
-    history.forget(tenant)
+    history.forget_all()
     inprocess = register_worker(
         name=INPROCESS_AGENT, capabilities=[shapes.CAPABILITY], executor="scripted", concurrency=CONCURRENCY
     )
@@ -177,7 +177,7 @@ def run_b4(workers: Workers, million: bool) -> dict:
     finally:
         workers.stop(WORKER_AGENT)
         Agent.objects.filter(pk=inprocess.pk).update(status=Agent.Status.OFFLINE, current_load=0)
-        history.forget(tenant)
+        history.forget_all()
     base = results[levels[0]]["figures"]
     rows = []
     for name, first in base.items():

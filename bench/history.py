@@ -15,12 +15,14 @@ between the agents given, so each agent carries half of the history.
 import sys
 import time
 from datetime import timedelta
+from urllib.parse import urlparse
 
 from django.db import DatabaseError, connection, transaction
 from django.utils import timezone
 
 from agents.models import Agent
-from bench import shapes
+from bench import BenchError, shapes
+from bench.env import DATABASE_URL as BENCH_DATABASE_URL
 from bench.ours import new_session
 from sessions.models import Checkpoint, Session, SessionEvent
 from tasks.models import Task
@@ -195,12 +197,10 @@ def skip_foreign_key_checks(cursor) -> None:
         print("B4: not a superuser, so history is stored with its foreign keys checked (slower)", file=sys.stderr)
 
 
-def forget(tenant: Tenant, *, measured_only: bool = False) -> None:
-    """Delete the tenant's sessions (only those the measuring made, with `measured_only`) and
-    everything of theirs, in SQL: the ORM's cascade would load a million rows to delete them."""
-    sessions = "SELECT id FROM agent_sessions_session WHERE tenant_id = %(tenant)s"
-    if measured_only:
-        sessions += " AND title NOT LIKE 'history %%'"
+def forget_measured(tenant: Tenant) -> None:
+    """Delete the sessions the measuring made (not the history) and everything of theirs, in
+    SQL: the ORM's cascade would load every row to delete it."""
+    sessions = "SELECT id FROM agent_sessions_session WHERE tenant_id = %(tenant)s AND title NOT LIKE 'history %%'"
     tasks = f"SELECT id FROM tasks_task WHERE session_id IN ({sessions})"
     with connection.cursor() as cursor:
         for sql in (
@@ -213,3 +213,14 @@ def forget(tenant: Tenant, *, measured_only: bool = False) -> None:
         ):
             cursor.execute(sql, {"tenant": tenant.pk})
         cursor.execute("VACUUM (ANALYZE)")
+
+
+def forget_all() -> None:
+    """Empty every table a session fills, in the benchmark's own database: deleting a million
+    sessions row by row takes minutes, truncating takes none. The other benchmarks' sessions go
+    too; each of them starts by deleting its earlier runs anyway."""
+    if connection.settings_dict["NAME"] != urlparse(BENCH_DATABASE_URL).path.lstrip("/"):
+        raise BenchError(f"B4 truncates only the benchmark's database, not {connection.settings_dict['NAME']}")
+    tables = [model._meta.db_table for model, _, _ in COPIES]
+    with connection.cursor() as cursor:
+        cursor.execute(f"TRUNCATE {', '.join(tables)} CASCADE")
