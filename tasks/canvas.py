@@ -171,7 +171,8 @@ def build_canvas(session: Session) -> tuple[Signature | None, list[Task]]:
     """
     unfinished = (
         Task.objects.filter(session=session, status__in=Task.UNFINISHED)
-        .only("key", "position", "status", "capability", "pinned_agent", "timeout_seconds")
+        # What node_signature reads (Task.queue among it): a field left out costs a query per task.
+        .only("key", "position", "status", "capability", "pinned_agent", "pinned_via_gateway", "timeout_seconds")
         .order_by("position")
     )
     tasks, running = {}, set()

@@ -1,5 +1,7 @@
 import pytest
 from celery.canvas import _chain, chord, group
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 
 from sessions.models import Session
 from tasks.canvas import build_canvas, plan_dag
@@ -63,8 +65,8 @@ def test_a_long_chain_plans_without_recursion_limits():
     assert plan.canvas == ("chain", keys) and not plan.released
 
 
-def make_session(edges: dict[str, list[str]], priority: int = 5) -> Session:
-    tenant = Tenant.objects.create(slug="acme", name="Acme")
+def make_session(edges: dict[str, list[str]], priority: int = 5, slug: str = "acme") -> Session:
+    tenant = Tenant.objects.create(slug=slug, name=slug)
     session = Session.objects.create(tenant=tenant, title="t", requirements="r", priority=priority)
     tasks = {
         key: Task.objects.create(session=session, key=key, title=key, capability="code_generation", position=i)
@@ -180,3 +182,17 @@ def test_nothing_left_to_run_compiles_to_nothing(db):
     session.tasks.update(status=Task.Status.COMPLETED)
 
     assert build_canvas(session) == (None, [])
+
+
+def test_compiling_costs_the_same_queries_for_any_number_of_tasks(db):
+    def queries_to_compile(session: Session) -> int:
+        with CaptureQueriesContext(connection) as captured:
+            canvas, _ = build_canvas(session)
+        assert canvas is not None
+        return len(captured)
+
+    small = queries_to_compile(make_session({"a": [], "b": ["a"]}))
+    wide = {"root": [], **{f"m{n}": ["root"] for n in range(12)}, "sink": [f"m{n}" for n in range(12)]}
+    large = queries_to_compile(make_session(wide, slug="wide"))
+
+    assert large == small
