@@ -36,6 +36,7 @@ LEVELS = (1_000, 100_000)
 MILLION = 1_000_000
 WORKER_AGENT = "bench-b4"
 INPROCESS_AGENT = "bench-b4-inprocess"
+ORCHESTRATOR = "bench-orchestrator"  # bench.workers.Workers.orchestrator
 CONCURRENCY = 4
 THROUGHPUT_SESSIONS = 120
 THROUGHPUT_RUNS = 3
@@ -123,12 +124,18 @@ def fleet_and_sweeps(agent: Agent) -> dict[str, float]:
     }
 
 
-def throughput(tenant: Tenant) -> float:
+def throughput(tenant: Tenant, workers: Workers) -> dict[str, float]:
     """Sessions per minute: THROUGHPUT_SESSIONS six-task zero-work sessions started at once,
-    until the last settles; the median of THROUGHPUT_RUNS runs."""
-    rates = []
+    until the last settles; the median of THROUGHPUT_RUNS runs. And the CPU time the agent
+    worker spent per task and the orchestrator worker per session meanwhile (their processes'
+    own time, not PostgreSQL's or Redis's)."""
+    rates, agent_cpu, orchestrator_cpu = [], [], []
     for run in range(THROUGHPUT_RUNS):
-        batch = [new_session(tenant, f"B4 e2e {run}.{n}", shapes.fan(4)) for n in range(THROUGHPUT_SESSIONS)]
+        batch = [
+            new_session(tenant, f"B4 e2e {run}.{n}", shapes.fan(history.TASKS_PER_SESSION - 2))
+            for n in range(THROUGHPUT_SESSIONS)
+        ]
+        cpu_before = workers.cpu_seconds(WORKER_AGENT), workers.cpu_seconds(ORCHESTRATOR)
         started = time.perf_counter()
         for session in batch:
             start_session(session, actor="bench")
@@ -138,14 +145,21 @@ def throughput(tenant: Tenant) -> float:
             if status != Session.Status.COMPLETED:
                 raise BenchError(f"B4: session {session.pk} ended {status}; see .run/*.log")
         rates.append(60 * THROUGHPUT_SESSIONS / (time.perf_counter() - started))
-    return statistics.median(rates)
+        agent_cpu.append(workers.cpu_seconds(WORKER_AGENT) - cpu_before[0])
+        orchestrator_cpu.append(workers.cpu_seconds(ORCHESTRATOR) - cpu_before[1])
+    tasks = THROUGHPUT_SESSIONS * history.TASKS_PER_SESSION
+    return {
+        "end-to-end sessions/min": statistics.median(rates),
+        "agent worker CPU per task": 1000 * statistics.median(agent_cpu) / tasks,
+        "orchestrator CPU per session": 1000 * statistics.median(orchestrator_cpu) / THROUGHPUT_SESSIONS,
+    }
 
 
-def measure_level(tenant: Tenant, client: APIClient, agents: dict[str, Agent]) -> dict[str, float]:
+def measure_level(tenant: Tenant, client: APIClient, agents: dict[str, Agent], workers: Workers) -> dict[str, float]:
     figures = reads(client, tenant)
     figures |= hot_path(tenant, agents[INPROCESS_AGENT])
     figures |= fleet_and_sweeps(agents[WORKER_AGENT])
-    figures["end-to-end sessions/min"] = throughput(tenant)
+    figures |= throughput(tenant, workers)
     # What the measuring added is not history: the next level starts from the same count.
     history.forget_measured(tenant)
     return figures
@@ -172,7 +186,7 @@ def run_b4(workers: Workers, million: bool) -> dict:
                 "generated_s": round(seconds, 1),
                 "tasks": tasks,
                 "bytes": history.table_bytes(),
-                "figures": measure_level(tenant, client, agents),
+                "figures": measure_level(tenant, client, agents, workers),
             }
     finally:
         workers.stop(WORKER_AGENT)
@@ -203,6 +217,6 @@ def run_b4(workers: Workers, million: bool) -> dict:
         "measured": (
             f"median of {SAMPLES} calls in process (API: DRF test client with a token); throughput: "
             f"{THROUGHPUT_SESSIONS} six-task zero-work sessions at once on 1 agent worker x {CONCURRENCY}, "
-            f"median of {THROUGHPUT_RUNS} runs"
+            f"median of {THROUGHPUT_RUNS} runs; CPU: the worker's processes' user + system time meanwhile"
         ),
     }

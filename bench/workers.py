@@ -8,6 +8,7 @@ import sys
 import time
 from contextlib import suppress
 from dataclasses import dataclass
+from pathlib import Path
 
 from bench import BenchError
 from bench.env import ROOT, RUN_DIR
@@ -77,6 +78,18 @@ class Workers:
                 raise BenchError(f"{label} exited with {worker.proc.returncode}; see .run/{label}.log")
             if time.monotonic() > deadline:
                 raise BenchError(f"{label} did not answer a ping within {READY_TIMEOUT_S:g}s; see .run/{label}.log")
+
+    def cpu_seconds(self, label: str) -> float:
+        """The CPU time (user + system) the worker's processes have used so far: its process group,
+        read from /proc (the main process and its pool, which live as long as the worker)."""
+        group = self.running[label].proc.pid
+        ticks = 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with suppress(OSError):
+                fields = stat.read_text().rpartition(")")[2].split()
+                if int(fields[2]) == group:  # pgrp
+                    ticks += int(fields[11]) + int(fields[12])  # utime, stime
+        return ticks / os.sysconf("SC_CLK_TCK")
 
     def stop(self, label: str) -> None:
         """SIGTERM the worker's process group (a warm shutdown), then SIGKILL what is left."""
