@@ -364,29 +364,48 @@ SANDBOX_UID_BASE = env_int("SANDBOX_UID_BASE", 700_000, minimum=1000)
 SANDBOX_READ_ONLY_PATHS = env_list("SANDBOX_READ_ONLY_PATHS", "")
 
 # Celery. The hard limit kills a runaway task; the soft limit lets run_task record the failure
-# first. Redis redelivers an unacked message after visibility_timeout, so it must exceed the
-# longest task, and it must be set in all three places or the result backend and the
-# broker disagree (Celery docs, "Redis caveats").
+# first. The broker is Redis (the default) or RabbitMQ (amqp://); the result backend is Redis.
 CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", REDIS_URL)
 CELERY_RESULT_BACKEND = env_str("CELERY_RESULT_BACKEND", REDIS_URL)
+BROKER_SCHEMES = {"redis": "redis", "rediss": "redis", "amqp": "amqp", "amqps": "amqp", "pyamqp": "amqp"}
+BROKER_KIND = BROKER_SCHEMES.get(urlparse(CELERY_BROKER_URL).scheme)
+if BROKER_KIND is None:
+    raise ImproperlyConfigured(
+        "CELERY_BROKER_URL must be a redis://, rediss://, amqp:// or amqps:// URL, "
+        f"got {urlparse(CELERY_BROKER_URL).scheme!r}."
+    )
 CELERY_TASK_SOFT_TIME_LIMIT = TASK_DEADLINE_SECONDS
 CELERY_TASK_TIME_LIMIT = TASK_DEADLINE_SECONDS + 60
+# Redis redelivers an unacked message after visibility_timeout, so it must exceed the longest
+# task, and it must be set in all three places or the result backend and the broker disagree
+# (Celery docs, "Redis caveats").
 _VISIBILITY_TIMEOUT = CELERY_TASK_TIME_LIMIT * 2
-CELERY_BROKER_TRANSPORT_OPTIONS = {
-    "visibility_timeout": _VISIBILITY_TIMEOUT,
-    # Ten priority levels; in the Redis transport 0 is consumed first.
-    "priority_steps": list(range(10)),
-    "sep": ":",
-    "queue_order_strategy": "priority",
-}
 CELERY_RESULT_BACKEND_TRANSPORT_OPTIONS = {"visibility_timeout": _VISIBILITY_TIMEOUT}
 CELERY_VISIBILITY_TIMEOUT = _VISIBILITY_TIMEOUT
+if BROKER_KIND == "redis":
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "visibility_timeout": _VISIBILITY_TIMEOUT,
+        # Ten priority levels; the Redis transport consumes 0 first.
+        "priority_steps": list(range(10)),
+        "sep": ":",
+        "queue_order_strategy": "priority",
+    }
+else:
+    # RabbitMQ: classic durable queues with ten priorities (x-max-priority; quorum queues have
+    # two), persistent messages, and a publish returns only once the broker has confirmed it.
+    # A consumer that dies returns its unacked messages to the queue at once.
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"confirm_publish": True}
+    CELERY_TASK_QUEUE_MAX_PRIORITY = 9
+    # Without a heartbeat a dead TCP peer is noticed only by the kernel, many minutes later.
+    CELERY_BROKER_HEARTBEAT = 10
+# The broker priority of an API priority (0..9, 9 most urgent): Redis consumes 0 first, RabbitMQ 9.
+BROKER_PRIORITY_INVERTED = BROKER_KIND == "redis"
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_CREATE_MISSING_QUEUES = True
 CELERY_TASK_DEFAULT_QUEUE = "orchestrator"
-CELERY_TASK_DEFAULT_PRIORITY = 4
+CELERY_TASK_DEFAULT_PRIORITY = 4 if BROKER_PRIORITY_INVERTED else 5  # the API's default priority, 5
 CELERY_TASK_ROUTES = {
     "agents.mark_silent_agents_offline": {"queue": "housekeeping"},
     "sessions.sweep_degraded_sessions": {"queue": "housekeeping"},

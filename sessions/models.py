@@ -78,9 +78,9 @@ ACTIVE = frozenset({Status.QUEUED, Status.RUNNING, Status.DEGRADED})
 
 
 def broker_priority(priority: int) -> int:
-    """The broker priority of a session priority: the Redis transport consumes 0 first, while
-    our API says 9 is most urgent."""
-    return 9 - priority
+    """The broker priority of a session priority (9 most urgent in our API): the Redis transport
+    consumes 0 first, RabbitMQ 9 (settings.BROKER_PRIORITY_INVERTED)."""
+    return 9 - priority if settings.BROKER_PRIORITY_INVERTED else priority
 
 
 class Session(models.Model):

@@ -1,51 +1,76 @@
-"""What the broker still holds, so that the sweeper can tell a lost run_task message from one
-that waits (tasks/sweeps.py, redispatch_lost_messages).
+"""What the broker and the live workers still hold, asked as every broker answers it, so that the
+sweeper can tell a lost run_task message from one that waits (tasks/sweeps.py,
+redispatch_lost_messages).
 
-A message is held by the Redis transport in one of two places: a queue's list (one list per
-priority step) while it waits, or the `unacked` hash once a worker has taken it (acks_late:
-until the task returns, or while a countdown holds it). Other transports are not inspected.
+A message waits on its queue until a worker takes it; a worker holds it, unacknowledged, while
+it runs the task, while it has it prefetched, and while a retry's countdown holds it. So a queued
+task's message is lost when its queue has no message waiting and no live worker holds its id.
+A queue with messages waiting might hold it: such a task is looked at again once its queue
+drains (which it does, or its tasks would not be waiting on it).
 """
 
-import json
 import logging
 from collections.abc import Iterable
 
 from celery import current_app
+from kombu.exceptions import OperationalError
+
+from agents.models import Agent
 
 logger = logging.getLogger(__name__)
 
-
-def _message_id(raw: bytes) -> str | None:
-    try:
-        return json.loads(raw)["headers"]["id"]
-    except (ValueError, KeyError, TypeError):
-        return None
+# How long the live agent workers get to say what they hold. One that answers later is taken for
+# gone: its message is sent again, which is harmless (the claim is a compare-and-set).
+INSPECT_TIMEOUT_S = 2.0
 
 
-def held_message_ids(queues: Iterable[str], taken_since: float) -> set[str] | None:
-    """The ids of the messages waiting on `queues`, or taken by a worker at or after
-    `taken_since` (a Unix time) and not yet acknowledged; None when the broker cannot be
-    inspected (not Redis).
-
-    A message a worker took long ago for a task that is still queued (not claimed) belonged to a
-    worker that died: Redis gives it back only after the visibility timeout (hours), so it does
-    not count. A live worker claims what it takes at once, or within a retry's countdown."""
+def queues_with_messages(queues: Iterable[str]) -> set[str]:
+    """The queues among `queues` that have messages waiting (a passive declare: the broker's
+    count of ready messages, every priority of the queue included). A queue the broker does not
+    know has none."""
+    busy = set()
     with current_app.connection_for_read() as conn:
-        if conn.transport.driver_type != "redis":
-            logger.info("the broker is %s; lost messages are not looked for", conn.transport.driver_type)
-            return None
-        channel = conn.default_channel
-        client = channel.client
-        keys = {channel._q_for_pri(queue, step) for queue in queues for step in channel.priority_steps}
-        held = set()
-        for key in keys:
-            held.update(_message_id(raw) for raw in client.lrange(key, 0, -1))
-        recent = client.zrangebyscore(channel.unacked_index_key, taken_since, "+inf")
-        for raw in client.hmget(channel.unacked_key, recent) if recent else ():
-            try:
-                payload = json.loads(raw)[0]
-            except (ValueError, IndexError, TypeError):  # None: acknowledged meanwhile
-                continue
-            held.add(payload.get("headers", {}).get("id") if isinstance(payload, dict) else None)
-        held.discard(None)
-        return held
+        channel = conn.channel()
+        try:
+            for name in queues:
+                try:
+                    _, waiting, _ = channel.queue_declare(queue=name, passive=True)
+                except conn.channel_errors:  # no such queue; AMQP closes the channel for asking
+                    waiting, channel = 0, conn.channel()
+                if waiting:
+                    busy.add(name)
+        finally:
+            channel.close()
+    return busy
+
+
+def message_ids_held_by_workers(message_ids: Iterable[str]) -> set[str]:
+    """Those of `message_ids` that a live agent worker holds: running, prefetched, or waiting for
+    a countdown (Celery's remote control, query_task). Only agent workers take run_task
+    messages; one that does not answer within INSPECT_TIMEOUT_S holds nothing."""
+    workers = list(
+        Agent.objects.filter(mode=Agent.Mode.WORKER)
+        .exclude(status=Agent.Status.OFFLINE)
+        .exclude(worker_name="")
+        .values_list("worker_name", flat=True)
+    )
+    if not workers:
+        return set()
+    inspect = current_app.control.inspect(destination=workers, timeout=INSPECT_TIMEOUT_S, limit=len(workers))
+    # query_task knows the messages a worker runs or has prefetched; those a countdown holds
+    # are only in its schedule.
+    held = {message_id for found in (inspect.query_task(*message_ids) or {}).values() for message_id in found}
+    held.update(entry["request"]["id"] for entries in (inspect.scheduled() or {}).values() for entry in entries)
+    return held & set(message_ids)
+
+
+def lost_message_ids(messages: dict[str, str]) -> set[str] | None:
+    """Of `messages` (message id -> the queue it was sent to), those the broker and the live
+    workers no longer hold; None when the broker cannot be asked."""
+    try:
+        busy = queues_with_messages(set(messages.values()))
+        held = message_ids_held_by_workers(messages)
+    except OperationalError:
+        logger.warning("the broker cannot be asked what it holds; lost messages are looked for later", exc_info=True)
+        return None
+    return {message_id for message_id, queue in messages.items() if queue not in busy and message_id not in held}

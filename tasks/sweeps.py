@@ -19,7 +19,7 @@ from orchestrator_project.locking import LockUnavailable
 from sessions.models import ACTIVE, SETTLED, Session
 from sessions.workspaces import WorkspaceError, remove_workspace
 
-from .broker import held_message_ids
+from .broker import lost_message_ids
 from .lifecycle import mark_session_running, settle_session
 from .models import Task
 from .release import release_tasks, resend_queued_task, send_released, stop_open_tasks
@@ -143,10 +143,11 @@ def time_out(session: Session) -> bool:
 
 
 def redispatch_lost_messages() -> int:
-    """Send again the run_task message of every queued task that the broker no longer holds
-    LOST_MESSAGE_AFTER_SECONDS after the task was queued (Redis restarted without its data, a
-    message dropped). A task that leaves its canvas takes its descendants with it: the database
-    releases them from now on. A duplicate message is harmless (the claim is a compare-and-set)."""
+    """Send again the run_task message of every queued task that neither the broker nor a live
+    worker holds LOST_MESSAGE_AFTER_SECONDS after the task was queued (Redis restarted without
+    its data, a message dropped; tasks/broker.py). A task that leaves its canvas takes its
+    descendants with it: the database releases them from now on. A duplicate message is harmless
+    (the claim is a compare-and-set)."""
     since = timezone.now() - timedelta(seconds=settings.LOST_MESSAGE_AFTER_SECONDS)
     waiting = list(
         Task.objects.filter(status=Task.Status.QUEUED, queued_at__lt=since, session__status__in=ACTIVE)
@@ -155,12 +156,12 @@ def redispatch_lost_messages() -> int:
     )
     if not waiting:
         return 0
-    held = held_message_ids({t.dispatched_to or t.queue for t in waiting}, taken_since=since.timestamp())
-    if held is None:
+    lost = lost_message_ids({t.message_id: t.dispatched_to or t.queue for t in waiting})
+    if lost is None:
         return 0
     lost_by_session = defaultdict(list)
     for task in waiting:
-        if task.message_id in held:
+        if task.message_id not in lost:
             continue
         if resend_queued_task(task, queued_at=timezone.now()):
             lost_by_session[task.session].append(task.key)
