@@ -1,11 +1,13 @@
-"""Make sure PostgreSQL and Redis answer, and the sandbox's tools work, before make starts anything.
+"""Make sure PostgreSQL, Redis and (for an amqp:// broker) RabbitMQ answer, and the sandbox's tools
+work, before make starts anything.
 
-Starts PostgreSQL and Redis if they are installed but stopped, creates the database named in
-DATABASE_URL if it is missing, installs the sandbox's Debian packages (bubblewrap, socat) when
-running as root with apt-get, and otherwise says exactly what to install. Exit code 1 means: not
-ready.
+Starts PostgreSQL, Redis and RabbitMQ if they are installed but stopped, creates the database named
+in DATABASE_URL and the RabbitMQ vhost if they are missing, installs the Debian packages it needs
+(bubblewrap, socat, rabbitmq-server) when running as root with apt-get, and otherwise says
+exactly what to install. Exit code 1 means: not ready.
 """
 
+import contextlib
 import os
 import re
 import shutil
@@ -13,8 +15,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
+import amqp
 import psycopg
 import redis
 
@@ -108,6 +111,21 @@ def ensure_postgres(url: str) -> None:
             conn.execute(f'CREATE DATABASE "{name}"')
 
 
+def install_packages(packages: list[str], why: str) -> None:
+    """apt-get install `packages` when running as root with apt-get (updating the package lists
+    once if the first try fails); otherwise fail, saying the command to run."""
+    command = f"apt-get install -y {' '.join(packages)}"
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        fail(f"{why} needs {', '.join(packages)}. Install with: sudo {command}")
+    print(f"ensure_services: installing {why}'s packages: {command}", file=sys.stderr)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    quiet = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL, "env": env}
+    if subprocess.run(command.split(), check=False, **quiet).returncode != 0:
+        subprocess.run(["apt-get", "update"], check=False, **quiet)
+        if subprocess.run(command.split(), check=False, **quiet).returncode != 0:
+            fail(f"{command} failed; install {', '.join(packages)} for {why}")
+
+
 SANDBOX_TOOLS = {"bwrap": "bubblewrap", "socat": "socat", "prlimit": "util-linux", "setpriv": "util-linux"}
 
 
@@ -117,17 +135,8 @@ def ensure_sandbox() -> None:
     if os.environ.get("SANDBOX", "bwrap") == "none":
         return
     missing = sorted({package for tool, package in SANDBOX_TOOLS.items() if not shutil.which(tool)})
-    command = f"apt-get install -y {' '.join(missing)}"
-    if missing and os.geteuid() == 0 and shutil.which("apt-get"):
-        print(f"ensure_services: installing the sandbox's packages: {command}", file=sys.stderr)
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        quiet = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL, "env": env}
-        if subprocess.run(command.split(), check=False, **quiet).returncode != 0:
-            subprocess.run(["apt-get", "update"], check=False, **quiet)
-            subprocess.run(command.split(), check=False, **quiet)
-        missing = sorted({package for tool, package in SANDBOX_TOOLS.items() if not shutil.which(tool)})
     if missing:
-        fail(f"the sandbox (SANDBOX=bwrap) needs {', '.join(missing)}. Install with: sudo {command}")
+        install_packages(missing, "the sandbox (SANDBOX=bwrap)")
     probe = ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--unshare-pid", "--unshare-net", "true"]
     if os.geteuid() != 0:
         probe[1:1] = ["--unshare-user"]
@@ -139,15 +148,78 @@ def ensure_sandbox() -> None:
         )
 
 
+def rabbitmq_answers(url: str) -> bool:
+    """Whether the RabbitMQ of `url` accepts a connection (to its default vhost: ours may not
+    exist yet)."""
+    parts = urlparse(url)
+    connection = amqp.Connection(
+        host=f"{parts.hostname or '127.0.0.1'}:{parts.port or 5672}",
+        userid=unquote(parts.username or "guest"),
+        password=unquote(parts.password or "guest"),
+        connect_timeout=2,
+    )
+    try:
+        connection.connect()
+        return True
+    except (OSError, amqp.exceptions.AMQPError):
+        return False
+    finally:
+        with contextlib.suppress(Exception):
+            connection.close()
+
+
+def start_rabbitmq() -> None:
+    init_script = Path("/etc/init.d/rabbitmq-server")
+    command = [str(init_script), "start"] if init_script.exists() else ["rabbitmq-server", "-detached"]
+    subprocess.run(command, check=False, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+
+
+def vhost_of(url: str) -> str:
+    path = unquote(urlparse(url).path)
+    return path[1:] if len(path) > 1 else "/"
+
+
+def ensure_rabbitmq(url: str) -> None:
+    """RabbitMQ answers at `url` and has its vhost: started if installed and stopped, installed
+    when root with apt-get (a local broker only)."""
+    if not rabbitmq_answers(url):
+        if urlparse(url).hostname not in ("127.0.0.1", "localhost", "::1"):
+            fail(f"RabbitMQ at {urlparse(url).hostname} does not answer; start it or fix CELERY_BROKER_URL.")
+        if not shutil.which("rabbitmq-server"):
+            install_packages(["rabbitmq-server"], "RabbitMQ (an amqp:// broker)")
+        print("ensure_services: starting RabbitMQ", file=sys.stderr)
+        start_rabbitmq()
+        if not wait_for(lambda: rabbitmq_answers(url), seconds=90):
+            fail("RabbitMQ was started but does not accept connections; see /var/log/rabbitmq")
+    vhost = vhost_of(url)
+    if vhost != "/" and shutil.which("rabbitmqctl"):
+        listed = subprocess.run(["rabbitmqctl", "-q", "list_vhosts"], capture_output=True, text=True, check=False)
+        if vhost not in listed.stdout.split():
+            reset_vhost(url)
+
+
+def reset_vhost(url: str) -> None:
+    """Delete the vhost of `url` with every queue and message in it, and make it again, empty,
+    for the URL's user (the tests' clean slate on RabbitMQ, as FLUSHDB is on Redis)."""
+    vhost, user = vhost_of(url), unquote(urlparse(url).username or "guest")
+    ctl = ["rabbitmqctl", "-q"]
+    subprocess.run([*ctl, "delete_vhost", vhost], capture_output=True, check=False)
+    subprocess.run([*ctl, "add_vhost", vhost], capture_output=True, check=True)
+    subprocess.run([*ctl, "set_permissions", "-p", vhost, user, ".*", ".*", ".*"], capture_output=True, check=True)
+
+
 def main() -> None:
     ensure_sandbox()
     database_url = os.environ.get("DATABASE_URL", "")
     if database_url.startswith(("postgres://", "postgresql://")):
         ensure_postgres(database_url)
     ensure_redis(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
-    broker = os.environ.get("CELERY_BROKER_URL", "")
-    if broker.startswith("redis://"):
-        ensure_redis(broker)
+    # TEST_BROKER_URL: the RabbitMQ that `make test` runs the broker-dependent tests on again.
+    for broker in (os.environ.get("CELERY_BROKER_URL", ""), os.environ.get("TEST_BROKER_URL", "")):
+        if broker.startswith(("redis://", "rediss://")):
+            ensure_redis(broker)
+        elif broker.startswith(("amqp://", "amqps://", "pyamqp://")):
+            ensure_rabbitmq(broker)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from agents.executors import TaskContext
 from agents.models import Agent
 from orchestrator_project.celery import app
 from orchestrator_project.redis_client import redis_client
+from scripts.ensure_services import reset_vhost
 from sessions.workspaces import git
 from tasks.models import Task
 from tenants.models import Membership
@@ -75,7 +76,23 @@ def consumed_queues(worker_name: str) -> set[str] | None:
 @pytest.fixture(autouse=True)
 def clean_redis():
     redis_client().flushdb()
+    if settings.BROKER_KIND == "amqp":
+        reset_vhost(settings.CELERY_BROKER_URL)
     yield
+
+
+def pytest_collection_modifyitems(config, items):
+    """On RabbitMQ (TEST_BROKER_URL), only the tests marked every_broker run; a test marked
+    only_broker(kind) runs on that broker alone. The rest do not depend on the broker."""
+    kind = settings.BROKER_KIND
+    keep, drop = [], []
+    for item in items:
+        only = item.get_closest_marker("only_broker")
+        runs = only.args[0] == kind if only else kind == "redis" or item.get_closest_marker("every_broker")
+        (keep if runs else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 def executor_context(

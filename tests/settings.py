@@ -9,7 +9,12 @@ import os
 os.environ.setdefault("DEBUG", "true")
 os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/orchestrator")
 os.environ["REDIS_URL"] = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-os.environ.pop("CELERY_BROKER_URL", None)
+# `make test` runs the tests that depend on the broker a second time on RabbitMQ, with
+# TEST_BROKER_URL (an amqp:// URL with a vhost of the tests' own; conftest.py picks the tests).
+if os.environ.get("TEST_BROKER_URL"):
+    os.environ["CELERY_BROKER_URL"] = os.environ["TEST_BROKER_URL"]
+else:
+    os.environ.pop("CELERY_BROKER_URL", None)
 os.environ.pop("CELERY_RESULT_BACKEND", None)
 os.environ.setdefault("AGENT_HEARTBEAT_SECONDS", "1")
 os.environ.setdefault("TASK_DEADLINE_SECONDS", "120")

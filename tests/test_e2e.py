@@ -23,7 +23,7 @@ from .conftest import (
     wait_until,
 )
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.every_broker]
 
 
 def event_path(session_id: str) -> list[str]:

@@ -217,6 +217,7 @@ def test_a_message_taken_by_a_consumer_that_is_no_live_worker_is_sent_again(db, 
 
 
 @pytest.mark.e2e
+@pytest.mark.every_broker
 def test_a_message_a_live_worker_holds_is_not_sent_again(stack):
     stack.agent("holder", ["code_generation"], concurrency=1)
     session = make_session({"a": []})

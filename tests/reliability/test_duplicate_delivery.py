@@ -4,14 +4,14 @@ import pytest
 
 from agents.executors.scripted import side_effects_of
 from agents.models import Agent
-from orchestrator_project.redis_client import redis_client
 from sessions.models import Session
+from tasks.broker import message_ids_held_by_workers, queues_with_messages
 from tasks.messages import new_message_id
 from tasks.models import Task
 from tasks.tasks import run_task
-from tests.conftest import ALL_BUILD, chain_payload, member_client, run_task_message_ids, task_status, wait_until
+from tests.conftest import ALL_BUILD, chain_payload, member_client, task_status, wait_until
 
-pytestmark = [pytest.mark.e2e, pytest.mark.chaos]
+pytestmark = [pytest.mark.e2e, pytest.mark.chaos, pytest.mark.every_broker]
 
 
 def test_the_same_task_message_delivered_twice_at_once_runs_once(stack):
@@ -30,8 +30,11 @@ def test_the_same_task_message_delivered_twice_at_once_runs_once(stack):
         run_task.apply_async(task_id=message_id, queue="cap.code_generation")
 
     wait_until(lambda: task_status(session_id, "one") == "completed", what="the task to complete")
-    # Both copies consumed and acknowledged: none waits on the queue or in the unacked hash.
-    wait_until(lambda: not run_task_message_ids() and not redis_client().hlen("unacked"), what="both copies consumed")
+    # Both copies consumed and acknowledged: none waits on the queue, and no worker holds one.
+    wait_until(
+        lambda: not queues_with_messages(["cap.code_generation"]) and not message_ids_held_by_workers([message_id]),
+        what="both copies consumed",
+    )
     task.refresh_from_db()
     assert task.attempts == 1
     assert side_effects_of(session_id) == {"one": 1}

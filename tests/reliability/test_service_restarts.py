@@ -1,8 +1,9 @@
 """R3 and R4: the services under the stack restart while ten sessions run.
 
-R3 restarts Redis with its data gone (queued messages, chord counters, locks, the Beat leader's
-lock): the sweeper sends again what the broker lost and every session completes. R4 restarts
-PostgreSQL: the workers reconnect and every session completes.
+R3 restarts the broker: Redis with its data gone (queued messages, chord counters, locks, the Beat
+leader's lock): the sweeper sends again what the broker lost and every session completes; or,
+with TEST_BROKER_URL, RabbitMQ (the messages survive it). R4 restarts PostgreSQL: the workers
+reconnect and every session completes.
 """
 
 import os
@@ -18,7 +19,7 @@ from django.conf import settings
 from django.db import connections
 
 from orchestrator_project.redis_client import redis_client
-from scripts.ensure_services import redis_answers
+from scripts.ensure_services import rabbitmq_answers, redis_answers
 from sessions.models import Session, SessionEvent
 from tasks.models import Task
 from tests.conftest import (
@@ -79,6 +80,7 @@ def restart_redis_without_its_data() -> None:
     assert not redis_client().exists("r3:before-the-restart")  # the data is gone
 
 
+@pytest.mark.only_broker("redis")
 def test_r3_redis_restarted_with_its_data_gone_every_session_still_completes(sweeping):
     session_ids = start_sessions(sweeping)
 
@@ -88,6 +90,28 @@ def test_r3_redis_restarted_with_its_data_gone_every_session_still_completes(swe
     resent = SessionEvent.objects.filter(session_id__in=session_ids, reason__contains="no longer held the messages")
     print(f"R3: {resent.count()} sessions had lost messages sent again")
     assert resent.exists()  # the restart did lose work, and the sweeper found it
+
+
+def restart_rabbitmq() -> None:
+    """Stop the RabbitMQ node, and start it again the way `make` starts it."""
+    subprocess.run(["rabbitmqctl", "-q", "stop"], check=True, capture_output=True)
+    wait_until(lambda: not rabbitmq_answers(settings.CELERY_BROKER_URL), timeout=30, what="RabbitMQ to stop")
+    time.sleep(1.0)  # the workers see it gone
+    env = {**os.environ, "DATABASE_URL": "", "CELERY_BROKER_URL": settings.CELERY_BROKER_URL}
+    subprocess.run([sys.executable, "scripts/ensure_services.py"], cwd=ROOT, env=env, check=True)
+
+
+@pytest.mark.only_broker("amqp")
+def test_r3_rabbitmq_restarted_under_running_sessions_every_session_still_completes(sweeping):
+    session_ids = start_sessions(sweeping)
+    try:
+        restart_rabbitmq()
+    finally:  # the broker of every test after this one
+        subprocess.run([sys.executable, "scripts/ensure_services.py"], cwd=ROOT, check=False)
+
+    # Durable queues and persistent messages: what waited is still there; what a worker held
+    # goes back to its queue. The workers reconnect and every session completes.
+    wait_for_all_to_complete(session_ids)
 
 
 def local_postgres_version() -> str | None:
@@ -105,6 +129,7 @@ def server_start_time():
         return cursor.fetchone()[0]
 
 
+@pytest.mark.every_broker
 def test_r4_postgresql_restarted_under_running_sessions_every_session_still_completes(sweeping):
     version = local_postgres_version()
     host = urlparse(os.environ["DATABASE_URL"]).hostname

@@ -17,7 +17,7 @@ from tests.conftest import create_and_start, member_client, wait_until
 
 from .conftest import settled
 
-pytestmark = [pytest.mark.e2e, pytest.mark.chaos]
+pytestmark = [pytest.mark.e2e, pytest.mark.chaos, pytest.mark.every_broker]
 
 SESSIONS = 20
 TASK_S = 3.0  # each task's run; its side effect happens at the end
