@@ -33,7 +33,11 @@ def _backoff(retries: int) -> float:
     return min(10.0, 0.5 * 2**retries)
 
 
-@shared_task(name=messages.RUN_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+# max_retries=None on the task: retry(max_retries=None) means "the task's limit" (3 by default),
+# and a task may be redirected, wait on an upstream or on the database more often than that.
+@shared_task(
+    name=messages.RUN_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True, max_retries=None
+)
 def run_task(self) -> str:
     """Run the task this message names in its id (messages.new_message_id) on this agent."""
     task_id = messages.task_of_message(self.request.id)
@@ -44,7 +48,7 @@ def run_task(self) -> str:
     if runtime is None:
         # Routed to a worker that is not an agent: put it back for a real agent.
         logger.error("run_task %s reached worker %s, which is not an agent", task_id, self.request.hostname)
-        raise self.retry(countdown=5, max_retries=None)
+        raise self.retry(countdown=5)
     delivered_to = (self.request.delivery_info or {}).get("routing_key") or ""
     try:
         outcome = running.execute_task(task_id=task_id, runtime=runtime, delivered_to=delivered_to)
@@ -52,17 +56,15 @@ def run_task(self) -> str:
         # retry() keeps the message id, so a chord still counts this node; exchange and routing
         # key must be replaced too, or the original delivery info routes it back.
         logger.info("task %s follows its upstream's agent to %s", task_id, exc.queue)
-        raise self.retry(
-            countdown=0, max_retries=None, queue=exc.queue, exchange=exc.queue, routing_key=exc.queue
-        ) from exc
+        raise self.retry(countdown=0, queue=exc.queue, exchange=exc.queue, routing_key=exc.queue) from exc
     except running.RetryTask as exc:
         countdown = exc.countdown if exc.countdown is not None else _backoff(self.request.retries)
-        raise self.retry(countdown=countdown, max_retries=None) from exc
+        raise self.retry(countdown=countdown) from exc
     except (OperationalError, InterfaceError) as exc:
         # The database restarted or the connection broke: try again once it answers. Every
         # hand-off is a compare-and-set, so a step that did commit is not repeated.
         logger.warning("task %s: database unavailable (%s); retrying", task_id, exc)
-        raise self.retry(countdown=_backoff(self.request.retries), max_retries=None) from exc
+        raise self.retry(countdown=_backoff(self.request.retries)) from exc
     logger.info("task %s on %s (from %s): %s", task_id, runtime.name, delivered_to, outcome)
     return outcome
 

@@ -369,6 +369,13 @@ def test_a_run_task_message_whose_id_names_no_task_is_dropped(db, message_id, ca
     assert f"run_task message {message_id} names no task" in caplog.text
 
 
+def test_run_task_retries_without_a_limit():
+    # self.retry(max_retries=None) falls back to the task's own limit (Celery's default is 3):
+    # past it, the message would be dropped with MaxRetriesExceededError and the task left
+    # queued. (An eager apply() cannot show it: it runs each retry at once, recursively.)
+    assert run_task.max_retries is None
+
+
 def test_the_first_claim_moves_a_queued_session_to_running_once(db):
     session = make_session({"a": [], "b": []}, status="queued")
 
