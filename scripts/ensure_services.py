@@ -214,8 +214,8 @@ def main() -> None:
     if database_url.startswith(("postgres://", "postgresql://")):
         ensure_postgres(database_url)
     ensure_redis(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
-    # TEST_BROKER_URL: the RabbitMQ that `make test` runs the broker-dependent tests on again.
-    for broker in (os.environ.get("CELERY_BROKER_URL", ""), os.environ.get("TEST_BROKER_URL", "")):
+    # TEST_AMQP_URL: the RabbitMQ that `make test` runs the broker-dependent tests on again.
+    for broker in (os.environ.get("CELERY_BROKER_URL", ""), os.environ.get("TEST_AMQP_URL", "")):
         if broker.startswith(("redis://", "rediss://")):
             ensure_redis(broker)
         elif broker.startswith(("amqp://", "amqps://", "pyamqp://")):
