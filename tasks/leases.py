@@ -12,7 +12,7 @@ from sessions.models import ACTIVE, Session
 
 from . import statements
 from .models import Task
-from .release import dispatch_task, leave_canvas, release_dependents
+from .release import ask_to_abort, dispatch_task, leave_canvas, release_dependents
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +89,10 @@ def recover_lost_task(task: Task, lost: str, **as_read) -> str | None:
                 task.status = Task.Status.FAILED
                 release_dependents(task, session.broker_priority)
                 note = f"{reason}; failed"
+    if outcome:
+        # The lost run may still be going on a host we cannot reach: once it can hear us, it
+        # stops before it does more (its outcome would be refused anyway: its attempt is stale).
+        ask_to_abort([(task.pk, task.attempts)], f"attempt {task.attempts} was taken back: {lost}")
     if note:
         session.note(note, actor="beat")
     if outcome:

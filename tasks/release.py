@@ -8,8 +8,10 @@ Task.status, so a duplicate or redelivered message finds the work taken and does
 Cancelling what has not started, and signalling what runs to abort, live here too.
 """
 
+import logging
 from typing import NamedTuple
 
+import redis
 from celery import current_app
 from django.db import transaction
 from django.utils import timezone
@@ -20,6 +22,8 @@ from . import statements
 from .messages import RUN_TASK, message, run_task_options
 from .models import Task
 from .routing import queue_for
+
+logger = logging.getLogger(__name__)
 
 
 class RecordedDependents(NamedTuple):
@@ -143,6 +147,22 @@ def abort_key(task_id, attempt: int) -> str:
     return f"abort:task:{task_id}:{attempt}"
 
 
+def ask_to_abort(runs: list[tuple], reason: str) -> None:
+    """After commit, ask the executors of these runs ((task id, attempt) pairs) to stop: each
+    polls its attempt's key (TaskContext.should_abort). Best effort: a run that cannot be told
+    is refused when it records (its attempt is stale) or when its lease is reaped."""
+
+    def signal_runs() -> None:
+        try:
+            for task_id, attempt in runs:
+                redis_client().set(abort_key(task_id, attempt), reason[:1000], ex=24 * 3600)
+        except redis.RedisError:
+            logger.warning("could not ask %d run(s) to abort: Redis is away", len(runs), exc_info=True)
+
+    if runs:
+        transaction.on_commit(signal_runs)
+
+
 def stop_open_tasks(session_id, *, reason: str, revoke: bool) -> None:
     """Cancel every task that has not started, and ask running executors to abort.
 
@@ -154,11 +174,6 @@ def stop_open_tasks(session_id, *, reason: str, revoke: bool) -> None:
     message_ids = [m for m in open_tasks.values_list("message_id", flat=True) if m] if revoke else []
     open_tasks.update(status=Task.Status.CANCELLED, finished_at=timezone.now(), error=reason[:5000])
     running = list(Task.objects.filter(session_id=session_id, status=Task.Status.RUNNING).values_list("pk", "attempts"))
-
-    def signal_workers() -> None:
-        if message_ids:
-            current_app.control.revoke(message_ids)
-        for task_id, attempt in running:
-            redis_client().set(abort_key(task_id, attempt), reason, ex=24 * 3600)
-
-    transaction.on_commit(signal_workers)
+    if message_ids:
+        transaction.on_commit(lambda: current_app.control.revoke(message_ids))
+    ask_to_abort(running, reason)

@@ -8,10 +8,12 @@ import pytest
 from django.utils import timezone
 
 from agents.models import Agent
+from orchestrator_project.redis_client import redis_client
 from sessions.models import Session, SessionEvent
 from tasks.fleet import record_heartbeat
 from tasks.leases import reap_expired_leases, renew_leases
 from tasks.models import Task
+from tasks.release import abort_key
 
 from .conftest import (
     chain_payload,
@@ -101,6 +103,9 @@ def test_an_expired_lease_re_queues_the_task_says_why_and_sends_it_again_once(db
     [note] = SessionEvent.objects.filter(session=session)
     assert (note.from_status, note.to_status, note.actor) == ("running", "running", "beat")
     assert note.reason.startswith("task a: the lease of attempt 1")
+    # The lost run, should it still go on somewhere, is asked to stop; the next attempt is not.
+    assert redis_client().get(abort_key(task.pk, 1)).startswith(b"attempt 1 was taken back")
+    assert not redis_client().exists(abort_key(task.pk, 2))
 
 
 def test_a_lost_task_with_no_attempts_left_fails_and_orphans_its_session(db):
