@@ -275,11 +275,12 @@ class Stack:
         self.procs[name] = proc
         return proc
 
-    def orchestrator(self) -> subprocess.Popen:
+    def orchestrator(self, env: dict | None = None) -> subprocess.Popen:
         return self._spawn(
             "orchestrator",
             [sys.executable, "-m", "celery", "-A", "orchestrator_project", "worker", "-Q", "orchestrator,housekeeping",
              "-n", "orchestrator-test@%h", "-c", "2", "--loglevel=INFO"],
+            env,
         )  # fmt: skip
 
     def beat(self, name: str, env: dict | None = None) -> subprocess.Popen:
@@ -298,12 +299,17 @@ class Stack:
         concurrency: int = 2,
         duration: float = 0.0,
         executor: str = "scripted",
+        netns: str | None = None,
+        env: dict | None = None,
     ):
+        """An agent (run_agent), in the network namespace `netns` if given (a host of its own)."""
         proc = self._spawn(
             name,
-            [sys.executable, "manage.py", "run_agent", "--name", name, "--executor", executor,
+            [*(["ip", "netns", "exec", netns] if netns else []),
+             sys.executable, "manage.py", "run_agent", "--name", name, "--executor", executor,
              "--capabilities", ",".join(capabilities), "--concurrency", str(concurrency),
              "--duration", str(duration)],
+            env,
         )  # fmt: skip
 
         def online() -> bool:
