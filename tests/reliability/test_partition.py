@@ -185,7 +185,7 @@ def test_an_agent_host_cut_off_mid_task_loses_its_work_to_another_and_serves_aga
     # Healed, A beats again and takes work: a task pinned to it runs there.
     wait_until(lambda: Agent.objects.get(name="part-a").is_live, timeout=30, what="A live again")
     pinned = work(0.1)
-    pinned["tasks"][0]["pinned_agent"] = "part-a"
+    pinned["tasks"][0]["agent"] = "part-a"
     healed = create_and_start(client, pinned)
     wait_until(lambda: settled([healed]).get(healed) == "completed", timeout=60, what="the pinned task on A")
     assert Task.objects.get(session_id=healed).agent.name == "part-a"
