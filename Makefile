@@ -15,7 +15,7 @@ export REDIS_URL ?= redis://127.0.0.1:6379/0
 export WEB_PORT ?= 8000
 export FLOWER_PORT ?= 5555
 
-.PHONY: venv lock opencode services up demo bench test test-fast lint format clean
+.PHONY: venv lock opencode services test-services up demo bench test test-fast lint format clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required: sudo apt-get install -y python3 python3-venv")'
@@ -67,15 +67,18 @@ format: venv
 	$(BIN)/ruff check --fix .
 
 # The tests that depend on the broker (marked every_broker) run a second time on RabbitMQ, in a
-# vhost of their own (`make services` starts RabbitMQ and makes it).
+# vhost of their own (ensure_services.py --tests starts RabbitMQ and makes it).
 export TEST_AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/orchestrator_test
 
-test: lint services opencode
+test-services: venv
+	@$(BIN)/python scripts/ensure_services.py --tests
+
+test: lint test-services opencode
 	$(BIN)/python manage.py makemigrations --check --dry-run
 	$(BIN)/pytest
 	TEST_BROKER_URL=$(TEST_AMQP_URL) $(BIN)/pytest  # conftest.py picks the tests that depend on the broker
 
-test-fast: lint services opencode
+test-fast: lint test-services opencode
 	$(BIN)/python manage.py makemigrations --check --dry-run
 	$(BIN)/pytest -m "not e2e"
 

@@ -208,14 +208,28 @@ def reset_vhost(url: str) -> None:
     subprocess.run([*ctl, "set_permissions", "-p", vhost, user, ".*", ".*", ".*"], capture_output=True, check=True)
 
 
-def main() -> None:
+# What the test suite needs besides the services: network namespaces and veths (the partition
+# test's hosts), and socat to forward the services to them.
+TEST_TOOLS = {"ip": "iproute2", "socat": "socat"}
+
+
+def main(argv: list[str]) -> None:
+    """`--tests`: also what `make test` needs, the test hosts' tools and the RabbitMQ of
+    TEST_AMQP_URL that the broker-dependent tests run on a second time."""
+    for_tests = "--tests" in argv
     ensure_sandbox()
+    if for_tests:
+        missing = sorted({package for tool, package in TEST_TOOLS.items() if not shutil.which(tool)})
+        if missing:
+            install_packages(missing, "the tests' hosts")
     database_url = os.environ.get("DATABASE_URL", "")
     if database_url.startswith(("postgres://", "postgresql://")):
         ensure_postgres(database_url)
     ensure_redis(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
-    # TEST_AMQP_URL: the RabbitMQ that `make test` runs the broker-dependent tests on again.
-    for broker in (os.environ.get("CELERY_BROKER_URL", ""), os.environ.get("TEST_AMQP_URL", "")):
+    brokers = [os.environ.get("CELERY_BROKER_URL", "")]
+    if for_tests:
+        brokers.append(os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/orchestrator_test"))
+    for broker in brokers:
         if broker.startswith(("redis://", "rediss://")):
             ensure_redis(broker)
         elif broker.startswith(("amqp://", "amqps://", "pyamqp://")):
@@ -223,4 +237,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
