@@ -56,6 +56,7 @@ demo: venv opencode  # scripts/demo.py checks PostgreSQL and Redis for its own d
 
 bench: venv opencode  # bench/env.py checks PostgreSQL and Redis for its own database
 	$(BIN)/python -m bench
+	$(BIN)/python -m bench --only b1 --skip-profile --broker amqp  # B1 on RabbitMQ too
 
 lint: venv
 	$(BIN)/ruff check .

@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 
 from celery.canvas import Signature
+from django.conf import settings
 
 from bench import BenchError, rawapp, shapes
 from bench.ours import run_session
@@ -15,7 +16,7 @@ from tenants.models import Tenant
 CHAIN_LENGTH = 200
 FAN_WIDTH = 498  # 1 root + 498 + 1 sink = 500 tasks
 CONCURRENCY = 4
-TARGET_RATIO = 2.0
+TARGET_RATIO = 1.5
 RUN_TIMEOUT_S = 300.0
 AGENT = "bench-dispatch"
 
@@ -88,11 +89,13 @@ def run_b1(workers: Workers, tenant: Tenant, repeats: int) -> dict:
     finally:
         workers.stop(AGENT)
         workers.stop("bench-raw")
+    broker = {"redis": "Redis", "amqp": "RabbitMQ"}[settings.BROKER_KIND]
     return {
+        "broker": broker,
         "workers": (
             f"ours: 1 agent worker (scripted, duration 0) x concurrency {CONCURRENCY}, plus the orchestrator "
             f"worker x 2 (extra infrastructure: dispatch_session, finalize_session); "
-            f"raw: 1 worker x concurrency {CONCURRENCY}; both prefork, same Redis broker and result backend"
+            f"raw: 1 worker x concurrency {CONCURRENCY}; both prefork, same {broker} broker and Redis result backend"
         ),
         "measured": (
             "start_session() -> the settling event (Redis pub/sub); "

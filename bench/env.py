@@ -20,9 +20,15 @@ REDIS_URL = "redis://127.0.0.1:6379/3"
 FOREIGN_VARIABLES = ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND")
 
 
-def bench_environment() -> dict[str, str]:
+# `--broker amqp`: RabbitMQ, in a vhost of the benchmark's own (ensure_services.py makes it).
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/orchestrator_bench"
+
+
+def bench_environment(broker: str = "redis") -> dict[str, str]:
     """The variables every process of the benchmark runs with, this one included."""
     env = {k: v for k, v in os.environ.items() if k not in FOREIGN_VARIABLES}
+    if broker == "amqp":
+        env["CELERY_BROKER_URL"] = AMQP_URL
     env.update(
         DJANGO_SETTINGS_MODULE="orchestrator_project.settings",
         DATABASE_URL=DATABASE_URL,

@@ -25,6 +25,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--only", action="append", choices=BENCHMARKS, help="run only this benchmark (repeatable; default: all)"
     )
     parser.add_argument("--million", action="store_true", help="B4: measure at 1,000,000 stored sessions too")
+    parser.add_argument(
+        "--broker", choices=("redis", "amqp"), default="redis", help="the Celery broker (default redis; amqp: RabbitMQ)"
+    )
     args = parser.parse_args(argv)
     args.only = args.only or list(BENCHMARKS)
     if not 0.05 <= args.unit <= 5:
@@ -101,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, raise_interrupt)
     try:
-        results = run(args, bench_environment())
+        results = run(args, bench_environment(args.broker))
     except BenchError as exc:
         print(f"bench failed: {exc}", file=sys.stderr)
         return 1

@@ -29,7 +29,7 @@ def b1_text(b1: dict) -> str:
     headers = ("shape", "tasks", "ours ms/task", "raw ms/task", "ratio", "target", "met?")
     return "\n".join(
         [
-            f"B1 dispatch overhead (median of {b1['repeats']} runs)",
+            f"B1 dispatch overhead on {b1['broker']} (median of {b1['repeats']} runs)",
             table(headers, rows),
             f"workers: {b1['workers']}",
             f"measured: {b1['measured']}",
