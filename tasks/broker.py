@@ -30,17 +30,15 @@ def queues_with_messages(queues: Iterable[str]) -> set[str]:
     know has none."""
     busy = set()
     with current_app.connection_for_read() as conn:
-        channel = conn.channel()
-        try:
-            for name in queues:
+        for name in queues:
+            # A channel per question: RabbitMQ closes the channel that asks about a missing queue.
+            with conn.channel() as channel:
                 try:
                     _, waiting, _ = channel.queue_declare(queue=name, passive=True)
-                except conn.channel_errors:  # no such queue; AMQP closes the channel for asking
-                    waiting, channel = 0, conn.channel()
-                if waiting:
-                    busy.add(name)
-        finally:
-            channel.close()
+                except conn.channel_errors:  # the broker does not know the queue
+                    waiting = 0
+            if waiting:
+                busy.add(name)
     return busy
 
 
@@ -48,6 +46,7 @@ def message_ids_held_by_workers(message_ids: Iterable[str]) -> set[str]:
     """Those of `message_ids` that a live agent worker holds: running, prefetched, or waiting for
     a countdown (Celery's remote control, query_task). Only agent workers take run_task
     messages; one that does not answer within INSPECT_TIMEOUT_S holds nothing."""
+    message_ids = set(message_ids)
     workers = list(
         Agent.objects.filter(mode=Agent.Mode.WORKER)
         .exclude(status=Agent.Status.OFFLINE)
@@ -61,7 +60,7 @@ def message_ids_held_by_workers(message_ids: Iterable[str]) -> set[str]:
     # are only in its schedule.
     held = {message_id for found in (inspect.query_task(*message_ids) or {}).values() for message_id in found}
     held.update(entry["request"]["id"] for entries in (inspect.scheduled() or {}).values() for entry in entries)
-    return held & set(message_ids)
+    return held & message_ids
 
 
 def lost_message_ids(messages: dict[str, str]) -> set[str] | None:
