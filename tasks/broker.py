@@ -55,11 +55,15 @@ def message_ids_held_by_workers(message_ids: Iterable[str]) -> set[str]:
     )
     if not workers:
         return set()
-    inspect = current_app.control.inspect(destination=workers, timeout=INSPECT_TIMEOUT_S, limit=len(workers))
-    # query_task knows the messages a worker runs or has prefetched; those a countdown holds
-    # are only in its schedule.
-    held = {message_id for found in (inspect.query_task(*message_ids) or {}).values() for message_id in found}
-    held.update(entry["request"]["id"] for entries in (inspect.scheduled() or {}).values() for entry in entries)
+    # A connection of its own, not the pool's: one pooled across a broker restart is dead.
+    with current_app.connection_for_write() as conn:
+        inspect = current_app.control.inspect(
+            destination=workers, timeout=INSPECT_TIMEOUT_S, limit=len(workers), connection=conn
+        )
+        # query_task knows the messages a worker runs or has prefetched; those a countdown
+        # holds are only in its schedule.
+        held = {message_id for found in (inspect.query_task(*message_ids) or {}).values() for message_id in found}
+        held.update(entry["request"]["id"] for entries in (inspect.scheduled() or {}).values() for entry in entries)
     return held & message_ids
 
 
@@ -69,7 +73,7 @@ def lost_message_ids(messages: dict[str, str]) -> set[str] | None:
     try:
         busy = queues_with_messages(set(messages.values()))
         held = message_ids_held_by_workers(messages)
-    except OperationalError:
+    except (OperationalError, *current_app.connection_for_read().connection_errors):
         logger.warning("the broker cannot be asked what it holds; lost messages are looked for later", exc_info=True)
         return None
     return {message_id for message_id, queue in messages.items() if queue not in busy and message_id not in held}
