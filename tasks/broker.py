@@ -13,6 +13,7 @@ import logging
 from collections.abc import Iterable
 
 from celery import current_app
+from kombu import Connection
 from kombu.exceptions import OperationalError
 
 from agents.models import Agent
@@ -24,25 +25,24 @@ logger = logging.getLogger(__name__)
 INSPECT_TIMEOUT_S = 2.0
 
 
-def queues_with_messages(queues: Iterable[str]) -> set[str]:
+def queues_with_messages(conn: Connection, queues: Iterable[str]) -> set[str]:
     """The queues among `queues` that have messages waiting (a passive declare: the broker's
     count of ready messages, every priority of the queue included). A queue the broker does not
     know has none."""
     busy = set()
-    with current_app.connection_for_read() as conn:
-        for name in queues:
-            # A channel per question: RabbitMQ closes the channel that asks about a missing queue.
-            with conn.channel() as channel:
-                try:
-                    _, waiting, _ = channel.queue_declare(queue=name, passive=True)
-                except conn.channel_errors:  # the broker does not know the queue
-                    waiting = 0
-            if waiting:
-                busy.add(name)
+    for name in queues:
+        # A channel per question: RabbitMQ closes the channel that asks about a missing queue.
+        with conn.channel() as channel:
+            try:
+                _, waiting, _ = channel.queue_declare(queue=name, passive=True)
+            except conn.channel_errors:  # the broker does not know the queue
+                waiting = 0
+        if waiting:
+            busy.add(name)
     return busy
 
 
-def message_ids_held_by_workers(message_ids: Iterable[str]) -> set[str]:
+def message_ids_held_by_workers(conn: Connection, message_ids: Iterable[str]) -> set[str]:
     """Those of `message_ids` that a live agent worker holds: running, prefetched, or waiting for
     a countdown (Celery's remote control, query_task). Only agent workers take run_task
     messages; one that does not answer within INSPECT_TIMEOUT_S holds nothing."""
@@ -55,25 +55,26 @@ def message_ids_held_by_workers(message_ids: Iterable[str]) -> set[str]:
     )
     if not workers:
         return set()
-    # A connection of its own, not the pool's: one pooled across a broker restart is dead.
-    with current_app.connection_for_write() as conn:
-        inspect = current_app.control.inspect(
-            destination=workers, timeout=INSPECT_TIMEOUT_S, limit=len(workers), connection=conn
-        )
-        # query_task knows the messages a worker runs or has prefetched; those a countdown
-        # holds are only in its schedule.
-        held = {message_id for found in (inspect.query_task(*message_ids) or {}).values() for message_id in found}
-        held.update(entry["request"]["id"] for entries in (inspect.scheduled() or {}).values() for entry in entries)
+    inspect = current_app.control.inspect(
+        destination=workers, timeout=INSPECT_TIMEOUT_S, limit=len(workers), connection=conn
+    )
+    # query_task knows the messages a worker runs or has prefetched; those a countdown holds
+    # are only in its schedule.
+    held = {message_id for found in (inspect.query_task(*message_ids) or {}).values() for message_id in found}
+    held.update(entry["request"]["id"] for entries in (inspect.scheduled() or {}).values() for entry in entries)
     return held & message_ids
 
 
 def lost_message_ids(messages: dict[str, str]) -> set[str] | None:
     """Of `messages` (message id -> the queue it was sent to), those the broker and the live
     workers no longer hold; None when the broker cannot be asked."""
+    # A connection of its own, not the pool's: one pooled across a broker restart is dead.
+    conn = current_app.connection_for_write()
     try:
-        busy = queues_with_messages(set(messages.values()))
-        held = message_ids_held_by_workers(messages)
-    except (OperationalError, *current_app.connection_for_read().connection_errors):
+        with conn:
+            busy = queues_with_messages(conn, set(messages.values()))
+            held = message_ids_held_by_workers(conn, messages)
+    except (OperationalError, *conn.connection_errors):
         logger.warning("the broker cannot be asked what it holds; lost messages are looked for later", exc_info=True)
         return None
     return {message_id for message_id, queue in messages.items() if queue not in busy and message_id not in held}

@@ -226,7 +226,8 @@ def test_a_message_a_live_worker_holds_is_not_sent_again(stack):
     Task.objects.filter(pk=task.pk).update(message_id=options["task_id"], dispatched_to=options["queue"])
     queue_lost(session, "a", message_id=options["task_id"])
     message(RUN_TASK).apply_async(countdown=60, **options)  # a retry's countdown: the worker holds it
-    wait_until(lambda: message_ids_held_by_workers([options["task_id"]]), what="the worker holding the message")
+    with current_app.connection_for_write() as conn:
+        wait_until(lambda: message_ids_held_by_workers(conn, [options["task_id"]]), what="the worker holding it")
 
     assert sweep_stuck_sessions()["resent"] == 0
 

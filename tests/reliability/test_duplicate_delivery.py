@@ -4,6 +4,7 @@ import pytest
 
 from agents.executors.scripted import side_effects_of
 from agents.models import Agent
+from orchestrator_project.celery import app
 from sessions.models import Session
 from tasks.broker import message_ids_held_by_workers, queues_with_messages
 from tasks.messages import new_message_id
@@ -31,10 +32,14 @@ def test_the_same_task_message_delivered_twice_at_once_runs_once(stack):
 
     wait_until(lambda: task_status(session_id, "one") == "completed", what="the task to complete")
     # Both copies consumed and acknowledged: none waits on the queue, and no worker holds one.
-    wait_until(
-        lambda: not queues_with_messages(["cap.code_generation"]) and not message_ids_held_by_workers([message_id]),
-        what="both copies consumed",
-    )
+    with app.connection_for_write() as conn:
+        wait_until(
+            lambda: (
+                not queues_with_messages(conn, ["cap.code_generation"])
+                and not message_ids_held_by_workers(conn, [message_id])
+            ),
+            what="both copies consumed",
+        )
     task.refresh_from_db()
     assert task.attempts == 1
     assert side_effects_of(session_id) == {"one": 1}
