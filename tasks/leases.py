@@ -89,14 +89,13 @@ def recover_lost_task(task: Task, lost: str, **as_read) -> str | None:
                 task.status = Task.Status.FAILED
                 release_dependents(task, session.broker_priority)
                 note = f"{reason}; failed"
-    if outcome:
-        # The lost run may still be going on a host we cannot reach: once it can hear us, it
-        # stops before it does more (its outcome would be refused anyway: its attempt is stale).
-        ask_to_abort([(task.pk, task.attempts)], f"attempt {task.attempts} was taken back: {lost}")
     if note:
         session.note(note, actor="beat")
     if outcome:
         logger.warning("task %s of session %s: %s; %s", task.key, session.pk, lost, outcome)
+        # The lost run may still be going on a host we cannot reach: once it can hear us, it
+        # stops before it does more (its outcome would be refused anyway: its attempt is stale).
+        ask_to_abort([(task.pk, task.attempts)], f"attempt {task.attempts} was taken back: {lost}")
     return outcome
 
 
