@@ -21,6 +21,9 @@ import amqp
 import psycopg
 import redis
 
+# A service at one of these is ours to start (and install); anywhere else, only to wait for.
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
 
 def fail(message: str) -> None:
     print(f"ensure_services: {message}", file=sys.stderr)
@@ -46,8 +49,7 @@ def redis_answers(url: str) -> bool:
 def ensure_redis(url: str) -> None:
     if redis_answers(url):
         return
-    host = urlparse(url).hostname
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    if urlparse(url).hostname not in LOCAL_HOSTS:
         fail(f"Redis at {url} does not answer; start it or fix REDIS_URL.")
     if not shutil.which("redis-server"):
         fail("Redis is not installed. Install it with: sudo apt-get install -y redis-server")
@@ -92,7 +94,7 @@ def ensure_postgres(url: str) -> None:
     parsed = urlparse(url)
     admin_dsn = parsed._replace(path="/postgres").geturl()
     if not postgres_answers(admin_dsn):
-        if parsed.hostname not in ("127.0.0.1", "localhost", "::1", None):
+        if parsed.hostname not in (*LOCAL_HOSTS, None):  # None: the local socket
             fail(f"PostgreSQL at {parsed.hostname} does not answer; start it or fix DATABASE_URL.")
         clusters = Path("/etc/postgresql")
         if not shutil.which("pg_ctlcluster") or not clusters.is_dir():
@@ -126,6 +128,14 @@ def install_packages(packages: list[str], why: str) -> None:
             fail(f"{command} failed; install {', '.join(packages)} for {why}")
 
 
+def ensure_tools(tools: dict[str, str], why: str) -> None:
+    """Every command of `tools` (command -> the Debian package that has it) is on the PATH,
+    installing the packages of those that are not."""
+    missing = sorted({package for tool, package in tools.items() if not shutil.which(tool)})
+    if missing:
+        install_packages(missing, why)
+
+
 SANDBOX_TOOLS = {"bwrap": "bubblewrap", "socat": "socat", "prlimit": "util-linux", "setpriv": "util-linux"}
 
 
@@ -134,9 +144,7 @@ def ensure_sandbox() -> None:
     and a kernel that lets bwrap make its namespaces."""
     if os.environ.get("SANDBOX", "bwrap") == "none":
         return
-    missing = sorted({package for tool, package in SANDBOX_TOOLS.items() if not shutil.which(tool)})
-    if missing:
-        install_packages(missing, "the sandbox (SANDBOX=bwrap)")
+    ensure_tools(SANDBOX_TOOLS, "the sandbox (SANDBOX=bwrap)")
     probe = ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--unshare-pid", "--unshare-net", "true"]
     if os.geteuid() != 0:
         probe[1:1] = ["--unshare-user"]
@@ -183,7 +191,7 @@ def ensure_rabbitmq(url: str) -> None:
     """RabbitMQ answers at `url` and has its vhost: started if installed and stopped, installed
     when root with apt-get (a local broker only)."""
     if not rabbitmq_answers(url):
-        if urlparse(url).hostname not in ("127.0.0.1", "localhost", "::1"):
+        if urlparse(url).hostname not in LOCAL_HOSTS:
             fail(f"RabbitMQ at {urlparse(url).hostname} does not answer; start it or fix CELERY_BROKER_URL.")
         if not shutil.which("rabbitmq-server"):
             install_packages(["rabbitmq-server"], "RabbitMQ (an amqp:// broker)")
@@ -219,9 +227,7 @@ def main(argv: list[str]) -> None:
     for_tests = "--tests" in argv
     ensure_sandbox()
     if for_tests:
-        missing = sorted({package for tool, package in TEST_TOOLS.items() if not shutil.which(tool)})
-        if missing:
-            install_packages(missing, "the tests' hosts")
+        ensure_tools(TEST_TOOLS, "the tests' hosts")
     database_url = os.environ.get("DATABASE_URL", "")
     if database_url.startswith(("postgres://", "postgresql://")):
         ensure_postgres(database_url)
