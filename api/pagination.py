@@ -20,11 +20,8 @@ class CappedCountPaginator(DjangoPaginator):
 
     @cached_property
     def _counted(self) -> int:
-        """The rows, counted up to one past the limit."""
-        rows = self.object_list
-        if not hasattr(rows, "order_by"):
-            return len(rows)
-        return rows.order_by()[: settings.API_COUNT_LIMIT + 1].count()
+        """The rows (always a queryset), counted up to one past the limit."""
+        return self.object_list.order_by()[: settings.API_COUNT_LIMIT + 1].count()
 
     @property
     def exact(self) -> bool:
@@ -66,15 +63,13 @@ class Pagination(PageNumberPagination):
 
     def get_paginated_response_schema(self, schema):
         response = super().get_paginated_response_schema(schema)
-        response["properties"]["count"]["description"] = "Results in the list, or API_COUNT_LIMIT when there are more."
-        response["properties"] = {
-            "count": response["properties"]["count"],
-            "count_exact": {
-                "type": "boolean",
-                "description": "false when the list has more results than were counted (API_COUNT_LIMIT).",
-            },
-            **{k: v for k, v in response["properties"].items() if k != "count"},
+        fields = response["properties"]
+        count = fields.pop("count") | {"description": "Results in the list, or API_COUNT_LIMIT when there are more."}
+        count_exact = {
+            "type": "boolean",
+            "description": "false when the list has more results than were counted (API_COUNT_LIMIT).",
         }
+        response["properties"] = {"count": count, "count_exact": count_exact, **fields}
         response["required"] = ["count", "count_exact", "results"]
         return response
 
