@@ -21,7 +21,7 @@ from agents.models import Agent
 from agents.runtime import AgentRuntime
 from bench import BenchError, history, shapes
 from bench.ours import new_session, session_events, wait_settled
-from bench.workers import Workers
+from bench.workers import ORCHESTRATOR, Workers
 from sessions.models import Session
 from tasks import leases, sweeps
 from tasks.fleet import mark_silent_agents_offline, record_heartbeat, register_worker
@@ -36,7 +36,6 @@ LEVELS = (1_000, 100_000)
 MILLION = 1_000_000
 WORKER_AGENT = "bench-b4"
 INPROCESS_AGENT = "bench-b4-inprocess"
-ORCHESTRATOR = "bench-orchestrator"  # bench.workers.Workers.orchestrator
 CONCURRENCY = 4
 THROUGHPUT_SESSIONS = 120
 THROUGHPUT_RUNS = 3

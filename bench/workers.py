@@ -18,6 +18,7 @@ from orchestrator_project.celery import app
 
 READY_TIMEOUT_S = 60.0
 STOP_GRACE_S = 20.0
+ORCHESTRATOR = "bench-orchestrator"  # the orchestrator worker's label and node name
 
 
 @dataclass
@@ -36,9 +37,9 @@ class Workers:
 
     def orchestrator(self, concurrency: int = 2) -> None:
         self._start(
-            "bench-orchestrator",
+            ORCHESTRATOR,
             ["-m", "celery", "-A", "orchestrator_project", "worker", "-Q", "orchestrator",
-             "-n", "bench-orchestrator@%h", "-c", str(concurrency), "--loglevel=WARNING"],
+             "-n", f"{ORCHESTRATOR}@%h", "-c", str(concurrency), "--loglevel=WARNING"],
         )  # fmt: skip
 
     def agent(self, name: str, concurrency: int) -> None:
