@@ -241,6 +241,14 @@ def task_status(session_id: str, key: str) -> str:
     return Task.objects.get(session_id=session_id, key=key).status
 
 
+def worker_database_url(host: str | None = None, port: int | None = None) -> str:
+    """pytest's test database (not the one DATABASE_URL names) as a URL for a process the test
+    starts, reached at `host`:`port` when given (a test host's way through its link)."""
+    db = settings.DATABASES["default"]
+    credentials = f"{quote(db['USER'])}:{quote(db['PASSWORD'] or '')}"
+    return f"postgres://{credentials}@{host or db['HOST']}:{port or db['PORT']}/{db['NAME']}"
+
+
 class Stack:
     """Real Celery worker processes: one orchestrator worker and agents started by run_agent."""
 
@@ -252,15 +260,11 @@ class Stack:
         self.logs.mkdir(parents=True, exist_ok=True)
 
     def env(self) -> dict:
-        db = settings.DATABASES["default"]
         return {
             **os.environ,
             "DJANGO_SETTINGS_MODULE": "orchestrator_project.settings",
             "DEBUG": "true",
-            # The worker must use pytest's test database, not the one DATABASE_URL names.
-            "DATABASE_URL": (
-                f"postgres://{quote(db['USER'])}:{quote(db['PASSWORD'] or '')}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
-            ),
+            "DATABASE_URL": worker_database_url(),
             "DB_CONN_MAX_AGE": "0",
             "REDIS_URL": settings.REDIS_URL,
             "PYTHONUNBUFFERED": "1",

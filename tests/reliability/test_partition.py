@@ -24,7 +24,7 @@ from agents.executors.scripted import side_effects_of
 from agents.models import Agent
 from sessions.models import SessionEvent
 from tasks.models import Task
-from tests.conftest import create_and_start, member_client, wait_until
+from tests.conftest import create_and_start, member_client, wait_until, worker_database_url
 
 from .conftest import settled
 
@@ -95,10 +95,9 @@ class Host:
 
     def env(self) -> dict[str, str]:
         """The agent's DATABASE_URL and REDIS_URL: the test's database and Redis, through the link."""
-        db = settings.DATABASES["default"]
         redis = urlparse(settings.REDIS_URL)
         return {
-            "DATABASE_URL": f"postgres://{db['USER']}@{self.gateway}:5432/{db['NAME']}",
+            "DATABASE_URL": worker_database_url(self.gateway, 5432),
             "REDIS_URL": redis._replace(netloc=f"{self.gateway}:6379").geturl(),
         }
 
