@@ -16,6 +16,7 @@ server queues every prompt it receives, so a retry after a timeout would run the
 The API facts this relies on are in docs/reference/opencode-server-api.md (1.18.33).
 """
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +38,8 @@ __all__ = [
     "OpenCodeServerError",
     "error_message",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 def _sandbox_report(sandbox: Sandbox | None) -> dict:
@@ -128,6 +131,10 @@ class OpenCodeExecutor:
                     raise
                 # Not worth a retry: the same work would end the same way.
                 exited = sandbox.explain(server.proc.returncode) or f"exit code {server.proc.returncode}"
+                last_words = "".join(list(server.output)[-20:]).strip() or "(no output)"
+                logger.warning(
+                    "task %s: its OpenCode server stopped (%s); its last output:\n%s", ctx.task_id, exited, last_words
+                )
                 raise TaskFailed(
                     f"the task's OpenCode server stopped during the task ({exited}); the sandbox's limits: "
                     f"{sandbox.limits.describe()}",
