@@ -43,7 +43,8 @@ ATTACKS = [
     "environ", "connect", "read_canary", "write_outside", "signal_agent", "ptrace_agent", "fork_bomb", "memory",
     "disk", "host_direct", "host_via_proxy",
 ]  # fmt: skip
-LIMITS = {"SANDBOX_MAX_PROCESSES": 64, "SANDBOX_MEMORY_MB": 2048, "SANDBOX_FILE_SIZE_MB": 8}  # OpenCode needs 2 GB
+# The server keeps SANDBOX_SERVER_MEMORY_MB: OpenCode maps about 2 GB of data (see settings.py).
+LIMITS = {"SANDBOX_MAX_PROCESSES": 64, "SANDBOX_MEMORY_MB": 2048, "SANDBOX_FILE_SIZE_MB": 8}
 
 
 class _Hello(http.server.BaseHTTPRequestHandler):
@@ -180,7 +181,8 @@ def test_a_sandboxed_command_still_reaches_the_allowed_host_and_says_what_the_pr
     assert bwrap["verdicts"]["allowed_host"][0] == "ALLOWED", bwrap["verdicts"]["allowed_host"]
     denied = targets["denied_url"].removeprefix("http://").rstrip("/")
     assert bwrap["result"]["sandbox"]["refused_hosts"] == [denied]
-    assert bwrap["result"]["sandbox"]["limits"] == Limits(2048, 64, settings.SANDBOX_CPU_SECONDS, 8).describe()
+    limits = Limits(2048, settings.SANDBOX_SERVER_MEMORY_MB, 64, settings.SANDBOX_CPU_SECONDS, 8)
+    assert bwrap["result"]["sandbox"]["limits"] == limits.describe()
     assert shell_runs["none"]["result"]["sandbox"] == {"kind": "none"}
 
 
@@ -218,6 +220,19 @@ def test_a_command_that_runs_into_a_limit_fails_saying_which(tmp_path, settings,
 
     assert f"was stopped by the sandbox: it ran into {limit}" in str(failed.value)
     assert failed.value.result["sandbox"]["kind"] == "bwrap"
+
+
+def test_a_server_gets_the_servers_data_limit_and_its_tools_and_commands_the_commands_one(tmp_path, settings):
+    settings.SANDBOX, settings.SANDBOX_MEMORY_MB, settings.SANDBOX_SERVER_MEMORY_MB = "bwrap", 512, 4096
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    env = {"PATH": "/usr/bin:/bin"}
+    with Sandbox(workspace) as sandbox:
+        in_server = f"ulimit -d; {sandbox.tool_shell} -c 'ulimit -d'"
+        server = sandbox.popen(["/bin/sh", "-c", in_server], env=env, serve_port=4096, stdout=subprocess.PIPE)
+        command = sandbox.popen(["/bin/sh", "-c", "ulimit -d"], env=env, stdout=subprocess.PIPE)
+        outputs = [proc.communicate(timeout=30)[0].decode().split() for proc in (server, command)]
+    assert outputs == [[str(4096 * 1024), str(512 * 1024)], [str(512 * 1024)]]  # KiB
 
 
 def test_a_sandbox_sees_only_its_own_workspace_the_system_and_the_toolchains(tmp_path, settings):

@@ -56,6 +56,7 @@ class SandboxError(Exception):
 @dataclass(frozen=True)
 class Limits:
     memory_mb: int
+    server_memory_mb: int  # a server's own (OpenCode); its tools get memory_mb
     processes: int
     cpu_seconds: int
     file_size_mb: int
@@ -64,6 +65,7 @@ class Limits:
     def from_settings(cls) -> "Limits":
         return cls(
             memory_mb=settings.SANDBOX_MEMORY_MB,
+            server_memory_mb=settings.SANDBOX_SERVER_MEMORY_MB,
             processes=settings.SANDBOX_MAX_PROCESSES,
             cpu_seconds=settings.SANDBOX_CPU_SECONDS,
             file_size_mb=settings.SANDBOX_FILE_SIZE_MB,
@@ -72,15 +74,17 @@ class Limits:
     def describe(self) -> dict:
         return {
             "memory_mb": self.memory_mb,
+            "server_memory_mb": self.server_memory_mb,
             "processes": self.processes,
             "cpu_seconds": self.cpu_seconds,
             "file_size_mb": self.file_size_mb,
         }
 
-    def prlimit(self) -> list[str]:
+    def prlimit(self, *, server: bool = False) -> list[str]:
+        memory_mb = self.server_memory_mb if server else self.memory_mb
         return [
             "prlimit",
-            f"--data={self.memory_mb * 1024 * 1024}",
+            f"--data={memory_mb * 1024 * 1024}",
             f"--nproc={self.processes}",
             f"--cpu={self.cpu_seconds}:{self.cpu_seconds + 5}",  # SIGXCPU first, SIGKILL if ignored
             f"--fsize={self.file_size_mb * 1024 * 1024}",
@@ -155,10 +159,12 @@ class Sandbox:
     def _write_tool_shell(self) -> None:
         """The shell a server in the sandbox (OpenCode) runs its tools with ($SHELL): bash with a
         smaller process budget than the server's, so that a fork bomb in a tool leaves the
-        server room to answer (RLIMIT_NPROC counts the user's processes and threads)."""
+        server room to answer (RLIMIT_NPROC counts the user's processes and threads), and with
+        the data memory of any sandboxed command rather than the server's."""
         tools = max(8, self.limits.processes - SERVER_PROCESS_RESERVE)
         shell = self.run_dir / "bash"
-        shell.write_text(f'#!/bin/bash\nulimit -u {tools}\nexec /bin/bash "$@"\n')
+        limits = f"ulimit -u {tools}\nulimit -d {self.limits.memory_mb * 1024}"  # -d: in KiB
+        shell.write_text(f'#!/bin/bash\n{limits}\nexec /bin/bash "$@"\n')
         shell.chmod(0o755)
 
     @property
@@ -194,7 +200,8 @@ class Sandbox:
         kwargs.setdefault("start_new_session", True)
         if not self.enabled:
             return subprocess.Popen(argv, env=env, cwd=self.workspace, **kwargs)
-        command = [*self.limits.prlimit(), *self._bwrap(), *self._user(), "/bin/sh", "-c", _BOOT, "boot", *argv]
+        limits = self.limits.prlimit(server=serve_port is not None)
+        command = [*limits, *self._bwrap(), *self._user(), "/bin/sh", "-c", _BOOT, "boot", *argv]
         boot_env = {**env, "IO_SERVE_PORT": str(serve_port or "")}
         return subprocess.Popen(command, env=boot_env, cwd="/", **kwargs)
 
