@@ -1,10 +1,13 @@
+import json
+
 import pytest
-from celery.canvas import _chain, chord, group
+from celery import chain
+from celery.canvas import Signature, _chain, chord, group
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from sessions.models import Session
-from tasks.canvas import build_canvas, plan_dag
+from tasks.canvas import build_canvas, in_series, plan_dag
 from tasks.messages import task_of_message
 from tasks.models import Task
 from tenants.models import Tenant
@@ -63,6 +66,39 @@ def test_a_long_chain_plans_without_recursion_limits():
     plan = plan_dag({key: keys[i - 1 : i] for i, key in enumerate(keys)})
 
     assert plan.canvas == ("chain", keys) and not plan.released
+
+
+def steps(pattern: str) -> list[Signature]:
+    """Signatures in series: "t" a task, "g" a group of two, "G" a group of two chains of two."""
+    made = iter(Signature(f"t{n}", args=(n,)) for n in range(100))
+    step = {
+        "t": lambda: next(made),
+        "g": lambda: group([next(made), next(made)]),
+        "G": lambda: group([chain(next(made), next(made)), chain(next(made), next(made))]),
+    }
+    return [step[kind]() for kind in pattern]
+
+
+def as_sent(signature: Signature) -> dict:
+    """A canvas as its message carries it, with a chain of a single step written as that step."""
+    data = json.loads(json.dumps(signature))
+
+    def unwrap(node):
+        if isinstance(node, dict):
+            tasks = node.get("kwargs", {}).get("tasks")
+            if node.get("subtask_type") == "chain" and len(tasks) == 1:
+                return unwrap(tasks[0])
+            return {key: unwrap(value) for key, value in node.items()}
+        return [unwrap(item) for item in node] if isinstance(node, list) else node
+
+    return unwrap(data)
+
+
+@pytest.mark.parametrize("pattern", ["t", "tttttt", "tgtt", "ggt", "Gtt", "tgtgtt", "gtgt", "tg", "gGgt", "tGtgt"])
+def test_in_series_builds_what_celerys_chain_builds(pattern):
+    parts = steps(pattern)
+
+    assert as_sent(in_series(list(parts))) == as_sent(chain(*parts) if len(parts) > 1 else parts[0])
 
 
 def make_session(edges: dict[str, list[str]], priority: int = 5, slug: str = "acme") -> Session:
