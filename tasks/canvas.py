@@ -13,11 +13,13 @@ from the database: run_task sends a task's message when its last upstream comple
 (release.release_dependents). See docs/CANVAS.md.
 """
 
+import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import reduce
 
 from celery import chain, chord, current_app, group
-from celery.canvas import Signature
+from celery.canvas import Signature, _chain
 
 from sessions.models import Session
 
@@ -165,14 +167,17 @@ def _to_signature(expr: Expr, nodes: dict[str, Signature], in_group: bool = Fals
 
 
 def in_series(parts: list[Signature]) -> Signature:
-    """What `chain(*parts)` builds: a group with anything after it becomes a chord whose body is
-    all that follows, in series. Built in one pass: Celery's chain() joins the parts with `|`,
-    which copies every earlier part at each step (75 ms for a 200-task chain, quadratic)."""
-    for index, part in enumerate(parts[:-1]):
-        if isinstance(part, group):
-            parts = [*parts[:index], chord(part, in_series(parts[index + 1 :]), app=current_app)]
-            break
-    return parts[0] if len(parts) == 1 else chain(parts, app=current_app)
+    """`chain(*parts)`, the very canvas Celery builds, without its cost. Celery's chain() joins the
+    parts with `|`, and each join copies every part before it: 75 ms for a 200-task chain. The
+    plain tasks before the first group are joined here in one step; from the last of them on,
+    Celery's own `|` goes on (its rules look only at the last two parts, never at plain tasks
+    further back)."""
+    first_group = next((i for i, part in enumerate(parts) if isinstance(part, group | chord | _chain)), len(parts))
+    head, rest = parts[:first_group], parts[first_group:]
+    if not rest:
+        return head[0] if len(head) == 1 else chain(head, app=current_app)
+    joined = reduce(operator.or_, rest, chain(head[-1:], app=current_app))
+    return chain([*head[:-1], *joined.tasks], app=current_app) if head else joined
 
 
 def build_canvas(session: Session) -> tuple[Signature | None, list[Task]]:
