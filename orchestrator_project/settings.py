@@ -355,8 +355,9 @@ SANDBOX_ALLOWED_HOSTS = env_list("SANDBOX_ALLOWED_HOSTS", _model_hosts())
 # and the size of any one file written. Wall time is the task's deadline.
 SANDBOX_MEMORY_MB = env_int("SANDBOX_MEMORY_MB", 2048, minimum=64)
 # OpenCode 1.18.33 (Bun) maps about 2 GB of data it never touches (VmData 2.0 GB at 75 MB RSS):
-# at 2048 a thread it starts can fail to get a stack, and Bun crashes (SIGILL).
-SANDBOX_SERVER_MEMORY_MB = env_int("SANDBOX_SERVER_MEMORY_MB", 8192, minimum=64)
+# at 2048 a thread it starts can fail to get a stack, and Bun crashes (SIGILL). Never below the
+# tools' limit: the tool shell lowers its own limit to theirs, and cannot raise it.
+SANDBOX_SERVER_MEMORY_MB = env_int("SANDBOX_SERVER_MEMORY_MB", max(4096, SANDBOX_MEMORY_MB), minimum=SANDBOX_MEMORY_MB)
 SANDBOX_MAX_PROCESSES = env_int("SANDBOX_MAX_PROCESSES", 256, minimum=16)
 SANDBOX_CPU_SECONDS = env_int("SANDBOX_CPU_SECONDS", 1800, minimum=1)
 SANDBOX_FILE_SIZE_MB = env_int("SANDBOX_FILE_SIZE_MB", 1024, minimum=1)

@@ -245,7 +245,7 @@ def worker_database_url(host: str | None = None, port: int | None = None) -> str
     """pytest's test database (not the one DATABASE_URL names) as a URL for a process the test
     starts, reached at `host`:`port` when given (a test host's way through its link)."""
     db = settings.DATABASES["default"]
-    credentials = f"{quote(db['USER'])}:{quote(db['PASSWORD'] or '')}"
+    credentials = f"{quote(db['USER'], safe='')}:{quote(db['PASSWORD'] or '', safe='')}"
     return f"postgres://{credentials}@{host or db['HOST']}:{port or db['PORT']}/{db['NAME']}"
 
 

@@ -377,6 +377,31 @@ def test_a_server_that_dies_at_startup_is_reported_with_its_output(tmp_path):
         OpenCodeServer(binary=tmp_path / "missing", config={}).start()
 
 
+def test_a_servers_last_output_is_read_to_its_end_bounded_and_without_the_secrets_it_was_given(
+    monkeypatch, settings, tmp_path
+):
+    settings.OPENCODE_SERVER_ENV = ["AWS_ACCESS_KEY_ID"]
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "provider-key-123")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "aws-key-456")
+    binary = tmp_path / "opencode"
+    binary.write_text(
+        "#!/bin/sh\necho 'opencode server listening on http://127.0.0.1:1'\nsleep 0.3\n"
+        'echo "password $OPENCODE_SERVER_PASSWORD key $ANTHROPIC_API_KEY aws $AWS_ACCESS_KEY_ID"\n'
+        "head -c 10000 /dev/zero | tr '\\0' x; echo\necho 'panic: Illegal instruction'\nexit 132\n"
+    )
+    binary.chmod(0o755)
+    server = OpenCodeServer(binary=binary, config={}).start()
+    try:
+        server.proc.wait(timeout=10)
+        output = server.last_output()
+    finally:
+        server.stop()
+
+    assert output.endswith("panic: Illegal instruction") and len(output) <= 4000
+    assert "password [redacted] key [redacted] aws [redacted]" in server.last_output(limit=20000)
+    assert not {server.password, "provider-key-123", "aws-key-456"} & set(server.last_output(limit=20000).split())
+
+
 def test_server_config_comes_from_settings(settings):
     settings.OPENCODE_CONFIG = {"provider": {"mock": {"npm": "@ai-sdk/openai-compatible"}}, "autoupdate": True}
     settings.OPENCODE_MODEL = "mock/mock-model"

@@ -134,6 +134,7 @@ def test_debug_settings_load_without_a_secret_key():
     [
         ("DEBUG", "sometimes"),
         ("MAX_TASKS_PER_SESSION", "lots"),
+        ("SANDBOX_SERVER_MEMORY_MB", "1024"),  # below SANDBOX_MEMORY_MB (2048), the tools' limit
         ("SHELL_EXECUTOR_COMMANDS", "[1]"),
         ("REPOSITORY_ROOTS", "/srv/repos,relative/repos"),
         ("REPOSITORY_URL_PREFIXES", "https://github.com/acme/,git@github.com:acme/"),

@@ -131,9 +131,11 @@ class OpenCodeExecutor:
                     raise
                 # Not worth a retry: the same work would end the same way.
                 exited = sandbox.explain(server.proc.returncode) or f"exit code {server.proc.returncode}"
-                last_words = "".join(list(server.output)[-20:]).strip() or "(no output)"
                 logger.warning(
-                    "task %s: its OpenCode server stopped (%s); its last output:\n%s", ctx.task_id, exited, last_words
+                    "task %s: its OpenCode server stopped (%s); its last output: %r",
+                    ctx.task_id,
+                    exited,
+                    server.last_output(),
                 )
                 raise TaskFailed(
                     f"the task's OpenCode server stopped during the task ({exited}); the sandbox's limits: "

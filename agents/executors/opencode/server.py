@@ -67,6 +67,7 @@ class OpenCodeServer:
         self.state_dir: Path | None = None
         self.proc: subprocess.Popen | None = None
         self.output: deque[str] = deque(maxlen=200)
+        self._drainer: threading.Thread | None = None
         self._owner_pid = os.getpid()
 
     def __repr__(self) -> str:  # never the password
@@ -111,7 +112,8 @@ class OpenCodeServer:
                 **output,
             )
         ready = threading.Event()
-        threading.Thread(target=self._drain, args=(ready,), name="opencode-serve-output", daemon=True).start()
+        self._drainer = threading.Thread(target=self._drain, args=(ready,), name="opencode-serve-output", daemon=True)
+        self._drainer.start()
         atexit.register(self.stop)
         if not ready.wait(self.startup_timeout_s) or not self.url:
             state = "exited" if self.proc.poll() is not None else f"not ready after {self.startup_timeout_s:g}s"
@@ -173,6 +175,18 @@ class OpenCodeServer:
         self.proc.wait()
         ready.set()  # it exited: start() reports that rather than waiting out its timeout
 
+    def last_output(self, limit: int = 4000) -> str:
+        """The end of what the server printed (a crash report, say), once its pipe has been read to
+        the end, with the secrets it was given redacted. A tool in the sandbox can write to the
+        server's output too: log it as data (%r), never as lines of our own."""
+        if self._drainer is not None:
+            self._drainer.join(timeout=2)
+        text = "".join(self.output)[-limit:]
+        secrets_given = [self.password, *(value for key, value in self._env().items() if _is_secret(key))]
+        for secret in filter(None, secrets_given):
+            text = text.replace(secret, "[redacted]")
+        return text.strip()
+
     def stop(self) -> None:
         """Kill the server and whatever its tools started. Its state is thrown away with it, so
         there is nothing to flush (and after serving a session, 1.18.33 ignores SIGTERM)."""
@@ -194,8 +208,13 @@ _SERVER_ENV = {
 }  # fmt: skip
 
 
+def _is_secret(key: str) -> bool:
+    """A provider credential the server is given (its keys, OPENCODE_SERVER_ENV)."""
+    return key in settings.OPENCODE_SERVER_ENV or key.endswith("_API_KEY")
+
+
 def _passes_to_server(key: str) -> bool:
-    if key in _SERVER_ENV or key in settings.OPENCODE_SERVER_ENV or key.endswith("_API_KEY"):
+    if key in _SERVER_ENV or _is_secret(key):
         return True
     return key.startswith("OPENCODE_") and key not in _OUR_SETTINGS
 
