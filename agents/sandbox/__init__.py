@@ -31,7 +31,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from django.conf import settings
@@ -72,13 +72,7 @@ class Limits:
         )
 
     def describe(self) -> dict:
-        return {
-            "memory_mb": self.memory_mb,
-            "server_memory_mb": self.server_memory_mb,
-            "processes": self.processes,
-            "cpu_seconds": self.cpu_seconds,
-            "file_size_mb": self.file_size_mb,
-        }
+        return asdict(self)
 
     def prlimit(self, *, server: bool = False) -> list[str]:
         memory_mb = self.server_memory_mb if server else self.memory_mb
@@ -195,7 +189,8 @@ class Sandbox:
 
     def popen(self, argv: list[str], *, env: dict[str, str], serve_port: int | None = None, **kwargs):
         """Start `argv` in the sandbox, in a new session (kill its process group to end it all).
-        `serve_port`: a port the process listens on inside, exposed as socket_path("serve.sock")."""
+        `serve_port`: a port the process listens on inside, exposed as socket_path("serve.sock");
+        such a process is a server, with the server's data limit (Limits.server_memory_mb)."""
         env = self.environ(env)
         kwargs.setdefault("start_new_session", True)
         if not self.enabled:

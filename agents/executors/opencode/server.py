@@ -182,7 +182,7 @@ class OpenCodeServer:
         if self._drainer is not None:
             self._drainer.join(timeout=2)
         text = "".join(self.output)[-limit:]
-        secrets_given = [self.password, *(value for key, value in self._env().items() if _is_secret(key))]
+        secrets_given = [self.password, *(value for key, value in os.environ.items() if _is_secret(key))]
         for secret in filter(None, secrets_given):
             text = text.replace(secret, "[redacted]")
         return text.strip()
