@@ -9,6 +9,7 @@ from orchestrator_project import health
 
 from . import eap
 from .agents import AgentViewSet
+from .metrics import metrics_view
 from .preview import DecompositionPreviewView
 from .sessions import SessionViewSet
 from .tasks import TaskViewSet
@@ -29,5 +30,6 @@ urlpatterns = [
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
     path("health/live/", health.live, name="health-live"),
     path("health/ready/", health.ready, name="health-ready"),
+    path("metrics", metrics_view, name="metrics"),
     path("admin/", admin.site.urls),
 ]

@@ -108,6 +108,7 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "django_celery_beat",
+    "django_prometheus",
     "tenants",
     "sessions.apps.SessionsConfig",
     "tasks.apps.TasksConfig",
@@ -115,6 +116,7 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "orchestrator_project.middleware.RequestSizeLimitMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
@@ -124,6 +126,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_prometheus.middleware.PrometheusAfterMiddleware",
 ]
 
 ROOT_URLCONF = "api.urls"
@@ -430,6 +433,14 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_DB_REUSE_MAX = env_int("CELERY_DB_REUSE_MAX", 1000)
 CELERY_BEAT_SCHEDULER = "orchestrator_project.beat:LeaderScheduler"
 CELERY_TIMEZONE = TIME_ZONE
+
+# Metrics (docs/OBSERVABILITY.md). The web serves /metrics to a scraper that sends
+# "Authorization: Bearer <METRICS_TOKEN>"; without a token, only to loopback clients in development
+# (DEBUG) and to nobody otherwise. A Celery worker (an agent, the orchestrator) serves its own on
+# METRICS_ADDRESS:METRICS_PORT when the port is set (run_agent's --metrics-port sets it too).
+METRICS_TOKEN = env_str("METRICS_TOKEN", "")
+METRICS_PORT = env_int("METRICS_PORT", 0)
+METRICS_ADDRESS = env_str("METRICS_ADDRESS", "127.0.0.1")
 
 LOGGING = {
     "version": 1,

@@ -3,7 +3,7 @@ work, before make starts anything.
 
 Starts PostgreSQL, Redis and RabbitMQ if they are installed but stopped, creates the database named
 in DATABASE_URL and the RabbitMQ vhost if they are missing, installs the Debian packages it needs
-(bubblewrap, socat, rabbitmq-server) when running as root with apt-get, and otherwise says
+(bubblewrap, socat, rabbitmq-server, prometheus) when running as root with apt-get, and otherwise says
 exactly what to install. Exit code 1 means: not ready.
 """
 
@@ -116,7 +116,7 @@ def ensure_postgres(url: str) -> None:
 def install_packages(packages: list[str], why: str) -> None:
     """apt-get install `packages` when running as root with apt-get (updating the package lists
     once if the first try fails); otherwise fail, saying the command to run."""
-    command = f"apt-get install -y {' '.join(packages)}"
+    command = f"apt-get install -y --no-install-recommends {' '.join(packages)}"
     if os.geteuid() != 0 or not shutil.which("apt-get"):
         fail(f"{why} needs {', '.join(packages)}. Install with: sudo {command}")
     print(f"ensure_services: installing {why}'s packages: {command}", file=sys.stderr)
@@ -217,8 +217,10 @@ def reset_vhost(url: str) -> None:
 
 
 # What the test suite needs besides the services: network namespaces and veths (the partition
-# test's hosts), and socat to forward the services to them.
-TEST_TOOLS = {"ip": "iproute2", "socat": "socat"}
+# test's hosts), socat to forward the services to them, and Prometheus with promtool (the alert
+# rules' tests, and the real Prometheus that scrapes a stack; Debian's package starts no server
+# where no init system runs, and the tests start their own).
+TEST_TOOLS = {"ip": "iproute2", "socat": "socat", "promtool": "prometheus", "prometheus": "prometheus"}
 
 
 def main(argv: list[str]) -> None:

@@ -1,0 +1,138 @@
+"""Prometheus metrics: what the processes count, and how each group of processes serves them.
+
+Every process counts into prometheus_client's multiprocess files (one directory per process group:
+gunicorn's master and its workers, a Celery worker and its pool processes), so that a scrape sums
+the whole group whichever process answers it. The group's first process makes the directory
+(`prepare_group`), fresh, and removes those of groups whose first process is gone; a pool process
+that exits marks itself dead (`mark_dead`), which drops its live gauges (its counters stay: a
+rate must not see a false reset). The web serves `/metrics` (api/metrics.py, with the state read
+from the database at scrape time); a Celery worker's main process serves its group on
+METRICS_PORT (`serve_group`), never a pool process (each would count only itself).
+
+No session or task ids as labels: those are in the logs and the traces. docs/OBSERVABILITY.md
+lists every metric.
+"""
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def metrics_root() -> Path:
+    return Path(os.environ.get("METRICS_DIR") or Path(tempfile.gettempdir()) / "orchestrator-metrics")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def prepare_group(pid: int | None = None) -> Path:
+    """Give the process group started by this process (or `pid`) a fresh multiprocess directory
+    and point PROMETHEUS_MULTIPROC_DIR at it, for this process and the ones it starts. Must run
+    before prometheus_client is imported. Directories of groups whose first process has died are
+    removed."""
+    root = metrics_root()
+    root.mkdir(parents=True, exist_ok=True)
+    for old in root.iterdir():
+        if old.name.isdigit() and not _alive(int(old.name)):
+            shutil.rmtree(old, ignore_errors=True)
+    group = root / str(pid or os.getpid())
+    shutil.rmtree(group, ignore_errors=True)
+    group.mkdir()
+    os.environ[ENV] = str(group)
+    return group
+
+
+def ensure_group() -> None:
+    """A process that no group's first process started is the first of its own group."""
+    if not os.environ.get(ENV) or not Path(os.environ[ENV]).is_dir():
+        prepare_group()
+
+
+# Imported after the directory is known: prometheus_client picks its multiprocess values at import.
+ensure_group()
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess  # noqa: E402
+
+
+def group_registry() -> CollectorRegistry:
+    """A registry that reads every process of this group's files."""
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    return registry
+
+
+def mark_dead(pid: int | None = None) -> None:
+    with contextlib.suppress(Exception):
+        multiprocess.mark_process_dead(pid or os.getpid())
+
+
+def serve_group(port: int, address: str) -> None:
+    """Serve this group's metrics over HTTP from this (the group's main) process."""
+    from prometheus_client import start_http_server
+
+    start_http_server(port, addr=address, registry=group_registry())
+
+
+# Sessions
+SESSION_TRANSITIONS = Counter("orch_session_transitions", "Session status transitions.", ["from_status", "to_status"])
+
+# Tasks. Schedule-to-start has a bucket at exactly 60 s: the SLO "tasks start within 60 s of
+# being ready" is read from it.
+TASK_SCHEDULE_TO_START = Histogram(
+    "orch_task_schedule_to_start_seconds",
+    "From a task being ready (queued) to an agent starting it.",
+    ["capability"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800),
+)
+TASK_DURATION = Histogram(
+    "orch_task_duration_seconds",
+    "How long an agent ran a task, by how it ended.",
+    ["capability", "executor", "outcome"],
+    buckets=(0.01, 0.1, 0.5, 1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200),
+)
+TASKS_FINISHED = Counter(
+    "orch_tasks_finished",
+    "Tasks that reached an end, by outcome and whose doing a failure or cancellation was "
+    "(cause: none for completed and skipped, agent, orchestrator, user).",
+    ["capability", "executor", "outcome", "cause"],
+)
+FENCING_REJECTIONS = Counter(
+    "orch_fencing_rejections",
+    "Writes refused because a newer attempt or lock holder had taken over.",
+    ["resource", "operation"],
+)
+
+# Locks
+LOCK_WAIT = Histogram(
+    "orch_lock_wait_seconds",
+    "Time spent waiting to acquire a lock (acquired or not).",
+    ["lock"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+LOCK_ACQUIRE_FAILURES = Counter("orch_lock_acquire_failures", "Lock acquisitions that gave up.", ["lock", "reason"])
+
+# Beat's sweeps
+SWEEP_REPAIRS = Counter("orch_sweep_repairs", "What the sweeps repaired, by kind.", ["kind"])
+SWEEP_LAST_SUCCESS = Gauge(
+    "orch_sweep_last_success_timestamp_seconds",
+    "When each sweep last finished without an error (Unix time).",
+    ["sweep"],
+    multiprocess_mode="mostrecent",
+)
+
+# Agents
+HEARTBEATS = Counter("orch_agent_heartbeats", "Heartbeats recorded, by agent.", ["agent"])
+SANDBOX_REFUSALS = Counter(
+    "orch_sandbox_refusals", "Agent processes the sandbox refused to start, by reason.", ["reason"]
+)
