@@ -20,6 +20,7 @@ from rest_framework.test import APIClient
 
 from agents.executors import TaskContext
 from agents.models import Agent
+from orchestrator_project import metrics
 from orchestrator_project.celery import app
 from orchestrator_project.redis_client import redis_client
 from scripts.ensure_services import reset_vhost
@@ -260,8 +261,10 @@ class Stack:
         self.logs.mkdir(parents=True, exist_ok=True)
 
     def env(self) -> dict:
+        # Each process is the first of a process group of its own (its own metrics directory).
+        inherited = {name: value for name, value in os.environ.items() if name != metrics.ENV}
         return {
-            **os.environ,
+            **inherited,
             "DJANGO_SETTINGS_MODULE": "orchestrator_project.settings",
             "DEBUG": "true",
             "DATABASE_URL": worker_database_url(),
