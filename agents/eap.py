@@ -18,6 +18,8 @@ from django.db import IntegrityError, transaction
 from django.db.models import Case, F, Q, Value, When
 from django.utils import timezone
 
+from orchestrator_project import metrics
+
 from .breakers import redis_circuit_breaker
 from .models import Agent, EapDelivery, latest_finishes, recent_figures
 
@@ -123,6 +125,7 @@ def record_heartbeat(agent: Agent, *, status: str, current_load: int) -> None:
         current_load=current_load,
         **figures,
     )
+    metrics.HEARTBEATS.labels(agent.name).inc()
 
 
 def _live_external_agents():

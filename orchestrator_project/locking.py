@@ -26,6 +26,7 @@ from functools import cache
 
 import redis
 
+from . import metrics
 from .redis_client import redis_client
 
 
@@ -195,6 +196,8 @@ class FairLock:
         self.patience_ms = max(1, int(patience * 1000))
         self.client = client or redis_client()
         self.key = f"lock:{resource}"
+        # What the metrics call the lock: its kind ("session" for "session:<id>"), never an id.
+        self.kind = resource.split(":", 1)[0]
         self.token: int | None = None
         self._scripts = _scripts(self.client)
 
@@ -203,19 +206,23 @@ class FairLock:
         Raises LockUnavailable when the time runs out, DeadlockDetected at once."""
         keys = [self.key, f"{self.key}:queue", f"{self.key}:deadlines", f"{self.key}:fence", WAIT_FOR_GRAPH]
         args = [self.resource, self.owner, self.ttl_ms, self.patience_ms]
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = started + timeout
         while True:
             status, value, *_ = self._scripts["acquire"](keys=keys, args=args)
             status = status.decode()
             if status == "acquired":
+                metrics.LOCK_WAIT.labels(self.kind).observe(time.monotonic() - started)
                 self.token = int(value)
                 return self.token
             if status == "deadlock":
                 self._leave_queue()
+                self._gave_up("deadlock", started)
                 raise DeadlockDetected(f"waiting for {self.resource} would deadlock: {value.decode()}")
             left = deadline - time.monotonic()
             if left <= 0:
                 self._leave_queue()
+                self._gave_up("timeout", started)
                 raise LockUnavailable(f"{self.resource} is held by another owner")
             # Woken by the release that makes us the head of the queue; meanwhile come back
             # often enough to renew our place (and to see a holder whose lease ran out).
@@ -240,6 +247,10 @@ class FairLock:
             raise NotLockOwner(f"{self.owner} no longer holds {self.resource}")
         self.token = int(token)
         return self.token
+
+    def _gave_up(self, reason: str, started: float) -> None:
+        metrics.LOCK_WAIT.labels(self.kind).observe(time.monotonic() - started)
+        metrics.LOCK_ACQUIRE_FAILURES.labels(self.kind, reason).inc()
 
     def _leave_queue(self) -> None:
         self._scripts["leave_queue"](

@@ -16,6 +16,7 @@ lists every metric.
 import contextlib
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -38,8 +39,8 @@ def _alive(pid: int) -> bool:
 
 def prepare_group(pid: int | None = None) -> Path:
     """Give the process group started by this process (or `pid`) a fresh multiprocess directory
-    and point PROMETHEUS_MULTIPROC_DIR at it, for this process and the ones it starts. Must run
-    before prometheus_client is imported. Directories of groups whose first process has died are
+    and point PROMETHEUS_MULTIPROC_DIR at it, for this process and the ones it starts, before
+    any of our metrics is created. Directories of groups whose first process has died are
     removed."""
     root = metrics_root()
     root.mkdir(parents=True, exist_ok=True)
@@ -50,6 +51,12 @@ def prepare_group(pid: int | None = None) -> Path:
     shutil.rmtree(group, ignore_errors=True)
     group.mkdir()
     os.environ[ENV] = str(group)
+    if "prometheus_client.values" in sys.modules:
+        # Imported already (Celery's command line loads Flower's plugin, which imports it): it
+        # chose its values for a single process; metrics created from now on count in the files.
+        from prometheus_client import values
+
+        values.ValueClass = values.get_value_class()
     return group
 
 
@@ -59,7 +66,7 @@ def ensure_group() -> None:
         prepare_group()
 
 
-# Imported after the directory is known: prometheus_client picks its multiprocess values at import.
+# Before any metric is created: prometheus_client picks its kind of values when it is imported.
 ensure_group()
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess  # noqa: E402
@@ -123,7 +130,7 @@ LOCK_WAIT = Histogram(
 LOCK_ACQUIRE_FAILURES = Counter("orch_lock_acquire_failures", "Lock acquisitions that gave up.", ["lock", "reason"])
 
 # Beat's sweeps
-SWEEP_REPAIRS = Counter("orch_sweep_repairs", "What the sweeps repaired, by kind.", ["kind"])
+SWEEP_REPAIRS = Counter("orch_sweep_repairs", "What each sweep repaired, by kind.", ["sweep", "kind"])
 SWEEP_LAST_SUCCESS = Gauge(
     "orch_sweep_last_success_timestamp_seconds",
     "When each sweep last finished without an error (Unix time).",

@@ -116,9 +116,11 @@ def ensure_postgres(url: str) -> None:
 def install_packages(packages: list[str], why: str) -> None:
     """apt-get install `packages` when running as root with apt-get (updating the package lists
     once if the first try fails); otherwise fail, saying the command to run."""
-    command = f"apt-get install -y --no-install-recommends {' '.join(packages)}"
+    command = f"apt-get install -y {' '.join(packages)}"
     if os.geteuid() != 0 or not shutil.which("apt-get"):
         fail(f"{why} needs {', '.join(packages)}. Install with: sudo {command}")
+    # Not what they recommend: prometheus would bring the node exporter, a service of its own.
+    command = f"apt-get install -y --no-install-recommends {' '.join(packages)}"
     print(f"ensure_services: installing {why}'s packages: {command}", file=sys.stderr)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     quiet = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL, "env": env}

@@ -5,6 +5,7 @@ from contextlib import contextmanager, suppress
 
 from django.conf import settings
 
+from orchestrator_project import metrics
 from orchestrator_project.locking import FairLock, NotLockOwner, StaleFencingToken
 
 
@@ -27,6 +28,7 @@ class SessionLease:
         try:
             self.token = self._lock.rebase(stored)
         except NotLockOwner as exc:
+            metrics.FENCING_REJECTIONS.labels("session", "transition").inc()
             raise StaleFencingToken(f"token {self.token} is not newer than {stored} and the lease has expired") from exc
         return self.token
 

@@ -10,6 +10,7 @@ from django.core.serializers.json import DjangoJSONEncoder
 from django.db import models, transaction
 from django.utils import timezone
 
+from orchestrator_project import metrics
 from orchestrator_project.locking import LockUnavailable
 from orchestrator_project.redis_client import redis_client
 
@@ -203,7 +204,7 @@ class Session(models.Model):
             event = row._write_transition(to, reason=reason, actor=actor, token=token)
             if effects is not None:
                 effects(row)
-            transaction.on_commit(lambda: publish_event(event))
+            transaction.on_commit(lambda: _committed(event))
         self.refresh_from_db()
         return event
 
@@ -271,6 +272,11 @@ class Session(models.Model):
             fencing_token=token,
             version=self.version,
         )
+
+
+def _committed(event: "SessionEvent") -> None:
+    metrics.SESSION_TRANSITIONS.labels(event.from_status, event.to_status).inc()
+    publish_event(event)
 
 
 class SessionEvent(models.Model):

@@ -11,6 +11,7 @@ from django.db.models import Case, Value, When
 from django.utils import timezone
 
 from agents.models import Agent, latest_finishes, recent_figures
+from orchestrator_project import metrics
 
 from .leases import recover_tasks_of, renew_leases
 from .models import Task, running
@@ -78,6 +79,7 @@ def record_heartbeat(agent: Agent, processes: list[int] | None = None) -> None:
         **figures,
         **({} if processes is None else {"processes": processes}),
     )
+    metrics.HEARTBEATS.labels(agent.name).inc()
     if processes is not None:
         renew_leases(agent_id=agent.pk)
 

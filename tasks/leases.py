@@ -8,6 +8,7 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
+from orchestrator_project import metrics
 from sessions.models import ACTIVE, Session
 
 from . import statements
@@ -92,11 +93,22 @@ def recover_lost_task(task: Task, lost: str, **as_read) -> str | None:
     if note:
         session.note(note, actor="beat")
     if outcome:
+        _count_recovery(task, outcome)
         logger.warning("task %s of session %s: %s; %s", task.key, session.pk, lost, outcome)
         # The lost run may still be going on a host we cannot reach: once it can hear us, it
         # stops before it does more (its outcome would be refused anyway: its attempt is stale).
         ask_to_abort([(task.pk, task.attempts)], f"attempt {task.attempts} was taken back: {lost}")
     return outcome
+
+
+def _count_recovery(task: Task, outcome: str) -> None:
+    """A lost run ended the task: cancelled (its session had ended) or failed (out of attempts:
+    its agent lost it). A re-queued task has not finished."""
+    if outcome == "requeued":
+        return
+    status, cause = (Task.Status.CANCELLED, "user") if outcome == "cancelled" else (Task.Status.FAILED, "agent")
+    executor = task.agent.executor if task.agent else "none"
+    metrics.TASKS_FINISHED.labels(task.capability, executor, status, cause).inc()
 
 
 def recover_tasks_of(agent, why: str) -> int:

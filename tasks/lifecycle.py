@@ -198,7 +198,7 @@ def cancel_session(session: Session, *, actor: str) -> None:
         return Session.Status.STOPPED if row.status in ACTIVE - {Session.Status.QUEUED} else Session.Status.CANCELLED
 
     def cancel_open_tasks(row: Session) -> None:
-        stop_open_tasks(row.pk, reason=f"session {row.status} by {actor}", revoke=True)
+        stop_open_tasks(row.pk, reason=f"session {row.status} by {actor}", revoke=True, cause="user")
 
     session.transition(target, reason=f"cancel by {actor}", actor=actor, effects=cancel_open_tasks)
 
@@ -259,7 +259,7 @@ def prepare_workspace_or_fail(session: Session) -> bool:
         reason = f"could not own the workspace: {exc}"[:500]
 
     def stop_tasks(row: Session) -> None:
-        stop_open_tasks(row.pk, reason=reason, revoke=True)
+        stop_open_tasks(row.pk, reason=reason, revoke=True, cause="orchestrator")
 
     logger.warning("session %s: %s", session.pk, reason)
     session.transition(Session.Status.FAILED, reason=reason, actor="orchestrator", only_from=ACTIVE, effects=stop_tasks)

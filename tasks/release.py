@@ -13,9 +13,9 @@ from typing import NamedTuple
 
 import redis
 from celery import current_app
-from django.db import transaction
-from django.utils import timezone
+from django.db import connection, transaction
 
+from orchestrator_project import metrics
 from orchestrator_project.redis_client import redis_client
 
 from . import statements
@@ -58,6 +58,10 @@ def release_tasks(ids) -> tuple[dict, list]:
                 moved[pk] = status
                 if status == Task.Status.QUEUED and not via_canvas:
                     to_send.append(pk)
+    skipped = [pk for pk, status in moved.items() if status == Task.Status.SKIPPED]
+    if skipped:  # seldom: a failure or a cancel upstream
+        for capability in Task.objects.filter(pk__in=skipped).values_list("capability", flat=True):
+            metrics.TASKS_FINISHED.labels(capability, "none", Task.Status.SKIPPED, "none").inc()
     return moved, to_send
 
 
@@ -163,16 +167,24 @@ def ask_to_abort(runs: list[tuple], reason: str) -> None:
         transaction.on_commit(signal_runs)
 
 
-def stop_open_tasks(session_id, *, reason: str, revoke: bool) -> None:
-    """Cancel every task that has not started, and ask running executors to abort.
+def stop_open_tasks(session_id, *, reason: str, revoke: bool, cause: str) -> None:
+    """Cancel every task that has not started, and ask running executors to abort. `cause`
+    says whose doing it is, for the metrics: user or orchestrator.
 
     With `revoke`, queued messages are revoked too (cancel/stop: the session will not finish
     its canvas). Fail-fast does not revoke: the cancelled nodes must still flow through the
     canvas quickly so that its chords complete.
     """
-    open_tasks = Task.objects.filter(session_id=session_id, status__in=(Task.Status.PENDING, Task.Status.QUEUED))
-    message_ids = [m for m in open_tasks.values_list("message_id", flat=True) if m] if revoke else []
-    open_tasks.update(status=Task.Status.CANCELLED, finished_at=timezone.now(), error=reason[:5000])
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "UPDATE tasks_task SET status = 'cancelled', finished_at = now(), error = %s"
+            " WHERE session_id = %s AND status IN ('pending', 'queued') RETURNING capability, message_id",
+            [reason[:5000], session_id],
+        )
+        cancelled = cursor.fetchall()
+    for capability, _ in cancelled:
+        metrics.TASKS_FINISHED.labels(capability, "none", Task.Status.CANCELLED, cause).inc()
+    message_ids = [message_id for _, message_id in cancelled if message_id] if revoke else []
     running = list(Task.objects.filter(session_id=session_id, status=Task.Status.RUNNING).values_list("pk", "attempts"))
     if message_ids:
         transaction.on_commit(lambda: current_app.control.revoke(message_ids))

@@ -9,6 +9,7 @@ so a duplicate or redelivered message finds the work taken and returns without d
 import json
 import logging
 import os
+import time
 
 import redis
 from celery.exceptions import SoftTimeLimitExceeded
@@ -20,6 +21,7 @@ from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_expo
 
 from agents.executors import TaskAborted, TaskContext, TaskFailed, TransientError
 from agents.runtime import AgentRuntime
+from orchestrator_project import metrics
 from orchestrator_project.redis_client import redis_client
 from sessions.models import ACTIVE, Session, broker_priority
 from sessions.workspaces import workspace_of
@@ -76,7 +78,9 @@ def take_task(task_id, runtime: AgentRuntime, *, routing_settled: bool) -> tuple
     rows = statements.run(statements.TAKE, params)
     if not rows:
         return None, None
-    *values, session_status, session_fail_fast, session_priority, session_version, upstream_agents, attempt = rows[0]
+    *values, session_status, session_fail_fast, session_priority, session_version, upstream_agents, attempt, now = rows[
+        0
+    ]
     task = Task.from_db(connection.alias, statements.LOAD_FIELDS, [values[i] for i in _MODEL_ORDER])
     task.params = json.loads(task.params)  # jsonb arrives as text, as Django's JSONField expects
     task.session_status, task.session_fail_fast = session_status, session_fail_fast
@@ -84,6 +88,9 @@ def take_task(task_id, runtime: AgentRuntime, *, routing_settled: bool) -> tuple
     task.upstream_agents = upstream_agents
     if attempt is not None:
         task.attempts, task.status, task.agent_id = attempt, Task.Status.RUNNING, runtime.agent_id
+        if attempt == 1 and task.queued_at is not None:
+            # From ready to started, by the database's clock; a retry's wait is its back-off.
+            metrics.TASK_SCHEDULE_TO_START.labels(task.capability).observe((now - task.queued_at).total_seconds())
     return task, attempt
 
 
@@ -234,30 +241,44 @@ def _abort_requested(key: str) -> bool:
 
 
 def _run_claimed(task: Task, attempt: int, runtime: AgentRuntime) -> str:
+    """Run the executor and record how it ended. `cause` says whose doing a failure or a
+    cancellation was (the metrics' orchestrator-fault SLO counts the orchestrator's)."""
     ctx = task_context(task, attempt)
-    outcome, result, error = Task.Status.FAILED, {}, ""
+    outcome, result, error, cause = Task.Status.FAILED, {}, "", "agent"
+    started = time.monotonic()
     try:
         result = runtime.executor.execute(ctx)
-        outcome = Task.Status.COMPLETED
+        outcome, cause = Task.Status.COMPLETED, "none"
     except (TransientError, redis.ConnectionError, redis.TimeoutError) as exc:
-        return _retry_or_fail(task, attempt, str(exc))
+        cause = "agent" if isinstance(exc, TransientError) else "orchestrator"
+        return _retry_or_fail(task, attempt, str(exc), runtime=runtime, cause=cause, ran=time.monotonic() - started)
     except TaskFailed as exc:
         result, error = exc.result, str(exc)
     except TaskAborted as exc:
-        outcome, error = Task.Status.CANCELLED, f"aborted: {exc}"
+        outcome, error, cause = Task.Status.CANCELLED, f"aborted: {exc}", "user"
     except SoftTimeLimitExceeded:
         error = f"deadline of {ctx.timeout_s:g}s exceeded"
     except Exception as exc:
         # An executor bug must not kill the canvas: record it as the task's failure.
         logger.exception("executor %s crashed on task %s", runtime.executor_kind, task.pk)
-        error = f"executor error: {exc!r}"
-    record_outcome(task, attempt, outcome, result=result, error=error)
+        error, cause = f"executor error: {exc!r}", "orchestrator"
+    ran = time.monotonic() - started
+    if record_outcome(task, attempt, outcome, result=result, error=error):
+        _count_finished(task, runtime, outcome, cause, ran)
     return outcome
 
 
-def _retry_or_fail(task: Task, attempt: int, error: str) -> str:
+def _count_finished(task: Task, runtime: AgentRuntime, outcome: str, cause: str, ran: float) -> None:
+    labels = (task.capability, runtime.executor_kind, outcome)
+    metrics.TASK_DURATION.labels(*labels).observe(ran)
+    metrics.TASKS_FINISHED.labels(*labels, cause).inc()
+
+
+def _retry_or_fail(task: Task, attempt: int, error: str, *, runtime: AgentRuntime, cause: str, ran: float) -> str:
     if attempt >= task.max_attempts:
-        record_outcome(task, attempt, Task.Status.FAILED, error=f"gave up after {attempt} attempts: {error}")
+        failed = f"gave up after {attempt} attempts: {error}"
+        if record_outcome(task, attempt, Task.Status.FAILED, error=failed):
+            _count_finished(task, runtime, Task.Status.FAILED, cause, ran)
         return "failed"
     requeued = Task.objects.filter(pk=task.pk, status=Task.Status.RUNNING, attempts=attempt).update(
         status=Task.Status.QUEUED, error=f"attempt {attempt} failed: {error}", lease_expires_at=None
@@ -267,8 +288,9 @@ def _retry_or_fail(task: Task, attempt: int, error: str) -> str:
     raise RetryTask(countdown=min(60.0, 2.0**attempt), reason=error)
 
 
-def record_outcome(task: Task, attempt: int, status: str, *, result: dict | None = None, error: str = "") -> None:
-    """running -> completed|failed|cancelled for this attempt, then release what follows.
+def record_outcome(task: Task, attempt: int, status: str, *, result: dict | None = None, error: str = "") -> bool:
+    """running -> completed|failed|cancelled for this attempt, then release what follows;
+    returns whether the outcome is this attempt's (False: a newer attempt took the task over).
 
     `task` comes from take_task. The outcome, its checkpoint and the dependents' bookkeeping are
     one statement (statements.RECORD); a stale attempt (the task was taken over) changes
@@ -289,13 +311,17 @@ def record_outcome(task: Task, attempt: int, status: str, *, result: dict | None
         if Task.objects.filter(pk=task.pk, status=status, attempts=attempt).exists():
             task.status = status
             _release_what_follows(task)
-        return
+            return True
+        metrics.FENCING_REJECTIONS.labels("task", "record").inc()
+        return False
     task.status = status
     if status == Task.Status.FAILED and task.required and task.session_fail_fast:
-        stop_open_tasks(task.session_id, reason=f"fail-fast: required task {task.key} failed", revoke=False)
+        reason = f"fail-fast: required task {task.key} failed"
+        stop_open_tasks(task.session_id, reason=reason, revoke=False, cause="user")
         _release_what_follows(task)  # the dependents were just cancelled: release from the rows
-        return
+        return True
     _release_what_follows(task, RecordedDependents(*dependents))
+    return True
 
 
 def _record(params: dict) -> list[tuple]:

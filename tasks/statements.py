@@ -29,7 +29,8 @@ from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_ex
 logger = logging.getLogger(__name__)
 
 # The task's columns execute_task uses (LOAD_FIELDS, in this order), what it needs of its
-# session, the agents that ran its upstreams and, last, the attempt this agent claimed it for.
+# session, the agents that ran its upstreams, the attempt this agent claimed it for and, last,
+# the database's time of the claim (its started_at).
 # The session statuses in it are sessions.models.ACTIVE (a test holds them equal).
 # The claim happens at once when nothing needs a closer look: the session is active, the task
 # queued, and routing keeps it here - routing is settled (%(routing_settled)s: the message came
@@ -38,7 +39,7 @@ logger = logging.getLogger(__name__)
 TAKE = """
 WITH t AS (
     SELECT t.id, t.session_id, t.key, t.title, t.capability, t.instructions, t.params, t.required, t.status,
-           t.attempts, t.max_attempts, t.pinned_agent, t.timeout_seconds, t.via_canvas,
+           t.attempts, t.max_attempts, t.pinned_agent, t.timeout_seconds, t.via_canvas, t.queued_at,
            s.status AS session_status, s.fail_fast, s.priority, s.version,
            ARRAY(SELECT DISTINCT u.agent_id FROM tasks_task_depends_on e JOIN tasks_task u ON u.id = e.to_task_id
                  WHERE e.from_task_id = t.id AND u.agent_id IS NOT NULL) AS upstream_agents
@@ -55,11 +56,11 @@ WITH t AS (
            OR %(agent)s = ANY(t.upstream_agents))
     RETURNING c.attempts
 )
-SELECT t.*, (SELECT attempts FROM claimed) FROM t
+SELECT t.*, (SELECT attempts FROM claimed), now() FROM t
 """
 LOAD_FIELDS = (
     "id", "session_id", "key", "title", "capability", "instructions", "params", "required", "status",
-    "attempts", "max_attempts", "pinned_agent", "timeout_seconds", "via_canvas",
+    "attempts", "max_attempts", "pinned_agent", "timeout_seconds", "via_canvas", "queued_at",
 )  # fmt: skip
 
 # running -> outcome for this attempt, with everything that goes with it: a checkpoint for a

@@ -134,7 +134,7 @@ def time_out(session: Session) -> bool:
         return Session.Status.FAILED if row.status == Session.Status.QUEUED else Session.Status.TIMEOUT
 
     def stop_tasks(row: Session) -> None:
-        stop_open_tasks(row.pk, reason=f"session {row.status}: deadline passed", revoke=True)
+        stop_open_tasks(row.pk, reason=f"session {row.status}: deadline passed", revoke=True, cause="user")
 
     late = f"deadline {session.deadline:%Y-%m-%d %H:%M:%S} UTC passed ({session.timeout_seconds}s)"
     reason = f"{late} before any task started" if session.status == Session.Status.QUEUED else late

@@ -9,6 +9,7 @@ from celery.signals import task_prerun
 from django.db import InterfaceError, OperationalError, close_old_connections, connections
 
 from agents.runtime import current_agent
+from orchestrator_project import metrics
 from orchestrator_project.locking import LockUnavailable
 
 from . import fleet, leases, lifecycle, messages, running, sweeps
@@ -92,29 +93,40 @@ def dispatch_session(session_id: str) -> bool:
     return lifecycle.dispatch_session(session_id)
 
 
-# Beat's periodic tasks (orchestrator_project/schedules.py), on the housekeeping queue.
+# Beat's periodic tasks (orchestrator_project/schedules.py), on the housekeeping queue. Each
+# counts what it repaired, by kind, and when it last succeeded (the stalled-sweep alert).
+
+
+def _swept(sweep: str, repairs: dict[str, int]) -> dict[str, int]:
+    for kind, count in repairs.items():
+        if count:
+            metrics.SWEEP_REPAIRS.labels(sweep, kind).inc(count)
+    metrics.SWEEP_LAST_SUCCESS.labels(sweep).set_to_current_time()
+    return repairs
 
 
 @shared_task(name="tasks.reap_expired_leases")
 def reap_expired_leases() -> dict[str, int]:
-    return leases.reap_expired_leases()
+    return _swept("tasks.reap_expired_leases", leases.reap_expired_leases())
 
 
 @shared_task(name="agents.mark_silent_agents_offline", acks_late=True)
 def mark_silent_agents_offline() -> dict[str, int]:
-    return fleet.mark_silent_agents_offline()
+    return _swept("agents.mark_silent_agents_offline", fleet.mark_silent_agents_offline())
 
 
 @shared_task(name="sessions.sweep_degraded_sessions", acks_late=True)
 def sweep_degraded_sessions() -> dict[str, int]:
-    return sweeps.sweep_degraded_sessions()
+    return _swept("sessions.sweep_degraded_sessions", sweeps.sweep_degraded_sessions())
 
 
 @shared_task(name="sessions.sweep_stuck_sessions", acks_late=True)
 def sweep_stuck_sessions() -> dict[str, int]:
-    return sweeps.sweep_stuck_sessions()
+    return _swept("sessions.sweep_stuck_sessions", sweeps.sweep_stuck_sessions())
 
 
 @shared_task(name="sessions.apply_retention", acks_late=True)
 def apply_retention() -> int:
-    return sweeps.apply_retention()
+    deleted = sweeps.apply_retention()
+    _swept("sessions.apply_retention", {"deleted_sessions": deleted})
+    return deleted

@@ -36,6 +36,8 @@ from pathlib import Path
 
 from django.conf import settings
 
+from orchestrator_project import metrics
+
 from .proxy import AllowListProxy
 
 logger = logging.getLogger(__name__)
@@ -125,6 +127,7 @@ class Sandbox:
             logger.warning("SANDBOX=none: running agent processes unsandboxed in %s (development only)", self.workspace)
             return self
         if missing := missing_tools():
+            metrics.SANDBOX_REFUSALS.labels("tools_missing").inc()
             raise SandboxError(f"the sandbox needs {', '.join(missing)}: {install_hint()}")
         self.run_dir = Path(tempfile.mkdtemp(prefix="io-sandbox-"))
         try:
@@ -298,6 +301,7 @@ def _take_uid(owner: str):
                 free = offset
             handle.close()
         if free is None:
+            metrics.SANDBOX_REFUSALS.labels("no_free_uid").inc()
             raise SandboxError(f"all {UID_RANGE} sandbox user ids are in use")
         handle = open(directory / str(free), "w")  # noqa: SIM115 - held until the sandbox ends
         handle.write(owner)

@@ -17,6 +17,8 @@ import socketserver
 import threading
 from pathlib import Path
 
+from orchestrator_project import metrics
+
 logger = logging.getLogger(__name__)
 
 HEAD_LIMIT = 64 * 1024
@@ -83,6 +85,7 @@ class AllowListProxy:
             return
         if not allows(self.allowed, host, port):
             self.refused.append(f"{host}:{port}")
+            metrics.SANDBOX_REFUSALS.labels("egress").inc()
             logger.warning("sandbox proxy refused %s:%s", host, port)
             _answer(client, 403, f"{host}:{port} is not in SANDBOX_ALLOWED_HOSTS")
             return
