@@ -28,4 +28,4 @@ RUN DEBUG=true python manage.py collectstatic --noinput -v0 \
 # Celery refuses to run as root without a warning, and nothing here needs root.
 USER app
 EXPOSE 8000 5555
-CMD ["gunicorn", "orchestrator_project.wsgi", "--bind", "0.0.0.0:8000", "--workers", "2", "--threads", "4", "--access-logfile", "-", "--no-control-socket"]
+CMD ["gunicorn", "--config", "gunicorn.conf.py", "orchestrator_project.wsgi", "--bind", "0.0.0.0:8000", "--workers", "2", "--threads", "4", "--access-logfile", "-", "--no-control-socket"]
