@@ -7,10 +7,12 @@ does not fork, Beat, and the web outside gunicorn (wsgi.py). A process that is a
 (gunicorn's master, a Celery worker's main process) never sets up: BatchSpanProcessor's thread
 and the exporter's connections would not survive the fork.
 
-Django, Celery, psycopg, Redis and httpx are instrumented whatever the exporter: the trace
-context travels in Celery's message headers and in outgoing HTTP headers, so a trace id exists
-for the logs to carry. Without an exporter (the default) nothing is recorded: every span is a
-non-recording one (sampler always_off), which costs little more than its ids.
+Django, Celery and httpx are instrumented whatever the exporter: the trace context travels in
+the requests, in Celery's message headers and in outgoing HTTP headers, so a trace id exists for
+the logs to carry. Without an exporter (the default) nothing is recorded: every span is a
+non-recording one (sampler always_off), and psycopg and Redis are left alone: a span per query
+and per command costs tens of microseconds even unrecorded, a dozen of each per task
+(docs/TRACING.md, "Cost").
 """
 
 import os
@@ -39,9 +41,10 @@ def setup(service: str) -> None:
             return
         from opentelemetry import trace
 
-        _provider = tracer_provider(service, span_exporter(settings.OTEL_TRACES_EXPORTER))
+        exporter = span_exporter(settings.OTEL_TRACES_EXPORTER)
+        _provider = tracer_provider(service, exporter)
         trace.set_tracer_provider(_provider)
-        instrument(_provider)
+        instrument(_provider, storage=exporter is not None)
 
 
 def tracer_provider(service: str, exporter):
@@ -81,7 +84,8 @@ def span_exporter(kind: str):
 
 
 def _instrumentors() -> list[tuple]:
-    """Each instrumentor (a singleton that refuses to instrument twice) with its options."""
+    """Each instrumentor (a singleton that refuses to instrument twice), its options, and whether
+    it traces storage (queries, commands) rather than the hops between processes."""
     from opentelemetry.instrumentation.celery import CeleryInstrumentor
     from opentelemetry.instrumentation.django import DjangoInstrumentor
     from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
@@ -90,25 +94,26 @@ def _instrumentors() -> list[tuple]:
 
     excluded = None if os.environ.get("OTEL_PYTHON_DJANGO_EXCLUDED_URLS") else DEFAULT_EXCLUDED_URLS
     return [
-        (DjangoInstrumentor(), {"excluded_urls": excluded}),
-        (CeleryInstrumentor(), {}),
-        (PsycopgInstrumentor(), {}),
-        (RedisInstrumentor(), {}),
-        (HTTPXClientInstrumentor(), {}),
+        (DjangoInstrumentor(), {"excluded_urls": excluded}, False),
+        (CeleryInstrumentor(), {}, False),
+        (HTTPXClientInstrumentor(), {}, False),
+        (PsycopgInstrumentor(), {}, True),
+        (RedisInstrumentor(), {}, True),
     ]
 
 
-def instrument(provider) -> None:
+def instrument(provider, *, storage: bool = True) -> None:
     """Trace Django's requests, Celery's publishes and runs (the context goes in the message
-    headers), psycopg's queries, Redis commands and httpx requests into `provider`."""
-    for instrumentor, options in _instrumentors():
-        if not instrumentor.is_instrumented_by_opentelemetry:
+    headers) and httpx requests into `provider`; with `storage`, psycopg's queries and Redis
+    commands too."""
+    for instrumentor, options, traces_storage in _instrumentors():
+        if (storage or not traces_storage) and not instrumentor.is_instrumented_by_opentelemetry:
             instrumentor.instrument(tracer_provider=provider, **options)
 
 
 def uninstrument() -> None:
     """Undo instrument(), for a test that traces a part of the process's life."""
-    for instrumentor, _ in _instrumentors():
+    for instrumentor, _, _ in _instrumentors():
         if instrumentor.is_instrumented_by_opentelemetry:
             instrumentor.uninstrument()
 

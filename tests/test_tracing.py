@@ -120,15 +120,16 @@ def test_setup_twice_instruments_once_and_without_an_exporter_records_nothing():
     assert state["middleware"] == 1
     assert state["publish_receivers"] == 1
     assert state["prerun_receivers"] == 1
-    assert state["psycopg_wrapped"]
-    # The context still propagates (a trace id for the logs), but nothing is recorded.
+    # The context still propagates (a trace id for the logs), but nothing is recorded, and
+    # queries are not traced at all (their spans would cost without being seen).
     assert state["trace_id_valid"] and not state["recording"]
+    assert not state["psycopg_wrapped"]
 
 
 def test_the_console_exporter_records_and_prints_the_spans():
     state, output = in_a_fresh_process(SETUP_TWICE, OTEL_TRACES_EXPORTER="console")
 
-    assert state["recording"] and state["middleware"] == 1
+    assert state["recording"] and state["middleware"] == 1 and state["psycopg_wrapped"]
     assert '"name": "probe"' in output  # shutdown() exported what was batched
 
 
