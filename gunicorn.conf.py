@@ -12,5 +12,9 @@ def post_fork(server, worker) -> None:
     telemetry.setup("web")
 
 
+def worker_exit(server, worker) -> None:
+    telemetry.shutdown()  # what the worker still batches
+
+
 def child_exit(server, worker) -> None:
     metrics.mark_dead(worker.pid)

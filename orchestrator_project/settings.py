@@ -442,6 +442,18 @@ METRICS_TOKEN = env_str("METRICS_TOKEN", "")
 METRICS_PORT = env_int("METRICS_PORT", 0)
 METRICS_ADDRESS = env_str("METRICS_ADDRESS", "127.0.0.1")
 
+# Tracing (docs/TRACING.md). Every process instruments Django, Celery, psycopg, Redis and httpx,
+# so trace context always propagates; OTEL_TRACES_EXPORTER says where spans go: none (records
+# nothing), console (stdout, for development) or otlp (OTLP over HTTP to the endpoint; the
+# exporter reads OTEL_EXPORTER_OTLP_* itself). Off unless configured: otlp once an OTLP endpoint
+# is set, none otherwise (console by default would bury development's and the tests' logs in
+# spans). OTEL_SDK_DISABLED turns tracing off entirely: no instrumentation, no trace ids.
+_OTLP_ENDPOINT = env_str("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "") or env_str("OTEL_EXPORTER_OTLP_ENDPOINT", "")
+OTEL_TRACES_EXPORTER = env_str("OTEL_TRACES_EXPORTER", "") or ("otlp" if _OTLP_ENDPOINT else "none")
+if OTEL_TRACES_EXPORTER not in ("none", "console", "otlp"):
+    raise ImproperlyConfigured(f"OTEL_TRACES_EXPORTER must be none, console or otlp, got {OTEL_TRACES_EXPORTER!r}.")
+OTEL_SDK_DISABLED = env_bool("OTEL_SDK_DISABLED", False)
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
