@@ -17,7 +17,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from agents.capabilities import CAPABILITIES
 from agents.models import Agent
-from orchestrator_project.metrics import group_registry
+from orchestrator_project import metrics
 from sessions.models import SETTLED, Status
 
 LOOPBACK = ("127.0.0.1", "::1")
@@ -122,8 +122,10 @@ def _allowed(request) -> bool:
 
 
 def metrics_view(request):
+    if not metrics.enabled():
+        return HttpResponse("metrics are off (METRICS_ENABLED=false)\n", status=404, content_type="text/plain")
     if not _allowed(request):
         return HttpResponse("metrics need the scrape token (METRICS_TOKEN)\n", status=403, content_type="text/plain")
-    registry = group_registry()
+    registry = metrics.group_registry()
     registry.register(DatabaseCollector())
     return HttpResponse(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)

@@ -23,6 +23,12 @@ from pathlib import Path
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
+def enabled() -> bool:
+    """METRICS_ENABLED=false: no files and no server; what the code counts stays in each
+    process's memory, unread (make bench measures what metrics cost against this)."""
+    return os.environ.get("METRICS_ENABLED", "true").strip().lower() not in ("false", "0", "no", "off")
+
+
 def metrics_root() -> Path:
     return Path(os.environ.get("METRICS_DIR") or Path(tempfile.gettempdir()) / "orchestrator-metrics")
 
@@ -37,11 +43,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def prepare_group(pid: int | None = None) -> Path:
+def prepare_group(pid: int | None = None) -> Path | None:
     """Give the process group started by this process (or `pid`) a fresh multiprocess directory
     and point PROMETHEUS_MULTIPROC_DIR at it, for this process and the ones it starts, before
     any of our metrics is created. Directories of groups whose first process has died are
     removed."""
+    if not enabled():
+        return None
     root = metrics_root()
     root.mkdir(parents=True, exist_ok=True)
     for old in root.iterdir():
@@ -62,6 +70,8 @@ def prepare_group(pid: int | None = None) -> Path:
 
 def ensure_group() -> None:
     """A process that no group's first process started is the first of its own group."""
+    if not enabled():
+        return
     if not os.environ.get(ENV) or not Path(os.environ[ENV]).is_dir():
         prepare_group()
 
@@ -88,6 +98,8 @@ def serve_group(port: int, address: str) -> None:
     """Serve this group's metrics over HTTP from this (the group's main) process."""
     from prometheus_client import start_http_server
 
+    if not enabled():
+        return
     start_http_server(port, addr=address, registry=group_registry())
 
 

@@ -75,6 +75,16 @@ def test_without_a_token_only_loopback_in_development_may_scrape(client, setting
 
 @pytest.mark.django_db
 @override_settings(METRICS_TOKEN="t")
+def test_metrics_turned_off_are_not_served(client, monkeypatch, tmp_path):
+    monkeypatch.setenv("METRICS_ENABLED", "false")
+    monkeypatch.setenv("METRICS_DIR", str(tmp_path))
+    assert scrape(client, authorization="Bearer t").status_code == 404
+    assert metrics.prepare_group() is None
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.django_db
+@override_settings(METRICS_TOKEN="t")
 def test_the_database_state_is_read_at_scrape_time(client):
     tenant = Tenant.objects.create(name="Acme", slug="acme")
     running = Session.objects.create(tenant=tenant, requirements="r", status=Session.Status.RUNNING)
