@@ -37,6 +37,23 @@ def b1_text(b1: dict) -> str:
     )
 
 
+def b6_text(b6: dict) -> str:
+    rows = [
+        (r["shape"], r["tasks"], r["off_ms_per_task"], r["on_ms_per_task"], f"{r['ratio']:.3f}", f"<= {r['target']}",
+         r["met"])
+        for r in b6["rows"]
+    ]  # fmt: skip
+    headers = ("shape", "tasks", "off ms/task", "on ms/task", "on / off", "target", "met?")
+    return "\n".join(
+        [
+            f"B6 observability cost (median of {b6['repeats']} runs per mode, in alternating blocks)",
+            table(headers, rows),
+            "on: metrics (multiprocess files, served), JSON logs, every task traced and exported over OTLP/HTTP "
+            "to a local sink; off: METRICS_ENABLED=false, console logs, OTEL_SDK_DISABLED=true; both at INFO",
+        ]
+    )
+
+
 def b2_text(b2: dict) -> str:
     rows = [
         (r["shape"], r["tasks"], r["critical_path_s"], r["makespan_s"], f"{r['ratio']:.3f}",

@@ -35,19 +35,22 @@ class Workers:
         self.running: dict[str, Worker] = {}
         RUN_DIR.mkdir(exist_ok=True)
 
-    def orchestrator(self, concurrency: int = 2) -> None:
+    def orchestrator(self, concurrency: int = 2, loglevel: str = "WARNING", env: dict | None = None) -> None:
+        """`env`: variables that differ from the benchmark's environment for this worker."""
         self._start(
             ORCHESTRATOR,
             ["-m", "celery", "-A", "orchestrator_project", "worker", "-Q", "orchestrator",
-             "-n", f"{ORCHESTRATOR}@%h", "-c", str(concurrency), "--loglevel=WARNING"],
+             "-n", f"{ORCHESTRATOR}@%h", "-c", str(concurrency), f"--loglevel={loglevel}"],
+            env={**self.env, **(env or {})},
         )  # fmt: skip
 
-    def agent(self, name: str, concurrency: int) -> None:
+    def agent(self, name: str, concurrency: int, loglevel: str = "WARNING", env: dict | None = None) -> None:
         """A scripted agent; each task's params say how long it sleeps (0 by default)."""
         self._start(
             name,
             ["manage.py", "run_agent", "--name", name, "--executor", "scripted", "--capabilities", CAPABILITY,
-             "--concurrency", str(concurrency), "--duration", "0", "--loglevel", "WARNING"],
+             "--concurrency", str(concurrency), "--duration", "0", "--loglevel", loglevel],
+            env={**self.env, **(env or {})},
         )  # fmt: skip
 
     def raw(self, concurrency: int) -> None:
