@@ -3,6 +3,7 @@ process lives; Beat re-queues a task whose lease ran out (docs/CONCURRENCY.md)."
 
 import logging
 
+import structlog
 from django.conf import settings
 from django.db import transaction
 from django.db.models import F
@@ -15,6 +16,7 @@ from .models import Task
 from .release import ask_to_abort, dispatch_task, leave_canvas, release_dependents
 
 logger = logging.getLogger(__name__)
+log = structlog.get_logger(__name__)
 
 
 def renew_leases(agent_id: int | None = None) -> int:
@@ -92,11 +94,30 @@ def recover_lost_task(task: Task, lost: str, **as_read) -> str | None:
     if note:
         session.note(note, actor="beat")
     if outcome:
-        logger.warning("task %s of session %s: %s; %s", task.key, session.pk, lost, outcome)
+        _log_recovery(task, outcome, lost)
         # The lost run may still be going on a host we cannot reach: once it can hear us, it
         # stops before it does more (its outcome would be refused anyway: its attempt is stale).
         ask_to_abort([(task.pk, task.attempts)], f"attempt {task.attempts} was taken back: {lost}")
     return outcome
+
+
+def _log_recovery(task: Task, outcome: str, lost: str) -> None:
+    """task.requeued, or task.finished as failed or cancelled (the session's own line says
+    when it was orphaned)."""
+    event, status = ("task.requeued", None) if outcome == "requeued" else ("task.finished", outcome)
+    if outcome == "orphaned":
+        status = Task.Status.FAILED
+    log.warning(
+        event,
+        task_id=str(task.pk),
+        task_key=task.key,
+        session_id=str(task.session_id),
+        tenant=task.session.tenant_id,
+        outcome=status,
+        recovery=outcome,
+        attempt=task.attempts,
+        reason=lost,
+    )
 
 
 def recover_tasks_of(agent, why: str) -> int:

@@ -12,6 +12,7 @@ import logging
 from typing import NamedTuple
 
 import redis
+import structlog
 from celery import current_app
 from django.db import transaction
 from django.utils import timezone
@@ -24,6 +25,7 @@ from .models import Task
 from .routing import queue_for
 
 logger = logging.getLogger(__name__)
+log = structlog.get_logger(__name__)
 
 
 class RecordedDependents(NamedTuple):
@@ -56,6 +58,8 @@ def release_tasks(ids) -> tuple[dict, list]:
         for kind, pk, status, via_canvas in rows:
             if kind == "moved":
                 moved[pk] = status
+                if status == Task.Status.SKIPPED:
+                    log.info("task.finished", task_id=str(pk), outcome=status, reason="an upstream blocks it")
                 if status == Task.Status.QUEUED and not via_canvas:
                     to_send.append(pk)
     return moved, to_send
@@ -172,7 +176,10 @@ def stop_open_tasks(session_id, *, reason: str, revoke: bool) -> None:
     """
     open_tasks = Task.objects.filter(session_id=session_id, status__in=(Task.Status.PENDING, Task.Status.QUEUED))
     message_ids = [m for m in open_tasks.values_list("message_id", flat=True) if m] if revoke else []
-    open_tasks.update(status=Task.Status.CANCELLED, finished_at=timezone.now(), error=reason[:5000])
+    cancelled = open_tasks.update(status=Task.Status.CANCELLED, finished_at=timezone.now(), error=reason[:5000])
+    if cancelled:
+        # One line for them all: which ones the update took, it does not say.
+        log.info("tasks.cancelled", session_id=str(session_id), count=cancelled, reason=reason[:500])
     running = list(Task.objects.filter(session_id=session_id, status=Task.Status.RUNNING).values_list("pk", "attempts"))
     if message_ids:
         transaction.on_commit(lambda: current_app.control.revoke(message_ids))
