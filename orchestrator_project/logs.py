@@ -123,10 +123,20 @@ def _shared_processors() -> list:
     ]
 
 
+def standard_fields_first(logger, method_name: str, event_dict: dict) -> dict:
+    """timestamp, level, logger and event lead every JSON line, whatever the context adds."""
+    first = {key: event_dict.pop(key) for key in ("timestamp", "level", "logger", "event") if key in event_dict}
+    return {**first, **event_dict}
+
+
 def _renderer(log_format: str) -> list:
     if log_format == "json":
-        # default=str: a UUID or a datetime as its plain text, not its repr.
-        return [structlog.processors.format_exc_info, structlog.processors.JSONRenderer(default=str)]
+        return [
+            structlog.processors.format_exc_info,
+            standard_fields_first,
+            # default=str: a UUID or a datetime as its plain text, not its repr.
+            structlog.processors.JSONRenderer(default=str),
+        ]
     return [structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())]
 
 
