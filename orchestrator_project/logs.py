@@ -94,8 +94,9 @@ def add_access_fields(logger, method_name: str, event_dict: dict) -> dict:
     if event_dict.get("logger") == "gunicorn.access" and isinstance(atoms, Mapping):
         event_dict.update(
             event="http.request",
-            method=atoms.get("m"),
-            path=atoms.get("U"),
+            # The names the request's own context uses (orchestrator_project/middleware.py).
+            request_method=atoms.get("m"),
+            request_path=atoms.get("U"),
             status=_int_or_none(atoms.get("s")),
             duration_ms=round(int(atoms.get("D", 0)) / 1000, 3),
             response_bytes=_int_or_none(atoms.get("B")),

@@ -159,7 +159,7 @@ def test_gunicorns_access_line_becomes_an_http_request_event():
     fields = json.loads(formatter.format(record))
 
     assert fields["event"] == "http.request"
-    assert (fields["method"], fields["path"], fields["status"], fields["duration_ms"]) == (
+    assert (fields["request_method"], fields["request_path"], fields["status"], fields["duration_ms"]) == (
         "POST",
         "/api/v1/sessions/",
         201,
