@@ -1,6 +1,17 @@
 """gunicorn's hooks for the web process (the Procfile and the Dockerfile start it with this file)."""
 
+import os
+
+from django.conf import settings
+
 from orchestrator_project import metrics, telemetry
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "orchestrator_project.settings")  # as wsgi.py does
+
+# gunicorn's own lines (gunicorn.error: start, workers booting and dying; gunicorn.access: one
+# per request, as an http.request event) go through the formatter of every other line
+# (docs/LOGGING.md), so that in JSON the web process writes nothing else.
+logconfig_dict = settings.LOGGING
 
 
 def on_starting(server) -> None:

@@ -8,6 +8,7 @@ from rest_framework.decorators import action
 from rest_framework.exceptions import ValidationError
 from rest_framework.response import Response
 
+from orchestrator_project import logs
 from sessions.models import Checkpoint, Session
 from tasks import lifecycle
 from tenants.permissions import TenantScopedMixin, tenant_for_write
@@ -95,6 +96,15 @@ class SessionViewSet(
     serializer_class = SessionSerializer
     filterset_class = SessionFilter
 
+    def initial(self, request, *args, **kwargs):
+        super().initial(request, *args, **kwargs)  # authenticates
+        logs.bind(user_id=request.user.pk)
+
+    def get_object(self):
+        session = super().get_object()
+        logs.bind(session_id=str(session.pk), tenant=session.tenant_id)
+        return session
+
     def get_serializer_class(self):
         # The critical path needs the session's tasks and edges: detail only, not per list row.
         return SessionDetailSerializer if self.action == "retrieve" else SessionSerializer
@@ -118,6 +128,7 @@ class SessionViewSet(
         session, created = lifecycle.create_session(
             tenant=tenant, user=request.user, data=payload.validated_data, idempotency_key=key
         )
+        logs.bind(session_id=str(session.pk), tenant=tenant.pk)
         body = SessionDetailSerializer(self.get_queryset().get(pk=session.pk)).data
         code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
         return Response(body, status=code, headers={"Location": f"{request.path}{session.pk}/"})

@@ -9,6 +9,7 @@ from urllib.parse import urlparse
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
+from orchestrator_project import logs
 from orchestrator_project.repositories import RefusedRepository, parse_url_prefix
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -117,6 +118,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
+    "orchestrator_project.middleware.LogContextMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "orchestrator_project.middleware.RequestSizeLimitMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
@@ -454,14 +456,23 @@ if OTEL_TRACES_EXPORTER not in ("none", "console", "otlp"):
     raise ImproperlyConfigured(f"OTEL_TRACES_EXPORTER must be none, console or otlp, got {OTEL_TRACES_EXPORTER!r}.")
 OTEL_SDK_DISABLED = env_bool("OTEL_SDK_DISABLED", False)
 
-LOGGING = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
-    "loggers": {"django.db.backends": {"level": "WARNING"}},
-}
+# Logs (docs/LOGGING.md): JSON lines on stderr, or lines for a person at a console; one
+# formatter for every logger of every process, with the secrets of this environment redacted.
+LOG_FORMAT = env_str("LOG_FORMAT", "console" if DEBUG else "json")
+if LOG_FORMAT not in logs.FORMATS:
+    raise ImproperlyConfigured(f"LOG_FORMAT must be json or console, got {LOG_FORMAT!r}.")
+LOG_LEVEL = env_str("LOG_LEVEL", "INFO").upper()
+if LOG_LEVEL not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+    raise ImproperlyConfigured(f"LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {LOG_LEVEL!r}.")
+LOGGING_CONFIG = "orchestrator_project.logs.configure"
+LOGGING = logs.logging_config(
+    log_format=LOG_FORMAT,
+    level=LOG_LEVEL,
+    secrets=logs.secret_values(
+        os.environ,
+        also=[SECRET_KEY, METRICS_TOKEN, OPENCODE_SERVER_PASSWORD, DATABASES["default"].get("PASSWORD") or ""],
+    ),
+)
 
 if not DEBUG:
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")

@@ -5,6 +5,7 @@ import uuid
 from collections.abc import Callable
 from datetime import timedelta
 
+import structlog
 from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import models, transaction
@@ -17,6 +18,7 @@ from orchestrator_project.redis_client import redis_client
 from .locking import session_lock
 
 logger = logging.getLogger(__name__)
+log = structlog.get_logger(__name__)
 
 
 class InvalidTransition(Exception):
@@ -205,6 +207,7 @@ class Session(models.Model):
             if effects is not None:
                 effects(row)
             transaction.on_commit(lambda: _committed(event))
+            transaction.on_commit(lambda: log_transition(event, tenant=row.tenant_id))
         self.refresh_from_db()
         return event
 
@@ -313,6 +316,20 @@ class SessionEvent(models.Model):
             "version": self.version,
             "created_at": self.created_at,
         }
+
+
+def log_transition(event: SessionEvent, *, tenant) -> None:
+    """The transition's log line (docs/LOGGING.md), once it has committed."""
+    log.info(
+        "session.transition",
+        session_id=str(event.session_id),
+        tenant=tenant,
+        from_status=event.from_status,
+        to_status=event.to_status,
+        reason=event.reason,
+        actor=event.actor,
+        version=event.version,
+    )
 
 
 def publish_event(event: SessionEvent) -> None:

@@ -3,6 +3,7 @@ process lives; Beat re-queues a task whose lease ran out (docs/CONCURRENCY.md)."
 
 import logging
 
+import structlog
 from django.conf import settings
 from django.db import transaction
 from django.db.models import F
@@ -16,6 +17,7 @@ from .models import Task
 from .release import ask_to_abort, dispatch_task, leave_canvas, release_dependents
 
 logger = logging.getLogger(__name__)
+log = structlog.get_logger(__name__)
 
 
 def renew_leases(agent_id: int | None = None) -> int:
@@ -93,22 +95,35 @@ def recover_lost_task(task: Task, lost: str, **as_read) -> str | None:
     if note:
         session.note(note, actor="beat")
     if outcome:
-        _count_recovery(task, outcome)
-        logger.warning("task %s of session %s: %s; %s", task.key, session.pk, lost, outcome)
+        _report_recovery(task, outcome, lost)
         # The lost run may still be going on a host we cannot reach: once it can hear us, it
         # stops before it does more (its outcome would be refused anyway: its attempt is stale).
         ask_to_abort([(task.pk, task.attempts)], f"attempt {task.attempts} was taken back: {lost}")
     return outcome
 
 
-def _count_recovery(task: Task, outcome: str) -> None:
-    """A lost run ended the task: cancelled (its session had ended) or failed (out of attempts:
-    its agent lost it). A re-queued task has not finished."""
-    if outcome == "requeued":
-        return
-    status, cause = (Task.Status.CANCELLED, "user") if outcome == "cancelled" else (Task.Status.FAILED, "agent")
-    executor = task.agent.executor if task.agent else "none"
-    metrics.TASKS_FINISHED.labels(task.capability, executor, status, cause).inc()
+def _report_recovery(task: Task, outcome: str, lost: str) -> None:
+    """task.requeued, or task.finished as failed or cancelled, logged and counted (the
+    session's own line says when it was orphaned). A cancelled task's session had ended; a
+    failed one's agent lost it, with the attempts used up."""
+    event, status = ("task.requeued", None) if outcome == "requeued" else ("task.finished", outcome)
+    if outcome == "orphaned":
+        status = Task.Status.FAILED
+    log.warning(
+        event,
+        task_id=str(task.pk),
+        task_key=task.key,
+        session_id=str(task.session_id),
+        tenant=task.session.tenant_id,
+        outcome=status,
+        recovery=outcome,
+        attempt=task.attempts,
+        reason=lost,
+    )
+    if status is not None:
+        cause = "user" if status == Task.Status.CANCELLED else "agent"
+        executor = task.agent.executor if task.agent else "none"
+        metrics.TASKS_FINISHED.labels(task.capability, executor, status, cause).inc()
 
 
 def recover_tasks_of(agent, why: str) -> int:

@@ -9,6 +9,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Q
 
 from agents.models import Agent
+from orchestrator_project import logs
 from orchestrator_project.locking import LockUnavailable
 from orchestrator_project.validation import InvalidInput
 from sessions.models import ACTIVE, RETRYABLE, Session
@@ -232,6 +233,7 @@ def dispatch_session(session_id) -> bool:
     session = Session.objects.filter(pk=session_id).first()
     if session is None or session.status not in ACTIVE:
         return False
+    logs.bind(tenant=session.tenant_id)
     if session.repository and not prepare_workspace_or_fail(session):
         return False
     canvas, released = build_canvas(session)
@@ -272,6 +274,7 @@ def mark_session_running(session_id, key: str, agent_name: str) -> bool:
     session = Session.objects.filter(pk=session_id).first()
     if session is None or session.status != Session.Status.QUEUED:
         return False
+    logs.bind(tenant=session.tenant_id)
     event = session.transition(
         Session.Status.RUNNING,
         reason=f"task {key} claimed by {agent_name}",
@@ -286,6 +289,7 @@ def settle_session(session_id) -> str | None:
     session = Session.objects.get(pk=session_id)
     if session.status not in ACTIVE:
         return None
+    logs.bind(tenant=session.tenant_id)
     tasks = list(Task.objects.filter(session_id=session_id).only("key", "status", "required"))
     if any(t.status in Task.UNFINISHED for t in tasks):
         return None

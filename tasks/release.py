@@ -12,6 +12,7 @@ import logging
 from typing import NamedTuple
 
 import redis
+import structlog
 from celery import current_app
 from django.db import connection, transaction
 
@@ -24,6 +25,7 @@ from .models import Task
 from .routing import queue_for
 
 logger = logging.getLogger(__name__)
+log = structlog.get_logger(__name__)
 
 
 class RecordedDependents(NamedTuple):
@@ -56,6 +58,8 @@ def release_tasks(ids) -> tuple[dict, list]:
         for kind, pk, status, via_canvas in rows:
             if kind == "moved":
                 moved[pk] = status
+                if status == Task.Status.SKIPPED:
+                    log.info("task.finished", task_id=str(pk), outcome=status, reason="an upstream blocks it")
                 if status == Task.Status.QUEUED and not via_canvas:
                     to_send.append(pk)
     skipped = [pk for pk, status in moved.items() if status == Task.Status.SKIPPED]
@@ -185,6 +189,9 @@ def stop_open_tasks(session_id, *, reason: str, revoke: bool, cause: str) -> Non
     for capability, _ in cancelled:
         metrics.TASKS_FINISHED.labels(capability, "none", Task.Status.CANCELLED, cause).inc()
     message_ids = [message_id for _, message_id in cancelled if message_id] if revoke else []
+    if cancelled:
+        # One line for them all, with the count.
+        log.info("tasks.cancelled", session_id=str(session_id), count=len(cancelled), reason=reason[:500])
     running = list(Task.objects.filter(session_id=session_id, status=Task.Status.RUNNING).values_list("pk", "attempts"))
     if message_ids:
         transaction.on_commit(lambda: current_app.control.revoke(message_ids))

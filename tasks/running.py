@@ -12,6 +12,7 @@ import os
 import time
 
 import redis
+import structlog
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
@@ -21,7 +22,7 @@ from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_expo
 
 from agents.executors import TaskAborted, TaskContext, TaskFailed, TransientError
 from agents.runtime import AgentRuntime
-from orchestrator_project import metrics
+from orchestrator_project import logs, metrics
 from orchestrator_project.redis_client import redis_client
 from sessions.models import ACTIVE, Session, broker_priority
 from sessions.workspaces import workspace_of
@@ -33,6 +34,7 @@ from .release import RecordedDependents, abort_key, release_dependents, release_
 from .routing import affinity_agent
 
 logger = logging.getLogger(__name__)
+log = structlog.get_logger(__name__)
 
 
 class RetryTask(Exception):
@@ -64,9 +66,10 @@ def take_task(task_id, runtime: AgentRuntime, *, routing_settled: bool) -> tuple
     statement (statements.TAKE); returns the task and the attempt claimed, or None.
 
     The task carries the columns of statements.LOAD_FIELDS and session_status,
-    session_fail_fast, session_priority, session_version and upstream_agents (ids of the
-    agents that ran its upstreams). `routing_settled`: routing has nothing left to decide (the
-    message came on this agent's own queue, or routing already kept it here).
+    session_fail_fast, session_priority, session_version, session_tenant (its id) and
+    upstream_agents (ids of the agents that ran its upstreams). `routing_settled`: routing has
+    nothing left to decide (the message came on this agent's own queue, or routing already kept
+    it here).
     """
     params = {
         "task": task_id,
@@ -78,13 +81,21 @@ def take_task(task_id, runtime: AgentRuntime, *, routing_settled: bool) -> tuple
     rows = statements.run(statements.TAKE, params)
     if not rows:
         return None, None
-    *values, session_status, session_fail_fast, session_priority, session_version, upstream_agents, attempt, now = rows[
-        0
-    ]
+    (
+        *values,
+        session_status,
+        session_fail_fast,
+        session_priority,
+        session_version,
+        tenant,
+        upstream_agents,
+        attempt,
+        now,
+    ) = rows[0]
     task = Task.from_db(connection.alias, statements.LOAD_FIELDS, [values[i] for i in _MODEL_ORDER])
     task.params = json.loads(task.params)  # jsonb arrives as text, as Django's JSONField expects
     task.session_status, task.session_fail_fast = session_status, session_fail_fast
-    task.session_priority, task.session_version = session_priority, session_version
+    task.session_priority, task.session_version, task.session_tenant = session_priority, session_version, tenant
     task.upstream_agents = upstream_agents
     if attempt is not None:
         task.attempts, task.status, task.agent_id = attempt, Task.Status.RUNNING, runtime.agent_id
@@ -99,6 +110,7 @@ def execute_task(*, task_id, runtime: AgentRuntime, delivered_to: str = "") -> s
     task, attempt = take_task(task_id, runtime, routing_settled=not delivered_to.startswith("cap."))
     if task is None:
         return "gone"
+    logs.bind(session_id=str(task.session_id), tenant=task.session_tenant, task_key=task.key)
     if attempt is None:
         # Not claimed at once: see why, and claim it if it can still be.
         if task.session_status not in ACTIVE:
@@ -263,7 +275,7 @@ def _run_claimed(task: Task, attempt: int, runtime: AgentRuntime) -> str:
         logger.exception("executor %s crashed on task %s", runtime.executor_kind, task.pk)
         error, cause = f"executor error: {exc!r}", "orchestrator"
     ran = time.monotonic() - started
-    if record_outcome(task, attempt, outcome, result=result, error=error):
+    if record_outcome(task, attempt, outcome, result=result, error=error, duration_s=ran):
         _count_finished(task, runtime, outcome, cause, ran)
     return outcome
 
@@ -285,10 +297,19 @@ def _retry_or_fail(task: Task, attempt: int, error: str, *, runtime: AgentRuntim
     )
     if not requeued:
         return "taken"
+    log.warning("task.requeued", task_id=str(task.pk), attempt=attempt, error=error[:500])
     raise RetryTask(countdown=min(60.0, 2.0**attempt), reason=error)
 
 
-def record_outcome(task: Task, attempt: int, status: str, *, result: dict | None = None, error: str = "") -> bool:
+def record_outcome(
+    task: Task,
+    attempt: int,
+    status: str,
+    *,
+    result: dict | None = None,
+    error: str = "",
+    duration_s: float | None = None,
+) -> bool:
     """running -> completed|failed|cancelled for this attempt, then release what follows;
     returns whether the outcome is this attempt's (False: a newer attempt took the task over).
 
@@ -315,6 +336,9 @@ def record_outcome(task: Task, attempt: int, status: str, *, result: dict | None
         metrics.FENCING_REJECTIONS.labels("task", "record").inc()
         return False
     task.status = status
+    duration = None if duration_s is None else round(duration_s, 3)
+    task_ids = {"task_id": str(task.pk), "session_id": str(task.session_id)}
+    log.info("task.finished", **task_ids, outcome=status, attempt=attempt, duration_s=duration, error=error[:500])
     if status == Task.Status.FAILED and task.required and task.session_fail_fast:
         reason = f"fail-fast: required task {task.key} failed"
         stop_open_tasks(task.session_id, reason=reason, revoke=False, cause="user")

@@ -40,7 +40,7 @@ TAKE = """
 WITH t AS (
     SELECT t.id, t.session_id, t.key, t.title, t.capability, t.instructions, t.params, t.required, t.status,
            t.attempts, t.max_attempts, t.pinned_agent, t.timeout_seconds, t.via_canvas, t.queued_at,
-           s.status AS session_status, s.fail_fast, s.priority, s.version,
+           s.status AS session_status, s.fail_fast, s.priority, s.version, s.tenant_id,
            ARRAY(SELECT DISTINCT u.agent_id FROM tasks_task_depends_on e JOIN tasks_task u ON u.id = e.to_task_id
                  WHERE e.from_task_id = t.id AND u.agent_id IS NOT NULL) AS upstream_agents
     FROM tasks_task t JOIN agent_sessions_session s ON s.id = t.session_id

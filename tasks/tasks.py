@@ -9,7 +9,7 @@ from celery.signals import task_prerun
 from django.db import InterfaceError, OperationalError, close_old_connections, connections
 
 from agents.runtime import current_agent
-from orchestrator_project import metrics
+from orchestrator_project import logs, metrics
 from orchestrator_project.locking import LockUnavailable
 
 from . import fleet, leases, lifecycle, messages, running, sweeps
@@ -42,6 +42,7 @@ def _backoff(retries: int) -> float:
 def run_task(self) -> str:
     """Run the task this message names in its id (messages.new_message_id) on this agent."""
     task_id = messages.task_of_message(self.request.id)
+    logs.bind(task_id=str(task_id) if task_id else None)
     if task_id is None:
         logger.error("run_task message %s names no task; dropped", self.request.id)
         return "gone"
@@ -50,6 +51,7 @@ def run_task(self) -> str:
         # Routed to a worker that is not an agent: put it back for a real agent.
         logger.error("run_task %s reached worker %s, which is not an agent", task_id, self.request.hostname)
         raise self.retry(countdown=5)
+    logs.bind(agent=runtime.name)
     delivered_to = (self.request.delivery_info or {}).get("routing_key") or ""
     try:
         outcome = running.execute_task(task_id=task_id, runtime=runtime, delivered_to=delivered_to)
@@ -80,16 +82,19 @@ def run_task(self) -> str:
 )
 def mark_session_running(session_id: str, key: str, agent_name: str) -> bool:
     # Should the lock stay busy, settle_session still moves a queued session on at the end.
+    logs.bind(session_id=session_id, task_key=key, agent=agent_name)
     return lifecycle.mark_session_running(session_id, key, agent_name)
 
 
 @shared_task(name=messages.FINALIZE_SESSION, acks_late=True, reject_on_worker_lost=True)
 def finalize_session(session_id: str) -> str | None:
+    logs.bind(session_id=session_id)
     return lifecycle.settle_session(session_id)
 
 
 @shared_task(name=messages.DISPATCH_SESSION, acks_late=True, reject_on_worker_lost=True)
 def dispatch_session(session_id: str) -> bool:
+    logs.bind(session_id=session_id)
     return lifecycle.dispatch_session(session_id)
 
 

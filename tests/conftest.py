@@ -253,8 +253,9 @@ def worker_database_url(host: str | None = None, port: int | None = None) -> str
 class Stack:
     """Real Celery worker processes: one orchestrator worker and agents started by run_agent."""
 
-    def __init__(self) -> None:
+    def __init__(self, env: dict | None = None) -> None:
         self.procs: dict[str, subprocess.Popen] = {}
+        self.extra_env = env or {}  # every process's, over the defaults below
         # One directory per test, so that a failure's logs survive the tests after it.
         test = os.environ.get("PYTEST_CURRENT_TEST", "stack").split(" ")[0].rsplit("::", 1)[-1]
         self.logs = ROOT / ".pytest-workers" / test[:100]
@@ -271,6 +272,7 @@ class Stack:
             "DB_CONN_MAX_AGE": "0",
             "REDIS_URL": settings.REDIS_URL,
             "PYTHONUNBUFFERED": "1",
+            **self.extra_env,
         }
 
     def _spawn(self, name: str, argv: list[str], env: dict | None = None) -> subprocess.Popen:
@@ -293,7 +295,8 @@ class Stack:
     def beat(self, name: str, env: dict | None = None) -> subprocess.Popen:
         return self._spawn(
             name,
-            [sys.executable, "-m", "celery", "-A", "orchestrator_project", "beat", "--loglevel=INFO",
+            # --quiet, as in the Procfile: Beat prints its banner before any logging is set up.
+            [sys.executable, "-m", "celery", "-A", "orchestrator_project", "--quiet", "beat", "--loglevel=INFO",
              f"--pidfile={self.logs / (name + '.pid')}"],
             env,
         )  # fmt: skip

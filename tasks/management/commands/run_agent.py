@@ -3,6 +3,7 @@
 import logging
 import threading
 
+import structlog
 from billiard.process import active_children
 from celery.signals import worker_ready
 from django.conf import settings
@@ -16,6 +17,7 @@ from orchestrator_project.celery import app
 from tasks.fleet import NameTaken, record_heartbeat, register_worker
 
 logger = logging.getLogger(__name__)
+log = structlog.get_logger(__name__)
 
 
 class Command(BaseCommand):
@@ -60,7 +62,8 @@ class Command(BaseCommand):
             beat(agent)
             start_heartbeat(agent, stop, beating)
 
-        self.stderr.write(f"agent {name} consuming {', '.join(agent.queues)} with the {executor} executor")
+        # A log line, not a print: in JSON (LOG_FORMAT) every line of the process is one.
+        log.info("agent.starting", agent=name, queues=agent.queues, executor=executor, concurrency=concurrency)
         try:
             app.worker_main(
                 [

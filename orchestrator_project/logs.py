@@ -1,0 +1,207 @@
+"""Structured logs (docs/LOGGING.md): one formatter for structlog's events and for the standard
+library's records (ours, Django's, Celery's, gunicorn's), rendered as JSON lines or for a
+console, carrying the context bound to the current request or task and the ids of the current
+OpenTelemetry span, with our own secrets redacted from every line.
+
+settings.LOGGING is built here (logging_config) and applied by configure, Django's
+LOGGING_CONFIG: every process that sets Django up (the web, the Celery workers, Beat,
+manage.py) logs the same way. Celery and gunicorn are pointed at it in celery.py and
+gunicorn.conf.py.
+"""
+
+import json
+import logging
+import logging.config
+import re
+import sys
+from collections.abc import Iterable, Mapping
+from urllib.parse import quote, unquote, urlsplit
+
+import structlog
+from opentelemetry import trace
+
+FORMATS = ("json", "console")
+REDACTED = "[redacted]"
+# A shorter value is left alone: it would match all over the logs, and a secret this short
+# protects nothing anyway.
+MIN_SECRET_LENGTH = 8
+# Variables whose whole value is a secret: these, and any name with one of the suffixes
+# (provider keys, OPENCODE_SERVER_PASSWORD, EAP_OPERATOR_TOKEN, GITHUB_TOKEN, ...). Passwords in
+# any URL-valued variable (DATABASE_URL, REDIS_URL, CELERY_BROKER_URL, ...) are found apart.
+SECRET_VARIABLES = frozenset({"SECRET_KEY", "METRICS_TOKEN", "FLOWER_BASIC_AUTH"})
+SECRET_SUFFIXES = ("_API_KEY", "_TOKEN", "_PASSWORD", "_SECRET", "_SECRET_KEY", "_SECRET_ACCESS_KEY")
+# An external agent's token (agents/eap.py): the public prefix stays, the rest goes.
+EAP_TOKEN = re.compile(r"\b(eap_[0-9a-f]{12}_)[A-Za-z0-9_-]+")
+
+log = structlog.get_logger(__name__)
+
+
+def secret_values(environ: Mapping[str, str], also: Iterable[str] = ()) -> set[str]:
+    """Our secrets as they are configured: the secret variables of `environ`, the passwords of
+    its URLs, Flower's password, and `also` (settings' own, such as SECRET_KEY)."""
+    found = set(also)
+    for name, value in environ.items():
+        if name in SECRET_VARIABLES or name.endswith(SECRET_SUFFIXES):
+            found.add(value)
+        if name == "FLOWER_BASIC_AUTH":
+            found.add(value.partition(":")[2])
+        if "://" in value:
+            found |= _url_passwords(value)
+    return {value for value in found if len(value) >= MIN_SECRET_LENGTH}
+
+
+def _url_passwords(value: str) -> set[str]:
+    try:
+        password = urlsplit(value).password
+    except ValueError:  # not a URL after all
+        return set()
+    return {password, unquote(password)} if password else set()
+
+
+class Redactor:
+    """The last processor: replaces each secret wherever it appears in the rendered line, as
+    given, percent-encoded (in a URL) and JSON-escaped (in a JSON line), and external agents'
+    tokens by their pattern."""
+
+    def __init__(self, secrets: Iterable[str]):
+        forms = set()
+        for secret in secrets:
+            forms |= {secret, quote(secret, safe=""), json.dumps(secret)[1:-1]}
+        # Longest first, so that a secret containing another is replaced whole.
+        alternatives = sorted((form for form in forms if form), key=len, reverse=True)
+        self._pattern = re.compile("|".join(map(re.escape, alternatives))) if alternatives else None
+
+    def __call__(self, logger, method_name: str, line: str) -> str:
+        if self._pattern is not None:
+            line = self._pattern.sub(REDACTED, line)
+        return EAP_TOKEN.sub(rf"\g<1>{REDACTED}", line)
+
+
+def add_trace_context(logger, method_name: str, event_dict: dict) -> dict:
+    """trace_id and span_id of the current OpenTelemetry span, as 32 and 16 hex digits (as
+    tracing backends show them); nothing when there is none (tracing off, or outside a span)."""
+    context = trace.get_current_span().get_span_context()
+    if context.is_valid:
+        event_dict["trace_id"] = format(context.trace_id, "032x")
+        event_dict["span_id"] = format(context.span_id, "016x")
+    return event_dict
+
+
+def add_access_fields(logger, method_name: str, event_dict: dict) -> dict:
+    """A standard library record's arguments are not logged (its message has them already),
+    except gunicorn's access line, whose request atoms become fields of an http.request event."""
+    atoms = event_dict.pop("positional_args", None)
+    if event_dict.get("logger") == "gunicorn.access" and isinstance(atoms, Mapping):
+        event_dict.update(
+            event="http.request",
+            # The names the request's own context uses (orchestrator_project/middleware.py).
+            request_method=atoms.get("m"),
+            request_path=atoms.get("U"),
+            status=_int_or_none(atoms.get("s")),
+            duration_ms=round(int(atoms.get("D", 0)) / 1000, 3),
+            response_bytes=_int_or_none(atoms.get("B")),
+            remote_addr=atoms.get("h"),
+            user_agent=atoms.get("a"),
+        )
+    return event_dict
+
+
+def _int_or_none(value) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _shared_processors() -> list:
+    """What both structlog's events and the standard library's records go through first."""
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_logger_name,
+        structlog.stdlib.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        add_trace_context,
+    ]
+
+
+def standard_fields_first(logger, method_name: str, event_dict: dict) -> dict:
+    """timestamp, level, logger and event lead every JSON line, whatever the context adds."""
+    first = {key: event_dict.pop(key) for key in ("timestamp", "level", "logger", "event") if key in event_dict}
+    return {**first, **event_dict}
+
+
+def _renderer(log_format: str) -> list:
+    if log_format == "json":
+        return [
+            structlog.processors.format_exc_info,
+            standard_fields_first,
+            # default=str: a UUID or a datetime as its plain text, not its repr.
+            structlog.processors.JSONRenderer(default=str),
+        ]
+    return [structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())]
+
+
+def logging_config(*, log_format: str, level: str, secrets: Iterable[str]) -> dict:
+    """settings.LOGGING: every record, structlog's or not, through one ProcessorFormatter on
+    stderr. Django's and gunicorn's loggers lose their own handlers and go to it too."""
+    if log_format not in FORMATS:
+        raise ValueError(f"log format must be one of {', '.join(FORMATS)}, got {log_format!r}")
+    formatter = {
+        "()": structlog.stdlib.ProcessorFormatter,
+        "foreign_pre_chain": [*_shared_processors(), add_access_fields],
+        "pass_foreign_args": True,
+        "processors": [
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            *_renderer(log_format),
+            Redactor(secrets),
+        ],
+    }
+    through_root = {"handlers": [], "propagate": True}
+    own_handler = {"handlers": ["console"], "level": "INFO", "propagate": False}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"structured": formatter},
+        "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "structured"}},
+        "root": {"handlers": ["console"], "level": level},
+        "loggers": {
+            # Django's DEFAULT_LOGGING prints django.* records in plain text itself (when DEBUG).
+            "django": {**through_root, "level": "INFO"},
+            "django.server": {**through_root, "level": "INFO"},
+            "django.db.backends": {"level": "WARNING"},
+            # gunicorn's loggers do not propagate; gunicorn.conf.py hands them this config.
+            "gunicorn.error": own_handler,
+            "gunicorn.access": own_handler,
+        },
+    }
+
+
+def configure(config: dict) -> None:
+    """Django's LOGGING_CONFIG: apply settings.LOGGING and send structlog's events through it.
+    Idempotent; Celery's setup_logging signal calls it again in its workers and Beat."""
+    logging.config.dictConfig(config)
+    # Python's warnings (Celery's, Django's) become records too, instead of raw lines on stderr.
+    logging.captureWarnings(True)
+    structlog.configure(
+        processors=[
+            structlog.stdlib.filter_by_level,
+            *_shared_processors(),
+            structlog.stdlib.PositionalArgumentsFormatter(),
+            structlog.processors.StackInfoRenderer(),
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+
+
+def new_context(**values) -> None:
+    """Start a fresh context (a Celery task, a request): what the previous one bound is gone."""
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(**values)
+
+
+def bind(**values) -> None:
+    """Add to the current context: every line logged after it in this task or request has them."""
+    structlog.contextvars.bind_contextvars(**values)
