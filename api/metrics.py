@@ -80,7 +80,11 @@ class DatabaseCollector:
         up = GaugeMetricFamily(
             "orch_agent_up", "1 when the agent is online (idle or busy), else 0.", labels=["agent", "executor"]
         )
-        status = GaugeMetricFamily("orch_agent_status", "1 for each agent's status.", labels=["agent", "status"])
+        status = GaugeMetricFamily(
+            "orch_agent_status",
+            "Each agent's status: 1 for the one it is in, 0 for the others.",
+            labels=["agent", "status"],
+        )
         load = GaugeMetricFamily("orch_agent_load", "Tasks the agent runs now.", labels=["agent"])
         concurrency = GaugeMetricFamily("orch_agent_concurrency", "Tasks the agent may run at once.", labels=["agent"])
         online = GaugeMetricFamily(
@@ -95,7 +99,8 @@ class DatabaseCollector:
             if last_heartbeat:
                 heartbeat.add_metric([name, executor], last_heartbeat.timestamp())
             up.add_metric([name, executor], int(is_up))
-            status.add_metric([name, agent_status], 1)
+            for each in Agent.Status.values:
+                status.add_metric([name, each], int(each == agent_status))
             load.add_metric([name], current_load)
             concurrency.add_metric([name], agent_concurrency)
             for capability in capabilities or []:

@@ -155,3 +155,13 @@ HEARTBEATS = Counter("orch_agent_heartbeats", "Heartbeats recorded, by agent.", 
 SANDBOX_REFUSALS = Counter(
     "orch_sandbox_refusals", "Agent processes the sandbox refused to start, by reason.", ["reason"]
 )
+
+
+# The label values known in advance start at 0, so that a rate or an alert over them sees a 0
+# rather than no series at all until the first one happens.
+for _resource, _operation in (("task", "record"), ("session", "transition")):
+    FENCING_REJECTIONS.labels(_resource, _operation)
+for _reason in ("timeout", "deadlock"):
+    LOCK_ACQUIRE_FAILURES.labels("session", _reason)
+for _reason in ("egress", "tools_missing", "no_free_uid"):
+    SANDBOX_REFUSALS.labels(_reason)

@@ -103,9 +103,8 @@ def dispatch_session(session_id: str) -> bool:
 
 
 def _swept(sweep: str, repairs: dict[str, int]) -> dict[str, int]:
-    for kind, count in repairs.items():
-        if count:
-            metrics.SWEEP_REPAIRS.labels(sweep, kind).inc(count)
+    for kind, count in repairs.items():  # zeros too: a repair kind that never happened is a 0, not a gap
+        metrics.SWEEP_REPAIRS.labels(sweep, kind).inc(count)
     metrics.SWEEP_LAST_SUCCESS.labels(sweep).set_to_current_time()
     return repairs
 

@@ -134,13 +134,18 @@ def commit_repository(path: Path, files: dict[str, str] | None = None) -> Path:
 
 def member_client(tenant_slug: str, username: str, role: str = Membership.Role.DEVELOPER) -> APIClient:
     """An API client authenticated as a member of the tenant (created through the real command)."""
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {member_token(tenant_slug, username, role)}")
+    return client
+
+
+def member_token(tenant_slug: str, username: str, role: str = Membership.Role.DEVELOPER) -> str:
+    """The API token of a new member of the tenant, made by the real command."""
     from io import StringIO
 
     out = StringIO()
     call_command("bootstrap_tenant", tenant_slug, user=username, role=role, stdout=out, stderr=StringIO())
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Token {out.getvalue().strip().splitlines()[-1]}")
-    return client
+    return out.getvalue().strip().splitlines()[-1]
 
 
 def staff_client() -> APIClient:
@@ -336,6 +341,12 @@ class Stack:
         proc = self.procs[name]
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+    def stop_one(self, name: str) -> None:
+        """Stop one process as an operator would (SIGTERM), and wait for it."""
+        proc = self.procs[name]
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
 
     def print_log_tails(self, lines: int = 40) -> None:
         for name in self.procs:
