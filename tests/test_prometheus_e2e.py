@@ -114,7 +114,7 @@ def test_prometheus_sees_the_stack_and_its_alerts_fire_and_clear(transactional_d
         stack._spawn(
             "web",
             [sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py", "orchestrator_project.wsgi",
-             "--bind", f"127.0.0.1:{ports['web']}", "--workers", "2", "--threads", "2"],
+             "--bind", f"127.0.0.1:{ports['web']}", "--workers", "2", "--threads", "2", "--no-control-socket"],
         )  # fmt: skip
         config = write_config(tmp_path, {job: port for job, port in ports.items() if job != "prometheus"})
         stack._spawn(
