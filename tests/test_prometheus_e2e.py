@@ -175,13 +175,19 @@ def prometheus_up(prometheus: Prometheus) -> list[dict]:
         return []
 
 
-def test_the_shipped_config_checks(tmp_path):
-    # The config `make up` runs: promtool reads it and the rule files it names (a copy, with the
-    # token file run.sh writes).
+@pytest.mark.parametrize("config", ["prometheus.yml", "compose.yml"])
+def test_the_shipped_configs_check_and_scrape_the_same_jobs(tmp_path, config):
+    # What `make up` and docker-compose run: promtool reads each and the rule files it names (a
+    # copy, with the token file their start-up writes).
     shipped = shutil.copytree(ROOT / "deploy" / "prometheus", tmp_path / "prometheus")
-    (shipped / "metrics_token").write_text(TOKEN)
+    token = shipped / "metrics_token"
+    token.write_text(TOKEN)
+    text = (shipped / config).read_text().replace("/prometheus/metrics_token", str(token))
+    (shipped / config).write_text(text)
     checked = subprocess.run(
-        ["promtool", "check", "config", str(shipped / "prometheus.yml")], capture_output=True, text=True, check=False
+        ["promtool", "check", "config", str(shipped / config)], capture_output=True, text=True, check=False
     )
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "SUCCESS" in checked.stdout
+    jobs = [job["job_name"] for job in yaml.safe_load(text)["scrape_configs"]]
+    assert jobs == ["web", "orchestrator", "builder", "reviewer", "eap-gateway"]
