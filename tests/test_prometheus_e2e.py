@@ -9,7 +9,6 @@ stalled-sweep alert fires once Beat stops.
 import json
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,19 +17,13 @@ import httpx
 import pytest
 import yaml
 
-from .conftest import ALL_BUILD, ALL_QA, ROOT, Stack, dag_payload, member_token, wait_until
+from .conftest import ALL_BUILD, ALL_QA, ROOT, dag_payload, free_port, member_token, running_stack, wait_until
 
 pytestmark = [pytest.mark.e2e]
 
 DASHBOARDS = ROOT / "deploy" / "grafana" / "dashboards"
 RULES = ROOT / "deploy" / "prometheus" / "rules"
 TOKEN = "prometheus-e2e-scrape-token"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class Prometheus:
@@ -102,12 +95,11 @@ def status_of(client: httpx.Client, session_id: str) -> str:
     return client.get(f"/api/v1/sessions/{session_id}/").json()["status"]
 
 
-def test_prometheus_sees_the_stack_and_its_alerts_fire_and_clear(transactional_db, tmp_path):
+def test_prometheus_sees_the_stack_and_its_alerts_fire_and_clear(request, transactional_db, tmp_path):
     assert shutil.which("prometheus"), "Prometheus is missing: make test installs it (scripts/ensure_services.py)"
     ports = {job: free_port() for job in ("web", "orchestrator", "builder", "reviewer", "prometheus")}
-    stack = Stack(env={"METRICS_TOKEN": TOKEN})
-    try:
-        stack.orchestrator(env={"METRICS_PORT": str(ports["orchestrator"])})
+    orchestrator_env = {"METRICS_PORT": str(ports["orchestrator"])}
+    with running_stack(request, env={"METRICS_TOKEN": TOKEN}, orchestrator_env=orchestrator_env) as stack:
         stack.agent("builder", ALL_BUILD, env={"METRICS_PORT": str(ports["builder"])})
         stack.agent("reviewer", ALL_QA, env={"METRICS_PORT": str(ports["reviewer"])})
         stack.beat("beat")
@@ -160,8 +152,6 @@ def test_prometheus_sees_the_stack_and_its_alerts_fire_and_clear(transactional_d
             timeout=60,
             what="CapabilityBacklogWithoutAgents to clear",
         )
-    finally:
-        stack.stop()
 
 
 def prometheus_up(prometheus: Prometheus) -> list[dict]:
