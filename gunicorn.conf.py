@@ -4,7 +4,7 @@ import os
 
 from django.conf import settings
 
-from orchestrator_project import metrics, telemetry
+from orchestrator_project import metrics, telemetry  # noqa: F401 - metrics: see below
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "orchestrator_project.settings")  # as wsgi.py does
 
@@ -14,9 +14,8 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "orchestrator_project.settings")
 logconfig_dict = settings.LOGGING
 
 
-def on_starting(server) -> None:
-    # The master comes first: its workers inherit the group's metrics directory.
-    metrics.prepare_group()
+# Importing metrics above made the master the first process of the web's group: a fresh metrics
+# directory, which every worker it forks inherits (docs/OBSERVABILITY.md).
 
 
 def post_fork(server, worker) -> None:
@@ -25,7 +24,3 @@ def post_fork(server, worker) -> None:
 
 def worker_exit(server, worker) -> None:
     telemetry.shutdown()  # what the worker still batches
-
-
-def child_exit(server, worker) -> None:
-    metrics.mark_dead(worker.pid)

@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 OUT = Path(__file__).resolve().parent / "grafana" / "dashboards"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+# The gauges read from the database come from every web replica alike: max, never sum, over them.
 CAP = 'capability=~"$capability"'
 API = 'view!~"metrics|health-.*"'
 RI = "$__rate_interval"
@@ -57,7 +58,7 @@ OVERVIEW = [
         "Sessions not settled, by status",
         "Sessions in each unsettled status, read from the database at scrape time.",
         "short",
-        [("sum by (status) (orch_sessions)", "{{status}}")],
+        [("max by (status) (orch_sessions)", "{{status}}")],
     ),
     Panel(
         "Session transitions",
@@ -107,7 +108,7 @@ TASK_FLOW = [
         "Queue depth",
         "Tasks ready and waiting for an agent, per capability.",
         "short",
-        [(f"sum by (capability) (orch_queue_depth{{{CAP}}})", "{{capability}}")],
+        [(f"max by (capability) (orch_queue_depth{{{CAP}}})", "{{capability}}")],
     ),
     Panel(
         "Oldest queued task's wait",
@@ -125,7 +126,7 @@ TASK_FLOW = [
         "Tasks running",
         "Tasks an agent runs now, per capability.",
         "short",
-        [(f"sum by (capability) (orch_tasks_running{{{CAP}}})", "{{capability}}")],
+        [(f"max by (capability) (orch_tasks_running{{{CAP}}})", "{{capability}}")],
     ),
     Panel(
         "Tasks started",
@@ -189,7 +190,14 @@ TASK_FLOW = [
 ]
 
 FLEET = [
-    Panel("Agents up", "Agents online or busy.", "short", [("sum(orch_agent_up)", "up")], "stat", 6),
+    Panel(
+        "Agents up",
+        "Agents online or busy.",
+        "short",
+        [("count(max by (agent) (orch_agent_up) == 1) or vector(0)", "up")],
+        "stat",
+        6,
+    ),
     Panel(
         "Circuit breakers open",
         "External (EAP push) agents whose circuit breaker is open: their status is degraded.",
@@ -202,7 +210,7 @@ FLEET = [
         "Agents by status",
         "How many agents are online, busy, draining, offline or degraded.",
         "short",
-        [("sum by (status) (orch_agent_status)", "{{status}}")],
+        [("sum by (status) (max by (agent, status) (orch_agent_status))", "{{status}}")],
     ),
     Panel(
         "Heartbeat age",
@@ -220,7 +228,7 @@ FLEET = [
         "Load",
         "Tasks each agent runs now, as a share of the tasks it may run at once.",
         "percentunit",
-        [("sum by (agent) (orch_agent_load) / sum by (agent) (orch_agent_concurrency)", "{{agent}}")],
+        [("max by (agent) (orch_agent_load) / max by (agent) (orch_agent_concurrency)", "{{agent}}")],
     ),
     Panel(
         "Breaker open, by agent",

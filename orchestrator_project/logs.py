@@ -9,6 +9,7 @@ manage.py) logs the same way. Celery and gunicorn are pointed at it in celery.py
 gunicorn.conf.py.
 """
 
+import functools
 import json
 import logging
 import logging.config
@@ -18,6 +19,7 @@ from collections.abc import Iterable, Mapping
 from urllib.parse import quote, unquote, urlsplit
 
 import structlog
+from celery.signals import celeryd_after_setup, setup_logging, task_prerun
 from opentelemetry import trace
 
 FORMATS = ("json", "console")
@@ -28,7 +30,16 @@ MIN_SECRET_LENGTH = 8
 # Variables whose whole value is a secret: these, and any name with one of the suffixes
 # (provider keys, OPENCODE_SERVER_PASSWORD, EAP_OPERATOR_TOKEN, GITHUB_TOKEN, ...). Passwords in
 # any URL-valued variable (DATABASE_URL, REDIS_URL, CELERY_BROKER_URL, ...) are found apart.
-SECRET_VARIABLES = frozenset({"SECRET_KEY", "METRICS_TOKEN", "FLOWER_BASIC_AUTH"})
+SECRET_VARIABLES = frozenset(
+    # The OTLP headers may hold a collector's API key.
+    {
+        "SECRET_KEY",
+        "METRICS_TOKEN",
+        "FLOWER_BASIC_AUTH",
+        "OTEL_EXPORTER_OTLP_HEADERS",
+        "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+    }
+)
 SECRET_SUFFIXES = ("_API_KEY", "_TOKEN", "_PASSWORD", "_SECRET", "_SECRET_KEY", "_SECRET_ACCESS_KEY")
 # An external agent's token (agents/eap.py): the public prefix stays, the rest goes.
 EAP_TOKEN = re.compile(r"\b(eap_[0-9a-f]{12}_)[A-Za-z0-9_-]+")
@@ -205,3 +216,49 @@ def new_context(**values) -> None:
 def bind(**values) -> None:
     """Add to the current context: every line logged after it in this task or request has them."""
     structlog.contextvars.bind_contextvars(**values)
+
+
+def keeps_context(func):
+    """What `func` binds stays inside it: a sweep calling it for one session after another must
+    not log the next session's lines with the last one's tenant."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        saved = structlog.contextvars.get_contextvars()
+        try:
+            return func(*args, **kwargs)
+        finally:
+            new_context(**saved)
+
+    return wrapper
+
+
+# Celery: its worker, pool processes and Beat log through settings.LOGGING too.
+
+
+@setup_logging.connect
+def _log_like_django(loglevel=None, **kwargs) -> None:
+    # With a receiver here, Celery installs none of its own handlers (plain text on the root
+    # logger) in the worker, its pool processes and Beat. The command line's --loglevel applies.
+    from django.conf import settings
+
+    configure(settings.LOGGING)
+    if loglevel:
+        logging.getLogger().setLevel(loglevel)
+
+
+@celeryd_after_setup.connect
+def _no_banner_in_json(sender=None, instance=None, **kwargs) -> None:
+    # The worker prints its banner straight to stdout; in JSON it is one line of fields instead.
+    from django.conf import settings
+
+    if settings.LOG_FORMAT == "json":
+        instance.quiet = True
+        queues = sorted(instance.app.amqp.queues.consume_from or ())
+        log.info("worker.starting", hostname=sender, queues=queues, concurrency=instance.concurrency)
+
+
+@task_prerun.connect
+def _fresh_log_context(task_id=None, task=None, **kwargs) -> None:
+    # A pool process runs one task after another: nothing bound by the last may reach the next.
+    new_context(message_id=task_id, celery_task=getattr(task, "name", None))

@@ -3,17 +3,17 @@
 Every process counts into prometheus_client's multiprocess files (one directory per process group:
 gunicorn's master and its workers, a Celery worker and its pool processes), so that a scrape sums
 the whole group whichever process answers it. The group's first process makes the directory
-(`prepare_group`), fresh, and removes those of groups whose first process is gone; a pool process
-that exits marks itself dead (`mark_dead`), which drops its live gauges (its counters stay: a
-rate must not see a false reset). The web serves `/metrics` (api/metrics.py, with the state read
-from the database at scrape time); a Celery worker's main process serves its group on
+(`prepare_group`), fresh, and removes those of groups whose first process is gone. A process of
+the group that dies leaves its files, and its counts stay in the sum: a rate must not see a false
+reset. (prometheus_client's mark_process_dead would remove only "live" gauges, and we keep none:
+the state that lives in the database is read at scrape time.) The web serves `/metrics`
+(api/metrics.py, with that state); a Celery worker's main process serves its group on
 METRICS_PORT (`serve_group`), never a pool process (each would count only itself).
 
 No session or task ids as labels: those are in the logs and the traces. docs/OBSERVABILITY.md
 lists every metric.
 """
 
-import contextlib
 import os
 import shutil
 import sys
@@ -43,8 +43,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def prepare_group(pid: int | None = None) -> Path | None:
-    """Give the process group started by this process (or `pid`) a fresh multiprocess directory
+def prepare_group() -> Path | None:
+    """Give the process group started by this process a fresh multiprocess directory
     and point PROMETHEUS_MULTIPROC_DIR at it, for this process and the ones it starts, before
     any of our metrics is created. Directories of groups whose first process has died are
     removed."""
@@ -55,7 +55,7 @@ def prepare_group(pid: int | None = None) -> Path | None:
     for old in root.iterdir():
         if old.name.isdigit() and not _alive(int(old.name)):
             shutil.rmtree(old, ignore_errors=True)
-    group = root / str(pid or os.getpid())
+    group = root / str(os.getpid())
     shutil.rmtree(group, ignore_errors=True)
     group.mkdir()
     os.environ[ENV] = str(group)
@@ -79,6 +79,7 @@ def ensure_group() -> None:
 # Before any metric is created: prometheus_client picks its kind of values when it is imported.
 ensure_group()
 
+from celery.signals import worker_ready  # noqa: E402
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess  # noqa: E402
 
 
@@ -89,18 +90,15 @@ def group_registry() -> CollectorRegistry:
     return registry
 
 
-def mark_dead(pid: int | None = None) -> None:
-    with contextlib.suppress(Exception):
-        multiprocess.mark_process_dead(pid or os.getpid())
-
-
-def serve_group(port: int, address: str) -> None:
-    """Serve this group's metrics over HTTP from this (the group's main) process."""
+@worker_ready.connect
+def serve_group(sender=None, **kwargs) -> None:
+    """A Celery worker's main process serves its whole group on METRICS_ADDRESS:METRICS_PORT
+    (never a pool process: each would count only itself); off unless METRICS_PORT is set."""
+    from django.conf import settings
     from prometheus_client import start_http_server
 
-    if not enabled():
-        return
-    start_http_server(port, addr=address, registry=group_registry())
+    if enabled() and settings.METRICS_PORT:
+        start_http_server(settings.METRICS_PORT, addr=settings.METRICS_ADDRESS, registry=group_registry())
 
 
 # Sessions
@@ -161,7 +159,7 @@ SANDBOX_REFUSALS = Counter(
 # rather than no series at all until the first one happens.
 for _resource, _operation in (("task", "record"), ("session", "transition")):
     FENCING_REJECTIONS.labels(_resource, _operation)
-for _lock in ("session", "repository", "beat"):  # the kinds of FairLock we take
+for _lock in ("session", "repository"):  # the kinds of FairLock a scraped process takes
     for _reason in ("timeout", "deadlock"):
         LOCK_ACQUIRE_FAILURES.labels(_lock, _reason)
 for _reason in ("egress", "tools_missing", "no_free_uid"):

@@ -109,7 +109,6 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "django_celery_beat",
-    "django_prometheus",
     "tenants",
     "sessions.apps.SessionsConfig",
     "tasks.apps.TasksConfig",
@@ -439,14 +438,14 @@ CELERY_TIMEZONE = TIME_ZONE
 # Metrics (docs/OBSERVABILITY.md). The web serves /metrics to a scraper that sends
 # "Authorization: Bearer <METRICS_TOKEN>"; without a token, only to loopback clients in development
 # (DEBUG) and to nobody otherwise. A Celery worker (an agent, the orchestrator) serves its own on
-# METRICS_ADDRESS:METRICS_PORT when the port is set (run_agent's --metrics-port sets it too).
+# METRICS_ADDRESS:METRICS_PORT when the port is set. A scraper's host must be in ALLOWED_HOSTS.
 METRICS_TOKEN = env_str("METRICS_TOKEN", "")
 METRICS_PORT = env_int("METRICS_PORT", 0)
 METRICS_ADDRESS = env_str("METRICS_ADDRESS", "127.0.0.1")
 
-# Tracing (docs/TRACING.md). Every process instruments Django, Celery, psycopg, Redis and httpx,
-# so trace context always propagates; OTEL_TRACES_EXPORTER says where spans go: none (records
-# nothing), console (stdout, for development) or otlp (OTLP over HTTP to the endpoint; the
+# Tracing (docs/TRACING.md). Every process instruments Django, Celery and httpx, so trace context
+# always propagates, and psycopg and Redis too when spans go somewhere; OTEL_TRACES_EXPORTER says
+# where: none (records nothing), console (stdout, for development) or otlp (OTLP over HTTP to the endpoint; the
 # exporter reads OTEL_EXPORTER_OTLP_* itself). Off unless configured: otlp once an OTLP endpoint
 # is set, none otherwise (console by default would bury development's and the tests' logs in
 # spans). OTEL_SDK_DISABLED turns tracing off entirely: no instrumentation, no trace ids.
@@ -474,11 +473,12 @@ LOGGING = logs.logging_config(
     ),
 )
 
+# Load balancers and orchestrators probe health, and Prometheus scrapes /metrics (with its
+# token), over plain HTTP inside the platform's network: no redirect to HTTPS for them.
+SECURE_REDIRECT_EXEMPT = [r"^health/", r"^metrics$"]
 if not DEBUG:
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
     SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", True)
-    # Load balancers and orchestrators probe health over plain HTTP.
-    SECURE_REDIRECT_EXEMPT = [r"^health/"]
     SESSION_COOKIE_SECURE = True
     CSRF_COOKIE_SECURE = True
     SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 31_536_000)

@@ -18,6 +18,7 @@ and per command costs tens of microseconds even unrecorded, a dozen of each per 
 import os
 import threading
 
+from celery.signals import beat_embedded_init, beat_init, worker_init, worker_process_init, worker_process_shutdown
 from django.conf import settings
 
 SERVICE_PREFIX = "orchestrator-"
@@ -123,3 +124,33 @@ def shutdown() -> None:
     (Celery's pool processes leave with os._exit)."""
     if _provider is not None:
         _provider.shutdown()
+
+
+# Celery: after the fork in each pool process (the exporter's thread and connections would not
+# survive one), in a worker whose pool does not fork, and in Beat.
+
+
+@worker_process_init.connect
+def _set_up_pool_process(**kwargs) -> None:
+    setup("worker")
+
+
+@worker_init.connect
+def _set_up_worker_without_fork(sender=None, **kwargs) -> None:
+    # A pool that does not fork runs the tasks in this very process and sends no
+    # worker_process_init (solo sends one). Prefork, the default, sets up in each pool process.
+    pool = getattr(sender, "pool_cls", None)
+    name = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
+    if name.split(":")[0].rsplit(".", 1)[-1] in ("threads", "thread", "gevent", "eventlet"):
+        setup("worker")
+
+
+@beat_init.connect
+@beat_embedded_init.connect
+def _set_up_beat(**kwargs) -> None:
+    setup("beat")
+
+
+@worker_process_shutdown.connect
+def _pool_process_exits(**kwargs) -> None:
+    shutdown()  # a pool process leaves with os._exit, past the SDK's atexit flush

@@ -227,6 +227,7 @@ def retry_session(session: Session, *, actor: str) -> None:
     )
 
 
+@logs.keeps_context
 def dispatch_session(session_id) -> bool:
     """Send the session's unfinished DAG: a canvas for its series-parallel part, single messages
     for the tasks the database releases that are ready now. Returns whether anything was sent."""
@@ -268,6 +269,7 @@ def prepare_workspace_or_fail(session: Session) -> bool:
     return False
 
 
+@logs.keeps_context
 def mark_session_running(session_id, key: str, agent_name: str) -> bool:
     """queued -> running: the session's first task (`key`) was claimed by `agent_name`.
     Nothing happens if the session has moved on meanwhile (a later claim, a pause, settling)."""
@@ -284,6 +286,7 @@ def mark_session_running(session_id, key: str, agent_name: str) -> bool:
     return event is not None
 
 
+@logs.keeps_context
 def settle_session(session_id) -> str | None:
     """Once no task can run any more, move an active session to its outcome."""
     session = Session.objects.get(pk=session_id)

@@ -186,12 +186,16 @@ def stop_open_tasks(session_id, *, reason: str, revoke: bool, cause: str) -> Non
             [reason[:5000], session_id],
         )
         cancelled = cursor.fetchall()
-    for capability, _ in cancelled:
-        metrics.TASKS_FINISHED.labels(capability, "none", Task.Status.CANCELLED, cause).inc()
     message_ids = [message_id for _, message_id in cancelled if message_id] if revoke else []
-    if cancelled:
+
+    def report() -> None:  # once it is so: a transition that rolls back cancelled nothing
+        for capability, _ in cancelled:
+            metrics.TASKS_FINISHED.labels(capability, "none", Task.Status.CANCELLED, cause).inc()
         # One line for them all, with the count.
         log.info("tasks.cancelled", session_id=str(session_id), count=len(cancelled), reason=reason[:500])
+
+    if cancelled:
+        transaction.on_commit(report)
     running = list(Task.objects.filter(session_id=session_id, status=Task.Status.RUNNING).values_list("pk", "attempts"))
     if message_ids:
         transaction.on_commit(lambda: current_app.control.revoke(message_ids))

@@ -17,6 +17,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import InterfaceError, OperationalError, connection
+from django.db.models.functions import Now
 from django.utils import timezone
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
@@ -293,7 +294,7 @@ def _retry_or_fail(task: Task, attempt: int, error: str, *, runtime: AgentRuntim
             _count_finished(task, runtime, Task.Status.FAILED, cause, ran)
         return "failed"
     requeued = Task.objects.filter(pk=task.pk, status=Task.Status.RUNNING, attempts=attempt).update(
-        status=Task.Status.QUEUED, error=f"attempt {attempt} failed: {error}", lease_expires_at=None
+        status=Task.Status.QUEUED, error=f"attempt {attempt} failed: {error}", lease_expires_at=None, queued_at=Now()
     )
     if not requeued:
         return "taken"
@@ -329,7 +330,8 @@ def record_outcome(
     if not recorded:
         # A stale attempt - or this one, if the statement committed and its reply was lost
         # (statements.run tried again): then release from the rows, as a redelivery does.
-        if Task.objects.filter(pk=task.pk, status=status, attempts=attempt).exists():
+        # The error text tells this write from the reaper's, which keeps the attempt too.
+        if Task.objects.filter(pk=task.pk, status=status, attempts=attempt, error=params["error"]).exists():
             task.status = status
             _release_what_follows(task)
             return True

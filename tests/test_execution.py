@@ -2,6 +2,7 @@
 
 import os
 import threading
+from datetime import timedelta
 
 import pytest
 from django.db import connection
@@ -11,6 +12,7 @@ from django.utils import timezone
 from agents.executors import TransientError
 from agents.models import Agent
 from agents.runtime import AgentRuntime
+from orchestrator_project import metrics
 from sessions.models import ACTIVE, Session
 from tasks import statements
 from tasks import tasks as celery_tasks
@@ -263,6 +265,22 @@ def test_retry_takes_over_a_run_left_over_from_a_stop(db):
 
     task = session.tasks.get()
     assert (task.status, task.attempts) == ("queued", 1)
+
+
+def test_a_late_outcome_of_a_run_the_reaper_ended_is_refused_and_counted_once(db):
+    session = make_session({"a": []}, status="cancelled")
+    session.tasks.update(status=TS.RUNNING, attempts=1, lease_expires_at=timezone.now() - timedelta(seconds=1))
+    late = Task.objects.select_related("session").get(session=session)
+    finished = metrics.TASKS_FINISHED.labels(late.capability, "none", TS.CANCELLED, "user")
+    refused = metrics.FENCING_REJECTIONS.labels("task", "record")
+    before = (finished._value.get(), refused._value.get())
+
+    assert reap_expired_leases()["cancelled"] == 1
+    # The run hears the abort and records the same outcome under the same attempt, too late.
+    assert record_outcome(late, 1, TS.CANCELLED, error="aborted: the run ends late") is False
+
+    assert (finished._value.get(), refused._value.get()) == (before[0] + 1, before[1] + 1)
+    assert session.tasks.get().error.startswith("the lease of attempt 1")
 
 
 @pytest.mark.parametrize("prepared", [True, False])

@@ -9,12 +9,15 @@ from datetime import timedelta
 
 import httpx
 import pytest
+from django.apps import apps
 from django.test import override_settings
 from django.utils import timezone
+from django_celery_beat.models import IntervalSchedule, PeriodicTask
 from prometheus_client.parser import text_string_to_metric_families
 
 from agents.models import Agent
 from orchestrator_project import metrics
+from orchestrator_project.schedules import sync_schedules
 from sessions.models import Session
 from tasks.models import Task
 from tenants.models import Tenant
@@ -58,6 +61,16 @@ def test_metrics_need_the_scrape_token(client):
 
 
 @pytest.mark.django_db
+@override_settings(METRICS_TOKEN="t", DEBUG=False, SECURE_SSL_REDIRECT=True, ALLOWED_HOSTS=["web"])
+def test_in_production_prometheus_scrapes_over_plain_http_inside_the_network(client):
+    # Prometheus reaches the web at http://web:8000/metrics: no redirect to HTTPS for it, as for
+    # the health probes, while the API is redirected.
+    answered = client.get("/metrics", HTTP_HOST="web", headers={"authorization": "Bearer t"})
+    assert answered.status_code == 200
+    assert client.get("/api/v1/sessions/", HTTP_HOST="web").status_code == 301
+
+
+@pytest.mark.django_db
 @override_settings(METRICS_TOKEN="")
 def test_without_a_token_only_loopback_in_development_may_scrape(client, settings):
     settings.DEBUG = True
@@ -97,6 +110,9 @@ def test_the_database_state_is_read_at_scrape_time(client):
         name="tester", capabilities=["testing"], executor="scripted", status="online", last_heartbeat=timezone.now()
     )
     Agent.objects.create(name="gone", capabilities=["testing", "code_review"], executor="scripted", status="offline")
+    sync_schedules(apps)  # a test before this one may have flushed what the migrations wrote
+    every_minute, _ = IntervalSchedule.objects.get_or_create(every=1, period="minutes")
+    PeriodicTask.objects.create(name="an operator's own", task="reports.weekly", interval=every_minute)
 
     text = scrape(client, authorization="Bearer t").content.decode()
 
@@ -113,7 +129,10 @@ def test_the_database_state_is_read_at_scrape_time(client):
     up = samples(text, "orch_agent_up")
     assert up[(("agent", "tester"), ("executor", "scripted"))] == 1
     assert up[(("agent", "gone"), ("executor", "scripted"))] == 0
-    assert samples(text, "orch_sweep_period_seconds")[(("sweep", "tasks.reap_expired_leases"),)] == 10
+    periods = samples(text, "orch_sweep_period_seconds")
+    assert periods[(("sweep", "tasks.reap_expired_leases"),)] == 10
+    assert periods[(("sweep", "sessions.apply_retention"),)] == 3600
+    assert (("sweep", "reports.weekly"),) not in periods  # no sweep of ours: it records no success
 
 
 def test_a_group_directory_is_fresh_and_the_dead_groups_are_removed(tmp_path, monkeypatch):

@@ -16,6 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from django.apps import apps
+
+from orchestrator_project.schedules import sync_schedules
 
 from .conftest import ALL_BUILD, ALL_QA, ROOT, dag_payload, free_port, member_token, running_stack, wait_until
 
@@ -97,6 +100,7 @@ def status_of(client: httpx.Client, session_id: str) -> str:
 
 def test_prometheus_sees_the_stack_and_its_alerts_fire_and_clear(request, transactional_db, tmp_path):
     assert shutil.which("prometheus"), "Prometheus is missing: make test installs it (scripts/ensure_services.py)"
+    sync_schedules(apps)  # Beat's sweeps: a test before this one may have flushed what the migrations wrote
     ports = {job: free_port() for job in ("web", "orchestrator", "builder", "reviewer", "prometheus")}
     orchestrator_env = {"METRICS_PORT": str(ports["orchestrator"])}
     with running_stack(request, env={"METRICS_TOKEN": TOKEN}, orchestrator_env=orchestrator_env) as stack:
