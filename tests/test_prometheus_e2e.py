@@ -33,6 +33,13 @@ class Prometheus:
     def __init__(self, url: str) -> None:
         self.url = url
 
+    def ready(self) -> bool:
+        """Prometheus answers 503 until it has loaded its storage and rules."""
+        try:
+            return httpx.get(f"{self.url}/-/ready", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
     def query(self, expr: str) -> list[dict]:
         answer = httpx.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=10).json()
         assert answer["status"] == "success", (expr, answer)
@@ -119,6 +126,7 @@ def test_prometheus_sees_the_stack_and_its_alerts_fire_and_clear(request, transa
              f"--web.listen-address=127.0.0.1:{ports['prometheus']}"],
         )  # fmt: skip
         prometheus = Prometheus(f"http://127.0.0.1:{ports['prometheus']}")
+        wait_until(prometheus.ready, timeout=60, what="Prometheus to be ready")
         wait_until(lambda: len(prometheus_up(prometheus)) == 4, timeout=60, what="Prometheus to scrape every job")
 
         client = api(f"http://127.0.0.1:{ports['web']}", member_token("acme", "alice"))
