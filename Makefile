@@ -1,7 +1,7 @@
 # make demo   - run one real session end to end on the local stack, then stop
 # make test   - lint, migration check and the whole test suite (what CI runs)
 # make test-fast - the same without the end-to-end and chaos tests (-m "not e2e"), for the inner loop
-# make up     - run the whole stack in the foreground (API :8000, Flower :5555)
+# make up     - run the whole stack in the foreground (API :8000, Flower :5555, Prometheus :9090)
 # make bench  - benchmarks (not part of CI)
 
 SHELL := /bin/bash
