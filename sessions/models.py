@@ -206,8 +206,7 @@ class Session(models.Model):
             event = row._write_transition(to, reason=reason, actor=actor, token=token)
             if effects is not None:
                 effects(row)
-            transaction.on_commit(lambda: _committed(event))
-            transaction.on_commit(lambda: log_transition(event, tenant=row.tenant_id))
+            transaction.on_commit(lambda: _committed(event, tenant=row.tenant_id))
         self.refresh_from_db()
         return event
 
@@ -277,11 +276,6 @@ class Session(models.Model):
         )
 
 
-def _committed(event: "SessionEvent") -> None:
-    metrics.SESSION_TRANSITIONS.labels(event.from_status, event.to_status).inc()
-    publish_event(event)
-
-
 class SessionEvent(models.Model):
     """Append-only audit log of session transitions; replaying it gives the row's status."""
 
@@ -318,8 +312,10 @@ class SessionEvent(models.Model):
         }
 
 
-def log_transition(event: SessionEvent, *, tenant) -> None:
-    """The transition's log line (docs/LOGGING.md), once it has committed."""
+def _committed(event: SessionEvent, *, tenant) -> None:
+    """Once a transition has committed: its count, its log line (docs/LOGGING.md), and the live
+    subscribers told."""
+    metrics.SESSION_TRANSITIONS.labels(event.from_status, event.to_status).inc()
     log.info(
         "session.transition",
         session_id=str(event.session_id),
@@ -330,6 +326,7 @@ def log_transition(event: SessionEvent, *, tenant) -> None:
         actor=event.actor,
         version=event.version,
     )
+    publish_event(event)
 
 
 def publish_event(event: SessionEvent) -> None:

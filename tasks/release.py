@@ -54,18 +54,15 @@ def release_tasks(ids) -> tuple[dict, list]:
     to_send = []
     while ids:
         rows = statements.run(statements.RELEASE, {"ids": list(ids)})
-        ids = [pk for kind, pk, _, _ in rows if kind == "opened"]
-        for kind, pk, status, via_canvas in rows:
+        ids = [pk for kind, pk, *_ in rows if kind == "opened"]
+        for kind, pk, status, via_canvas, capability in rows:
             if kind == "moved":
                 moved[pk] = status
                 if status == Task.Status.SKIPPED:
                     log.info("task.finished", task_id=str(pk), outcome=status, reason="an upstream blocks it")
+                    metrics.TASKS_FINISHED.labels(capability, "none", Task.Status.SKIPPED, "none").inc()
                 if status == Task.Status.QUEUED and not via_canvas:
                     to_send.append(pk)
-    skipped = [pk for pk, status in moved.items() if status == Task.Status.SKIPPED]
-    if skipped:  # seldom: a failure or a cancel upstream
-        for capability in Task.objects.filter(pk__in=skipped).values_list("capability", flat=True):
-            metrics.TASKS_FINISHED.labels(capability, "none", Task.Status.SKIPPED, "none").inc()
     return moved, to_send
 
 

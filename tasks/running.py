@@ -276,12 +276,24 @@ def _run_claimed(task: Task, attempt: int, runtime: AgentRuntime) -> str:
         logger.exception("executor %s crashed on task %s", runtime.executor_kind, task.pk)
         error, cause = f"executor error: {exc!r}", "orchestrator"
     ran = time.monotonic() - started
-    if record_outcome(task, attempt, outcome, result=result, error=error, duration_s=ran):
-        _count_finished(task, runtime, outcome, cause, ran)
+    if record_outcome(task, attempt, outcome, result=result, error=error):
+        _report_finished(task, attempt, runtime, outcome, cause=cause, ran=ran, error=error)
     return outcome
 
 
-def _count_finished(task: Task, runtime: AgentRuntime, outcome: str, cause: str, ran: float) -> None:
+def _report_finished(
+    task: Task, attempt: int, runtime: AgentRuntime, outcome: str, *, cause: str, ran: float, error: str
+):
+    """The outcome this attempt recorded: its log line (docs/LOGGING.md) and its metrics."""
+    log.info(
+        "task.finished",
+        task_id=str(task.pk),
+        session_id=str(task.session_id),
+        outcome=outcome,
+        attempt=attempt,
+        duration_s=round(ran, 3),
+        error=error[:500],
+    )
     labels = (task.capability, runtime.executor_kind, outcome)
     metrics.TASK_DURATION.labels(*labels).observe(ran)
     metrics.TASKS_FINISHED.labels(*labels, cause).inc()
@@ -291,7 +303,7 @@ def _retry_or_fail(task: Task, attempt: int, error: str, *, runtime: AgentRuntim
     if attempt >= task.max_attempts:
         failed = f"gave up after {attempt} attempts: {error}"
         if record_outcome(task, attempt, Task.Status.FAILED, error=failed):
-            _count_finished(task, runtime, Task.Status.FAILED, cause, ran)
+            _report_finished(task, attempt, runtime, Task.Status.FAILED, cause=cause, ran=ran, error=failed)
         return "failed"
     requeued = Task.objects.filter(pk=task.pk, status=Task.Status.RUNNING, attempts=attempt).update(
         status=Task.Status.QUEUED, error=f"attempt {attempt} failed: {error}", lease_expires_at=None, queued_at=Now()
@@ -302,15 +314,7 @@ def _retry_or_fail(task: Task, attempt: int, error: str, *, runtime: AgentRuntim
     raise RetryTask(countdown=min(60.0, 2.0**attempt), reason=error)
 
 
-def record_outcome(
-    task: Task,
-    attempt: int,
-    status: str,
-    *,
-    result: dict | None = None,
-    error: str = "",
-    duration_s: float | None = None,
-) -> bool:
+def record_outcome(task: Task, attempt: int, status: str, *, result: dict | None = None, error: str = "") -> bool:
     """running -> completed|failed|cancelled for this attempt, then release what follows;
     returns whether the outcome is this attempt's (False: a newer attempt took the task over).
 
@@ -338,9 +342,6 @@ def record_outcome(
         metrics.FENCING_REJECTIONS.labels("task", "record").inc()
         return False
     task.status = status
-    duration = None if duration_s is None else round(duration_s, 3)
-    task_ids = {"task_id": str(task.pk), "session_id": str(task.session_id)}
-    log.info("task.finished", **task_ids, outcome=status, attempt=attempt, duration_s=duration, error=error[:500])
     if status == Task.Status.FAILED and task.required and task.session_fail_fast:
         reason = f"fail-fast: required task {task.key} failed"
         stop_open_tasks(task.session_id, reason=reason, revoke=False, cause="user")

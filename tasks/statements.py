@@ -108,7 +108,7 @@ SELECT (SELECT count(*) FROM done),
 # they are skipped next). The culprit is looked for in the statement's snapshot, so a task is
 # queued only if no upstream was left open in that snapshot too (open_then): an upstream
 # that finished since - perhaps failing - is seen by its own release, which follows its record.
-# Returns ("moved", id, status, via_canvas) and ("opened", id, NULL, NULL) rows.
+# Returns ("moved", id, status, via_canvas, capability) and ("opened", id, NULL, NULL, NULL) rows.
 RELEASE = """
 WITH candidate AS (
     SELECT t.id, t.upstream_open AS open_then, (
@@ -125,7 +125,7 @@ WITH candidate AS (
         error = COALESCE('skipped: upstream ' || c.culprit, '')
     FROM candidate c
     WHERE d.id = c.id AND d.status = 'pending' AND ((c.open_then = 0 AND d.upstream_open = 0) OR c.culprit IS NOT NULL)
-    RETURNING d.id, d.status, d.via_canvas
+    RETURNING d.id, d.status, d.via_canvas, d.capability
 ), opened AS (
     -- Not a task skipped by this statement itself: a row may be updated once per statement.
     UPDATE tasks_task x SET upstream_open = x.upstream_open - 1
@@ -134,8 +134,8 @@ WITH candidate AS (
       AND x.status = 'pending' AND x.id NOT IN (SELECT id FROM moved)
     RETURNING x.id
 )
-SELECT 'moved', id, status, via_canvas FROM moved
-UNION ALL SELECT 'opened', id, NULL, NULL FROM opened
+SELECT 'moved', id, status, via_canvas, capability FROM moved
+UNION ALL SELECT 'opened', id, NULL, NULL, NULL FROM opened
 """
 
 # How each unfinished task of a session is sent: by the canvas (with its message id and queue)
