@@ -60,18 +60,19 @@ class DatabaseCollector:
         )
         running = GaugeMetricFamily("orch_tasks_running", "Tasks running, per capability.", labels=["capability"])
         with connection.cursor() as cursor:
+            # OR, not IN: PostgreSQL then reads the two partial indexes (task_queued,
+            # task_running_agent), which hold only the tasks in flight, not an index of them all.
             cursor.execute(
-                "SELECT capability, count(*), min(queued_at) FROM tasks_task"
-                " WHERE status = 'queued' GROUP BY capability"
+                "SELECT capability, count(*) FILTER (WHERE status = 'queued'), min(queued_at) FILTER"
+                " (WHERE status = 'queued'), count(*) FILTER (WHERE status = 'running') FROM tasks_task"
+                " WHERE status = 'queued' OR status = 'running' GROUP BY capability"
             )
-            queued = {capability: (count, first) for capability, count, first in cursor.fetchall()}
-            cursor.execute("SELECT capability, count(*) FROM tasks_task WHERE status = 'running' GROUP BY capability")
-            busy = dict(cursor.fetchall())
-        for capability in sorted(set(CAPABILITIES) | set(queued) | set(busy)):
-            count, first = queued.get(capability, (0, None))
-            depth.add_metric([capability], count)
+            in_flight = {capability: counts for capability, *counts in cursor.fetchall()}
+        for capability in sorted(set(CAPABILITIES) | set(in_flight)):
+            queued, first, busy = in_flight.get(capability, (0, None, 0))
+            depth.add_metric([capability], queued)
             oldest.add_metric([capability], (now - first).total_seconds() if first else 0.0)
-            running.add_metric([capability], busy.get(capability, 0))
+            running.add_metric([capability], busy)
         yield from (depth, oldest, running)
 
     def _agents(self, now):

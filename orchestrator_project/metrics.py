@@ -70,8 +70,6 @@ def prepare_group() -> Path | None:
 
 def ensure_group() -> None:
     """A process that no group's first process started is the first of its own group."""
-    if not enabled():
-        return
     if not os.environ.get(ENV) or not Path(os.environ[ENV]).is_dir():
         prepare_group()
 
