@@ -21,7 +21,7 @@ import pybreaker
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
-from django.db import InterfaceError, OperationalError, close_old_connections
+from django.db import InterfaceError, OperationalError, close_old_connections, connection
 from django.utils import timezone
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
@@ -51,7 +51,10 @@ class EapExecutor:
             raise
         except SoftTimeLimitExceeded:
             # Celery's soft limit for a task with its own deadline is that deadline, counted
-            # from a moment before this call: it usually fires just before our own check.
+            # from a moment before this call: it usually fires just before our own check. It
+            # may interrupt a poll's query, leaving the connection mid-command ("another command
+            # is already in progress"): the deadline's own queries go on a fresh one.
+            connection.close()
             return _at_deadline(ctx)
         except BaseException:
             # A shutdown, the database gone: the agent's result would have nobody to read it.
