@@ -7,7 +7,7 @@ from rest_framework.routers import DefaultRouter
 
 from orchestrator_project import health
 
-from . import eap
+from . import eap, stream
 from .agents import AgentViewSet
 from .metrics import metrics_view
 from .preview import DecompositionPreviewView
@@ -25,6 +25,9 @@ urlpatterns = [
     path("api/v1/eap/heartbeat/", eap.HeartbeatView.as_view(), name="eap-heartbeat"),
     path("api/v1/eap/tasks/next/", eap.NextTaskView.as_view(), name="eap-tasks-next"),
     path("api/v1/eap/tasks/<str:task_id>/result/", eap.ResultView.as_view(), name="eap-task-result"),
+    # Served by the stream process (api/stream_urls.py); here, a pointer to it.
+    path("api/v1/sessions/<str:pk>/stream/", stream.elsewhere, name="session-stream"),
+    path("api/v1/stream/", stream.elsewhere, name="tenant-stream"),
     path("api/v1/", include(router.urls)),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),

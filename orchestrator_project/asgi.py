@@ -1,6 +1,27 @@
+"""The event streams' process (api/stream.py): an ASGI application that serves only them.
+
+Started by gunicorn with uvicorn's worker (the Procfile's `stream`), on a port of its own or
+behind the same proxy as the API, which sends it /api/v1/stream/ and /api/v1/sessions/*/stream/.
+It keeps only the middleware a stream needs (sessions and authentication for the console's
+login; all of it async), so that an open stream holds no thread.
+"""
+
 import os
 
-from django.core.asgi import get_asgi_application
+import django
+from django.conf import settings
+from django.core.handlers.asgi import ASGIHandler
+
+from orchestrator_project import telemetry
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "orchestrator_project.settings")
-application = get_asgi_application()
+django.setup(set_prefix=False)
+settings.ROOT_URLCONF = "api.stream_urls"
+settings.MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+]
+if not os.environ.get("SERVER_SOFTWARE", "").startswith("gunicorn/"):
+    telemetry.setup("stream")
+application = ASGIHandler()

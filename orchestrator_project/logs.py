@@ -10,82 +10,30 @@ gunicorn.conf.py.
 """
 
 import functools
-import json
 import logging
 import logging.config
-import re
 import sys
 from collections.abc import Iterable, Mapping
-from urllib.parse import quote, unquote, urlsplit
 
 import structlog
 from celery.signals import celeryd_after_setup, setup_logging, task_prerun
 from opentelemetry import trace
 
-FORMATS = ("json", "console")
-REDACTED = "[redacted]"
-# A shorter value is left alone: it would match all over the logs, and a secret this short
-# protects nothing anyway.
-MIN_SECRET_LENGTH = 8
-# Variables whose whole value is a secret: these, and any name with one of the suffixes
-# (provider keys, OPENCODE_SERVER_PASSWORD, EAP_OPERATOR_TOKEN, GITHUB_TOKEN, ...). Passwords in
-# any URL-valued variable (DATABASE_URL, REDIS_URL, CELERY_BROKER_URL, ...) are found apart.
-SECRET_VARIABLES = frozenset(
-    # The OTLP headers may hold a collector's API key.
-    {
-        "SECRET_KEY",
-        "METRICS_TOKEN",
-        "FLOWER_BASIC_AUTH",
-        "OTEL_EXPORTER_OTLP_HEADERS",
-        "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
-    }
-)
-SECRET_SUFFIXES = ("_API_KEY", "_TOKEN", "_PASSWORD", "_SECRET", "_SECRET_KEY", "_SECRET_ACCESS_KEY")
-# An external agent's token (agents/eap.py): the public prefix stays, the rest goes.
-EAP_TOKEN = re.compile(r"\b(eap_[0-9a-f]{12}_)[A-Za-z0-9_-]+")
+from .redaction import Redactor
 
+FORMATS = ("json", "console")
 log = structlog.get_logger(__name__)
 
 
-def secret_values(environ: Mapping[str, str], also: Iterable[str] = ()) -> set[str]:
-    """Our secrets as they are configured: the secret variables of `environ`, the passwords of
-    its URLs, Flower's password, and `also` (settings' own, such as SECRET_KEY)."""
-    found = set(also)
-    for name, value in environ.items():
-        if name in SECRET_VARIABLES or name.endswith(SECRET_SUFFIXES):
-            found.add(value)
-        if name == "FLOWER_BASIC_AUTH":
-            found.add(value.partition(":")[2])
-        if "://" in value:
-            found |= _url_passwords(value)
-    return {value for value in found if len(value) >= MIN_SECRET_LENGTH}
-
-
-def _url_passwords(value: str) -> set[str]:
-    try:
-        password = urlsplit(value).password
-    except ValueError:  # not a URL after all
-        return set()
-    return {password, unquote(password)} if password else set()
-
-
-class Redactor:
-    """The last processor: replaces each secret wherever it appears in the rendered line, as
-    given, percent-encoded (in a URL) and JSON-escaped (in a JSON line), and external agents'
-    tokens by their pattern."""
+class RedactLine:
+    """The last processor: the rendered line through the one redaction function's Redactor
+    (orchestrator_project/redaction.py), built from this environment's secrets."""
 
     def __init__(self, secrets: Iterable[str]):
-        forms = set()
-        for secret in secrets:
-            forms |= {secret, quote(secret, safe=""), json.dumps(secret)[1:-1]}
-        # Longest first, so that a secret containing another is replaced whole.
-        alternatives = sorted((form for form in forms if form), key=len, reverse=True)
-        self._pattern = re.compile("|".join(map(re.escape, alternatives))) if alternatives else None
+        self._redact = Redactor(secrets)
 
     def __call__(self, logger, method_name: str, line: str) -> str:
-        if self._pattern is not None:
-            line = self._pattern.sub(REDACTED, line)
-        return EAP_TOKEN.sub(rf"\g<1>{REDACTED}", line)
+        return self._redact(line)
 
 
 def add_trace_context(logger, method_name: str, event_dict: dict) -> dict:
@@ -164,7 +112,7 @@ def logging_config(*, log_format: str, level: str, secrets: Iterable[str]) -> di
         "processors": [
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             *_renderer(log_format),
-            Redactor(secrets),
+            RedactLine(secrets),
         ],
     }
     through_root = {"handlers": [], "propagate": True}

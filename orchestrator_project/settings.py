@@ -9,7 +9,7 @@ from urllib.parse import urlparse
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from orchestrator_project import logs
+from orchestrator_project import logs, redaction
 from orchestrator_project.repositories import RefusedRepository, parse_url_prefix
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -455,6 +455,19 @@ if OTEL_TRACES_EXPORTER not in ("none", "console", "otlp"):
     raise ImproperlyConfigured(f"OTEL_TRACES_EXPORTER must be none, console or otlp, got {OTEL_TRACES_EXPORTER!r}.")
 OTEL_SDK_DISABLED = env_bool("OTEL_SDK_DISABLED", False)
 
+# The live event streams (api/stream.py, docs/CONSOLE.md), served by an ASGI process of their
+# own. STREAM_URL: where browsers reach it ("" when a proxy serves it on the API's own origin);
+# STREAM_ALLOWED_ORIGINS: the console's origins it lets read a stream with their cookies when it
+# runs on an origin of its own (make up: the API on :8000, the streams on :8001).
+STREAM_URL = env_str("STREAM_URL", "").rstrip("/")
+STREAM_ALLOWED_ORIGINS = env_list("STREAM_ALLOWED_ORIGINS", "")
+STREAM_HEARTBEAT_SECONDS = env_float("STREAM_HEARTBEAT_SECONDS", 15.0, minimum=0.1)
+# Each reader looks at the database this often even when no change was announced (a lost
+# pub/sub message, a change made where nothing announces it).
+STREAM_POLL_SECONDS = env_float("STREAM_POLL_SECONDS", 5.0, minimum=0.05)
+STREAM_DB_POOL_SIZE = env_int("STREAM_DB_POOL_SIZE", 10, minimum=1)
+STREAM_BATCH = env_int("STREAM_BATCH", 500, minimum=1)
+
 # Logs (docs/LOGGING.md): JSON lines on stderr, or lines for a person at a console; one
 # formatter for every logger of every process, with the secrets of this environment redacted.
 LOG_FORMAT = env_str("LOG_FORMAT", "console" if DEBUG else "json")
@@ -464,14 +477,13 @@ LOG_LEVEL = env_str("LOG_LEVEL", "INFO").upper()
 if LOG_LEVEL not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
     raise ImproperlyConfigured(f"LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {LOG_LEVEL!r}.")
 LOGGING_CONFIG = "orchestrator_project.logs.configure"
-LOGGING = logs.logging_config(
-    log_format=LOG_FORMAT,
-    level=LOG_LEVEL,
-    secrets=logs.secret_values(
-        os.environ,
-        also=[SECRET_KEY, METRICS_TOKEN, OPENCODE_SERVER_PASSWORD, DATABASES["default"].get("PASSWORD") or ""],
-    ),
+# Our secrets by value, which orchestrator_project/redaction.py removes from every log line,
+# page and event stream.
+REDACTED_SECRETS = redaction.secret_values(
+    os.environ,
+    also=[SECRET_KEY, METRICS_TOKEN, OPENCODE_SERVER_PASSWORD, DATABASES["default"].get("PASSWORD") or ""],
 )
+LOGGING = logs.logging_config(log_format=LOG_FORMAT, level=LOG_LEVEL, secrets=REDACTED_SECRETS)
 
 # Load balancers and orchestrators probe health, and Prometheus scrapes /metrics (with its
 # token), over plain HTTP inside the platform's network: no redirect to HTTPS for them.

@@ -1,5 +1,4 @@
 import bisect
-import json
 import logging
 import uuid
 from collections.abc import Callable
@@ -7,14 +6,13 @@ from datetime import timedelta
 
 import structlog
 from django.conf import settings
-from django.core.serializers.json import DjangoJSONEncoder
 from django.db import models, transaction
 from django.utils import timezone
 
 from orchestrator_project import metrics
 from orchestrator_project.locking import LockUnavailable
-from orchestrator_project.redis_client import redis_client
 
+from . import feed
 from .locking import session_lock
 
 logger = logging.getLogger(__name__)
@@ -182,7 +180,7 @@ class Session(models.Model):
     ) -> "SessionEvent | None":
         """Move the session to `to`: the one way any status changes.
 
-        Lock (fencing token) -> row lock -> validate -> write row + event -> commit -> publish
+        Lock (fencing token) -> row lock -> validate -> write row + event -> commit -> announce
         -> release. `to` may be a function of the locked row, for a target that depends on the
         status at that moment (None: leave the session alone). `effects(locked_row)` runs
         inside the same transaction, for work that must commit with the transition. With
@@ -234,7 +232,7 @@ class Session(models.Model):
                 fencing_token=row.fencing_token,
                 version=row.version,
             )
-            transaction.on_commit(lambda: publish_event(event))
+            transaction.on_commit(lambda: feed.announce(row.tenant_id, row.pk))
         return event
 
     def _write_transition(self, to: str, *, reason: str, actor: str, token: int) -> "SessionEvent":
@@ -299,22 +297,43 @@ class SessionEvent(models.Model):
             raise ValueError("session events are append-only")
         super().save(*args, **kwargs)
 
-    def as_message(self) -> dict:
-        return {
-            "id": self.pk,
-            "session": str(self.session_id),
-            "from_status": self.from_status,
-            "to_status": self.to_status,
-            "reason": self.reason,
-            "actor": self.actor,
-            "version": self.version,
-            "created_at": self.created_at,
-        }
+
+class FeedEvent(models.Model):
+    """One change a live page shows, for the event streams (sessions/feed.py): a session created,
+    a session's transition or note, a task's change of status.
+
+    Written by PostgreSQL triggers (migrations 0007 here and 0010 in tasks), in the transaction
+    of the change itself: no code path can forget one, and none is seen before its change is.
+    `txid` is that transaction's id (pg_current_xact_id): the streams order by commit with it,
+    since ids from a sequence can commit out of order. Read-only to Python."""
+
+    class Kind(models.TextChoices):
+        SESSION = "session"
+        TASK = "task"
+
+    txid = models.BigIntegerField()
+    tenant_id = models.BigIntegerField()
+    session = models.ForeignKey(Session, on_delete=models.CASCADE, related_name="+")
+    task_id = models.UUIDField(null=True, blank=True)
+    kind = models.CharField(max_length=8, choices=Kind.choices)
+    # session: from, to, reason, actor, version; task: key, from, to, attempt, agent, error.
+    data = models.JSONField()
+    created_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["id"]
+        indexes = [
+            models.Index(fields=["session", "txid"], name="feed_session_txid"),
+            models.Index(fields=["tenant_id", "txid"], name="feed_tenant_txid"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.data.get('from')} -> {self.data.get('to')}"
 
 
 def _committed(event: SessionEvent, *, tenant) -> None:
-    """Once a transition has committed: its count, its log line (docs/LOGGING.md), and the live
-    subscribers told."""
+    """Once a transition has committed: its count, its log line (docs/LOGGING.md), and the
+    event streams woken (sessions/feed.py)."""
     metrics.SESSION_TRANSITIONS.labels(event.from_status, event.to_status).inc()
     log.info(
         "session.transition",
@@ -326,16 +345,7 @@ def _committed(event: SessionEvent, *, tenant) -> None:
         actor=event.actor,
         version=event.version,
     )
-    publish_event(event)
-
-
-def publish_event(event: SessionEvent) -> None:
-    """Tell live subscribers (after commit); the event row is the durable copy."""
-    try:
-        payload = json.dumps(event.as_message(), cls=DjangoJSONEncoder)
-        redis_client().publish(f"session-events:{event.session_id}", payload)
-    except Exception:
-        logger.warning("could not publish event %s of session %s", event.pk, event.session_id, exc_info=True)
+    feed.announce(tenant, event.session_id)
 
 
 class Checkpoint(models.Model):

@@ -25,6 +25,7 @@ from agents.executors import TaskAborted, TaskContext, TaskFailed, TransientErro
 from agents.runtime import AgentRuntime
 from orchestrator_project import logs, metrics
 from orchestrator_project.redis_client import redis_client
+from sessions import feed
 from sessions.models import ACTIVE, Session, broker_priority
 from sessions.workspaces import workspace_of
 
@@ -100,6 +101,7 @@ def take_task(task_id, runtime: AgentRuntime, *, routing_settled: bool) -> tuple
     task.upstream_agents = upstream_agents
     if attempt is not None:
         task.attempts, task.status, task.agent_id = attempt, Task.Status.RUNNING, runtime.agent_id
+        feed.announce(tenant, task.session_id)
         if attempt == 1 and task.queued_at is not None:
             # From ready to started, by the database's clock; a retry's wait is its back-off.
             metrics.TASK_SCHEDULE_TO_START.labels(task.capability).observe((now - task.queued_at).total_seconds())
@@ -220,6 +222,7 @@ def claim_task(task: Task, runtime: AgentRuntime) -> int | None:
     _, attempt = take_task(task.pk, runtime, routing_settled=True)
     if attempt is not None:
         task.attempts, task.status, task.agent_id = attempt, Task.Status.RUNNING, runtime.agent_id
+        feed.announce(tenant, task.session_id)
     return attempt
 
 
@@ -310,6 +313,7 @@ def _retry_or_fail(task: Task, attempt: int, error: str, *, runtime: AgentRuntim
     )
     if not requeued:
         return "taken"
+    feed.announce(task.session_tenant, task.session_id)
     log.warning("task.requeued", task_id=str(task.pk), attempt=attempt, error=error[:500])
     raise RetryTask(countdown=min(60.0, 2.0**attempt), reason=error)
 
@@ -342,12 +346,15 @@ def record_outcome(task: Task, attempt: int, status: str, *, result: dict | None
         metrics.FENCING_REJECTIONS.labels("task", "record").inc()
         return False
     task.status = status
-    if status == Task.Status.FAILED and task.required and task.session_fail_fast:
-        reason = f"fail-fast: required task {task.key} failed"
-        stop_open_tasks(task.session_id, reason=reason, revoke=False, cause="user")
-        _release_what_follows(task)  # the dependents were just cancelled: release from the rows
-        return True
-    _release_what_follows(task, RecordedDependents(*dependents))
+    try:
+        if status == Task.Status.FAILED and task.required and task.session_fail_fast:
+            reason = f"fail-fast: required task {task.key} failed"
+            stop_open_tasks(task.session_id, reason=reason, revoke=False, cause="user")
+            _release_what_follows(task)  # the dependents were just cancelled: release from the rows
+        else:
+            _release_what_follows(task, RecordedDependents(*dependents))
+    finally:  # the outcome, and what it released
+        feed.announce(task.session_tenant, task.session_id)
     return True
 
 

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
 
+import httpx
 import pytest
 from django.conf import settings
 from django.core.management import call_command
@@ -343,6 +344,32 @@ class Stack:
 
         wait_until(online, what=f"agent {name} online")
         return proc
+
+    def stream(self, env: dict | None = None) -> str:
+        """The event streams' ASGI process (gunicorn with uvicorn's worker, as the Procfile runs
+        it) on a free port; returns its base URL once it answers."""
+        port = free_port()
+        proc = self._spawn(
+            "stream",
+            [sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py", "orchestrator_project.asgi:application",
+             "--worker-class", "uvicorn_worker.UvicornWorker", "--workers", "1", "--graceful-timeout", "3",
+             "--no-control-socket",
+             "--bind", f"127.0.0.1:{port}"],
+            env,
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+
+        def answers() -> bool:
+            if proc.poll() is not None:
+                self.print_log_tails()
+                raise AssertionError(f"the stream process exited with {proc.returncode}")
+            try:
+                return httpx.get(f"{url}/api/v1/stream/", timeout=1).status_code == 401
+            except httpx.TransportError:
+                return False
+
+        wait_until(answers, what="the stream process answering")
+        return url
 
     def kill(self, name: str) -> None:
         """SIGKILL a process and every process it started, as a crashed host would lose them."""

@@ -16,7 +16,7 @@ from celery.signals import task_prerun
 from django.conf import settings
 from opentelemetry import trace
 
-from orchestrator_project import logs
+from orchestrator_project import logs, redaction
 from sessions.models import SessionEvent
 
 from .conftest import ROOT, Stack, create_and_start, dag_payload, member_client, running_stack, wait_for_status
@@ -77,7 +77,7 @@ def test_secret_values_are_read_from_the_environment():
         "SHORT_TOKEN": "abc",  # too short to redact without mangling every line
     }
 
-    found = logs.secret_values(environ, also=["from-settings-1"])
+    found = redaction.secret_values(environ, also=["from-settings-1"])
 
     assert found == {
         "django-secret-key-1",

@@ -1,0 +1,314 @@
+"""The live event streams, as Server-Sent Events: `GET /api/v1/sessions/{id}/stream/` (one
+session) and `GET /api/v1/stream/` (every session of a tenant).
+
+They run in an ASGI process of their own (orchestrator_project/asgi.py), so that a thousand open
+streams hold no thread of the API's. Each stream replays from the database what follows the
+client's position (Last-Event-ID, or ?after= for a page that rendered a snapshot; none: the
+whole session, or from now for a tenant), then waits for the bell: one Redis subscription per
+process rings the readers of a tenant when a change is announced, and they read the database
+again. Reading positions are snapshots (sessions/feed.py), so out-of-order commits neither skip
+nor repeat an event. The membership is checked at connect, and again by every read, in the
+statement that reads the events: a member removed mid-stream gets no further event. Every
+payload passes through the redaction function.
+
+Database reads go through a small pool of async connections of this process's own; Django's
+connection is used only at connect (authentication) and closed at once.
+"""
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+
+import psycopg
+import redis.asyncio as aioredis
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import close_old_connections, connection
+from django.http import HttpResponseRedirect, JsonResponse, StreamingHttpResponse
+from psycopg.rows import tuple_row
+from psycopg_pool import AsyncConnectionPool
+from rest_framework.authentication import TokenAuthentication
+from rest_framework.exceptions import AuthenticationFailed
+
+from orchestrator_project.redaction import redact_data
+from sessions import feed
+from sessions.models import Session
+from tenants.models import Membership
+
+logger = logging.getLogger(__name__)
+
+# How long a browser waits before it reconnects (the SSE `retry:` field), in milliseconds.
+RECONNECT_MS = 2000
+
+
+def _error(status: int, code: str, message: str) -> JsonResponse:
+    return JsonResponse({"error": {"code": code, "message": message, "details": {}}}, status=status)
+
+
+# --- the bell: one Redis subscription per process ----------------------------------------------
+
+
+class Reader:
+    """One open stream: rung when a change of its tenant (and session, if it follows one) is announced."""
+
+    def __init__(self, tenant: int, session: str | None):
+        self.tenant, self.session = tenant, session
+        self.rung = asyncio.Event()
+
+    def ring(self, session: str) -> None:
+        if self.session is None or self.session == session:
+            self.rung.set()
+
+    async def wait(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self.rung.wait(), timeout)
+        except TimeoutError:
+            return False
+        self.rung.clear()
+        return True
+
+
+class Bell:
+    """The process's subscription to every tenant's channel (sessions/feed.py announce); started
+    with the first reader, resubscribed after Redis comes back. While it is down, readers fall
+    back on their poll (STREAM_POLL_SECONDS)."""
+
+    def __init__(self):
+        self.readers: dict[int, set[Reader]] = {}
+        self._task: asyncio.Task | None = None
+
+    def add(self, reader: Reader) -> None:
+        self.readers.setdefault(reader.tenant, set()).add(reader)
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._listen())
+
+    def remove(self, reader: Reader) -> None:
+        readers = self.readers.get(reader.tenant, set())
+        readers.discard(reader)
+        if not readers:
+            self.readers.pop(reader.tenant, None)
+
+    async def _listen(self) -> None:
+        while True:
+            client = aioredis.Redis.from_url(settings.REDIS_URL, health_check_interval=30)
+            try:
+                async with client.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.psubscribe(f"{feed.CHANNEL_PREFIX}*")
+                    # Whatever was announced while not subscribed: every reader looks again.
+                    self._ring_all()
+                    async for message in pubsub.listen():
+                        self._ring(message["channel"], message["data"])
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.warning("event stream: the Redis subscription failed; again in 1 s", exc_info=True)
+                await asyncio.sleep(1.0)
+            finally:
+                await client.aclose()
+
+    def _ring(self, channel: bytes, data: bytes) -> None:
+        try:
+            tenant = int(channel.decode().removeprefix(feed.CHANNEL_PREFIX))
+        except ValueError:
+            return
+        session = data.decode(errors="replace")
+        for reader in self.readers.get(tenant, ()):
+            reader.ring(session)
+
+    def _ring_all(self) -> None:
+        for readers in self.readers.values():
+            for reader in readers:
+                reader.rung.set()
+
+
+BELL = Bell()
+_pool: AsyncConnectionPool | None = None
+
+
+async def pool() -> AsyncConnectionPool:
+    """The process's pool of autocommit connections for reading the feed, opened on first use."""
+    global _pool
+    if _pool is None:
+        db = settings.DATABASES["default"]
+        conninfo = psycopg.conninfo.make_conninfo(
+            dbname=db["NAME"], user=db["USER"], password=db["PASSWORD"] or None, host=db["HOST"] or None,
+            port=str(db["PORT"]) if db["PORT"] else None, application_name="orchestrator-stream",
+        )  # fmt: skip
+        _pool = AsyncConnectionPool(
+            conninfo,
+            min_size=1,
+            max_size=settings.STREAM_DB_POOL_SIZE,
+            kwargs={"autocommit": True, "row_factory": tuple_row},
+            check=AsyncConnectionPool.check_connection,
+            open=False,
+        )
+        await _pool.open()
+    return _pool
+
+
+async def read(*, tenant: int, user: int, session: str | None, position: feed.Position):
+    sql, params = feed.query(tenant=tenant, user=user, session=session, position=position, limit=settings.STREAM_BATCH)
+    async with (await pool()).connection() as conn:
+        cursor = await conn.execute(sql, params)
+        allowed, now, events = await cursor.fetchone()
+    if not allowed:
+        return False, [], position
+    placed, after = feed.advance(position, now, events or [], settings.STREAM_BATCH)
+    return True, placed, after
+
+
+async def now_position() -> feed.Position:
+    async with (await pool()).connection() as conn:
+        cursor = await conn.execute(feed.NOW)
+        return feed.Position(seen=(await cursor.fetchone())[0])
+
+
+# --- the stream ---------------------------------------------------------------------------------
+
+
+def message(event: dict, position: feed.Position) -> str:
+    """One SSE message: its id is the event's position; its data the redacted event."""
+    data = {
+        "id": event["id"],
+        "kind": event["kind"],
+        "session": event["session_id"],
+        "task": event["task_id"],
+        "at": event["created_at"],
+        **redact_data(event["data"]),
+    }
+    return f"id: {position.encode()}\nevent: {event['kind']}\ndata: {json.dumps(data)}\n\n"
+
+
+async def events(*, tenant: int, user: int, session: str | None, position: feed.Position | None):
+    reader = Reader(tenant, session)
+    BELL.add(reader)  # before the first read: nothing announced after it is missed
+    try:
+        if position is None:  # a session's stream replays it whole; a tenant's starts now
+            position = feed.Position(seen=None) if session is not None else await now_position()
+        yield f"retry: {RECONNECT_MS}\n\n"  # from here on, nothing is missed
+        next_beat = time.monotonic() + settings.STREAM_HEARTBEAT_SECONDS
+        while True:
+            allowed, placed, position = await read(tenant=tenant, user=user, session=session, position=position)
+            if not allowed:
+                yield 'event: end\ndata: {"reason": "no longer a member of this tenant"}\n\n'
+                return
+            for event, at in placed:
+                yield message(event, at)
+            if len(placed) == settings.STREAM_BATCH:
+                continue  # more of the batch
+            # Until rung, the next poll or the next heartbeat, whichever comes first.
+            await reader.wait(min(settings.STREAM_POLL_SECONDS, max(0.0, next_beat - time.monotonic())))
+            if time.monotonic() >= next_beat:
+                yield ": heartbeat\n\n"
+                next_beat = time.monotonic() + settings.STREAM_HEARTBEAT_SECONDS
+    finally:
+        BELL.remove(reader)
+
+
+# --- the views ----------------------------------------------------------------------------------
+
+
+def _authenticate(request):
+    """The API's authentication: a token (Authorization: Token ...), or the console's login."""
+    try:
+        found = TokenAuthentication().authenticate(request)
+    except AuthenticationFailed as exc:
+        return None, str(exc.detail)
+    if found is not None:
+        return found[0], None
+    return (request.user, None) if request.user.is_authenticated else (None, None)
+
+
+def _session_tenant(user, session_id) -> int | None:
+    sessions = Session.objects.filter(pk=session_id, tenant__memberships__user=user)
+    return sessions.values_list("tenant_id", flat=True).first()
+
+
+def _tenant_of(user, slug: str | None) -> int | str:
+    memberships = Membership.objects.filter(user=user)
+    if slug:
+        memberships = memberships.filter(tenant__slug=slug)
+    tenants = list(memberships.values_list("tenant_id", flat=True)[:2])
+    if not tenants:
+        return f"you are not a member of tenant {slug!r}" if slug else "you are not a member of any tenant"
+    if len(tenants) > 1:
+        return "you belong to several tenants; name one with ?tenant="
+    return tenants[0]
+
+
+def _connect(request, session_id):
+    """Who asks and for what, at connect: (user, tenant, error response)."""
+    try:
+        user, problem = _authenticate(request)
+        if user is None:
+            problem = problem or "Authentication credentials were not provided."
+            return None, None, _error(401, "not_authenticated", problem)
+        if session_id is not None:
+            tenant = _session_tenant(user, session_id)
+            if tenant is None:
+                return None, None, _error(404, "not_found", "No session found.")
+            return user, tenant, None
+        tenant = _tenant_of(user, request.GET.get("tenant"))
+        if isinstance(tenant, str):
+            return None, None, _error(400, "invalid", f"tenant: {tenant}")
+        return user, tenant, None
+    finally:
+        connection.close()  # the stream reads through its own pool; hold nothing of Django's
+
+
+def _position(request) -> feed.Position | JsonResponse | None:
+    text = request.headers.get("Last-Event-ID") or request.GET.get("after")
+    if not text:
+        return None
+    try:
+        return feed.Position.parse(text)
+    except feed.BadPosition as exc:
+        return _error(400, "invalid", f"Last-Event-ID/after: {exc}")
+
+
+def _cors(request, response):
+    origin = request.headers.get("Origin")
+    if origin and origin in settings.STREAM_ALLOWED_ORIGINS:
+        response["Access-Control-Allow-Origin"] = origin
+        response["Access-Control-Allow-Credentials"] = "true"
+        response["Vary"] = "Origin"
+    return response
+
+
+async def _stream(request, session_id: str | None):
+    if request.method != "GET":
+        return _cors(request, _error(405, "method_not_allowed", f'Method "{request.method}" not allowed.'))
+    await sync_to_async(close_old_connections)()
+    user, tenant, refused = await sync_to_async(_connect)(request, session_id)
+    if refused is not None:
+        return _cors(request, refused)
+    position = _position(request)
+    if isinstance(position, JsonResponse):
+        return _cors(request, position)
+    stream = events(tenant=tenant, user=user.pk, session=session_id, position=position)
+    response = StreamingHttpResponse(stream, content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"  # nginx: pass each event on at once
+    return _cors(request, response)
+
+
+async def session_stream(request, pk):
+    try:
+        session_id = str(uuid.UUID(str(pk)))
+    except ValueError:
+        return _cors(request, _error(404, "not_found", "No session found."))
+    return await _stream(request, session_id)
+
+
+async def tenant_stream(request):
+    return await _stream(request, None)
+
+
+def elsewhere(request, pk=None):
+    """In the API's own process: the streams are served by the stream process (STREAM_URL)."""
+    if settings.STREAM_URL:
+        query = f"?{request.META['QUERY_STRING']}" if request.META.get("QUERY_STRING") else ""
+        return HttpResponseRedirect(f"{settings.STREAM_URL}{request.path}{query}", status=307)
+    return _error(404, "not_found", "The event streams are served by the stream process (docs/CONSOLE.md).")
