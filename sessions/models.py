@@ -8,6 +8,7 @@ from datetime import timedelta
 import structlog
 from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models, transaction
 from django.utils import timezone
 
@@ -80,6 +81,13 @@ SETTLED = TERMINAL | RETRYABLE
 ACTIVE = frozenset({Status.QUEUED, Status.RUNNING, Status.DEGRADED})
 
 
+# The bounds of what a client may ask of a session (api/inputs.py). The fields' validators repeat
+# them for the admin's form, which edits a pending session's parameters (tasks/admin.py).
+MAX_PRIORITY = 9
+MAX_TIMEOUT_SECONDS = 7 * 86400
+MAX_RETRIES = 10
+
+
 def broker_priority(priority: int) -> int:
     """The broker priority of a session priority (9 most urgent in our API): the Redis transport
     consumes 0 first, RabbitMQ 9 (settings.BROKER_PRIORITY_INVERTED)."""
@@ -99,10 +107,12 @@ class Session(models.Model):
     status = models.CharField(max_length=24, choices=Status.choices, default=Status.PENDING, db_index=True)
     version = models.PositiveIntegerField(default=0)
     # API priority 0..9, 9 most urgent; see broker_priority.
-    priority = models.PositiveSmallIntegerField(default=5)
-    timeout_seconds = models.PositiveIntegerField(default=3600)
+    priority = models.PositiveSmallIntegerField(default=5, validators=[MaxValueValidator(MAX_PRIORITY)])
+    timeout_seconds = models.PositiveIntegerField(
+        default=3600, validators=[MinValueValidator(1), MaxValueValidator(MAX_TIMEOUT_SECONDS)]
+    )
     deadline = models.DateTimeField(null=True, blank=True)
-    max_retries = models.PositiveSmallIntegerField(default=3)
+    max_retries = models.PositiveSmallIntegerField(default=3, validators=[MaxValueValidator(MAX_RETRIES)])
     retry_count = models.PositiveSmallIntegerField(default=0)
     # NULL, not "", for "no key": the unique constraint must ignore sessions without one.
     idempotency_key = models.CharField(max_length=128, null=True, blank=True)  # noqa: DJ001
@@ -132,7 +142,7 @@ class Session(models.Model):
                 condition=models.Q(idempotency_key__isnull=False),
                 name="unique_idempotency_key_per_tenant",
             ),
-            models.CheckConstraint(condition=models.Q(priority__lte=9), name="priority_0_to_9"),
+            models.CheckConstraint(condition=models.Q(priority__lte=MAX_PRIORITY), name="priority_0_to_9"),
         ]
         indexes = [
             models.Index(fields=["tenant", "status"]),
