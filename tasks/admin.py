@@ -13,12 +13,24 @@ from .models import Task
 
 @admin.register(Task)
 class TaskAdmin(admin.ModelAdmin):
+    """View-only. A session's tasks are its DAG, made with it by lifecycle.create_session (keys,
+    dependencies, capabilities and pinned agents checked together); the rest is the engine's
+    bookkeeping (upstream_open, via_canvas, message_id, leases). An added, edited or deleted task
+    would break the DAG's counts."""
+
     list_display = ["key", "session", "capability", "status", "required", "agent", "attempts", "finished_at"]
     list_filter = ["status", "capability", "required"]
     search_fields = ["key", "title", "session__title"]
     list_select_related = ["session", "agent"]
-    readonly_fields = ["session", "status", "attempts", "agent", "result", "error", "started_at", "finished_at"]
-    exclude = ["depends_on"]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
 
 
 class TaskInline(admin.TabularInline):

@@ -347,3 +347,42 @@ def waiting_on_a_lock() -> int:
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
         )
         return cursor.fetchone()[0]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/admin/tasks/task/add/",
+        "/admin/agent_sessions/sessionevent/add/",
+    ],
+)
+def test_tasks_and_session_events_cannot_be_added_in_the_admin(admin_client, session, path):
+    assert admin_client.get(path).status_code == 403
+    assert admin_client.post(path, {"session": str(session.pk), "key": "extra"}).status_code == 403
+    assert session.tasks.count() == 6
+
+
+def test_a_task_is_view_only_in_the_admin(admin_client, session):
+    task = session.tasks.get(key="api")
+    before = Task.objects.filter(pk=task.pk).values().get()
+
+    page = admin_client.get(f"/admin/tasks/task/{task.pk}/change/")
+    edit = admin_client.post(f"/admin/tasks/task/{task.pk}/change/", {"key": "x", "capability": "testing"})
+    delete = admin_client.post(f"/admin/tasks/task/{task.pk}/delete/", {"post": "yes"})
+
+    assert page.status_code == 200
+    assert page.context["adminform"].form.fields == {}
+    assert "design (pending)" in page.content.decode()  # its dependencies, shown
+    assert (edit.status_code, delete.status_code) == (403, 403)
+    assert Task.objects.filter(pk=task.pk).values().get() == before
+
+
+def test_session_events_are_append_only_in_the_admin(admin_client, session):
+    lifecycle.start_session(session, actor="test")
+    event = session.events.get()
+
+    edit = admin_client.post(f"/admin/agent_sessions/sessionevent/{event.pk}/change/", {"reason": "rewritten"})
+    delete = admin_client.post(f"/admin/agent_sessions/sessionevent/{event.pk}/delete/", {"post": "yes"})
+
+    assert (edit.status_code, delete.status_code) == (403, 403)
+    assert session.events.get().reason == "started"
