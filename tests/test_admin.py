@@ -11,7 +11,8 @@ from django.contrib.messages import WARNING
 from django.db import connection
 from django.utils import timezone
 
-from agents.models import Agent
+from agents import services
+from agents.models import Agent, EapDelivery
 from orchestrator_project.locking import FairLock
 from sessions.models import Session
 from tasks import lifecycle
@@ -386,3 +387,47 @@ def test_session_events_are_append_only_in_the_admin(admin_client, session):
 
     assert (edit.status_code, delete.status_code) == (403, 403)
     assert session.events.get().reason == "started"
+
+
+def agent_page(agent: Agent) -> str:
+    return f"/admin/agents/agent/{agent.pk}/change/"
+
+
+def test_agents_cannot_be_added_in_the_admin(admin_client, agent):
+    assert admin_client.get("/admin/agents/agent/add/").status_code == 403
+    assert admin_client.post("/admin/agents/agent/add/", {"name": "phantom", "executor": "shell"}).status_code == 403
+    assert list(Agent.objects.values_list("name", flat=True)) == ["builder"]
+
+
+def test_the_agent_admin_changes_the_tier_and_nothing_the_agent_or_a_drain_writes(admin_client, agent):
+    data = change_form(admin_client, agent_page(agent), tier="2")
+    services.drain_agent(agent)  # while the page is open
+    before = Agent.objects.filter(pk=agent.pk).values().get()
+    data |= {"name": "renamed", "status": "online", "concurrency": "9", "capabilities": '["testing"]'}
+
+    response = admin_client.post(agent_page(agent), data)
+
+    assert response.status_code == 302
+    after = Agent.objects.filter(pk=agent.pk).values().get()
+    assert after == {**before, "tier": 2}
+    assert after["status"] == Agent.Status.DRAINING
+
+
+@pytest.mark.parametrize("tier", ["-1", "high", ""])
+def test_a_bad_tier_is_a_form_error_and_writes_nothing(admin_client, agent, tier):
+    before = Agent.objects.filter(pk=agent.pk).values().get()
+
+    response = admin_client.post(agent_page(agent), change_form(admin_client, agent_page(agent), tier=tier))
+
+    assert response.status_code == 200
+    assert set(response.context["adminform"].form.errors) == {"tier"}
+    assert Agent.objects.filter(pk=agent.pk).values().get() == before
+
+
+def test_eap_deliveries_cannot_be_deleted_in_the_admin(admin_client, session):
+    delivery = EapDelivery.objects.create(task=session.tasks.first(), attempt=1, deadline=timezone.now())
+
+    response = admin_client.post(f"/admin/agents/eapdelivery/{delivery.pk}/delete/", {"post": "yes"})
+
+    assert response.status_code == 403
+    assert EapDelivery.objects.filter(pk=delivery.pk).exists()
