@@ -193,6 +193,8 @@ class EapDelivery(models.Model):
     finished_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
+        verbose_name = "EAP delivery"
+        verbose_name_plural = "EAP deliveries"
         ordering = ["created_at"]
         constraints = [models.UniqueConstraint(fields=["task", "attempt"], name="unique_eap_delivery_attempt")]
         indexes = [

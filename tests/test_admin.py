@@ -431,3 +431,10 @@ def test_eap_deliveries_cannot_be_deleted_in_the_admin(admin_client, session):
 
     assert response.status_code == 403
     assert EapDelivery.objects.filter(pk=delivery.pk).exists()
+
+
+def test_the_admin_index_names_eap_deliveries_in_the_plural(admin_client):
+    html = admin_client.get("/admin/").content.decode()
+
+    assert ">EAP deliveries<" in html
+    assert "Eap deliver" not in html
