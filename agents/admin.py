@@ -20,6 +20,11 @@ def resume_agents(modeladmin, request, queryset):
 
 @admin.register(Agent)
 class AgentAdmin(admin.ModelAdmin):
+    """Agents register themselves (manage.py run_agent; an external agent through POST
+    /api/v1/eap/register/, which checks its endpoint and issues its token), and their heartbeats
+    keep the row up to date. The admin drains and resumes them (the actions, which also tell the
+    worker) and sets the one thing nothing else sets: the routing tier."""
+
     list_display = [
         "name",
         "status",
@@ -34,20 +39,24 @@ class AgentAdmin(admin.ModelAdmin):
     search_fields = ["name", "hostname"]
     # The token's hash and the signing secret never show: they are not on the form at all.
     exclude = ["token_hash", "signing_secret"]
-    readonly_fields = [
-        "mode",
-        "endpoint_url",
-        "token_prefix",
-        "last_heartbeat",
-        "registered_at",
-        "current_load",
-        "tasks_completed",
-        "tasks_failed",
-        "ewma_duration_s",
-        "worker_name",
-        "pid",
-    ]
     actions = [drain_agents, resume_agents]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def get_fields(self, request, obj=None) -> list[str]:
+        return [f.name for f in Agent._meta.fields if not f.primary_key and f.name not in self.exclude]
+
+    def get_readonly_fields(self, request, obj=None) -> list[str]:
+        # Everything but the tier: a field added to the model later is read-only until someone
+        # decides otherwise.
+        return [name for name in self.get_fields(request, obj) if name != "tier"]
+
+    def save_model(self, request, obj, form, change) -> None:
+        # Only the tier, never the status, load or counters as they were read: a heartbeat or a
+        # drain may have written them since.
+        if form.changed_data:
+            obj.save(update_fields=form.changed_data)
 
 
 @admin.register(EapDelivery)
@@ -65,3 +74,6 @@ class EapDeliveryAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request, obj=None) -> bool:
         return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False  # they go with their task (retention); a gateway may be waiting on one

@@ -49,8 +49,8 @@ class Agent(models.Model):
     tier = models.PositiveSmallIntegerField(default=0)
     # Load, counters and the exponentially weighted mean duration of its last 20 tasks (None
     # before the first) are refreshed from its tasks with each heartbeat.
-    ewma_duration_s = models.FloatField(null=True, blank=True)
-    pid = models.PositiveIntegerField(null=True, blank=True)
+    ewma_duration_s = models.FloatField("EWMA duration (s)", null=True, blank=True)
+    pid = models.PositiveIntegerField("PID", null=True, blank=True)
     # The worker's live pool processes, as of the last heartbeat: their tasks' leases are renewed.
     processes = ArrayField(models.PositiveIntegerField(), default=list, blank=True)
     last_heartbeat = models.DateTimeField(null=True, blank=True)
@@ -61,7 +61,7 @@ class Agent(models.Model):
     # kept (it is random and long, so a slow hash buys nothing), found by its prefix. The signing
     # secret signs push bodies, so the server must keep it as it is.
     mode = models.CharField(max_length=8, choices=Mode.choices, default=Mode.WORKER, blank=True)
-    endpoint_url = models.URLField(max_length=500, blank=True)
+    endpoint_url = models.URLField("endpoint URL", max_length=500, blank=True)
     # An external agent belongs to the tenant whose operator registered it, and sees only that
     # tenant's tasks. Our own workers (no tenant) serve every tenant.
     tenant = models.ForeignKey(
@@ -193,6 +193,8 @@ class EapDelivery(models.Model):
     finished_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
+        verbose_name = "EAP delivery"
+        verbose_name_plural = "EAP deliveries"
         ordering = ["created_at"]
         constraints = [models.UniqueConstraint(fields=["task", "attempt"], name="unique_eap_delivery_attempt")]
         indexes = [

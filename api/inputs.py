@@ -16,6 +16,7 @@ from orchestrator_project.validation import (
     StrictRegexField,
     validate_json_object,
 )
+from sessions.models import MAX_PRIORITY, MAX_RETRIES, MAX_TIMEOUT_SECONDS
 from tasks.dag import DagError, validate_dag
 from tasks.decomposition import TEMPLATE_NAMES
 
@@ -101,9 +102,9 @@ class SessionCreateSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
     tenant = serializers.SlugField(required=False, help_text="Tenant slug; needed only if you belong to several.")
     title = StrictCharField(max_length=200, required=False, help_text="Defaults to the requirements' first line.")
     requirements = StrictCharField()
-    priority = StrictIntegerField(min_value=0, max_value=9, default=5, help_text="0..9, 9 most urgent.")
-    timeout_seconds = StrictIntegerField(min_value=1, max_value=7 * 86400, default=3600)
-    max_retries = StrictIntegerField(min_value=0, max_value=10, default=3)
+    priority = StrictIntegerField(min_value=0, max_value=MAX_PRIORITY, default=5, help_text="0..9, 9 most urgent.")
+    timeout_seconds = StrictIntegerField(min_value=1, max_value=MAX_TIMEOUT_SECONDS, default=3600)
+    max_retries = StrictIntegerField(min_value=0, max_value=MAX_RETRIES, default=3)
     fail_fast = StrictBooleanField(default=False, help_text="On the first failed required task, cancel the rest.")
     metadata = serializers.DictField(default=dict)
     template = serializers.ChoiceField(

@@ -6,6 +6,7 @@ from datetime import timedelta
 
 import structlog
 from django.conf import settings
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models, transaction
 from django.utils import timezone
 
@@ -78,6 +79,13 @@ SETTLED = TERMINAL | RETRYABLE
 ACTIVE = frozenset({Status.QUEUED, Status.RUNNING, Status.DEGRADED})
 
 
+# The bounds of what a client may ask of a session (api/inputs.py). The fields' validators repeat
+# them for the admin's form, which edits a pending session's parameters (tasks/admin.py).
+MAX_PRIORITY = 9
+MAX_TIMEOUT_SECONDS = 7 * 86400
+MAX_RETRIES = 10
+
+
 def broker_priority(priority: int) -> int:
     """The broker priority of a session priority (9 most urgent in our API): the Redis transport
     consumes 0 first, RabbitMQ 9 (settings.BROKER_PRIORITY_INVERTED)."""
@@ -87,7 +95,7 @@ def broker_priority(priority: int) -> int:
 class Session(models.Model):
     Status = Status
 
-    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    id = models.UUIDField("ID", primary_key=True, default=uuid.uuid4, editable=False)
     tenant = models.ForeignKey("tenants.Tenant", on_delete=models.PROTECT, related_name="sessions")
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
@@ -97,10 +105,12 @@ class Session(models.Model):
     status = models.CharField(max_length=24, choices=Status.choices, default=Status.PENDING, db_index=True)
     version = models.PositiveIntegerField(default=0)
     # API priority 0..9, 9 most urgent; see broker_priority.
-    priority = models.PositiveSmallIntegerField(default=5)
-    timeout_seconds = models.PositiveIntegerField(default=3600)
+    priority = models.PositiveSmallIntegerField(default=5, validators=[MaxValueValidator(MAX_PRIORITY)])
+    timeout_seconds = models.PositiveIntegerField(
+        default=3600, validators=[MinValueValidator(1), MaxValueValidator(MAX_TIMEOUT_SECONDS)]
+    )
     deadline = models.DateTimeField(null=True, blank=True)
-    max_retries = models.PositiveSmallIntegerField(default=3)
+    max_retries = models.PositiveSmallIntegerField(default=3, validators=[MaxValueValidator(MAX_RETRIES)])
     retry_count = models.PositiveSmallIntegerField(default=0)
     # NULL, not "", for "no key": the unique constraint must ignore sessions without one.
     idempotency_key = models.CharField(max_length=128, null=True, blank=True)  # noqa: DJ001
@@ -130,7 +140,7 @@ class Session(models.Model):
                 condition=models.Q(idempotency_key__isnull=False),
                 name="unique_idempotency_key_per_tenant",
             ),
-            models.CheckConstraint(condition=models.Q(priority__lte=9), name="priority_0_to_9"),
+            models.CheckConstraint(condition=models.Q(priority__lte=MAX_PRIORITY), name="priority_0_to_9"),
         ]
         indexes = [
             models.Index(fields=["tenant", "status"]),

@@ -13,12 +13,24 @@ from .models import Task
 
 @admin.register(Task)
 class TaskAdmin(admin.ModelAdmin):
+    """View-only. A session's tasks are its DAG, made with it by lifecycle.create_session (keys,
+    dependencies, capabilities and pinned agents checked together); the rest is the engine's
+    bookkeeping (upstream_open, via_canvas, message_id, leases). An added, edited or deleted task
+    would break the DAG's counts."""
+
     list_display = ["key", "session", "capability", "status", "required", "agent", "attempts", "finished_at"]
     list_filter = ["status", "capability", "required"]
     search_fields = ["key", "title", "session__title"]
     list_select_related = ["session", "agent"]
-    readonly_fields = ["session", "status", "attempts", "agent", "result", "error", "started_at", "finished_at"]
-    exclude = ["depends_on"]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
 
 
 class TaskInline(admin.TabularInline):
@@ -32,6 +44,9 @@ class TaskInline(admin.TabularInline):
     def has_add_permission(self, request, obj=None) -> bool:
         return False
 
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
 
 class SessionEventInline(admin.TabularInline):
     model = SessionEvent
@@ -41,6 +56,9 @@ class SessionEventInline(admin.TabularInline):
     can_delete = False
 
     def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
         return False
 
 
@@ -66,6 +84,20 @@ def retry_sessions(modeladmin, request, queryset):
     _run_transition(modeladmin, request, queryset, lifecycle.retry_session, "Retried")
 
 
+# Sessions are made by lifecycle.create_session alone (the API's POST): it checks the DAG, the
+# template, the repository and the idempotency key. Until the session starts, an operator may
+# adjust the parameters the engine reads only from then on; the rest is what was checked and what
+# the DAG was built from. Once started, the engine owns the row.
+ADJUSTABLE_WHILE_PENDING = ["title", "priority", "timeout_seconds", "max_retries", "fail_fast"]
+CREATED_THROUGH_THE_API = "Sessions are created through the API (POST /api/v1/sessions/), not here."
+SESSION_NOTE = (
+    "Sessions are created through the API (POST /api/v1/sessions/), which checks their DAG, template, "
+    "repository and idempotency key. Until a session starts, its title, priority, timeout, retries and "
+    "fail-fast can be changed here; once started, the engine owns it and this page is read-only. Its status "
+    "changes only through the actions (cancel, retry) or the API."
+)
+
+
 @admin.register(Session)
 class SessionAdmin(admin.ModelAdmin):
     list_display = ["title", "tenant", "status", "priority", "version", "retry_count", "created_at", "finished_at"]
@@ -73,19 +105,37 @@ class SessionAdmin(admin.ModelAdmin):
     search_fields = ["id", "title", "requirements"]
     date_hierarchy = "created_at"
     list_select_related = ["tenant"]
-    readonly_fields = [
-        "id",
-        "status",
-        "version",
-        "fencing_token",
-        "retry_count",
-        "deadline",
-        "result",
-        "created_by",
-        "created_at",
-        "started_at",
-        "finished_at",
-        "idempotency_key",
-    ]
     inlines = [TaskInline, SessionEventInline]
     actions = [cancel_sessions, retry_sessions]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        pending = obj is None or obj.status == Session.Status.PENDING
+        return pending and super().has_change_permission(request, obj)
+
+    def get_fieldsets(self, request, obj=None):
+        return [(None, {"fields": [field.name for field in Session._meta.fields], "description": SESSION_NOTE})]
+
+    def get_readonly_fields(self, request, obj=None) -> list[str]:
+        # Every field but the few adjustable ones, so that a field added to the model later is
+        # read-only until someone decides otherwise.
+        return [field.name for field in Session._meta.fields if field.name not in ADJUSTABLE_WHILE_PENDING]
+
+    def get_object(self, request, object_id, from_field=None):
+        session = super().get_object(request, object_id, from_field)
+        if session is not None and request.method == "POST":
+            # The change and delete views run in one transaction: the row stays locked until the
+            # edit commits, so a start cannot come between "still pending" and the write.
+            session = Session.objects.select_for_update().get(pk=session.pk)
+        return session
+
+    def save_model(self, request, obj, form, change) -> None:
+        # Only what the form changed (a change: there is no add), never the other columns as
+        # they were read.
+        if form.changed_data:
+            obj.save(update_fields=[*form.changed_data, "updated_at"])
+
+    def changelist_view(self, request, extra_context=None):
+        return super().changelist_view(request, {"subtitle": CREATED_THROUGH_THE_API, **(extra_context or {})})

@@ -21,7 +21,7 @@ class Task(models.Model):
     FINISHED = frozenset({Status.COMPLETED, Status.FAILED, Status.SKIPPED, Status.CANCELLED})
     UNFINISHED = frozenset({Status.PENDING, Status.QUEUED, Status.RUNNING})
 
-    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    id = models.UUIDField("ID", primary_key=True, default=uuid.uuid4, editable=False)
     # Indexed by (session, status) and (session, key) below; an index of its own would only be
     # one more to update with every status change.
     session = models.ForeignKey(
@@ -51,9 +51,9 @@ class Task(models.Model):
     error = models.TextField(blank=True)
     position = models.PositiveIntegerField(default=0)
     # PERT estimate in hours; expected duration = (o + 4m + p) / 6.
-    estimate_optimistic_h = models.FloatField(default=1.0)
-    estimate_likely_h = models.FloatField(default=1.0)
-    estimate_pessimistic_h = models.FloatField(default=1.0)
+    estimate_optimistic_h = models.FloatField("optimistic estimate (h)", default=1.0)
+    estimate_likely_h = models.FloatField("likely estimate (h)", default=1.0)
+    estimate_pessimistic_h = models.FloatField("pessimistic estimate (h)", default=1.0)
     # When set, the task runs only on this agent (queue agent.<name>).
     pinned_agent = models.CharField(max_length=100, blank=True)
     # The pinned agent is an external one (EAP): an EAP gateway hands the task to it.
@@ -64,7 +64,7 @@ class Task(models.Model):
     # of a DAG that a canvas cannot express without a barrier), True for canvas nodes.
     via_canvas = models.BooleanField(default=True)
     # The id of the last run_task message sent for this task, so cancel can revoke it.
-    message_id = models.CharField(max_length=64, blank=True)
+    message_id = models.CharField("message ID", max_length=64, blank=True)
     # The queue that message went to; a sweep re-routes one stranded on a dead agent's queue.
     dispatched_to = models.CharField(max_length=120, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -73,7 +73,7 @@ class Task(models.Model):
     finished_at = models.DateTimeField(null=True, blank=True)
     lease_expires_at = models.DateTimeField(null=True, blank=True)
     # The worker process that claimed it (on its agent's host): its lease lives as long as it does.
-    worker_pid = models.PositiveIntegerField(null=True, blank=True)
+    worker_pid = models.PositiveIntegerField("worker PID", null=True, blank=True)
 
     class Meta:
         # By the column, not the relation: ordering by "session" joins sessions into every query.

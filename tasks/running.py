@@ -222,7 +222,6 @@ def claim_task(task: Task, runtime: AgentRuntime) -> int | None:
     _, attempt = take_task(task.pk, runtime, routing_settled=True)
     if attempt is not None:
         task.attempts, task.status, task.agent_id = attempt, Task.Status.RUNNING, runtime.agent_id
-        feed.announce(tenant, task.session_id)
     return attempt
 
 

@@ -19,6 +19,7 @@ class Tenant(models.Model):
     )
     repository_url_prefixes = ArrayField(
         models.CharField(max_length=500),
+        verbose_name="repository URL prefixes",
         default=list,
         blank=True,
         help_text="Comma-separated URL prefixes, each under one of REPOSITORY_URL_PREFIXES; "

@@ -40,7 +40,7 @@ DROP FUNCTION io_feed_session_created();
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("agent_sessions", "0006_session_finished_index"),
+        ("agent_sessions", "0008_field_labels"),
     ]
 
     operations = [

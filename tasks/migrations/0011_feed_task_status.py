@@ -26,9 +26,9 @@ DROP FUNCTION io_feed_task_status();
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("tasks", "0009_in_flight_partial_indexes"),
-        ("agent_sessions", "0007_feed_event"),
-        ("agents", "0009_external_agent_tenant"),
+        ("tasks", "0010_field_labels"),
+        ("agent_sessions", "0009_feed_event"),
+        ("agents", "0011_field_labels"),
     ]
 
     operations = [migrations.RunSQL(TASK_TRIGGER, DROP_TASK_TRIGGER)]
