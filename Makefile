@@ -14,6 +14,9 @@ export DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/orchestrator
 export REDIS_URL ?= redis://127.0.0.1:6379/0
 export WEB_PORT ?= 8000
 export FLOWER_PORT ?= 5555
+# The browser tests drive Debian's chromium (ensure_services.py --tests installs it): Playwright
+# never downloads a browser of its own here, and nobody runs `playwright install`.
+export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
 .PHONY: venv lock opencode services test-services up demo bench test test-fast lint format clean
 

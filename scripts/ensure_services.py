@@ -3,8 +3,8 @@ work, before make starts anything.
 
 Starts PostgreSQL, Redis and RabbitMQ if they are installed but stopped, creates the database named
 in DATABASE_URL and the RabbitMQ vhost if they are missing, installs the Debian packages it needs
-(bubblewrap, socat, rabbitmq-server, prometheus) when running as root with apt-get, and otherwise says
-exactly what to install. Exit code 1 means: not ready.
+(bubblewrap, socat, rabbitmq-server, prometheus, chromium) when running as root with apt-get, and
+otherwise says exactly what to install. Exit code 1 means: not ready.
 """
 
 import contextlib
@@ -223,15 +223,20 @@ def reset_vhost(url: str) -> None:
 # rules' tests, and the real Prometheus that scrapes a stack; Debian's package starts no server
 # where no init system runs, and the tests start their own).
 TEST_TOOLS = {"ip": "iproute2", "socat": "socat", "promtool": "prometheus", "prometheus": "prometheus"}
+# The browser tests: Playwright drives Debian's Chromium (never a browser build of its own, which
+# would be a download outside the package registries). Its fonts come with it: fontconfig depends
+# on fonts-dejavu-core.
+BROWSER_TOOLS = {"chromium": "chromium"}
 
 
 def main(argv: list[str]) -> None:
-    """`--tests`: also what `make test` needs, the test hosts' tools and the RabbitMQ of
-    TEST_AMQP_URL that the broker-dependent tests run on a second time."""
+    """`--tests`: also what `make test` needs, the test hosts' tools, the browser tests' Chromium
+    and the RabbitMQ of TEST_AMQP_URL that the broker-dependent tests run on a second time."""
     for_tests = "--tests" in argv
     ensure_sandbox()
     if for_tests:
         ensure_tools(TEST_TOOLS, "the tests' hosts")
+        ensure_tools(BROWSER_TOOLS, "the browser tests")
     database_url = os.environ.get("DATABASE_URL", "")
     if database_url.startswith(("postgres://", "postgresql://")):
         ensure_postgres(database_url)

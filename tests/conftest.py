@@ -1,8 +1,10 @@
 """Fixtures on the real services: PostgreSQL (pytest-django's test database), Redis (a database
-of its own, see tests/settings.py) and real Celery worker processes for end-to-end tests."""
+of its own, see tests/settings.py), real Celery worker processes for end-to-end tests and a real
+Chromium for the browser tests."""
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -10,7 +12,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from urllib.parse import quote
 
@@ -18,6 +20,8 @@ import httpx
 import pytest
 from django.conf import settings
 from django.core.management import call_command
+from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Error as PlaywrightError
 from rest_framework.test import APIClient
 
 from agents.executors import TaskContext
@@ -86,16 +90,21 @@ def clean_redis():
 
 def pytest_collection_modifyitems(config, items):
     """On RabbitMQ (TEST_BROKER_URL), only the tests marked every_broker run; a test marked
-    only_broker(kind) runs on that broker alone. The rest do not depend on the broker."""
+    only_broker(kind) runs on that broker alone. The rest do not depend on the broker.
+
+    Every test that uses the browser is marked browser and runs after all the others: once the
+    session's Chromium is up, Django's async-safety check is off (see the browser fixture)."""
     kind = settings.BROKER_KIND
     keep, drop = [], []
     for item in items:
         only = item.get_closest_marker("only_broker")
         runs = only.args[0] == kind if only else kind == "redis" or item.get_closest_marker("every_broker")
         (keep if runs else drop).append(item)
+        if "browser" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.browser)
     if drop:
         config.hook.pytest_deselected(items=drop)
-        items[:] = keep
+    items[:] = sorted(keep, key=lambda item: item.get_closest_marker("browser") is not None)
 
 
 def executor_context(
@@ -432,3 +441,66 @@ def stack(request, transactional_db):
     """Real worker processes: an orchestrator worker now, agents as the test asks for them."""
     with running_stack(request) as running:
         yield running
+
+
+# Debian's Chromium, which `make test` installs (scripts/ensure_services.py); never a browser build
+# that Playwright downloads.
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Browser]:
+    """One headless Chromium for the whole run, driven by Playwright's sync API. A test asks for
+    `page` (below), or for `browser` when it needs contexts of its own (two users at once).
+
+    Playwright's sync API runs an asyncio event loop in this thread from start() to stop(), and
+    Django refuses ORM calls in a thread with a running loop (SynchronousOnlyOperation), in the
+    test and in pytest-django's teardown alike. The loop only carries Playwright's messages while
+    the test waits on a page call, never Django code, so the check is off (DJANGO_ALLOW_ASYNC_UNSAFE)
+    while the browser runs. That is the rest of the run: pytest_collection_modifyitems orders the
+    tests that use the browser after all the others, which keep the check. The live server that
+    a page talks to (pytest-django's live_server) runs in a thread of its own, without a loop.
+
+    Playwright passes --no-sandbox to Chromium unless asked not to: the tests run as root in CI,
+    where Chromium's sandbox refuses to start.
+    """
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(
+            f"Chromium is missing ({CHROMIUM}): the browser tests drive Debian's chromium. `make test` "
+            "installs it when run as root; otherwise: sudo apt-get install -y chromium",
+            pytrace=False,
+        )
+    playwright = sync_playwright().start()
+    previous = os.environ.get("DJANGO_ALLOW_ASYNC_UNSAFE")
+    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
+    try:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM)
+        yield chromium
+        chromium.close()
+    finally:
+        playwright.stop()
+        if previous is None:
+            del os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"]
+        else:
+            os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = previous
+
+
+@pytest.fixture
+def page(browser: Browser, request) -> Iterator[Page]:
+    """A page in a browser context of the test's own (no cookies or storage from another test),
+    closed after it. When the test fails, a screenshot of the page as it was is saved to
+    .pytest-workers/<test>/failure.png, and its path shown with the failure."""
+    context = browser.new_context()
+    page = context.new_page()
+    try:
+        yield page
+        report = getattr(request.node, "report_call", None)
+        if report is not None and report.failed:
+            screenshot = ROOT / ".pytest-workers" / request.node.name[:100] / "failure.png"
+            screenshot.parent.mkdir(parents=True, exist_ok=True)
+            with suppress(PlaywrightError):  # a page that crashed has nothing to show
+                page.screenshot(path=screenshot, full_page=True)
+                # The failure's report is printed at the end of the run, with its sections.
+                report.sections.append(("browser screenshot", str(screenshot)))
+    finally:
+        context.close()
