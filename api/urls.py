@@ -35,4 +35,5 @@ urlpatterns = [
     path("health/ready/", health.ready, name="health-ready"),
     path("metrics", metrics_view, name="metrics"),
     path("admin/", admin.site.urls),
+    path("console/", include("console.urls")),
 ]

@@ -113,6 +113,7 @@ INSTALLED_APPS = [
     "sessions.apps.SessionsConfig",
     "tasks.apps.TasksConfig",
     "agents",
+    "console",
 ]
 
 MIDDLEWARE = [
@@ -131,6 +132,9 @@ MIDDLEWARE = [
 ]
 
 ROOT_URLCONF = "api.urls"
+# The console's pages log in with Django's own login (console/urls.py).
+LOGIN_URL = "console:login"
+LOGIN_REDIRECT_URL = "console:sessions"
 WSGI_APPLICATION = "orchestrator_project.wsgi.application"
 
 TEMPLATES = [
@@ -143,6 +147,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                "console.context.console",
             ],
         },
     },
