@@ -1,7 +1,7 @@
 # make demo   - run one real session end to end on the local stack, then stop
 # make test   - lint, migration check and the whole test suite (what CI runs)
 # make test-fast - the same without the end-to-end and chaos tests (-m "not e2e"), for the inner loop
-# make up     - run the whole stack in the foreground (API :8000, Flower :5555, Prometheus :9090)
+# make up     - run the whole stack in the foreground (API and console :8000, event streams :8001, Flower :5555, Prometheus :9090)
 # make bench  - benchmarks (not part of CI)
 
 SHELL := /bin/bash
@@ -14,6 +14,7 @@ export DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/orchestrator
 export REDIS_URL ?= redis://127.0.0.1:6379/0
 export WEB_PORT ?= 8000
 export FLOWER_PORT ?= 5555
+export STREAM_PORT ?= 8001
 # The browser tests drive Debian's chromium (ensure_services.py --tests installs it): Playwright
 # never downloads a browser of its own here, and nobody runs `playwright install`.
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1

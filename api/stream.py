@@ -308,7 +308,7 @@ async def tenant_stream(request):
 
 def elsewhere(request, pk=None):
     """In the API's own process: the streams are served by the stream process (STREAM_URL)."""
-    if settings.STREAM_URL:
+    if base := feed.stream_base(request):
         query = f"?{request.META['QUERY_STRING']}" if request.META.get("QUERY_STRING") else ""
-        return HttpResponseRedirect(f"{settings.STREAM_URL}{request.path}{query}", status=307)
+        return HttpResponseRedirect(f"{base}{request.path}{query}", status=307)
     return _error(404, "not_found", "The event streams are served by the stream process (docs/CONSOLE.md).")

@@ -1,6 +1,5 @@
 """Running a DAG through our system: create_session, start_session, wait for the settled status."""
 
-import json
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -11,6 +10,7 @@ from django.db.models import Max, Min
 from bench import BenchError
 from bench.shapes import Spec
 from orchestrator_project.redis_client import redis_client
+from sessions import feed
 from sessions.models import SETTLED, Session
 from tasks.lifecycle import create_session, start_session
 from tasks.models import Task
@@ -76,9 +76,11 @@ def run_session(tenant: Tenant, title: str, specs: list[Spec], *, timeout_s: flo
 
 @contextmanager
 def session_events(session_id):
-    """The session's live events (Redis pub/sub), subscribed before anything can happen."""
+    """The announcements of the session's tenant (Redis pub/sub, sessions/feed.py), subscribed
+    before anything can happen."""
     pubsub = redis_client().pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe(f"session-events:{session_id}")
+    tenant = Session.objects.filter(pk=session_id).values_list("tenant_id", flat=True).get()
+    pubsub.subscribe(feed.channel(tenant))
     try:
         yield pubsub
     finally:
@@ -86,13 +88,12 @@ def session_events(session_id):
 
 
 def wait_settled(session_id, events, timeout_s: float) -> str:
-    """Until the session's settling event arrives, as a client watching its live events would
-    see it. Publishing is best effort, so the row is looked at too, every RECHECK_S."""
+    """Until the session has settled, looked at when a change of it is announced, as a client
+    watching its stream would see it. Announcing is best effort, so the row is looked at every
+    RECHECK_S too."""
     deadline = time.monotonic() + timeout_s
     while True:
-        message = events.get_message(timeout=RECHECK_S)
-        if message is not None and (status := json.loads(message["data"])["to_status"]) in SETTLED:
-            return status
+        events.get_message(timeout=RECHECK_S)
         status = Session.objects.filter(pk=session_id).values_list("status", flat=True).get()
         if status in SETTLED:
             return status

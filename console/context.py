@@ -1,6 +1,6 @@
 """What every console page's layout needs (settings.TEMPLATES' context processors)."""
 
-from django.conf import settings
+from sessions import feed
 
 from . import access
 
@@ -11,5 +11,5 @@ def console(request) -> dict:
     return {
         "memberships": access.memberships(request.user),
         "current": access.current_membership(request),
-        "stream_url": settings.STREAM_URL,
+        "stream_url": feed.stream_base(request),
     }

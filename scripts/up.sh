@@ -10,5 +10,5 @@ fi
 export FLOWER_BASIC_AUTH
 python manage.py migrate --noinput -v0
 python manage.py collectstatic --noinput -v0
-echo "API http://127.0.0.1:${WEB_PORT:-8000}/api/v1/  docs /api/docs/  admin /admin/  Flower http://127.0.0.1:${FLOWER_PORT:-5555}/  Prometheus http://127.0.0.1:9090/ (if installed)"
+echo "Console http://127.0.0.1:${WEB_PORT:-8000}/console/  API /api/v1/  docs /api/docs/  admin /admin/  event streams http://127.0.0.1:${STREAM_PORT:-8001}/  Flower http://127.0.0.1:${FLOWER_PORT:-5555}/  Prometheus http://127.0.0.1:9090/ (if installed)"
 exec honcho start -f "${PROCFILE:-Procfile}"

@@ -24,6 +24,7 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from django.conf import settings
 from django.db import connection, transaction
 
 from orchestrator_project.redis_client import redis_client
@@ -35,6 +36,18 @@ CHANNEL_PREFIX = "io:feed:"
 _SNAPSHOT = re.compile(r"\d{1,20}:\d{1,20}:(\d{1,20}(,\d{1,20})*)?")
 # The longest position a client may send: a snapshot lists the transactions in progress.
 MAX_POSITION_LENGTH = 8192
+
+
+def stream_base(request) -> str:
+    """Where the browser that sent `request` reaches the event streams (settings.STREAM_URL):
+    "" for this origin, a URL as configured, or ":PORT" on the host the page came from (a
+    cookie is sent to any port of its host)."""
+    if settings.STREAM_URL.startswith(":"):
+        host = request.get_host()
+        if not host.endswith("]"):  # an IPv6 literal without a port ends so
+            host = host.rpartition(":")[0] or host
+        return f"{request.scheme}://{host}{settings.STREAM_URL}"
+    return settings.STREAM_URL
 
 
 def channel(tenant_id) -> str:

@@ -7,6 +7,7 @@ import pytest
 
 from orchestrator_project.locking import StaleFencingToken
 from orchestrator_project.redis_client import redis_client
+from sessions import feed
 from sessions.locking import session_lock
 from sessions.models import TRANSITIONS, InvalidTransition, Session, SessionEvent
 from tenants.models import Tenant
@@ -152,15 +153,18 @@ def test_events_are_append_only(db):
         event.save()
 
 
-def test_transition_publishes_the_event_after_commit(db, django_capture_on_commit_callbacks):
+def test_transition_announces_the_change_after_commit(db, django_capture_on_commit_callbacks):
     session = make_session(S.PENDING)
     pubsub = redis_client().pubsub()
-    pubsub.subscribe(f"session-events:{session.pk}")
+    pubsub.subscribe(feed.channel(session.tenant_id))
     pubsub.get_message(timeout=1)  # the subscribe confirmation
 
-    with django_capture_on_commit_callbacks(execute=True):
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
         session.transition(S.QUEUED, reason="start")
+    assert pubsub.get_message(timeout=0.2) is None  # nothing before the commit
+    for callback in callbacks:
+        callback()
 
     message = pubsub.get_message(timeout=2)
     pubsub.close()
-    assert message is not None and b'"to_status": "queued"' in message["data"]
+    assert message is not None and message["data"] == str(session.pk).encode()

@@ -337,6 +337,9 @@ def test_the_api_process_points_to_the_stream_process(api, settings):
     settings.STREAM_URL = "http://streams.example:8001"
     moved = api.get("/api/v1/stream/?tenant=acme")
     assert moved.status_code == 307 and moved["Location"] == "http://streams.example:8001/api/v1/stream/?tenant=acme"
+    settings.STREAM_URL = ":8001"  # make up's: the host the client asked, on the streams' port
+    moved = api.get("/api/v1/sessions/x/stream/", HTTP_HOST="localhost:8000")
+    assert moved.status_code == 307 and moved["Location"] == "http://localhost:8001/api/v1/sessions/x/stream/"
     settings.STREAM_URL = ""
     assert "stream process" in error_of(api.get("/api/v1/stream/"), 404)["message"]
 
