@@ -18,6 +18,7 @@ connection is used only at connect (authentication) and closed at once.
 import asyncio
 import json
 import logging
+import sys
 import time
 import uuid
 
@@ -38,6 +39,16 @@ from sessions.models import Session
 from tenants.models import Membership
 
 logger = logging.getLogger(__name__)
+
+
+def server_argv(bind: str) -> list[str]:
+    """The stream process's command, as the Procfile's `stream` runs it (for tests and benchmarks)."""
+    return [
+        sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py", "orchestrator_project.asgi:application",
+        "--worker-class", "uvicorn_worker.UvicornWorker", "--workers", "1", "--graceful-timeout", "3",
+        "--no-control-socket", "--bind", bind,
+    ]  # fmt: skip
+
 
 # How long a browser waits before it reconnects (the SSE `retry:` field), in milliseconds.
 RECONNECT_MS = 2000

@@ -56,6 +56,29 @@ def b6_text(b6: dict) -> str:
     )
 
 
+STREAM_COLUMNS = ("clients", "events", "deliveries", "delay_p50_ms", "delay_p95_ms", "rss_idle_mb",
+                  "rss_connected_mb", "rss_after_mb")  # fmt: skip
+STREAM_HEADERS = ("stream clients", "events", "deliveries", "commit->arrival p50 ms", "p95 ms", "RSS idle MB",
+                  "RSS connected MB", "RSS after MB")  # fmt: skip
+
+
+def b7_text(b7: dict) -> str:
+    page, streams = b7["page"], b7["streams"]
+    sizes = sorted(page["ms"], key=int)
+    return "\n".join(
+        [
+            "B7 console and event streams",
+            table(
+                ("session page", *(f"{size} tasks ms" for size in sizes), f"{sizes[-1]} / {sizes[0]}"),
+                [("server render (median)", *(page["ms"][size] for size in sizes), f"{page['ratio']:.2f}")],
+            ),
+            table(STREAM_HEADERS, [[streams[key] for key in STREAM_COLUMNS]]),
+            "one ASGI worker (gunicorn + uvicorn) serving every client the tenant's stream; the clients run in the "
+            "bench process on the same 2 cores",
+        ]
+    )
+
+
 def b2_text(b2: dict) -> str:
     rows = [
         (r["shape"], r["tasks"], r["critical_path_s"], r["makespan_s"], f"{r['ratio']:.3f}",

@@ -26,6 +26,7 @@ from rest_framework.test import APIClient
 
 from agents.executors import TaskContext
 from agents.models import Agent
+from api.stream import server_argv
 from orchestrator_project import metrics
 from orchestrator_project.celery import app
 from orchestrator_project.redis_client import redis_client
@@ -358,14 +359,7 @@ class Stack:
         """The event streams' ASGI process (gunicorn with uvicorn's worker, as the Procfile runs
         it) on a free port; returns its base URL once it answers."""
         port = free_port()
-        proc = self._spawn(
-            "stream",
-            [sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py", "orchestrator_project.asgi:application",
-             "--worker-class", "uvicorn_worker.UvicornWorker", "--workers", "1", "--graceful-timeout", "3",
-             "--no-control-socket",
-             "--bind", f"127.0.0.1:{port}"],
-            env,
-        )  # fmt: skip
+        proc = self._spawn("stream", server_argv(f"127.0.0.1:{port}"), env)
         url = f"http://127.0.0.1:{port}"
 
         def answers() -> bool:
