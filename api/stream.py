@@ -26,7 +26,7 @@ import psycopg
 import redis.asyncio as aioredis
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import close_old_connections, connection
+from django.db import connection
 from django.http import HttpResponseRedirect, JsonResponse, StreamingHttpResponse
 from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool
@@ -136,6 +136,16 @@ class Bell:
 
 BELL = Bell()
 _pool: AsyncConnectionPool | None = None
+_connects: asyncio.Semaphore | None = None
+
+
+def _connecting() -> asyncio.Semaphore:
+    """At most STREAM_DB_POOL_SIZE connects at once: each opens a Django connection of its own
+    (in a thread of its own) for a moment, and a burst of clients must not exhaust the database."""
+    global _connects
+    if _connects is None:
+        _connects = asyncio.Semaphore(settings.STREAM_DB_POOL_SIZE)
+    return _connects
 
 
 async def pool() -> AsyncConnectionPool:
@@ -291,8 +301,8 @@ def _cors(request, response):
 async def _stream(request, session_id: str | None):
     if request.method != "GET":
         return _cors(request, _error(405, "method_not_allowed", f'Method "{request.method}" not allowed.'))
-    await sync_to_async(close_old_connections)()
-    user, tenant, refused = await sync_to_async(_connect)(request, session_id)
+    async with _connecting():
+        user, tenant, refused = await sync_to_async(_connect)(request, session_id)
     if refused is not None:
         return _cors(request, refused)
     position = _position(request)

@@ -29,6 +29,7 @@ from django.test import Client
 from django.urls import reverse
 from rest_framework.authtoken.models import Token
 
+from api.inputs import SessionCreateSerializer
 from api.stream import server_argv
 from bench import BenchError
 from bench.env import ROOT, RUN_DIR
@@ -41,6 +42,8 @@ CLIENTS = 200
 EVENTS = 40
 SPACING_S = 0.1
 SIZES = (10, 200)
+# DEBUG=false redirects plain HTTP to HTTPS unless the TLS proxy in front says it was HTTPS.
+BEHIND_TLS = {"X-Forwarded-Proto": "https"}
 
 
 def _specs(count: int) -> list[dict]:
@@ -62,8 +65,9 @@ def _watcher(tenant: Tenant):
 
 
 def _session(tenant: Tenant, user, size: int):
-    session, _ = create_session(tenant=tenant, user=user, data={"title": f"B7 {size}", "requirements": "bench",
-                                                                 "tasks": _specs(size)})  # fmt: skip
+    data = SessionCreateSerializer(data={"title": f"B7 {size}", "requirements": "bench", "tasks": _specs(size)})
+    data.is_valid(raise_exception=True)
+    session, _ = create_session(tenant=tenant, user=user, data=data.validated_data)
     # Half the tasks done, as a session watched mid-run looks.
     done = list(session.tasks.order_by("position").values_list("pk", flat=True)[: size // 2])
     Task.objects.filter(pk__in=done).update(status=Task.Status.COMPLETED, attempts=1, result={"output": "ok " * 20})
@@ -127,7 +131,7 @@ class StreamServer:
         deadline = time.monotonic() + 30
         while True:
             try:
-                if httpx.get(f"{self.url}/api/v1/stream/", timeout=1).status_code == 401:
+                if httpx.get(f"{self.url}/api/v1/stream/", headers=BEHIND_TLS, timeout=1).status_code == 401:
                     break
             except httpx.TransportError:
                 pass
@@ -148,7 +152,7 @@ class StreamServer:
 
 
 async def _follow(client: httpx.AsyncClient, url: str, token: str, arrivals: dict, ready: asyncio.Event, counter: list):
-    async with client.stream("GET", url, headers={"Authorization": f"Token {token}"}) as response:
+    async with client.stream("GET", url, headers={"Authorization": f"Token {token}", **BEHIND_TLS}) as response:
         if response.status_code != 200:
             raise BenchError(f"a stream client got {response.status_code}")
         async for line in response.aiter_lines():
@@ -203,7 +207,7 @@ async def _streams(url: str, token: str, tenant: Tenant, session, server: Stream
 
 
 def measure_streams(env: dict[str, str], tenant: Tenant, user, token: str) -> dict:
-    session = _session(tenant, user, 60)
+    session = _session(tenant, user, 2 * EVENTS)
     server = StreamServer(env)
     try:
         idle_mb = _rss_mb(server.worker)
