@@ -40,10 +40,15 @@ SECRET_SUFFIXES = ("_API_KEY", "_TOKEN", "_PASSWORD", "_SECRET", "_SECRET_KEY", 
 _SECRET_NAME = (
     r"[A-Za-z0-9_.-]*(?:passw(?:or)?d|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|private[_-]?key|credentials?)"  # noqa: S105 - a pattern of names
 )
+# Not a value an earlier pattern has redacted already (an external agent's token keeps its prefix).
+_FRESH = rf"(?![^\s\"',;]*{re.escape(REDACTED)})"
+_SCHEME = r"(?:bearer|token|basic|digest|negotiate)"
 # A JSON key that names a secret: its value goes, whatever it looks like.
 _SECRET_KEY = re.compile(_SECRET_NAME, re.I)
 # Each pattern and its replacement; the groups a replacement keeps are not secret.
 SHAPES: list[tuple[re.Pattern, str]] = [
+    # An external agent's token (agents/eap.py): the public prefix stays.
+    (re.compile(r"\b(eap_[0-9a-f]{12}_)[A-Za-z0-9_-]+"), rf"\g<1>{REDACTED}"),
     # A PEM private key, whole (RSA, EC, OPENSSH, PGP, ...).
     (
         re.compile(
@@ -55,17 +60,17 @@ SHAPES: list[tuple[re.Pattern, str]] = [
     (re.compile(r"\b([a-z][a-z0-9+.-]*://[^\s:/@'\"]*:)[^\s@/'\"]+@", re.I), rf"\g<1>{REDACTED}@"),
     # Authorization: Bearer|Token|Basic <credential>.
     (
-        re.compile(r"\b((?:authorization|proxy-authorization)\s*[:=]\s*[\"']?(?:\w+\s+)?)[^\s\"',;]+", re.I),
+        re.compile(
+            rf"\b((?:proxy-)?authorization\s*[:=]\s*[\"']?(?:{_SCHEME}\s+)?)(?!{_SCHEME}\s){_FRESH}[^\s\"',;]+", re.I
+        ),
         rf"\g<1>{REDACTED}",
     ),
-    (re.compile(r"\b((?:bearer|token)\s+)[A-Za-z0-9._~+/-]{16,}=*", re.I), rf"\g<1>{REDACTED}"),
+    (re.compile(rf"\b((?:bearer|token)\s+){_FRESH}[A-Za-z0-9._~+/-]{{16,}}=*", re.I), rf"\g<1>{REDACTED}"),
     # name=value, name: value, "name": "value" for a secret-sounding name (PASSWORD, api_key, ...).
     (
         re.compile(rf"\b({_SECRET_NAME}[\"']?\s*[:=]\s*[\"']?)(?!{re.escape(REDACTED)})[^\s\"'&;,]+", re.I),
         rf"\g<1>{REDACTED}",
     ),
-    # An external agent's token (agents/eap.py): the public prefix stays.
-    (re.compile(r"\b(eap_[0-9a-f]{12}_)[A-Za-z0-9_-]+"), rf"\g<1>{REDACTED}"),
     # Well-known token shapes: GitHub, GitLab, Slack, AWS access keys, OpenAI/Anthropic-style keys, JWTs.
     (
         re.compile(
