@@ -1,4 +1,5 @@
-"""gunicorn's hooks for the web process (the Procfile and the Dockerfile start it with this file)."""
+"""gunicorn's hooks for the web process and the event streams' process (the Procfile and the
+Dockerfile start both with this file)."""
 
 import os
 
@@ -19,7 +20,8 @@ logconfig_dict = settings.LOGGING
 
 
 def post_fork(server, worker) -> None:
-    telemetry.setup("web")
+    # The streams' process runs uvicorn's ASGI worker (orchestrator_project/asgi.py).
+    telemetry.setup("stream" if "uvicorn" in server.cfg.worker_class_str.lower() else "web")
 
 
 def worker_exit(server, worker) -> None:

@@ -18,6 +18,8 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "orchestrator_project.settings")
 django.setup(set_prefix=False)
 settings.ROOT_URLCONF = "api.stream_urls"
 settings.MIDDLEWARE = [
+    # Tracing's, when gunicorn's post_fork set it up (gunicorn.conf.py).
+    *(name for name in settings.MIDDLEWARE if name.startswith("opentelemetry.")),
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
