@@ -3,7 +3,8 @@ scrape by one collector (never kept as gauges in many processes).
 
 The queries on sessions and tasks read what is in flight (partial indexes on queued and running
 tasks, the sessions not settled), so a scrape costs the same however much history is stored; the
-agents are read whole, one row each.
+agents are read whole, one row each. The queues are read by tasks.summaries.queues, which the
+console's fleet page shows too.
 """
 
 import hmac
@@ -21,6 +22,7 @@ from agents.models import Agent
 from orchestrator_project import metrics
 from orchestrator_project.schedules import SCHEDULES
 from sessions.models import SETTLED, Status
+from tasks import summaries
 
 LOOPBACK = ("127.0.0.1", "::1")
 SWEEPS = [spec["task"] for spec in SCHEDULES]
@@ -59,20 +61,12 @@ class DatabaseCollector:
             labels=["capability"],
         )
         running = GaugeMetricFamily("orch_tasks_running", "Tasks running, per capability.", labels=["capability"])
-        with connection.cursor() as cursor:
-            # OR, not IN: PostgreSQL then reads the two partial indexes (task_queued,
-            # task_running_agent), which hold only the tasks in flight, not an index of them all.
-            cursor.execute(
-                "SELECT capability, count(*) FILTER (WHERE status = 'queued'), min(queued_at) FILTER"
-                " (WHERE status = 'queued'), count(*) FILTER (WHERE status = 'running') FROM tasks_task"
-                " WHERE status = 'queued' OR status = 'running' GROUP BY capability"
-            )
-            in_flight = {capability: counts for capability, *counts in cursor.fetchall()}
+        in_flight = summaries.queues()
         for capability in sorted(set(CAPABILITIES) | set(in_flight)):
-            queued, first, busy = in_flight.get(capability, (0, None, 0))
-            depth.add_metric([capability], queued)
-            oldest.add_metric([capability], (now - first).total_seconds() if first else 0.0)
-            running.add_metric([capability], busy)
+            queue = in_flight.get(capability, summaries.Queue())
+            depth.add_metric([capability], queue.queued)
+            oldest.add_metric([capability], queue.oldest_age_s(now))
+            running.add_metric([capability], queue.running)
         yield from (depth, oldest, running)
 
     def _agents(self, now):

@@ -1,7 +1,7 @@
 """What the API answers: sessions (with task counts, progress and, in detail, the critical
 path), their tasks, events and checkpoints, and agents."""
 
-from django.db.models import Count, Prefetch
+from django.db.models import Prefetch
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
@@ -10,16 +10,6 @@ from sessions.models import Checkpoint, Session, SessionEvent
 from tasks.decomposition import critical_path, nodes_from_tasks
 from tasks.lifecycle import task_counts
 from tasks.models import Task
-
-
-def add_task_counts(sessions: list[Session]) -> None:
-    """Give each session of a list page its task counts, in one query for the whole page."""
-    counts = {session.pk: dict.fromkeys(Task.Status.values, 0) for session in sessions}
-    rows = Task.objects.filter(session_id__in=counts).values_list("session_id", "status").annotate(Count("pk"))
-    for session_id, status, n in rows.order_by():
-        counts[session_id][status] = n
-    for session in sessions:
-        session._task_counts = counts[session.pk]
 
 
 class SessionSerializer(serializers.ModelSerializer):
@@ -59,7 +49,7 @@ class SessionSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
     def get_task_counts(self, session: Session) -> dict[str, int]:
-        # A list page has them already (add_task_counts); a single object counts here.
+        # A list page has them already (tasks.summaries.add_task_counts); a single object counts here.
         if not hasattr(session, "_task_counts"):
             session._task_counts = task_counts(session.tasks.only("status"))
         return session._task_counts

@@ -11,6 +11,7 @@ from rest_framework.response import Response
 from orchestrator_project import logs
 from sessions.models import Checkpoint, Session
 from tasks import lifecycle
+from tasks.summaries import add_task_counts
 from tenants.permissions import TenantScopedMixin, tenant_for_write
 
 from .inputs import SessionCreateSerializer
@@ -21,7 +22,6 @@ from .serializers import (
     SessionDetailSerializer,
     SessionSerializer,
     TaskSerializer,
-    add_task_counts,
 )
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
