@@ -1,20 +1,20 @@
 from django.contrib import admin, messages
 
 from . import services
-from .models import Agent, EapDelivery
+from .models import Agent, AgentEvent, EapDelivery
 
 
 @admin.action(description="Drain: stop consuming, finish in-flight tasks")
 def drain_agents(modeladmin, request, queryset):
     for agent in queryset:
-        services.drain_agent(agent)
+        services.drain_agent(agent, actor=f"admin:{request.user.get_username()}")
     modeladmin.message_user(request, f"Draining {len(queryset)} agent(s).", messages.SUCCESS)
 
 
 @admin.action(description="Resume consuming after a drain")
 def resume_agents(modeladmin, request, queryset):
     for agent in queryset:
-        services.resume_agent(agent)
+        services.resume_agent(agent, actor=f"admin:{request.user.get_username()}")
     modeladmin.message_user(request, f"Resumed {len(queryset)} agent(s).", messages.SUCCESS)
 
 
@@ -77,3 +77,22 @@ class EapDeliveryAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None) -> bool:
         return False  # they go with their task (retention); a gateway may be waiting on one
+
+
+@admin.register(AgentEvent)
+class AgentEventAdmin(admin.ModelAdmin):
+    """Read-only: the audit of drains and resumes, written by agents/services.py."""
+
+    list_display = ["created_at", "agent_name", "action", "actor", "from_status", "to_status", "reason"]
+    list_filter = ["action"]
+    search_fields = ["agent_name", "actor", "reason"]
+    date_hierarchy = "created_at"
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False

@@ -7,10 +7,27 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
+from tenants.models import Membership
+
 from .capabilities import EAP_PINNED_QUEUE, capability_queue
 
 # Agent names: also the Celery node name and the queue agent.<name>.
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,99}$")
+# The roles in an external agent's tenant that may drain and resume it.
+STEERING_ROLES = frozenset({Membership.Role.ADMIN, Membership.Role.OPERATOR})
+
+
+class AgentQuerySet(models.QuerySet):
+    def visible_to(self, user) -> "AgentQuerySet":
+        """What a user sees of the fleet (the API's list): the platform's workers, which serve
+        every tenant, and the external agents of the user's tenants. Staff too: they run the
+        platform's workers, not a tenant's agents."""
+        return self.filter(Q(tenant__isnull=True) | Q(tenant__memberships__user=user)).distinct()
+
+    def visible_in(self, tenant_id: int) -> "AgentQuerySet":
+        """The fleet as one tenant sees it (the console's page, for a member of the tenant): the
+        platform's workers and the tenant's own external agents."""
+        return self.filter(Q(tenant__isnull=True) | Q(tenant_id=tenant_id))
 
 
 class Agent(models.Model):
@@ -71,6 +88,8 @@ class Agent(models.Model):
     token_hash = models.CharField(max_length=64, blank=True)
     signing_secret = models.CharField(max_length=128, blank=True)
 
+    objects = AgentQuerySet.as_manager()
+
     class Meta:
         ordering = ["name"]
         constraints = [
@@ -81,6 +100,16 @@ class Agent(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    def may_be_steered_by(self, user, roles: dict[int, str] | None = None) -> bool:
+        """Whether `user` may drain or resume the agent. A platform worker serves every tenant, so
+        only staff may; an external agent belongs to one tenant, whose admins and operators may.
+        `roles` ({tenant id: role}) spares a query when the caller has the user's roles already."""
+        if self.tenant_id is None:
+            return bool(user.is_staff)
+        if roles is not None:
+            return roles.get(self.tenant_id) in STEERING_ROLES
+        return user.memberships.filter(tenant_id=self.tenant_id, role__in=STEERING_ROLES).exists()
 
     @property
     def is_external(self) -> bool:
@@ -126,6 +155,37 @@ class Agent(models.Model):
             and capability in self.capabilities
             and self.current_load + pending < self.concurrency
         )
+
+
+class AgentEvent(models.Model):
+    """Append-only audit of what people did to an agent: who drained or resumed it, when, why,
+    and the status it was in (agents/services.py writes it, whichever way the action came: the
+    API, the console or the admin). It outlives the agent: the name is kept with it."""
+
+    class Action(models.TextChoices):
+        DRAIN = "drain"
+        RESUME = "resume"
+
+    agent = models.ForeignKey(Agent, null=True, blank=True, on_delete=models.SET_NULL, related_name="events")
+    agent_name = models.CharField(max_length=100)
+    action = models.CharField(max_length=16, choices=Action.choices)
+    # "user:<username>" (API, console) or "admin:<username>" (the admin's actions).
+    actor = models.CharField(max_length=100)
+    reason = models.CharField(max_length=500, blank=True)
+    from_status = models.CharField(max_length=16, choices=Agent.Status.choices)
+    to_status = models.CharField(max_length=16, choices=Agent.Status.choices)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.action} {self.agent_name} by {self.actor}"
+
+    def save(self, *args, **kwargs):
+        if self.pk is not None:
+            raise ValueError("agent events are append-only")
+        super().save(*args, **kwargs)
 
 
 EWMA_SPAN = 20  # Agent.ewma_duration_s covers this many latest tasks

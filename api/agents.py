@@ -1,6 +1,5 @@
 """/api/v1/agents/: the agent registry, and drain and resume (staff, or the agent's tenant's operators)."""
 
-from django.db.models import Q
 from drf_spectacular.utils import extend_schema, extend_schema_view
 from rest_framework import status, viewsets
 from rest_framework.decorators import action
@@ -9,7 +8,6 @@ from rest_framework.response import Response
 
 from agents import services
 from agents.models import Agent
-from tenants.models import Membership
 from tenants.permissions import IsTenantMember
 
 from .serializers import AgentSerializer
@@ -29,11 +27,7 @@ class MaySteer(BasePermission):
     message = "Only staff may drain or resume a platform worker, and only its tenant's operators an external agent."
 
     def has_object_permission(self, request, view, obj: Agent) -> bool:
-        user = request.user
-        if obj.tenant_id is None:
-            return bool(user.is_staff)
-        roles = (Membership.Role.ADMIN, Membership.Role.OPERATOR)
-        return user.memberships.filter(tenant_id=obj.tenant_id, role__in=roles).exists()
+        return obj.may_be_steered_by(request.user)
 
 
 @extend_schema_view(
@@ -52,8 +46,7 @@ class AgentViewSet(viewsets.ReadOnlyModelViewSet):
 
     def get_queryset(self):
         # Our workers serve everyone; an external agent is seen only by its own tenant's members.
-        visible = Q(tenant__isnull=True) | Q(tenant__memberships__user=self.request.user)
-        return super().get_queryset().filter(visible).distinct()
+        return super().get_queryset().visible_to(self.request.user)
 
     filterset_fields = ["status", "executor"]
 
@@ -87,6 +80,6 @@ class AgentViewSet(viewsets.ReadOnlyModelViewSet):
 
     def _steer(self, service) -> Response:
         agent = self.get_object()
-        service(agent)
+        service(agent, actor=f"user:{self.request.user.get_username()}")
         agent.refresh_from_db()
         return Response(self.get_serializer(agent).data, status=status.HTTP_202_ACCEPTED)

@@ -12,7 +12,7 @@ from django.db import connection
 from django.utils import timezone
 
 from agents import services
-from agents.models import Agent, EapDelivery
+from agents.models import Agent, AgentEvent, EapDelivery
 from orchestrator_project.locking import FairLock
 from sessions.models import Session
 from tasks import lifecycle
@@ -401,7 +401,7 @@ def test_agents_cannot_be_added_in_the_admin(admin_client, agent):
 
 def test_the_agent_admin_changes_the_tier_and_nothing_the_agent_or_a_drain_writes(admin_client, agent):
     data = change_form(admin_client, agent_page(agent), tier="2")
-    services.drain_agent(agent)  # while the page is open
+    services.drain_agent(agent, actor="user:someone-else")  # while the page is open
     before = Agent.objects.filter(pk=agent.pk).values().get()
     data |= {"name": "renamed", "status": "online", "concurrency": "9", "capabilities": '["testing"]'}
 
@@ -438,3 +438,21 @@ def test_the_admin_index_names_eap_deliveries_in_the_plural(admin_client):
 
     assert ">EAP deliveries<" in html
     assert "Eap deliver" not in html
+
+
+def test_the_admin_drain_action_is_audited_and_the_audit_is_read_only(admin_client, agent):
+    response = admin_client.post(
+        "/admin/agents/agent/", {"action": "drain_agents", "_selected_action": [str(agent.pk)]}, follow=True
+    )
+
+    assert response.status_code == 200
+    event = AgentEvent.objects.get(agent=agent)
+    assert (event.action, event.actor, event.to_status) == ("drain", "admin:admin", "draining")
+    assert admin_client.get("/admin/agents/agentevent/").status_code == 200
+    page = admin_client.get(f"/admin/agents/agentevent/{event.pk}/change/")
+    assert page.status_code == 200 and page.context["adminform"].form.fields == {}
+    edit = admin_client.post(f"/admin/agents/agentevent/{event.pk}/change/", {"actor": "someone"})
+    delete = admin_client.post(f"/admin/agents/agentevent/{event.pk}/delete/", {"post": "yes"})
+    assert (edit.status_code, delete.status_code) == (403, 403)
+    assert admin_client.get("/admin/agents/agentevent/add/").status_code == 403
+    assert AgentEvent.objects.get().actor == "admin:admin"

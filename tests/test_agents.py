@@ -4,7 +4,8 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from agents.models import Agent
+from agents import services
+from agents.models import Agent, AgentEvent
 from sessions.models import Session
 from tasks.fleet import record_heartbeat, register_worker
 from tasks.models import Task
@@ -158,6 +159,32 @@ def test_who_may_drain_and_resume_which_agent(fleet, who, target, expected, acti
     assert response.status_code == expected, response.content
     after = {"drain": "draining", "resume": "online"}[action] if expected == 202 else before
     assert Agent.objects.get(pk=agent.pk).status == after
+    assert AgentEvent.objects.filter(agent=agent).count() == (1 if expected == 202 else 0)
+
+
+def test_a_drain_and_a_resume_through_the_api_are_audited_with_who_did_them(fleet):
+    client = client_for("acme operator")
+    agent = fleet["acme"]
+
+    assert client.post(f"/api/v1/agents/{agent.pk}/drain/").status_code == 202
+    assert client.post(f"/api/v1/agents/{agent.pk}/resume/").status_code == 202
+
+    events = AgentEvent.objects.filter(agent=agent).order_by("id")
+    assert [(e.action, e.actor, e.from_status, e.to_status, e.agent_name) for e in events] == [
+        ("drain", "user:pat", "online", "draining", "acme-ext"),
+        ("resume", "user:pat", "draining", "online", "acme-ext"),
+    ]
+
+
+def test_agent_events_are_append_only_and_outlive_their_agent(fleet):
+    event = services.drain_agent(fleet["platform"], actor="user:root", reason="kernel upgrade")
+
+    with pytest.raises(ValueError, match="append-only"):
+        event.save()
+    fleet["platform"].delete()
+
+    event = AgentEvent.objects.get()
+    assert (event.agent_id, event.agent_name, event.reason) == (None, "platform-1", "kernel upgrade")
 
 
 def test_platform_workers_host_names_are_shown_to_staff_only(fleet):
