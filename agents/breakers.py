@@ -31,3 +31,18 @@ def redis_circuit_breaker(
         name=name,
     )
     return breaker, storage
+
+
+def read_states(namespaces: list[str]) -> list[str | None]:
+    """The state of each circuit (closed, open or half-open) in one round trip, without making
+    breakers (which would write their keys): closed for one never used, None for every one when
+    Redis is unreachable. The key is CircuitRedisStorage's own, <namespace>:pybreaker:state."""
+    if not namespaces:
+        return []
+    keys = [f"{namespace}:{pybreaker.CircuitRedisStorage.BASE_NAMESPACE}:state" for namespace in namespaces]
+    try:
+        values = redis_client().mget(keys)
+    except redis.RedisError:
+        logger.warning("Redis unreachable: the state of %d circuits is unknown", len(keys))
+        return [None] * len(keys)
+    return [value.decode() if value else pybreaker.STATE_CLOSED for value in values]

@@ -20,7 +20,7 @@ from django.utils import timezone
 
 from orchestrator_project import metrics
 
-from .breakers import redis_circuit_breaker
+from .breakers import read_states, redis_circuit_breaker
 from .models import Agent, EapDelivery, latest_finishes, recent_figures
 
 logger = logging.getLogger(__name__)
@@ -259,7 +259,7 @@ def _breaker_and_storage(agent: Agent) -> tuple:
     key = (agent.pk, settings.EAP_BREAKER_FAIL_MAX, settings.EAP_BREAKER_RESET_SECONDS)
     if key not in _breakers:
         _breakers[key] = redis_circuit_breaker(
-            f"eap:circuit:{agent.pk}",
+            _circuit_namespace(agent),
             name=f"eap:{agent.name}",
             fail_max=settings.EAP_BREAKER_FAIL_MAX,
             reset_timeout=settings.EAP_BREAKER_RESET_SECONDS,
@@ -267,6 +267,18 @@ def _breaker_and_storage(agent: Agent) -> tuple:
             listeners=[_AgentStatusFollowsCircuit(agent.pk, agent.name)],
         )
     return _breakers[key]
+
+
+def _circuit_namespace(agent: Agent) -> str:
+    return f"eap:circuit:{agent.pk}"
+
+
+def circuit_states(agents) -> dict[int, str | None]:
+    """{agent id: its circuit's state} for the push agents among `agents` (the others have no
+    circuit), in one Redis round trip; None where Redis did not answer. For pages that show many."""
+    push = [agent for agent in agents if agent.mode == Agent.Mode.PUSH]
+    states = read_states([_circuit_namespace(agent) for agent in push])
+    return {agent.pk: state for agent, state in zip(push, states, strict=True)}
 
 
 def circuit_state(agent: Agent) -> str:

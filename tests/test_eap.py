@@ -289,6 +289,22 @@ def test_a_push_agent_with_an_open_circuit_stays_degraded_whatever_it_says(opera
     assert Agent.objects.get(pk=agent.pk).status == "online"
 
 
+def test_the_circuits_of_many_agents_are_read_at_once_as_each_sees_its_own(operator):
+    closed = Agent.objects.get(
+        pk=register(operator, name="ext-a", mode="push", endpoint_url="http://127.0.0.1:9/")["agent_id"]
+    )
+    tripped = Agent.objects.get(
+        pk=register(operator, name="ext-b", mode="push", endpoint_url="http://127.0.0.1:9/")["agent_id"]
+    )
+    pulling = Agent.objects.get(pk=register(operator, name="ext-pull")["agent_id"])
+    eap.breaker_for(tripped).open()
+
+    states = eap.circuit_states([closed, tripped, pulling])
+
+    assert states == {closed.pk: pybreaker.STATE_CLOSED, tripped.pk: pybreaker.STATE_OPEN}
+    assert states[tripped.pk] == eap.circuit_state(tripped)
+
+
 # GET tasks/next
 
 
