@@ -1,7 +1,9 @@
-"""Every URL: the REST API under /api/v1/, its schema and docs, health checks and the admin."""
+"""Every URL: the REST API under /api/v1/, its schema and docs, health checks, the admin and the
+console (/, which sends people to the console's sessions)."""
 
 from django.contrib import admin
 from django.urls import include, path
+from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import DefaultRouter
 
@@ -36,4 +38,5 @@ urlpatterns = [
     path("metrics", metrics_view, name="metrics"),
     path("admin/", admin.site.urls),
     path("console/", include("console.urls")),
+    path("", RedirectView.as_view(pattern_name="console:sessions"), name="root"),
 ]

@@ -17,9 +17,16 @@ def memberships(user) -> list[Membership]:
     return list(Membership.objects.filter(user=user).select_related("tenant").order_by("tenant__slug"))
 
 
+def memberships_of(request) -> list[Membership]:
+    """The user's memberships, read once per request (the page and its layout both need them)."""
+    if not hasattr(request, "_console_memberships"):
+        request._console_memberships = memberships(request.user)
+    return request._console_memberships
+
+
 def current_membership(request) -> Membership | None:
     """The membership of the tenant the user last switched to (or the first), None for none."""
-    mine = memberships(request.user)
+    mine = memberships_of(request)
     chosen = request.session.get(SESSION_KEY)
     return next((m for m in mine if m.tenant_id == chosen), mine[0] if mine else None)
 

@@ -9,7 +9,7 @@ def console(request) -> dict:
     if not request.path.startswith("/console/") or not request.user.is_authenticated:
         return {}
     return {
-        "memberships": access.memberships(request.user),
+        "memberships": access.memberships_of(request),
         "current": access.current_membership(request),
         "stream_url": feed.stream_base(request),
     }
