@@ -12,14 +12,18 @@ from datetime import UTC, datetime, timedelta
 from django import forms
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
 from django.db.models import Q
 from django.http import Http404
-from django.shortcuts import redirect, render
+from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_GET, require_POST
 
+from agents import eap, services
+from agents.models import Agent, AgentEvent
+from orchestrator_project.redaction import redact
 from sessions import feed
 from sessions.models import Session
 from tasks import summaries
@@ -188,8 +192,139 @@ def switch_tenant(request):
     return redirect(target if safe else reverse("console:sessions"))
 
 
-def fleet(request):  # built next
-    raise Http404
+# --- the fleet ------------------------------------------------------------------------------------
+
+RECENT_ACTIONS = 10
 
 
-agent_action = fleet
+@dataclass
+class AgentRow:
+    agent: Agent
+    heartbeat_age: str
+    circuit: str  # closed, open, half-open; "unknown" (Redis did not answer); "" (no circuit)
+    may_steer: bool
+    hostname: str
+
+
+@dataclass
+class CapabilityRow:
+    capability: str
+    queued: int
+    oldest_age: str
+    running: int
+    online: int
+
+
+def ago(seconds: float | None) -> str:
+    """A duration as people read it: 45 s, 12 min, 3.5 h, 2 d."""
+    if seconds is None:
+        return "never"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} d"
+
+
+def _agent_rows(request, agents: list[Agent], roles: dict[int, str], now: datetime) -> list[AgentRow]:
+    circuits = eap.circuit_states(agents)
+    rows = []
+    for agent in agents:
+        heartbeat = (now - agent.last_heartbeat).total_seconds() if agent.last_heartbeat else None
+        circuit = circuits.get(agent.pk, "")  # only a push agent has a circuit
+        rows.append(
+            AgentRow(
+                agent=agent,
+                heartbeat_age=ago(heartbeat),
+                circuit="unknown" if circuit is None else circuit,
+                may_steer=agent.may_be_steered_by(request.user, roles),
+                # Where the platform's workers run is for staff to know (as in the API).
+                hostname=agent.hostname if agent.tenant_id is not None or request.user.is_staff else "",
+            )
+        )
+    return rows
+
+
+def _capability_rows(agents: list[Agent], now: datetime) -> list[CapabilityRow]:
+    queues = summaries.queues()
+    online: dict[str, int] = {}
+    for agent in agents:
+        up = agent.status in (Agent.Status.ONLINE, Agent.Status.BUSY) and agent.is_live
+        for capability in agent.capabilities or []:
+            online[capability] = online.get(capability, 0) + int(up)
+    rows = []
+    for capability in sorted(set(queues) | set(online)):
+        queue = queues.get(capability, summaries.Queue())
+        waited = queue.oldest_age_s(now)
+        rows.append(
+            CapabilityRow(
+                capability, queue.queued, ago(waited) if queue.queued else "", queue.running, online.get(capability, 0)
+            )
+        )
+    return rows
+
+
+def _recent_actions(request, agents: list[Agent]) -> list[dict]:
+    by_id = {agent.pk: agent for agent in agents}
+    events = AgentEvent.objects.filter(agent_id__in=by_id)[:RECENT_ACTIONS]
+    shown = []
+    for event in events:
+        # Who on the platform's staff drained a shared worker is for staff to know; a tenant's
+        # own people see each other.
+        private = by_id[event.agent_id].tenant_id is None and not request.user.is_staff
+        shown.append(
+            {"event": event, "actor": "platform staff" if private else event.actor, "reason": redact(event.reason)}
+        )
+    return shown
+
+
+def _with_durations(tasks: list) -> list:
+    for task in tasks:
+        task.duration_text = ago(task.duration.total_seconds())
+    return tasks
+
+
+@login_required
+@require_GET
+def fleet(request):
+    current = access.current_membership(request)
+    tenant_id = current.tenant_id if current else None
+    now = timezone.now()
+    agents = list(Agent.objects.visible_in(tenant_id).order_by("name"))
+    roles = {current.tenant_id: current.role} if current else {}
+    context = {
+        "agents": _agent_rows(request, agents, roles, now),
+        "capabilities": _capability_rows(agents, now),
+        "actions": _recent_actions(request, agents),
+        "errors": summaries.top_errors(tenant_id) if tenant_id else [],
+        "slowest": _with_durations(summaries.slowest_tasks(tenant_id)) if tenant_id else [],
+        "now": now,
+    }
+    return render(request, "console/fleet.html", context)
+
+
+STEERING = {"drain": services.drain_agent, "resume": services.resume_agent}
+
+
+@login_required
+@require_POST
+def agent_action(request, pk: int, action: str):
+    """Drain or resume an agent: who may is the API's rule (Agent.may_be_steered_by). Without
+    confirm=yes (a browser without JavaScript, whose confirm() never ran), a page asks first."""
+    service = STEERING.get(action)
+    if service is None:
+        raise Http404("No such action.")
+    agent = get_object_or_404(Agent.objects.visible_to(request.user), pk=pk)
+    if not agent.may_be_steered_by(request.user):
+        raise PermissionDenied(
+            "Only staff may drain or resume a platform worker, and only its tenant's operators an external agent."
+        )
+    reason = request.POST.get("reason", "").strip()[:500]
+    if request.POST.get("confirm") != "yes":
+        return render(request, "console/agent_confirm.html", {"agent": agent, "action": action, "reason": reason})
+    service(agent, actor=f"user:{request.user.get_username()}", reason=reason)
+    verb = {"drain": "Draining", "resume": "Resumed"}[action]
+    messages.success(request, f"{verb} {agent.name}.")
+    return redirect("console:fleet")

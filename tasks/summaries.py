@@ -67,7 +67,7 @@ class ErrorGroup:
 _VARIABLE = [
     (re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b", re.I), "<id>"),
     (re.compile(r"\b0x[0-9a-f]+\b|\b[0-9a-f]{12,}\b", re.I), "<hex>"),
-    (re.compile(r"\d+(\.\d+)?"), "N"),
+    (re.compile(r"\d+(?:\.\d+)*"), "N"),  # counts, durations, addresses, versions
 ]
 # Distinct first lines read per page; the groups they form are merged after normalising.
 ERROR_LINES_READ = 500
