@@ -2,6 +2,8 @@
 path), their tasks, events and checkpoints, and agents."""
 
 from django.db.models import Prefetch
+from django.urls import reverse
+from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
@@ -17,6 +19,7 @@ class SessionSerializer(serializers.ModelSerializer):
     task_counts = serializers.SerializerMethodField()
     progress = serializers.SerializerMethodField()
     allowed_transitions = serializers.SerializerMethodField()
+    console_url = serializers.SerializerMethodField(help_text="The session's page in the web console.")
 
     class Meta:
         model = Session
@@ -42,6 +45,7 @@ class SessionSerializer(serializers.ModelSerializer):
             "task_counts",
             "progress",
             "allowed_transitions",
+            "console_url",
             "created_at",
             "started_at",
             "finished_at",
@@ -62,6 +66,13 @@ class SessionSerializer(serializers.ModelSerializer):
 
     def get_allowed_transitions(self, session: Session) -> list[str]:
         return session.allowed_targets()
+
+    @extend_schema_field(OpenApiTypes.URI)
+    def get_console_url(self, session: Session) -> str:
+        # By name: the console is a sibling of the API, not imported by it.
+        path = reverse("console:session", args=[session.pk])
+        request = self.context.get("request")
+        return request.build_absolute_uri(path) if request is not None else path
 
 
 class SessionDetailSerializer(SessionSerializer):

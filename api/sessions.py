@@ -52,7 +52,8 @@ def _transition_action(name: str, service, summary: str, description: str):
     def transition(self, request, pk=None):
         session = self.get_object()
         service(session, actor=_actor(request))
-        return Response(SessionSerializer(self.get_object()).data, status=status.HTTP_202_ACCEPTED)
+        body = SessionSerializer(self.get_object(), context=self.get_serializer_context()).data
+        return Response(body, status=status.HTTP_202_ACCEPTED)
 
     # DRF matches an action's function name to its attribute name.
     transition.__name__ = name
@@ -129,7 +130,9 @@ class SessionViewSet(
             tenant=tenant, user=request.user, data=payload.validated_data, idempotency_key=key
         )
         logs.bind(session_id=str(session.pk), tenant=tenant.pk)
-        body = SessionDetailSerializer(self.get_queryset().get(pk=session.pk)).data
+        body = SessionDetailSerializer(
+            self.get_queryset().get(pk=session.pk), context=self.get_serializer_context()
+        ).data
         code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
         return Response(body, status=code, headers={"Location": f"{request.path}{session.pk}/"})
 

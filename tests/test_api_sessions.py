@@ -88,6 +88,18 @@ def test_create_with_explicit_dag_stores_tasks_and_dependencies(api):
     assert all(task.status == Task.Status.PENDING for task in stored.values())
 
 
+def test_every_session_answer_links_to_its_console_page_as_an_absolute_url(api, settings):
+    settings.ALLOWED_HOSTS = ["orch.example"]
+    created = api.post(SESSIONS, dag_payload(), format="json", HTTP_HOST="orch.example:8000").json()
+    page = f"http://orch.example:8000/console/sessions/{created['id']}/"
+
+    assert created["console_url"] == page
+    assert api.get(url(created["id"]), HTTP_HOST="orch.example:8000").json()["console_url"] == page
+    assert api.get(SESSIONS, HTTP_HOST="orch.example:8000").json()["results"][0]["console_url"] == page
+    started = api.post(url(created["id"], "start"), HTTP_HOST="orch.example:8000")
+    assert started.status_code == 202 and started.json()["console_url"] == page
+
+
 def test_create_keeps_task_fields_and_defaults_title_from_requirements(api):
     payload = {
         "requirements": "Fix the flaky login test\nIt fails one run in ten.",

@@ -69,9 +69,11 @@ def test_create_documents_the_idempotency_key_header(schema):
 def test_response_objects_carry_the_contract_fields(schema):
     components = schema["components"]["schemas"]
 
-    assert {"id", "status", "version", "priority", "created_at", "task_counts"} <= set(
+    assert {"id", "status", "version", "priority", "created_at", "task_counts", "console_url"} <= set(
         components["Session"]["properties"]
     )
+    console_url = components["Session"]["properties"]["console_url"]
+    assert (console_url["type"], console_url["format"]) == ("string", "uri")
     assert {"id", "key", "status", "capability", "depends_on", "agent", "attempts", "result", "error"} <= set(
         components["Task"]["properties"]
     )
