@@ -16,6 +16,9 @@ from .preview import DecompositionPreviewView
 from .sessions import SessionViewSet
 from .tasks import TaskViewSet
 
+# The admin's "View site" link opens the console.
+admin.site.site_url = "/console/"
+
 router = DefaultRouter()
 router.register("sessions", SessionViewSet, basename="session")
 router.register("tasks", TaskViewSet, basename="task")

@@ -3,6 +3,8 @@ session's lifecycle (tasks.lifecycle), which is why the Session admin lives here
 sessions/admin.py."""
 
 from django.contrib import admin, messages
+from django.urls import reverse
+from django.utils.html import format_html
 
 from orchestrator_project.locking import LockUnavailable, StaleFencingToken
 from sessions.models import InvalidTransition, Session, SessionEvent
@@ -100,13 +102,29 @@ SESSION_NOTE = (
 
 @admin.register(Session)
 class SessionAdmin(admin.ModelAdmin):
-    list_display = ["title", "tenant", "status", "priority", "version", "retry_count", "created_at", "finished_at"]
+    list_display = [
+        "title",
+        "tenant",
+        "status",
+        "priority",
+        "version",
+        "retry_count",
+        "created_at",
+        "finished_at",
+        "console_link",
+    ]
     list_filter = ["status", "tenant", "priority"]
     search_fields = ["id", "title", "requirements"]
     date_hierarchy = "created_at"
     list_select_related = ["tenant"]
     inlines = [TaskInline, SessionEventInline]
     actions = [cancel_sessions, retry_sessions]
+
+    @admin.display(description="console")
+    def console_link(self, session: Session) -> str:
+        # By name: the console's URLs, not its code (it is a layer above this one).
+        page = reverse("console:session", args=[session.pk])
+        return format_html('<a href="{}">open<span class="visually-hidden"> {}</span></a>', page, session.title)
 
     def has_add_permission(self, request) -> bool:
         return False

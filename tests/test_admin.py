@@ -456,3 +456,10 @@ def test_the_admin_drain_action_is_audited_and_the_audit_is_read_only(admin_clie
     assert (edit.status_code, delete.status_code) == (403, 403)
     assert admin_client.get("/admin/agents/agentevent/add/").status_code == 403
     assert AgentEvent.objects.get().actor == "admin:admin"
+
+
+def test_the_session_list_links_each_session_to_its_console_page_and_view_site_opens_the_console(admin_client, session):
+    page = admin_client.get(SESSION_CHANGELIST).content.decode()
+
+    assert f'<a href="/console/sessions/{session.pk}/">open<span class="visually-hidden"> ' in page
+    assert '<a href="/console/">View site</a>' in page
