@@ -19,7 +19,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.http import url_has_allowed_host_and_scheme
-from django.views.decorators.http import require_GET, require_POST
+from django.views.decorators.http import require_POST, require_safe
 
 from agents import eap, services
 from agents.models import Agent, AgentEvent
@@ -152,7 +152,7 @@ def _link(request, **cursor) -> str:
 
 
 @login_required
-@require_GET
+@require_safe
 def sessions(request):
     current = access.current_membership(request)
     form = SessionFilters(request.GET)
@@ -287,7 +287,7 @@ def _with_durations(tasks: list) -> list:
 
 
 @login_required
-@require_GET
+@require_safe
 def fleet(request):
     current = access.current_membership(request)
     tenant_id = current.tenant_id if current else None

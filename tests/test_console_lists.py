@@ -529,3 +529,16 @@ def test_the_platforms_staff_stay_anonymous_to_tenants_in_the_audit(alice):
     actions = section(alice.get(FLEET), "actions")
     assert "platform staff" in actions and "user:root" not in actions
     assert "hunter2" not in actions
+
+
+def test_staff_of_no_tenant_see_and_steer_the_platforms_workers_only(staff):
+    Tenant.objects.create(slug="globex", name="Globex")
+    worker = make_agent("builder", hostname="gpu-07.internal")
+    make_agent("globex-ext", tenant="globex")
+
+    response = staff.get(FLEET)
+
+    assert agent_names(response) == ["builder"]
+    assert "gpu-07.internal" in html(response)  # staff see where the platform runs
+    assert f"/console/fleet/agents/{worker.pk}/drain/" in html(response)
+    assert 'id="errors"' not in html(response)  # a tenant's errors need a tenant
