@@ -479,6 +479,19 @@ def browser() -> Iterator[Browser]:
             os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = previous
 
 
+def save_screenshot(page: Page, name: str) -> Path:
+    """The page as the docs show it (docs/screenshots/<name>.png): always saved with the test's
+    logs (.pytest-workers/<test>/), and over the docs' copy only with UPDATE_SCREENSHOTS=1, so
+    that a test run leaves the checkout as it found it."""
+    test = os.environ.get("PYTEST_CURRENT_TEST", "browser").split(" ")[0].rsplit("::", 1)[-1]
+    path = ROOT / ".pytest-workers" / test[:100] / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=path)
+    if os.environ.get("UPDATE_SCREENSHOTS") == "1":
+        shutil.copyfile(path, ROOT / "docs" / "screenshots" / f"{name}.png")
+    return path
+
+
 @pytest.fixture
 def page(browser: Browser, request) -> Iterator[Page]:
     """A page in a browser context of the test's own (no cookies or storage from another test),

@@ -1,7 +1,7 @@
 """The fleet page in a real Chromium: logged in through the console's login form, it shows the
 agents made in the database, every control is reachable with the keyboard, and a drain asks for
 confirmation (JavaScript's confirm) before it is made and audited. The screenshot it takes is
-docs/screenshots/fleet.png."""
+docs/screenshots/fleet.png (UPDATE_SCREENSHOTS=1 writes it there)."""
 
 from datetime import timedelta
 
@@ -12,9 +12,8 @@ from agents.models import Agent, AgentEvent
 from sessions.models import Session
 from tasks.models import Task
 from tenants.models import Membership, Tenant
-from tests.conftest import ROOT
+from tests.conftest import save_screenshot
 
-SCREENSHOT = ROOT / "docs" / "screenshots" / "fleet.png"
 ERROR = "ConnectionError: opencode server at 127.0.0.1:4096 refused (password=hunter2)\nTraceback ..."
 
 
@@ -77,8 +76,7 @@ def test_the_fleet_page_shows_the_agents_and_tab_reaches_the_tenant_switcher_and
     assert [name.split()[0] for name in names] == ["acme-docs-bot", "builder-1", "builder-2", "reviewer", "tester"]
     assert page.locator("#agents .badge.s-draining").text_content() == "draining"
     assert "hunter2" not in page.content()
-    SCREENSHOT.parent.mkdir(exist_ok=True)
-    page.screenshot(path=SCREENSHOT)
+    assert save_screenshot(page, "fleet").read_bytes().startswith(b"\x89PNG")
 
     seen = []
     for _ in range(60):
