@@ -17,7 +17,7 @@ from sessions.models import FeedEvent, Session
 from tasks.models import Task
 from tenants.models import Membership
 
-from .conftest import dag_payload, error_of, member_client, member_token, running_stack, worker_database_url
+from .conftest import Stack, dag_payload, error_of, member_client, member_token, worker_database_url
 
 NOTHING = feed.Position(seen=None)
 
@@ -213,10 +213,19 @@ def ids_of(messages: list[dict]) -> list[int]:
     return [json.loads(m["data"])["id"] for m in messages if m.get("event") in ("session", "task")]
 
 
-@pytest.fixture
-def stream_url(request, transactional_db):
-    with running_stack(request, env={"STREAM_HEARTBEAT_SECONDS": "0.5"}) as stack:
+@pytest.fixture(scope="module")
+def stream_process():
+    """One stream process for the module's tests (it holds nothing between them but its pool)."""
+    stack = Stack(env={"STREAM_HEARTBEAT_SECONDS": "0.5"})
+    try:
         yield stack.stream()
+    finally:
+        stack.stop()
+
+
+@pytest.fixture
+def stream_url(stream_process, transactional_db):
+    return stream_process
 
 
 def test_the_stream_replays_then_follows_live_and_resumes_after_the_last_event_seen(stream_url):
