@@ -13,13 +13,13 @@ from itertools import pairwise
 
 from tasks.dag import topological_levels
 
-NODE_WIDTH = 168
+NODE_WIDTH = 144
 NODE_HEIGHT = 48
-COLUMN_GAP = 56
+COLUMN_GAP = 40
 ROW_GAP = 16
 MARGIN = 16
 # Longer keys are cut in the drawing; the panel and the accessible name carry them whole.
-KEY_CHARS = 20
+KEY_CHARS = 17
 
 
 @dataclass

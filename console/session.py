@@ -177,7 +177,8 @@ def detail(request, pk):
         session, membership = _session_of(request.user, pk)
         tasks, upstreams = _tasks_and_edges(session.pk)
         critical = _critical_keys(tasks, upstreams)
-        events = [row(event) for event in FeedEvent.objects.filter(session_id=session.pk).order_by("id")]
+        # Newest first: the top of the timeline is what just happened, whatever its height.
+        events = [row(event) for event in FeedEvent.objects.filter(session_id=session.pk).order_by("-id")]
         selected = request.GET.get("task")
         panel = _panel_context(session, selected) if selected else None
     drawing = graph.layout(tasks, upstreams, critical)

@@ -82,7 +82,8 @@ def test_each_role_sees_the_dag_the_timeline_and_actions_only_if_it_may_change_t
     for task in session.tasks.all():
         assert f'id="task-{task.pk}"' in html and f'href="?task={task.pk}#panel"' in html
     assert "Critical path: design → api → review → docs" in html
-    assert timeline_ids(html) == list(FeedEvent.objects.filter(session=session).values_list("id", flat=True))
+    newest_first = FeedEvent.objects.filter(session=session).order_by("-id")
+    assert timeline_ids(html) == list(newest_first.values_list("id", flat=True))
     assert "by test" in html  # the transition's actor, in the timeline
     assert 'Allowed now: <span id="allowed-now">pause, cancel</span>' in html
     forms = re.findall(r'<form method="post" action="/console/sessions/[^"]+/(\w+)/"', html)

@@ -22,7 +22,15 @@
   let openTask = new URL(location.href).searchParams.get("task");
 
   const label = (status) => (status || "").replace(/_/g, " ");
-  const times = (root) => window.localTimes && window.localTimes(root);
+  // The reader's own timezone (console.js); in the timeline the time of day alone, the whole
+  // date and time in its tooltip.
+  function times(root) {
+    if (window.localTimes) window.localTimes(root);
+    for (const el of root.querySelectorAll("#timeline time[datetime], time.short[datetime]")) {
+      const when = new Date(el.getAttribute("datetime"));
+      if (!isNaN(when)) el.textContent = when.toLocaleTimeString(undefined, { timeStyle: "medium" });
+    }
+  }
 
   // --- the stream ------------------------------------------------------------------------------
 
@@ -32,6 +40,7 @@
   // over, from the same position.
   let position = config.after;
   let source = null;
+  let retryMs = 2000; // our own retries, after EventSource gave up: doubled each time, up to a minute
 
   function setLive(state, text) {
     liveText.dataset.state = state;
@@ -43,10 +52,15 @@
     const url = `${base}/api/v1/sessions/${config.session}/stream/?after=${encodeURIComponent(position)}`;
     source = new EventSource(url, { withCredentials: true });
     setLive("connecting", "connecting\u2026");
-    source.onopen = () => setLive("live", "live");
+    source.onopen = () => {
+      retryMs = 2000;
+      setLive("live", "live");
+    };
     source.onerror = () => {
       setLive("reconnecting", "reconnecting\u2026");
-      if (source.readyState === EventSource.CLOSED) setTimeout(connect, 3000);
+      if (source.readyState !== EventSource.CLOSED) return; // EventSource tries again by itself
+      setTimeout(connect, retryMs);
+      retryMs = Math.min(retryMs * 2, 60000);
     };
     for (const kind of ["session", "task"]) {
       source.addEventListener(kind, (message) => {
@@ -106,15 +120,14 @@
     li.dataset.id = String(event.id);
     if (event.task) li.dataset.task = event.task;
     const time = document.createElement("time");
+    time.className = "short";
     time.setAttribute("datetime", event.at);
     time.textContent = event.at;
     li.append(time, " ", span("subject", what.subject), " ", span("change", what.change));
     if (what.details.length) li.append(" ", span("details", `(${what.details.join(", ")})`));
     if (what.error) li.append(" ", span("error-text", `error: ${what.error}`));
-    const atBottom = timeline.scrollHeight - timeline.scrollTop - timeline.clientHeight < 8;
-    timeline.append(li);
+    timeline.prepend(li); // newest first, as the page renders them
     times(li);
-    if (atBottom) timeline.scrollTop = timeline.scrollHeight;
     return true;
   }
 
@@ -279,6 +292,7 @@
     });
   }
 
-  timeline.scrollTop = timeline.scrollHeight;
+  // After console.js's own pass over the page (its listener was added first).
+  document.addEventListener("DOMContentLoaded", () => times(timeline));
   connect();
 })();
