@@ -11,7 +11,7 @@ the timeline.
 import json
 import uuid
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
@@ -19,7 +19,7 @@ from django.core.exceptions import PermissionDenied
 from django.http import Http404
 from django.shortcuts import redirect, render
 from django.urls import reverse
-from django.views.decorators.http import require_GET, require_POST
+from django.views.decorators.http import require_POST, require_safe
 
 from orchestrator_project.locking import LockUnavailable, StaleFencingToken
 from orchestrator_project.redaction import redact, redact_data
@@ -29,6 +29,7 @@ from tasks import lifecycle
 from tasks.decomposition import critical_path
 from tasks.decomposition.critical_path import Node
 from tasks.models import Task
+from tenants.models import Membership
 
 from . import access, graph
 
@@ -81,6 +82,7 @@ def actions_allowed(status: str, *, retries_left: bool = True) -> list[str]:
     """The actions the state machine accepts from `status` (sessions.models.TRANSITIONS, as
     tasks.lifecycle uses them)."""
     targets = TRANSITIONS[status]
+    # As lifecycle.cancel_session decides: a running session stops, any other is cancelled.
     cancel_to = Session.Status.STOPPED if status in ACTIVE - {Session.Status.QUEUED} else Session.Status.CANCELLED
     allowed = {
         "pause": Session.Status.PAUSED in targets,
@@ -104,7 +106,7 @@ class Row:
 
     id: int
     kind: str
-    at: object
+    at: datetime
     task: str
     subject: str
     change: str
@@ -133,7 +135,7 @@ def row(event: FeedEvent) -> Row:
 # --- the page -----------------------------------------------------------------------------------
 
 
-def _session_of(user, pk) -> tuple[Session, object]:
+def _session_of(user, pk) -> tuple[Session, Membership]:
     session = Session.objects.select_related("tenant").filter(pk=pk).first()
     if session is None:
         raise Http404("No such session.")
@@ -164,11 +166,10 @@ def _progress(tasks: list[Task]) -> dict:
         "counts": [(status, counts[status]) for status in Task.Status.values],
         "finished": finished,
         "total": total,
-        "percent": round(100 * finished / total) if total else 0,
     }
 
 
-@require_GET
+@require_safe
 @login_required
 def detail(request, pk):
     view = request.GET.get("view", "all")
@@ -176,51 +177,60 @@ def detail(request, pk):
     with feed.consistent_read() as position:
         session, membership = _session_of(request.user, pk)
         tasks, upstreams = _tasks_and_edges(session.pk)
-        critical = _critical_keys(tasks, upstreams)
         # Newest first: the top of the timeline is what just happened, whatever its height.
         events = [row(event) for event in FeedEvent.objects.filter(session_id=session.pk).order_by("-id")]
-        selected = request.GET.get("task")
-        panel = _panel_context(session, selected) if selected else None
-    drawing = graph.layout(tasks, upstreams, critical)
-    base = reverse("console:session", args=[session.pk])
-    task_url = reverse("console:task", args=[session.pk, NO_TASK])
+        panel = _panel_context(session, request.GET["task"]) if request.GET.get("task") else None
+    critical = _critical_keys(tasks, upstreams)
+    selected = str(panel["task"].pk) if panel else ""
     allowed = _allowed_for(session)
     context = {
         "session": session,
         "membership": membership,
         "can_mutate": membership.can_mutate,
-        "graph": drawing,
+        "graph": graph.layout(tasks, upstreams, critical),
         "node_size": {"width": graph.NODE_WIDTH, "height": graph.NODE_HEIGHT},
         "critical_path": critical,
         "progress": _progress(tasks),
+        "legend": Task.Status.values,
         "events": events,
         "after": position.encode(),
-        "view": view,
-        "views": [(name, text, base + _query(name, selected)) for name, text in VIEWS.items()],
-        "close_url": f"{base}{_query(view, None)}",
-        "node_query": "?" + (f"view={view}&" if view != "all" else "") + "task=",
-        "task_url": task_url,
-        "no_task": NO_TASK,
         "panel": panel,
-        "selected_id": str(panel["task"].pk) if panel else "",
+        "selected_id": selected,
         "allowed": allowed,
         "actions": [(name, CONSEQUENCES[name], name in allowed) for name in ACTIONS],
-        "live_config": {
-            "session": str(session.pk),
-            "after": position.encode(),
-            "icons": ICONS,
-            "allowed": {status: actions_allowed(status) for status in TRANSITIONS},
-            "retries_left": session.max_retries - session.retry_count,
-            "retryable": sorted(RETRYABLE),
-            "settled": sorted(SETTLED),
-            "finished": sorted(Task.FINISHED),
-            "task_url": task_url,
-            "no_task": NO_TASK,
-        },
-        "legend": Task.Status.values,
         "workspace": _workspace(session),
+        "live_config": _live_config(session, position),
+        **_links(session, view, selected),
     }
     return render(request, "console/session.html", context)
+
+
+def _links(session: Session, view: str, selected: str) -> dict:
+    """The page's own links: the filters (keeping the open task), the nodes' (keeping the
+    filter), the panel's close link."""
+    base = session.get_absolute_url()
+    return {
+        "view": view,
+        "views": [(name, text, base + _query(name, selected)) for name, text in VIEWS.items()],
+        "node_query": "?" + (f"view={view}&" if view != "all" else "") + "task=",
+        "close_url": base + _query(view, None),
+    }
+
+
+def _live_config(session: Session, position: feed.Position) -> dict:
+    """What session.js needs: where its stream starts, and the rules it applies to events."""
+    return {
+        "session": str(session.pk),
+        "after": position.encode(),
+        "icons": ICONS,
+        "allowed": {status: actions_allowed(status) for status in TRANSITIONS},
+        "retries_left": session.max_retries - session.retry_count,
+        "retryable": sorted(RETRYABLE),
+        "settled": sorted(SETTLED),
+        "finished": sorted(Task.FINISHED),
+        "task_url": reverse("console:task", args=[session.pk, NO_TASK]),
+        "no_task": NO_TASK,
+    }
 
 
 def _query(view: str, task: str | None) -> str:
@@ -272,7 +282,7 @@ def _duration(start, end) -> str:
     return f"{hours} h {minutes:02d} min"
 
 
-@require_GET
+@require_safe
 @login_required
 def task_panel(request, pk, task):
     """The side panel of one task, as a fragment (session.js swaps it into the page)."""

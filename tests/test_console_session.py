@@ -13,6 +13,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from console import graph
+from orchestrator_project.locking import FairLock
 from sessions.models import FeedEvent, Session, SessionEvent
 from tasks.models import Task
 from tenants.models import Membership
@@ -252,6 +253,20 @@ def test_a_retry_past_the_limit_says_so(client, session):
 
     assert messages_of(response) == ["Cannot retry: the session is failed; it was retried 3 times, its limit."]
     assert 'Allowed now: <span id="allowed-now">none</span>' in response.content.decode()
+
+
+def test_an_action_while_another_change_holds_the_session_says_try_again(client, session, settings):
+    console_client(client, "acme", "olivia", Membership.Role.OPERATOR)
+    settings.SESSION_LOCK_TTL_SECONDS = 1  # how long the action waits for the lock
+    other = FairLock(f"session:{session.pk}", ttl=30, owner="another process")
+    other.acquire(timeout=1)
+    try:
+        response = client.post(action_url(session, "cancel"), {"confirm": "yes"}, follow=True)
+    finally:
+        other.release()
+
+    assert messages_of(response) == ["Cannot cancel now: another change of the session is under way. Try again."]
+    assert Session.objects.get(pk=session.pk).status == Session.Status.PENDING
 
 
 def test_bad_action_requests_are_refused(client, session):

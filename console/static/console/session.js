@@ -212,14 +212,19 @@
     history.replaceState(null, "", url);
   }
 
+  let panelRequest = 0; // only the latest request fills the panel, whichever answers last
+
   async function openPanel(taskId, { focus = true } = {}) {
+    const request = ++panelRequest;
     const response = await fetch(config.task_url.replace(config.no_task, taskId), { credentials: "same-origin" });
+    const html = response.ok ? await response.text() : "";
+    if (request !== panelRequest) return;
     if (!response.ok) {
       panel.replaceChildren(span("error", `The task could not be read (HTTP ${response.status}).`));
       return;
     }
     // A fragment our own template rendered (console/task_panel.html): escaped there.
-    panel.innerHTML = await response.text();
+    panel.innerHTML = html;
     times(panel);
     openTask = taskId;
     markSelected(taskId);
@@ -228,6 +233,7 @@
   }
 
   function closePanel() {
+    panelRequest += 1; // a request still under way no longer fills the panel
     const node = openTask && document.getElementById(`task-${openTask}`);
     panel.innerHTML = placeholder || "<p class=\"muted placeholder\">Select a task in the graph.</p>";
     openTask = null;
