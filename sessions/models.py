@@ -8,6 +8,7 @@ import structlog
 from django.conf import settings
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models, transaction
+from django.urls import reverse
 from django.utils import timezone
 
 from orchestrator_project import metrics
@@ -152,6 +153,10 @@ class Session(models.Model):
 
     def __str__(self) -> str:
         return f"{self.title} ({self.status})"
+
+    def get_absolute_url(self) -> str:
+        """The session's page in the console (the admin links to it: "View on site")."""
+        return reverse("console:session", args=[self.pk])
 
     @property
     def branch(self) -> str:

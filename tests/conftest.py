@@ -36,6 +36,10 @@ from tasks.models import Task
 from tenants.models import Membership
 
 ROOT = Path(__file__).resolve().parent.parent
+# pytest-django's live server binds "localhost" unless told otherwise. Cookies belong to a host
+# name, not a port: a page on localhost would send no login cookie to the event stream on
+# 127.0.0.1 (Stack.stream), so the browser tests use 127.0.0.1 for both.
+os.environ.setdefault("DJANGO_LIVE_TEST_SERVER_ADDRESS", "127.0.0.1")
 
 
 def wait_until(
@@ -355,10 +359,11 @@ class Stack:
         wait_until(online, what=f"agent {name} online")
         return proc
 
-    def stream(self, env: dict | None = None) -> str:
+    def stream(self, env: dict | None = None, port: int | None = None) -> str:
         """The event streams' ASGI process (gunicorn with uvicorn's worker, as the Procfile runs
-        it) on a free port; returns its base URL once it answers."""
-        port = free_port()
+        it) on `port` (a free one by default: a restart passes the old one, so that browsers
+        reconnect to it); returns its base URL once it answers."""
+        port = port or free_port()
         proc = self._spawn("stream", server_argv(f"127.0.0.1:{port}"), env)
         url = f"http://127.0.0.1:{port}"
 
