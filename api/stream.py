@@ -21,15 +21,17 @@ import logging
 import sys
 import time
 import uuid
+from collections import OrderedDict
+from urllib.parse import urlsplit
 
 import psycopg
 import redis.asyncio as aioredis
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import connection
+from django.db import DatabaseError, connection
 from django.http import HttpResponseRedirect, JsonResponse, StreamingHttpResponse
 from psycopg.rows import tuple_row
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from rest_framework.authentication import TokenAuthentication
 from rest_framework.exceptions import AuthenticationFailed
 
@@ -45,7 +47,7 @@ def server_argv(bind: str) -> list[str]:
     """The stream process's command, as the Procfile's `stream` runs it (for tests and benchmarks)."""
     return [
         sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py", "orchestrator_project.asgi:application",
-        "--worker-class", "uvicorn_worker.UvicornWorker", "--workers", "1", "--graceful-timeout", "3",
+        "--worker-class", "uvicorn_worker.UvicornWorker", "--workers", "1", "--graceful-timeout", "5",
         "--no-control-socket", "--bind", bind,
     ]  # fmt: skip
 
@@ -189,29 +191,61 @@ async def now_position() -> feed.Position:
 # --- the stream ---------------------------------------------------------------------------------
 
 
-def message(event: dict, position: feed.Position) -> str:
-    """One SSE message: its id is the event's position; its data the redacted event."""
+# The rendered data of recent events, by feed id: each event is redacted once per process, not
+# once per reader (a busy tenant's event goes to every open page of it).
+_rendered: OrderedDict[int, str] = OrderedDict()
+RENDERED_KEPT = 4096
+
+
+def _data(event: dict) -> str:
+    if (cached := _rendered.get(event["id"])) is not None:
+        _rendered.move_to_end(event["id"])
+        return cached
+    fields = redact_data(event["data"])
+    if isinstance(fields.get("error"), str):
+        fields["error"] = fields["error"][: feed.ERROR_SHOWN]
     data = {
         "id": event["id"],
         "kind": event["kind"],
         "session": event["session_id"],
         "task": event["task_id"],
         "at": event["created_at"],
-        **redact_data(event["data"]),
+        **fields,
     }
-    return f"id: {position.encode()}\nevent: {event['kind']}\ndata: {json.dumps(data)}\n\n"
+    _rendered[event["id"]] = rendered = json.dumps(data)
+    if len(_rendered) > RENDERED_KEPT:
+        _rendered.popitem(last=False)
+    return rendered
+
+
+def message(event: dict, position: feed.Position) -> str:
+    """One SSE message: its id is the event's position; its data the redacted event."""
+    return f"id: {position.encode()}\nevent: {event['kind']}\ndata: {_data(event)}\n\n"
 
 
 async def events(*, tenant: int, user: int, session: str | None, position: feed.Position | None):
+    """The stream: a `start` message with the starting position (a client that drops before any
+    event resumes from it), then the events, heartbeats, and `end` when the reader may no longer
+    see the tenant. It closes after STREAM_MAX_SECONDS: the browser reconnects where it was and
+    is authenticated again. While the database is away it waits and reads again."""
     reader = Reader(tenant, session)
     BELL.add(reader)  # before the first read: nothing announced after it is missed
     try:
         if position is None:  # a session's stream replays it whole; a tenant's starts now
             position = feed.Position(seen=None) if session is not None else await now_position()
-        yield f"retry: {RECONNECT_MS}\n\n"  # from here on, nothing is missed
-        next_beat = time.monotonic() + settings.STREAM_HEARTBEAT_SECONDS
-        while True:
-            allowed, placed, position = await read(tenant=tenant, user=user, session=session, position=position)
+        yield f"retry: {RECONNECT_MS}\nid: {position.encode()}\nevent: start\ndata: {{}}\n\n"
+        started = time.monotonic()
+        next_beat = started + settings.STREAM_HEARTBEAT_SECONDS
+        backoff = 0.0
+        while time.monotonic() - started < settings.STREAM_MAX_SECONDS:
+            try:
+                allowed, placed, position = await read(tenant=tenant, user=user, session=session, position=position)
+                backoff = 0.0
+            except (psycopg.Error, PoolTimeout):
+                logger.warning("event stream: reading the feed failed; again soon", exc_info=True)
+                allowed, placed, backoff = True, [], min(5.0, backoff * 2 or 0.5)
+                yield ": the database is unavailable; retrying\n\n"
+                await asyncio.sleep(backoff)
             if not allowed:
                 yield 'event: end\ndata: {"reason": "no longer a member of this tenant"}\n\n'
                 return
@@ -247,15 +281,15 @@ def _session_tenant(user, session_id) -> int | None:
     return sessions.values_list("tenant_id", flat=True).first()
 
 
-def _tenant_of(user, slug: str | None) -> int | str:
+def _tenant_of(user, slug: str | None) -> int | JsonResponse:
     memberships = Membership.objects.filter(user=user)
     if slug:
         memberships = memberships.filter(tenant__slug=slug)
     tenants = list(memberships.values_list("tenant_id", flat=True)[:2])
     if not tenants:
-        return f"you are not a member of tenant {slug!r}" if slug else "you are not a member of any tenant"
+        return _error(404, "not_found", "No such tenant of yours.")
     if len(tenants) > 1:
-        return "you belong to several tenants; name one with ?tenant="
+        return _error(400, "invalid", "tenant: you belong to several tenants; name one with ?tenant=")
     return tenants[0]
 
 
@@ -272,9 +306,14 @@ def _connect(request, session_id):
                 return None, None, _error(404, "not_found", "No session found.")
             return user, tenant, None
         tenant = _tenant_of(user, request.GET.get("tenant"))
-        if isinstance(tenant, str):
-            return None, None, _error(400, "invalid", f"tenant: {tenant}")
+        if isinstance(tenant, JsonResponse):
+            return None, None, tenant
         return user, tenant, None
+    except DatabaseError:
+        logger.warning("event stream: the database is unavailable at connect", exc_info=True)
+        refused = _error(503, "unavailable", "The database is unavailable; try again.")
+        refused["Retry-After"] = "5"
+        return None, None, refused
     finally:
         connection.close()  # the stream reads through its own pool; hold nothing of Django's
 
@@ -289,18 +328,57 @@ def _position(request) -> feed.Position | JsonResponse | None:
         return _error(400, "invalid", f"Last-Event-ID/after: {exc}")
 
 
+def _foreign_origin(request) -> bool:
+    """A browser page of another origin than this process's and not in STREAM_ALLOWED_ORIGINS."""
+    origin = request.headers.get("Origin")
+    if not origin or origin in settings.STREAM_ALLOWED_ORIGINS:
+        return False
+    return urlsplit(origin).netloc != request.get_host()
+
+
 def _cors(request, response):
+    response["Vary"] = "Origin"
     origin = request.headers.get("Origin")
     if origin and origin in settings.STREAM_ALLOWED_ORIGINS:
         response["Access-Control-Allow-Origin"] = origin
         response["Access-Control-Allow-Credentials"] = "true"
-        response["Vary"] = "Origin"
     return response
+
+
+class _Open:
+    """The streams each user has open in this process (at most STREAM_MAX_PER_USER)."""
+
+    def __init__(self):
+        self.count: dict[int, int] = {}
+
+    def take(self, user: int) -> bool:
+        if self.count.get(user, 0) >= settings.STREAM_MAX_PER_USER:
+            return False
+        self.count[user] = self.count.get(user, 0) + 1
+        return True
+
+    def give_back(self, user: int) -> None:
+        self.count[user] -= 1
+        if not self.count[user]:
+            del self.count[user]
+
+
+OPEN = _Open()
+
+
+async def _counted(user: int, stream):
+    try:
+        async for part in stream:
+            yield part
+    finally:
+        OPEN.give_back(user)
 
 
 async def _stream(request, session_id: str | None):
     if request.method != "GET":
         return _cors(request, _error(405, "method_not_allowed", f'Method "{request.method}" not allowed.'))
+    if _foreign_origin(request):
+        return _cors(request, _error(403, "forbidden", "This origin may not read the event streams."))
     async with _connecting():
         user, tenant, refused = await sync_to_async(_connect)(request, session_id)
     if refused is not None:
@@ -308,8 +386,12 @@ async def _stream(request, session_id: str | None):
     position = _position(request)
     if isinstance(position, JsonResponse):
         return _cors(request, position)
+    if not OPEN.take(user.pk):
+        refused = _error(429, "throttled", f"At most {settings.STREAM_MAX_PER_USER} open streams per user.")
+        refused["Retry-After"] = str(RECONNECT_MS // 1000)
+        return _cors(request, refused)
     stream = events(tenant=tenant, user=user.pk, session=session_id, position=position)
-    response = StreamingHttpResponse(stream, content_type="text/event-stream")
+    response = StreamingHttpResponse(_counted(user.pk, stream), content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"  # nginx: pass each event on at once
     return _cors(request, response)

@@ -122,7 +122,7 @@ def row(event: FeedEvent) -> Row:
         details += [f"agent {data['agent']}"] if data.get("agent") else []
         subject, change = f"task {data.get('key', '')}", f"{before} \u2192 {after}"
         return Row(event.pk, event.kind, event.created_at, str(event.task_id), subject, change, details,
-                   data.get("error") or "")  # fmt: skip
+                   (data.get("error") or "")[: feed.ERROR_SHOWN])  # fmt: skip
     if not before:
         change, details = f"created ({after})", []
     else:

@@ -3,7 +3,9 @@
 Started by gunicorn with uvicorn's worker (the Procfile's `stream`), on a port of its own or
 behind the same proxy as the API, which sends it /api/v1/stream/ and /api/v1/sessions/*/stream/.
 It keeps only the middleware a stream needs (sessions and authentication for the console's
-login; all of it async), so that an open stream holds no thread.
+login; all of it async). Django still gives each request a thread for its synchronous parts
+(here: authentication at connect), which stays idle while the stream is open; hence a cap of
+streams per user (STREAM_MAX_PER_USER) and a stream's longest life (STREAM_MAX_SECONDS).
 """
 
 import os

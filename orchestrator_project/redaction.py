@@ -37,14 +37,15 @@ SECRET_VARIABLES = frozenset(
 )
 SECRET_SUFFIXES = ("_API_KEY", "_TOKEN", "_PASSWORD", "_SECRET", "_SECRET_KEY", "_SECRET_ACCESS_KEY")
 
-_SECRET_NAME = (
-    r"[A-Za-z0-9_.-]*(?:passw(?:or)?d|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|private[_-]?key|credentials?)"  # noqa: S105 - a pattern of names
-)
+# Every pattern starts with a literal (a word, "://", a known prefix): one that could scan far
+# from every position would take quadratic time on a hostile output (a megabyte of "a-a-a-..."),
+# holding the process that shows it (tests/test_redaction.py).
+_SECRET_WORD = r"(?:passw(?:or)?d|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|private[_-]?key|credentials?)"  # noqa: S105
 # Not a value an earlier pattern has redacted already (an external agent's token keeps its prefix).
 _FRESH = rf"(?![^\s\"',;]*{re.escape(REDACTED)})"
 _SCHEME = r"(?:bearer|token|basic|digest|negotiate)"
 # A JSON key that names a secret: its value goes, whatever it looks like.
-_SECRET_KEY = re.compile(_SECRET_NAME, re.I)
+_SECRET_KEY = re.compile(rf"[A-Za-z0-9_.-]*{_SECRET_WORD}", re.I)  # fullmatch only: one start
 # Each pattern and its replacement; the groups a replacement keeps are not secret.
 SHAPES: list[tuple[re.Pattern, str]] = [
     # An external agent's token (agents/eap.py): the public prefix stays.
@@ -56,8 +57,8 @@ SHAPES: list[tuple[re.Pattern, str]] = [
         ),
         REDACTED,
     ),
-    # user:password@ in a URL or a connection string: the user stays.
-    (re.compile(r"\b([a-z][a-z0-9+.-]*://[^\s:/@'\"]*:)[^\s@/'\"]+@", re.I), rf"\g<1>{REDACTED}@"),
+    # scheme://user:password@ in a URL or a connection string: the user stays.
+    (re.compile(r"(://[^\s:/@'\"]{0,256}:)[^\s@/'\"]{1,512}@"), rf"\g<1>{REDACTED}@"),
     # Authorization: Bearer|Token|Basic <credential>.
     (
         re.compile(
@@ -66,9 +67,9 @@ SHAPES: list[tuple[re.Pattern, str]] = [
         rf"\g<1>{REDACTED}",
     ),
     (re.compile(rf"\b((?:bearer|token)\s+){_FRESH}[A-Za-z0-9._~+/-]{{16,}}=*", re.I), rf"\g<1>{REDACTED}"),
-    # name=value, name: value, "name": "value" for a secret-sounding name (PASSWORD, api_key, ...).
+    # name=value, name: value, "name": "value" for a name ending in a secret's word (DB_PASSWORD, api_key, ...).
     (
-        re.compile(rf"\b({_SECRET_NAME}[\"']?\s*[:=]\s*[\"']?)(?!{re.escape(REDACTED)})[^\s\"'&;,]+", re.I),
+        re.compile(rf"({_SECRET_WORD}[\"']?\s*[:=]\s*[\"']?)(?!{re.escape(REDACTED)})[^\s\"'&;,]+", re.I),
         rf"\g<1>{REDACTED}",
     ),
     # Well-known token shapes: GitHub, GitLab, Slack, AWS access keys, OpenAI/Anthropic-style keys, JWTs.

@@ -472,6 +472,10 @@ STREAM_HEARTBEAT_SECONDS = env_float("STREAM_HEARTBEAT_SECONDS", 15.0, minimum=0
 STREAM_POLL_SECONDS = env_float("STREAM_POLL_SECONDS", 5.0, minimum=0.05)
 STREAM_DB_POOL_SIZE = env_int("STREAM_DB_POOL_SIZE", 10, minimum=1)
 STREAM_BATCH = env_int("STREAM_BATCH", 500, minimum=1)
+# A stream closes after this long and the browser reconnects where it was: authenticated again,
+# so that a logout, a removed token or a deactivated user ends what they had open.
+STREAM_MAX_SECONDS = env_float("STREAM_MAX_SECONDS", 900.0, minimum=1.0)
+STREAM_MAX_PER_USER = env_int("STREAM_MAX_PER_USER", 20, minimum=1)
 
 # Logs (docs/LOGGING.md): JSON lines on stderr, or lines for a person at a console; one
 # formatter for every logger of every process, with the secrets of this environment redacted.

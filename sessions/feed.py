@@ -19,12 +19,15 @@ the stream processes wake their readers of that tenant, which read from the data
 is only the bell: a lost message delays an event until the next poll, never loses it.
 """
 
+import functools
+import itertools
 import logging
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.db import connection, transaction
 
 from orchestrator_project.redis_client import redis_client
@@ -32,10 +35,15 @@ from orchestrator_project.redis_client import redis_client
 logger = logging.getLogger(__name__)
 
 CHANNEL_PREFIX = "io:feed:"
-# A pg_snapshot as text: xmin:xmax:xip,xip,...
-_SNAPSHOT = re.compile(r"\d{1,20}:\d{1,20}:(\d{1,20}(,\d{1,20})*)?")
-# The longest position a client may send: a snapshot lists the transactions in progress.
-MAX_POSITION_LENGTH = 8192
+# What a stream or a timeline shows of a task's error, cut after redaction: the feed keeps 2,000
+# characters, so that a credential that crosses this length is still recognised whole first.
+ERROR_SHOWN = 500
+# A pg_snapshot as text: xmin:xmax:xip,xip,... (ASCII digits only; checked further in _snapshot).
+_SNAPSHOT = re.compile(r"([0-9]{1,19}):([0-9]{1,19}):((?:[0-9]{1,19},)*[0-9]{1,19})?", re.ASCII)
+_ID = re.compile(r"[0-9]{1,18}", re.ASCII)
+# The longest position a client may send: two snapshots, each listing the transactions in
+# progress (at most max_connections of them, 20 characters each).
+MAX_POSITION_LENGTH = 16384
 
 
 def stream_base(request) -> str:
@@ -79,29 +87,38 @@ class Position:
 
     @classmethod
     def parse(cls, text: str) -> "Position":
+        """A position a client sent back, checked as PostgreSQL would check its snapshots, so that
+        a bad one is a 400 before the stream starts rather than an error after."""
         if len(text) > MAX_POSITION_LENGTH:
             raise BadPosition("the position is too long")
         parts = text.split("~")
-        if len(parts) == 1 and _SNAPSHOT.fullmatch(parts[0]):
-            return cls(seen=parts[0])
-        if (
-            len(parts) == 3
-            and (not parts[0] or _SNAPSHOT.fullmatch(parts[0]))
-            and _SNAPSHOT.fullmatch(parts[1])
-            and parts[2].isdigit()
-            and len(parts[2]) <= 19
-        ):
-            return cls(seen=parts[0] or None, batch=parts[1], last=int(parts[2]))
+        if len(parts) == 1:
+            return cls(seen=_snapshot(parts[0]))
+        if len(parts) == 3 and _ID.fullmatch(parts[2]):
+            return cls(seen=_snapshot(parts[0]) if parts[0] else None, batch=_snapshot(parts[1]), last=int(parts[2]))
         raise BadPosition(f"not a stream position: {text[:80]!r}")
 
 
-# The events after a position, and whether the reader may still see them: the membership is
-# looked at in the same statement as the events it lets through. {scope} is one session's or the
-# tenant's events; {after} is empty for a reader that has seen nothing yet.
+def _snapshot(text: str) -> str:
+    match = _SNAPSHOT.fullmatch(text)
+    if match is None:
+        raise BadPosition(f"not a stream position: {text[:80]!r}")
+    xmin, xmax = int(match[1]), int(match[2])
+    xip = [int(xid) for xid in match[3].split(",")] if match[3] else []
+    in_order = all(a < b for a, b in itertools.pairwise(xip))
+    if not (1 <= xmin <= xmax < 2**63 and in_order and all(xmin <= xid < xmax for xid in xip)):
+        raise BadPosition(f"not a stream position: {text[:80]!r}")
+    return text
+
+
+# The events after a position, and whether the reader may still see them: an active user, a
+# member of the tenant, looked at in the same statement as the events it lets through. {scope} is
+# one session's or the tenant's events; {after} is empty for a reader that has seen nothing yet.
 _READ = """
 WITH here AS (
     SELECT pg_current_snapshot() AS now,
-           EXISTS (SELECT FROM tenants_membership m WHERE m.user_id = %(user)s AND m.tenant_id = %(tenant)s) AS allowed
+           EXISTS (SELECT FROM tenants_membership m JOIN {users} u ON u.id = m.user_id
+                   WHERE m.user_id = %(user)s AND m.tenant_id = %(tenant)s AND u.is_active) AS allowed
 )
 SELECT here.allowed, here.now::text, CASE WHEN here.allowed THEN (
     SELECT coalesce(json_agg(e ORDER BY e.id), '[]'::json) FROM (
@@ -119,18 +136,19 @@ _AFTER = """
           AND f.txid >= pg_snapshot_xmin(%(seen)s::pg_snapshot)::text::bigint
           AND NOT pg_visible_in_snapshot(f.txid::text::xid8, %(seen)s::pg_snapshot)"""
 _SCOPES = {"session": "f.session_id = %(session)s AND f.tenant_id = %(tenant)s", "tenant": "f.tenant_id = %(tenant)s"}
-READ = {
-    (scope, seen): _READ.format(scope=where, after=_AFTER if seen else "")
-    for scope, where in _SCOPES.items()
-    for seen in (True, False)
-}
 NOW = "SELECT pg_current_snapshot()::text"
+
+
+@functools.cache
+def _read_sql(scope: str, seen: bool) -> str:
+    users = get_user_model()._meta.db_table
+    return _READ.format(users=users, scope=_SCOPES[scope], after=_AFTER if seen else "")
 
 
 def query(*, tenant: int, user: int, session, position: Position, limit: int) -> tuple[str, dict]:
     """The statement and parameters that read what follows `position` (session None: the
     tenant's every session)."""
-    sql = READ[("session" if session is not None else "tenant", position.seen is not None)]
+    sql = _read_sql("session" if session is not None else "tenant", position.seen is not None)
     params = {
         "tenant": tenant,
         "user": user,

@@ -317,7 +317,7 @@ class FeedEvent(models.Model):
     """One change a live page shows, for the event streams (sessions/feed.py): a session created,
     a session's transition or note, a task's change of status.
 
-    Written by PostgreSQL triggers (migrations 0007 here and 0010 in tasks), in the transaction
+    Written by PostgreSQL triggers (migrations 0009 here and 0011 in tasks), in the transaction
     of the change itself: no code path can forget one, and none is seen before its change is.
     `txid` is that transaction's id (pg_current_xact_id): the streams order by commit with it,
     since ids from a sequence can commit out of order. Read-only to Python."""

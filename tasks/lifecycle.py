@@ -12,6 +12,7 @@ from agents.models import Agent
 from orchestrator_project import logs
 from orchestrator_project.locking import LockUnavailable
 from orchestrator_project.validation import InvalidInput
+from sessions import feed
 from sessions.models import ACTIVE, RETRYABLE, Session
 from sessions.workspaces import WorkspaceError, check_repository, finish_workspace, prepare_workspace
 
@@ -108,6 +109,7 @@ def create_session(*, tenant, user, data: dict, idempotency_key: str | None = No
                 idempotency_key=idempotency_key or None,
             )
             _create_tasks(session, plan.tasks)
+            transaction.on_commit(lambda: feed.announce(tenant.pk, session.pk))  # the tenant's live lists
     except IntegrityError:
         # Two requests with the same key raced; the other one's session is the answer.
         existing = Session.objects.filter(tenant=tenant, idempotency_key=idempotency_key).first()

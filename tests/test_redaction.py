@@ -53,3 +53,15 @@ def test_json_values_under_secret_names_go_whatever_they_look_like():
         "password": REDACTED,
         "nested": [{"client_secret": REDACTED}, f"Bearer {REDACTED}"],
     }
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    ["a-" * 500_000, "a." * 500_000, "x://" * 250_000, "a:" * 500_000, "token " * 170_000, "://" + "a" * 1_000_000,
+     "password" * 125_000, "Authorization: " * 70_000, "bearer " + "a" * 1_000_000, "eyJ" * 330_000],
+)  # fmt: skip
+def test_a_megabyte_of_hostile_output_is_redacted_in_one_pass(hostile):
+    """Every pattern starts with a literal, so the work grows with the text, not its square: a
+    pattern that scanned to the end from every position would take hours here (and the suite's
+    per-test timeout would fail this test with a traceback)."""
+    assert redact(f"{hostile} password=hunter2-at-the-end").endswith(" password=[redacted]")

@@ -11,13 +11,14 @@ import httpx
 import psycopg
 import pytest
 from django.conf import settings
+from django.contrib.auth import get_user_model
 
 from sessions import feed
 from sessions.models import FeedEvent, Session
 from tasks.models import Task
 from tenants.models import Membership
 
-from .conftest import Stack, dag_payload, error_of, member_client, member_token, worker_database_url
+from .conftest import Stack, dag_payload, error_of, member_client, member_token, wait_until, worker_database_url
 
 NOTHING = feed.Position(seen=None)
 
@@ -153,7 +154,26 @@ def test_a_tenants_feed_has_only_its_own_sessions(alice):
 
 @pytest.mark.parametrize(
     "text",
-    ["garbage", "1:2", "1:2:3~", "a:b:c", "1:2:~1:3:~x", "1:2:~1:3:", "~~", "1:2:3,~4:5:~1", "9" * 9000],
+    [
+        "garbage",
+        "1:2",
+        "1:2:3~",
+        "a:b:c",
+        "1:2:~1:3:~x",
+        "1:2:~1:3:",
+        "~~",
+        "1:2:3,~4:5:~1",
+        "9" * 17000,
+        "\u0661:\u0662:",
+        "5:3:",
+        "1:2:7",
+        "3:9:5,4",
+        "3:9:4,4",
+        "0:0:",
+        "18446744073709551616:18446744073709551617:",
+        "1:2:~1:3:~\u00b2",
+        "1:2:~1:3:~-1",
+    ],
 )
 def test_a_position_that_is_not_ours_is_refused(text):
     with pytest.raises(feed.BadPosition):
@@ -161,7 +181,8 @@ def test_a_position_that_is_not_ours_is_refused(text):
 
 
 def test_positions_survive_the_round_trip():
-    for position in [feed.Position("10:12:10,11"), feed.Position(None, "5:5:", 7), feed.Position("1:3:2", "4:4:", 9)]:
+    for position in [feed.Position("10:12:10,11"), feed.Position(None, "5:5:", 7), feed.Position("1:3:2", "4:4:", 9),
+                     feed.Position("7:90:7,8,9,33,89")]:  # fmt: skip
         assert feed.Position.parse(position.encode()) == position
 
 
@@ -176,8 +197,9 @@ class Events:
         self.response = self._stream.__enter__()
         self._lines = self.response.iter_lines()
         if self.response.status_code == 200:
-            # The first message sets the reconnection delay; the stream's position is fixed by then.
-            assert self.next() == {"retry": "2000"}
+            # The first message sets the reconnection delay and says where the stream starts.
+            self.start = self.next()
+            assert (self.start["retry"], self.start["event"], self.start["data"]) == ("2000", "start", "{}")
 
     def next(self) -> dict:
         message: dict = {}
@@ -319,6 +341,50 @@ def test_secrets_in_a_tasks_error_never_reach_the_stream(stream_url):
     assert "[redacted]" in json.loads(failed["data"])["error"]
 
 
+def test_a_credential_across_the_shown_length_is_redacted_before_the_cut(stream_url):
+    token = member_token("acme", "alice")
+    _, session = alice_and_session(member_client("acme", "alice"))
+    error = "x" * (feed.ERROR_SHOWN - 20) + " postgres://app:a-long-database-password@db:5432/orch"
+    session.tasks.filter(key="design").update(status=Task.Status.FAILED, error=error)
+
+    events = Events(f"{stream_url}/api/v1/sessions/{session.pk}/stream/", {"Authorization": f"Token {token}"})
+    [_, failed] = events.until(lambda got: len(got) >= 2, "the failure")
+    events.close()
+
+    shown = json.loads(failed["data"])["error"]
+    assert len(shown) == feed.ERROR_SHOWN and "a-long" not in shown and "postgres://app:[red" in shown
+
+
+def test_a_deactivated_user_gets_no_further_event(stream_url):
+    token = member_token("acme", "dave")
+    _, session = alice_and_session(member_client("acme", "alice"))
+    events = Events(f"{stream_url}/api/v1/sessions/{session.pk}/stream/", {"Authorization": f"Token {token}"})
+    events.until(lambda got: len(got) >= 1, "the replay")
+
+    get_user_model().objects.filter(username="dave").update(is_active=False)
+    session.transition(Session.Status.QUEUED, reason="start", actor="user:alice")
+    [last] = events.until(lambda got: len(got) >= 1, "the end")
+    events.close()
+
+    assert last["event"] == "end"
+
+
+def test_one_user_may_hold_only_so_many_streams(stream_url):
+    token = member_token("acme", "alice")
+    url = f"{stream_url}/api/v1/stream/?tenant=acme"
+    held = [Events(url, {"Authorization": f"Token {token}"}) for _ in range(settings.STREAM_MAX_PER_USER)]
+    try:
+        refused = httpx.get(url, headers={"Authorization": f"Token {token}"})
+        assert error_of(refused, 429)["code"] == "throttled" and refused.headers["Retry-After"]
+    finally:
+        for events in held:
+            events.close()
+    # Closed streams are given back.
+    wait_until(
+        lambda: Events(url, {"Authorization": f"Token {token}"}).response.status_code == 200, what="a stream again"
+    )
+
+
 def test_the_stream_refuses_what_it_cannot_serve(stream_url):
     token = member_token("acme", "alice")
     other = member_token("other", "bob")
@@ -336,9 +402,10 @@ def test_the_stream_refuses_what_it_cannot_serve(stream_url):
     assert "Last-Event-ID" in error_of(httpx.get(url, headers=bad), 400)["message"]
     assert "after" in error_of(httpx.get(f"{url}?after=%00", headers=auth), 400)["message"]
     assert "several tenants" in error_of(httpx.get(f"{stream_url}/api/v1/stream/", headers=auth), 400)["message"]
-    assert (
-        "not a member" in error_of(httpx.get(f"{stream_url}/api/v1/stream/?tenant=other", headers=auth), 400)["message"]
-    )
+    not_mine = httpx.get(f"{stream_url}/api/v1/stream/?tenant=other", headers=auth)
+    assert error_of(not_mine, 404)["code"] == "not_found"
+    foreign = httpx.get(url, headers={**auth, "Origin": "https://evil.example"})
+    assert error_of(foreign, 403)["code"] == "forbidden" and foreign.headers["Vary"] == "Origin"
     assert error_of(httpx.post(url, headers=auth), 405)["code"] == "method_not_allowed"
 
 

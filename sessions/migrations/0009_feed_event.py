@@ -1,6 +1,7 @@
-"""The feed of the live event streams (sessions.models.FeedEvent), and the triggers that write it
-for sessions: one row when a session is created and one for each of its events (transitions and
-notes), in the same transaction."""
+"""The feed of the live event streams (sessions.models.FeedEvent), filled with what the sessions
+that exist already would have written, and the triggers that write it for sessions from now on:
+one row when a session is created and one for each of its events (transitions and notes), in the
+same transaction."""
 
 import django.db.models.deletion
 from django.db import migrations, models
@@ -29,6 +30,22 @@ BEGIN
 END $$;
 CREATE TRIGGER io_feed_session_event AFTER INSERT ON agent_sessions_sessionevent
     FOR EACH ROW EXECUTE FUNCTION io_feed_session_event();
+"""
+# What the feed would hold for the sessions that exist already: their creation and their events
+# (their tasks' past changes were never recorded). Transaction id 3 is visible in every snapshot:
+# these rows are replayed with their session, never delivered as news.
+BACKFILL = """
+INSERT INTO agent_sessions_feedevent (txid, tenant_id, session_id, task_id, kind, data, created_at)
+SELECT 3, s.tenant_id, s.id, NULL, 'session',
+       jsonb_build_object('from', NULL, 'to', 'pending', 'reason', 'created', 'actor', '', 'version', 0),
+       s.created_at
+FROM agent_sessions_session s ORDER BY s.created_at;
+INSERT INTO agent_sessions_feedevent (txid, tenant_id, session_id, task_id, kind, data, created_at)
+SELECT 3, s.tenant_id, e.session_id, NULL, 'session',
+       jsonb_build_object('from', e.from_status, 'to', e.to_status, 'reason', e.reason, 'actor', e.actor,
+                          'version', e.version),
+       e.created_at
+FROM agent_sessions_sessionevent e JOIN agent_sessions_session s ON s.id = e.session_id ORDER BY e.id;
 """
 DROP_SESSION_TRIGGERS = """
 DROP TRIGGER io_feed_session_event ON agent_sessions_sessionevent;
@@ -69,5 +86,6 @@ class Migration(migrations.Migration):
                 ],
             },
         ),
+        migrations.RunSQL(BACKFILL, migrations.RunSQL.noop),
         migrations.RunSQL(SESSION_TRIGGERS, DROP_SESSION_TRIGGERS),
     ]

@@ -10,7 +10,7 @@ BEGIN
     SELECT pg_current_xact_id()::text::bigint, s.tenant_id, NEW.session_id, NEW.id, 'task',
            jsonb_build_object('key', NEW.key, 'from', OLD.status, 'to', NEW.status, 'attempt', NEW.attempts,
                               'agent', (SELECT a.name FROM agents_agent a WHERE a.id = NEW.agent_id),
-                              'error', left(NEW.error, 500)),
+                              'error', left(NEW.error, 2000)),
            now()
     FROM agent_sessions_session s WHERE s.id = NEW.session_id;
     RETURN NULL;
