@@ -1,5 +1,7 @@
 from django.contrib import admin, messages
 
+from orchestrator_project.admin_display import redacted
+
 from . import services
 from .models import Agent, AgentEvent, EapDelivery
 
@@ -83,7 +85,10 @@ class EapDeliveryAdmin(admin.ModelAdmin):
 class AgentEventAdmin(admin.ModelAdmin):
     """Read-only: the audit of drains and resumes, written by agents/services.py."""
 
-    list_display = ["created_at", "agent_name", "action", "actor", "from_status", "to_status", "reason"]
+    list_display = ["created_at", "agent_name", "action", "actor", "from_status", "to_status", "redacted_reason"]
+    exclude = ["reason"]
+    readonly_fields = ["redacted_reason"]
+    redacted_reason = redacted("reason")
     list_filter = ["action"]
     search_fields = ["agent_name", "actor", "reason"]
     date_hierarchy = "created_at"

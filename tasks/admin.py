@@ -6,6 +6,7 @@ from django.contrib import admin, messages
 from django.urls import reverse
 from django.utils.html import format_html
 
+from orchestrator_project.admin_display import redacted
 from orchestrator_project.locking import LockUnavailable, StaleFencingToken
 from sessions.models import InvalidTransition, Session, SessionEvent
 
@@ -24,6 +25,11 @@ class TaskAdmin(admin.ModelAdmin):
     list_filter = ["status", "capability", "required"]
     search_fields = ["key", "title", "session__title"]
     list_select_related = ["session", "agent"]
+    # What the agent wrote, redacted.
+    exclude = ["error", "result"]
+    readonly_fields = ["redacted_error", "redacted_result"]
+    redacted_error = redacted("error")
+    redacted_result = redacted("result")
 
     def has_add_permission(self, request) -> bool:
         return False
@@ -37,8 +43,9 @@ class TaskAdmin(admin.ModelAdmin):
 
 class TaskInline(admin.TabularInline):
     model = Task
-    fields = ["key", "title", "capability", "status", "required", "agent", "attempts", "error"]
+    fields = ["key", "title", "capability", "status", "required", "agent", "attempts", "redacted_error"]
     readonly_fields = fields
+    redacted_error = redacted("error")
     extra = 0
     can_delete = False
     show_change_link = True
@@ -52,8 +59,9 @@ class TaskInline(admin.TabularInline):
 
 class SessionEventInline(admin.TabularInline):
     model = SessionEvent
-    fields = ["created_at", "from_status", "to_status", "reason", "actor", "version", "fencing_token"]
+    fields = ["created_at", "from_status", "to_status", "redacted_reason", "actor", "version", "fencing_token"]
     readonly_fields = fields
+    redacted_reason = redacted("reason")
     extra = 0
     can_delete = False
 
@@ -100,6 +108,10 @@ SESSION_NOTE = (
 )
 
 
+def _shown(names) -> list[str]:
+    return ["redacted_result" if name == "result" else name for name in names]
+
+
 @admin.register(Session)
 class SessionAdmin(admin.ModelAdmin):
     list_display = [
@@ -133,13 +145,16 @@ class SessionAdmin(admin.ModelAdmin):
         pending = obj is None or obj.status == Session.Status.PENDING
         return pending and super().has_change_permission(request, obj)
 
+    # The result holds the workspace's diff and errors: shown redacted.
+    redacted_result = redacted("result")
+
     def get_fieldsets(self, request, obj=None):
-        return [(None, {"fields": [field.name for field in Session._meta.fields], "description": SESSION_NOTE})]
+        return [(None, {"fields": _shown(field.name for field in Session._meta.fields), "description": SESSION_NOTE})]
 
     def get_readonly_fields(self, request, obj=None) -> list[str]:
         # Every field but the few adjustable ones, so that a field added to the model later is
         # read-only until someone decides otherwise.
-        return [field.name for field in Session._meta.fields if field.name not in ADJUSTABLE_WHILE_PENDING]
+        return _shown(field.name for field in Session._meta.fields if field.name not in ADJUSTABLE_WHILE_PENDING)
 
     def get_object(self, request, object_id, from_field=None):
         session = super().get_object(request, object_id, from_field)

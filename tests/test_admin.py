@@ -7,6 +7,7 @@ import re
 import threading
 
 import pytest
+from django.conf import settings
 from django.contrib.messages import WARNING
 from django.db import connection
 from django.utils import timezone
@@ -143,11 +144,31 @@ def test_session_change_page_shows_tasks_and_events_inline(admin_client, session
     events = zip(
         inline_cells(html, "events", "from_status"),
         inline_cells(html, "events", "to_status"),
-        inline_cells(html, "events", "reason"),
+        inline_cells(html, "events", "redacted_reason"),
         inline_cells(html, "events", "actor"),
         strict=True,
     )
     assert list(events) == [("Pending", "Queued", "started", "test")]
+
+
+def test_what_agents_wrote_is_shown_redacted_to_staff_too(admin_client, session, agent):
+    planted = f"password=hunter2-planted postgres://app:db-pw-planted@db/x {settings.SECRET_KEY}"
+    task = session.tasks.get(key="design")
+    Task.objects.filter(pk=task.pk).update(error=planted, result={"output": planted, "diff": planted})
+    Session.objects.filter(pk=session.pk).update(result={"workspace": {"diff": planted}})
+    session.note(planted, actor="test")
+    services.drain_agent(agent, actor="admin:root", reason=planted)
+
+    for path in (
+        f"/admin/tasks/task/{task.pk}/change/",
+        f"/admin/agent_sessions/session/{session.pk}/change/",
+        "/admin/agents/agentevent/",
+        f"/admin/agents/agentevent/{AgentEvent.objects.get(agent=agent).pk}/change/",
+    ):
+        html = admin_client.get(path).content.decode()
+        assert "[redacted]" in html, path
+        for secret in ("hunter2-planted", "db-pw-planted", settings.SECRET_KEY):
+            assert secret not in html, (path, secret)
 
 
 def test_task_agent_and_tenant_change_pages_render(admin_client, session, agent):
