@@ -16,6 +16,7 @@ connection is used only at connect (authentication) and closed at once.
 """
 
 import asyncio
+import contextvars
 import json
 import logging
 import sys
@@ -95,7 +96,8 @@ class Bell:
     def add(self, reader: Reader) -> None:
         self.readers.setdefault(reader.tenant, set()).add(reader)
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._listen())
+            # A context of its own: not the first request's (its trace, its log context) for good.
+            self._task = asyncio.get_running_loop().create_task(self._listen(), context=contextvars.Context())
 
     def remove(self, reader: Reader) -> None:
         readers = self.readers.get(reader.tenant, set())
@@ -105,7 +107,7 @@ class Bell:
 
     async def _listen(self) -> None:
         while True:
-            client = aioredis.Redis.from_url(settings.REDIS_URL, health_check_interval=30)
+            client = aioredis.Redis.from_url(settings.REDIS_URL, health_check_interval=30, socket_keepalive=True)
             try:
                 async with client.pubsub(ignore_subscribe_messages=True) as pubsub:
                     await pubsub.psubscribe(f"{feed.CHANNEL_PREFIX}*")

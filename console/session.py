@@ -260,6 +260,7 @@ def _panel_context(session: Session, task_id: str) -> dict:
     diff = result.pop("diff", None)
     return {
         "task": task,
+        "attempts": _attempts(session, task),
         "error": redact(task.error),
         "output": output if isinstance(output, str) else json.dumps(output, indent=2, ensure_ascii=False),
         "diff_files": diff if isinstance(diff, list) else [],
@@ -267,6 +268,36 @@ def _panel_context(session: Session, task_id: str) -> dict:
         "rest": json.dumps(result, indent=2, ensure_ascii=False, sort_keys=True) if result else "",
         "duration": _duration(task.started_at, task.finished_at),
     }
+
+
+@dataclass
+class Attempt:
+    number: int
+    agent: str
+    started: datetime
+    ended: datetime | None = None
+    outcome: str = ""  # the status it ended in ("" while it runs)
+    error: str = ""
+
+    @property
+    def duration(self) -> str:
+        return _duration(self.started, self.ended)
+
+
+def _attempts(session: Session, task: Task) -> list[Attempt]:
+    """The task's attempts, from its changes in the feed: each claim (-> running) starts one,
+    the next change ends it (completed, failed, cancelled, or queued again for a retry)."""
+    attempts: list[Attempt] = []
+    for event in FeedEvent.objects.filter(session_id=session.pk, task_id=task.pk).order_by("id"):
+        data = redact_data(event.data)
+        if data.get("to") == Task.Status.RUNNING:
+            attempts.append(
+                Attempt(data.get("attempt") or len(attempts) + 1, data.get("agent") or "", event.created_at)
+            )
+        elif attempts and not attempts[-1].outcome:
+            error = (data.get("error") or "")[: feed.ERROR_SHOWN]
+            attempts[-1].ended, attempts[-1].outcome, attempts[-1].error = event.created_at, data.get("to", ""), error
+    return attempts
 
 
 def _duration(start, end) -> str:

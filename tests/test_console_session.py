@@ -12,6 +12,7 @@ from django.contrib.contenttypes.models import ContentType
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
+from agents.models import Agent
 from console import graph
 from orchestrator_project.locking import FairLock
 from sessions.models import FeedEvent, Session, SessionEvent
@@ -138,6 +139,23 @@ def test_the_panel_shows_a_tasks_facts_output_and_diff(client, session):
     assert page.status_code == 200
     assert '<pre class="output">wrote &lt;b&gt;limits&lt;/b&gt;</pre>' in page.content.decode()
     assert re.search(f'id="task-{task.pk}" class="node s-completed[^"]* selected"', page.content.decode())
+
+
+def test_the_panel_lists_each_attempt_with_its_agent_outcome_and_error(client, session):
+    console_client(client, "acme", "alice", Membership.Role.VIEWER)
+    builder = Agent.objects.create(name="builder-1", executor="scripted", capabilities=["code_generation"])
+    task = session.tasks.get(key="api")
+    rows = Task.objects.filter(pk=task.pk)
+    rows.update(status=Task.Status.RUNNING, attempts=1, agent=builder)
+    rows.update(status=Task.Status.QUEUED, error="attempt 1 failed: boom password=hunter2-planted")
+    rows.update(status=Task.Status.RUNNING, attempts=2)
+    rows.update(status=Task.Status.COMPLETED, error="")
+
+    html = client.get(f"/console/sessions/{session.pk}/tasks/{task.pk}/").content.decode()
+
+    attempts = re.findall(r"<li>attempt (\d) on ([\w-]+), started .*?: (\w+)", html, re.S)
+    assert attempts == [("1", "builder-1", "queued"), ("2", "builder-1", "completed")]
+    assert "boom password=[redacted]" in html and "hunter2-planted" not in html
 
 
 def test_the_filters_work_as_links_without_a_script(client, session):
