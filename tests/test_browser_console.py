@@ -283,7 +283,8 @@ def stream_text(console: Console, page, session_id, messages: int) -> str:
         assert response.status_code == 200
         for line in response.iter_lines():
             lines.append(line)
-            if sum(line.startswith("data:") for line in lines) >= messages or time.monotonic() > deadline:
+            # The first data line is the stream's start message's.
+            if sum(line.startswith("data:") for line in lines) > messages or time.monotonic() > deadline:
                 break
     return "\n".join(lines)
 
