@@ -1,6 +1,6 @@
 from django.contrib import admin, messages
 
-from orchestrator_project.admin_display import redacted
+from orchestrator_project.admin_display import ViewOnly, redacted
 
 from . import services
 from .models import Agent, AgentEvent, EapDelivery
@@ -82,7 +82,7 @@ class EapDeliveryAdmin(admin.ModelAdmin):
 
 
 @admin.register(AgentEvent)
-class AgentEventAdmin(admin.ModelAdmin):
+class AgentEventAdmin(ViewOnly, admin.ModelAdmin):
     """Read-only: the audit of drains and resumes, written by agents/services.py."""
 
     list_display = ["created_at", "agent_name", "action", "actor", "from_status", "to_status", "redacted_reason"]
@@ -92,12 +92,3 @@ class AgentEventAdmin(admin.ModelAdmin):
     list_filter = ["action"]
     search_fields = ["agent_name", "actor", "reason"]
     date_hierarchy = "created_at"
-
-    def has_add_permission(self, request) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_delete_permission(self, request, obj=None) -> bool:
-        return False

@@ -1,5 +1,6 @@
-"""The admin shows what agents wrote (outputs, errors, diffs, reasons) through the one redaction
-function too (orchestrator_project/redaction.py): staff are readers like any other."""
+"""What the admins of every app share: rows the engine owns are view-only there, and what agents
+wrote (outputs, errors, diffs, reasons) is shown through the one redaction function
+(orchestrator_project/redaction.py): staff are readers like any other."""
 
 import json
 
@@ -22,3 +23,17 @@ def redacted(field: str, description: str | None = None):
         return redact(value or "")
 
     return show
+
+
+class ViewOnly:
+    """For a ModelAdmin or an inline: the rows are the engine's (or an append-only record), so the
+    admin neither adds, changes nor deletes them."""
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False

@@ -3,20 +3,16 @@ session's tasks and its actions run tasks.lifecycle)."""
 
 from django.contrib import admin
 
+from orchestrator_project.admin_display import ViewOnly, redacted
+
 from .models import SessionEvent
 
 
 @admin.register(SessionEvent)
-class SessionEventAdmin(admin.ModelAdmin):
-    list_display = ["created_at", "session", "from_status", "to_status", "reason", "actor"]
+class SessionEventAdmin(ViewOnly, admin.ModelAdmin):
+    list_display = ["created_at", "session", "from_status", "to_status", "redacted_reason", "actor"]
+    exclude = ["reason"]
+    readonly_fields = ["redacted_reason"]
+    redacted_reason = redacted("reason")
     list_filter = ["to_status"]
     list_select_related = ["session"]
-
-    def has_add_permission(self, request) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_delete_permission(self, request, obj=None) -> bool:
-        return False

@@ -6,7 +6,7 @@ from django.contrib import admin, messages
 from django.urls import reverse
 from django.utils.html import format_html
 
-from orchestrator_project.admin_display import redacted
+from orchestrator_project.admin_display import ViewOnly, redacted
 from orchestrator_project.locking import LockUnavailable, StaleFencingToken
 from sessions.models import InvalidTransition, Session, SessionEvent
 
@@ -15,7 +15,7 @@ from .models import Task
 
 
 @admin.register(Task)
-class TaskAdmin(admin.ModelAdmin):
+class TaskAdmin(ViewOnly, admin.ModelAdmin):
     """View-only. A session's tasks are its DAG, made with it by lifecycle.create_session (keys,
     dependencies, capabilities and pinned agents checked together); the rest is the engine's
     bookkeeping (upstream_open, via_canvas, message_id, leases). An added, edited or deleted task
@@ -31,17 +31,8 @@ class TaskAdmin(admin.ModelAdmin):
     redacted_error = redacted("error")
     redacted_result = redacted("result")
 
-    def has_add_permission(self, request) -> bool:
-        return False
 
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_delete_permission(self, request, obj=None) -> bool:
-        return False
-
-
-class TaskInline(admin.TabularInline):
+class TaskInline(ViewOnly, admin.TabularInline):
     model = Task
     fields = ["key", "title", "capability", "status", "required", "agent", "attempts", "redacted_error"]
     readonly_fields = fields
@@ -50,26 +41,14 @@ class TaskInline(admin.TabularInline):
     can_delete = False
     show_change_link = True
 
-    def has_add_permission(self, request, obj=None) -> bool:
-        return False
 
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
-
-
-class SessionEventInline(admin.TabularInline):
+class SessionEventInline(ViewOnly, admin.TabularInline):
     model = SessionEvent
     fields = ["created_at", "from_status", "to_status", "redacted_reason", "actor", "version", "fencing_token"]
     readonly_fields = fields
     redacted_reason = redacted("reason")
     extra = 0
     can_delete = False
-
-    def has_add_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
 
 
 def _run_transition(modeladmin, request, queryset, service, verb: str) -> None:

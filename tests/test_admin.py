@@ -164,6 +164,7 @@ def test_what_agents_wrote_is_shown_redacted_to_staff_too(admin_client, session,
         f"/admin/agent_sessions/session/{session.pk}/change/",
         "/admin/agents/agentevent/",
         f"/admin/agents/agentevent/{AgentEvent.objects.get(agent=agent).pk}/change/",
+        "/admin/agent_sessions/sessionevent/",
     ):
         html = admin_client.get(path).content.decode()
         assert "[redacted]" in html, path
