@@ -57,8 +57,10 @@ def _specs(count: int) -> list[dict]:
     return specs
 
 
-def _watcher(tenant: Tenant):
-    user, _ = get_user_model().objects.get_or_create(username="bench-watcher")
+def _watcher(tenant: Tenant, number: int = 0):
+    """A viewer of the tenant and the API token: each stream client is one (a person has at most
+    STREAM_MAX_PER_USER streams open)."""
+    user, _ = get_user_model().objects.get_or_create(username=f"bench-watcher-{number}")
     Membership.objects.get_or_create(user=user, tenant=tenant, defaults={"role": Membership.Role.VIEWER})
     token, _ = Token.objects.get_or_create(user=user)
     return user, token.key
@@ -160,8 +162,7 @@ async def _follow(client: httpx.AsyncClient, url: str, token: str, arrivals: dic
                 counter[0] += 1
                 if counter[0] == CLIENTS:
                     ready.set()
-            elif line.startswith("data:"):
-                event = json.loads(line[5:])
+            elif line.startswith("data:") and "task" in (event := json.loads(line[5:])):
                 arrivals.setdefault((event["task"], event["to"]), []).append(time.monotonic())
 
 
@@ -174,13 +175,13 @@ def _commit_events(tenant: Tenant, session, committed: dict) -> None:
         time.sleep(SPACING_S)
 
 
-async def _streams(url: str, token: str, tenant: Tenant, session, server: StreamServer) -> dict:
+async def _streams(url: str, tokens: list[str], tenant: Tenant, session, server: StreamServer) -> dict:
     arrivals: dict = {}
     committed: dict = {}
     ready, counter = asyncio.Event(), [0]
     limits = httpx.Limits(max_connections=CLIENTS + 10, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=httpx.Timeout(60.0), limits=limits) as client:
-        followers = [asyncio.create_task(_follow(client, url, token, arrivals, ready, counter)) for _ in range(CLIENTS)]
+        followers = [asyncio.create_task(_follow(client, url, token, arrivals, ready, counter)) for token in tokens]
         await asyncio.wait_for(ready.wait(), 60)
         connected_mb = _rss_mb(server.worker)
         await asyncio.to_thread(_commit_events, tenant, session, committed)
@@ -206,17 +207,18 @@ async def _streams(url: str, token: str, tenant: Tenant, session, server: Stream
     }
 
 
-def measure_streams(env: dict[str, str], tenant: Tenant, user, token: str) -> dict:
+def measure_streams(env: dict[str, str], tenant: Tenant, user) -> dict:
+    tokens = [_watcher(tenant, number)[1] for number in range(CLIENTS)]
     session = _session(tenant, user, 2 * EVENTS)
     server = StreamServer(env)
     try:
         idle_mb = _rss_mb(server.worker)
-        result = asyncio.run(_streams(f"{server.url}/api/v1/stream/", token, tenant, session, server))
+        result = asyncio.run(_streams(f"{server.url}/api/v1/stream/", tokens, tenant, session, server))
     finally:
         server.stop()
     return {"rss_idle_mb": idle_mb, **result}
 
 
 def run_b7(env: dict[str, str], tenant: Tenant, repeats: int) -> dict:
-    user, token = _watcher(tenant)
-    return {"page": measure_page(tenant, user, repeats), "streams": measure_streams(env, tenant, user, token)}
+    user, _ = _watcher(tenant)
+    return {"page": measure_page(tenant, user, repeats), "streams": measure_streams(env, tenant, user)}
