@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import connection, transaction
+from opentelemetry.instrumentation.utils import suppress_instrumentation
 
 from orchestrator_project.redis_client import redis_client
 
@@ -85,6 +86,11 @@ class _Announcer:
         self._queue.put((tenant_id, str(session_id)))
 
     def _run(self) -> None:
+        # A bell, not work of its own: no trace of its own either (a root span per publish).
+        with suppress_instrumentation():
+            self._publish_forever()
+
+    def _publish_forever(self) -> None:
         while True:
             pending = {self._queue.get()}
             time.sleep(ANNOUNCE_DELAY_S)  # what the same burst of work adds comes along
