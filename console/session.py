@@ -24,7 +24,7 @@ from django.views.decorators.http import require_POST, require_safe
 from orchestrator_project.locking import LockUnavailable, StaleFencingToken
 from orchestrator_project.redaction import redact, redact_data
 from sessions import feed
-from sessions.models import ACTIVE, RETRYABLE, SETTLED, TERMINAL, TRANSITIONS, FeedEvent, InvalidTransition, Session
+from sessions.models import RETRYABLE, SETTLED, TERMINAL, TRANSITIONS, FeedEvent, InvalidTransition, Session
 from tasks import lifecycle
 from tasks.decomposition import critical_path
 from tasks.decomposition.critical_path import Node
@@ -82,19 +82,17 @@ def actions_allowed(status: str, *, retries_left: bool = True) -> list[str]:
     """The actions the state machine accepts from `status` (sessions.models.TRANSITIONS, as
     tasks.lifecycle uses them)."""
     targets = TRANSITIONS[status]
-    # As lifecycle.cancel_session decides: a running session stops, any other is cancelled.
-    cancel_to = Session.Status.STOPPED if status in ACTIVE - {Session.Status.QUEUED} else Session.Status.CANCELLED
     allowed = {
         "pause": Session.Status.PAUSED in targets,
         "resume": status == Session.Status.PAUSED,
-        "cancel": cancel_to in targets,
+        "cancel": lifecycle.cancel_target(status) in targets,
         "retry": status in RETRYABLE and retries_left,
     }
     return [action for action in ACTIONS if allowed[action]]
 
 
 def _allowed_for(session: Session) -> list[str]:
-    return actions_allowed(session.status, retries_left=session.retry_count < session.max_retries)
+    return actions_allowed(session.status, retries_left=session.retries_left)
 
 
 # --- the timeline -------------------------------------------------------------------------------

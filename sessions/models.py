@@ -172,13 +172,17 @@ class Session(models.Model):
     def broker_priority(self) -> int:
         return broker_priority(self.priority)
 
+    @property
+    def retries_left(self) -> bool:
+        return self.retry_count < self.max_retries
+
     def allowed_targets(self) -> list[str]:
         return sorted(TRANSITIONS[self.status])
 
     def check_transition(self, to: str) -> None:
         if to not in TRANSITIONS[self.status]:
             raise InvalidTransition(self.pk, self.status, to, self.allowed_targets())
-        if self.status in RETRYABLE and to == Status.QUEUED and self.retry_count >= self.max_retries:
+        if self.status in RETRYABLE and to == Status.QUEUED and not self.retries_left:
             raise InvalidTransition(
                 self.pk, self.status, to, [], why=f"retry limit reached ({self.retry_count}/{self.max_retries})"
             )

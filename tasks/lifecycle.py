@@ -194,11 +194,16 @@ def resume_session(session: Session, *, actor: str) -> None:
     session.transition(target, reason="resumed", actor=actor, require_from=paused, effects=_dispatch_after_commit)
 
 
+def cancel_target(status: str) -> str:
+    """Where cancelling a session in `status` takes it: stopped if it runs, cancelled otherwise."""
+    return Session.Status.STOPPED if status in ACTIVE - {Session.Status.QUEUED} else Session.Status.CANCELLED
+
+
 def cancel_session(session: Session, *, actor: str) -> None:
     """Cancel a session that has not run or is paused; stop one that is running."""
 
     def target(row: Session) -> str:  # decided under the lock: the first claim may come until then
-        return Session.Status.STOPPED if row.status in ACTIVE - {Session.Status.QUEUED} else Session.Status.CANCELLED
+        return cancel_target(row.status)
 
     def cancel_open_tasks(row: Session) -> None:
         stop_open_tasks(row.pk, reason=f"session {row.status} by {actor}", revoke=True, cause="user")
