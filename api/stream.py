@@ -177,11 +177,7 @@ async def read(*, tenant: int, user: int, session: str | None, position: feed.Po
     sql, params = feed.query(tenant=tenant, user=user, session=session, position=position, limit=settings.STREAM_BATCH)
     async with (await pool()).connection() as conn:
         cursor = await conn.execute(sql, params)
-        allowed, now, events = await cursor.fetchone()
-    if not allowed:
-        return False, [], position
-    placed, after = feed.advance(position, now, events or [], settings.STREAM_BATCH)
-    return True, placed, after
+        return feed.advance(position, await cursor.fetchone(), settings.STREAM_BATCH)
 
 
 async def now_position() -> feed.Position:

@@ -218,16 +218,21 @@ def query(*, tenant: int, user: int, session, position: Position, limit: int) ->
 Placed = list[tuple[dict, Position]]
 
 
-def advance(position: Position, now: str, events: list[dict], limit: int) -> tuple[Placed, Position]:
-    """Each event read after `position` (with the reader's snapshot `now`) with its own
-    position, and where the reader is once it delivered them all."""
+def advance(position: Position, row: tuple, limit: int) -> tuple[bool, Placed, Position]:
+    """What `query`'s row says: whether the reader may still read, each event read after
+    `position` (with the reader's snapshot) with its own position, and where the reader is once
+    it delivered them all."""
+    allowed, now, events = row
+    if not allowed:
+        return False, [], position
+    events = events or []
     batch = position.batch or now
     if len(events) < limit:  # the batch is complete
         done = Position(seen=batch)
         placed = [(event, Position(position.seen, batch, event["id"])) for event in events[:-1]]
-        return ([*placed, (events[-1], done)] if events else []), done
+        return True, ([*placed, (events[-1], done)] if events else []), done
     placed = [(event, Position(position.seen, batch, event["id"])) for event in events]
-    return placed, placed[-1][1]
+    return True, placed, placed[-1][1]
 
 
 def read(*, tenant: int, user: int, session=None, position: Position, limit: int = 500):
@@ -235,11 +240,7 @@ def read(*, tenant: int, user: int, session=None, position: Position, limit: int
     sql, params = query(tenant=tenant, user=user, session=session, position=position, limit=limit)
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
-        allowed, now, events = cursor.fetchone()
-    if not allowed:
-        return False, [], position
-    placed, after = advance(position, now, events or [], limit)
-    return True, placed, after
+        return advance(position, cursor.fetchone(), limit)
 
 
 @contextmanager
