@@ -1,7 +1,6 @@
 """/api/v1/sessions/: create, list and follow sessions, and move them through their lifecycle."""
 
 import django_filters
-from django.db.models import Q
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
@@ -41,7 +40,7 @@ class SessionFilter(django_filters.FilterSet):
         fields = ["status", "priority"]
 
     def filter_search(self, queryset, name, value):
-        return queryset.filter(Q(title__icontains=value) | Q(requirements__icontains=value))
+        return queryset.search(value)
 
 
 def _actor(request) -> str:

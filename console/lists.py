@@ -109,8 +109,7 @@ class SessionFilters(forms.Form):
         if data["age"]:
             sessions = sessions.filter(created_at__gte=timezone.now() - AGES[data["age"]])
         if data["q"].strip():
-            words = data["q"].strip()
-            sessions = sessions.filter(Q(title__icontains=words) | Q(requirements__icontains=words))
+            sessions = sessions.search(data["q"].strip())
         return sessions
 
 

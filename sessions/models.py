@@ -93,6 +93,13 @@ def broker_priority(priority: int) -> int:
     return 9 - priority if settings.BROKER_PRIORITY_INVERTED else priority
 
 
+class SessionQuerySet(models.QuerySet):
+    def search(self, words: str) -> "SessionQuerySet":
+        """Sessions with `words` in the title or the requirements, in any case (the API's
+        ?search= and the console's text filter)."""
+        return self.filter(models.Q(title__icontains=words) | models.Q(requirements__icontains=words))
+
+
 class Session(models.Model):
     Status = Status
 
@@ -132,6 +139,8 @@ class Session(models.Model):
     updated_at = models.DateTimeField(auto_now=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+
+    objects = SessionQuerySet.as_manager()
 
     class Meta:
         ordering = ["-created_at"]
