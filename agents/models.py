@@ -111,6 +111,11 @@ class Agent(models.Model):
             return roles.get(self.tenant_id) in STEERING_ROLES
         return user.memberships.filter(tenant_id=self.tenant_id, role__in=STEERING_ROLES).exists()
 
+    def hostname_for(self, user) -> str:
+        """The host the agent runs on, as `user` may see it: where the platform's workers run is
+        for staff to know; a tenant's external agent, its members."""
+        return self.hostname if self.tenant_id is not None or (user and user.is_staff) else ""
+
     @property
     def is_external(self) -> bool:
         return self.mode != self.Mode.WORKER

@@ -193,6 +193,5 @@ class AgentSerializer(serializers.ModelSerializer):
     def to_representation(self, agent):
         data = super().to_representation(agent)
         request = self.context.get("request")
-        if agent.tenant_id is None and not (request and request.user.is_staff):
-            data["hostname"] = ""  # where the platform's workers run is for staff to know
+        data["hostname"] = agent.hostname_for(request.user if request else None)
         return data

@@ -239,8 +239,7 @@ def _agent_rows(request, agents: list[Agent], roles: dict[int, str], now: dateti
                 heartbeat_age=ago(heartbeat),
                 circuit="unknown" if circuit is None else circuit,
                 may_steer=agent.may_be_steered_by(request.user, roles),
-                # Where the platform's workers run is for staff to know (as in the API).
-                hostname=agent.hostname if agent.tenant_id is not None or request.user.is_staff else "",
+                hostname=agent.hostname_for(request.user),
             )
         )
     return rows
