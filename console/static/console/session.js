@@ -22,15 +22,8 @@
   let openTask = new URL(location.href).searchParams.get("task");
 
   const label = (status) => (status || "").replace(/_/g, " ");
-  // The reader's own timezone (console.js); in the timeline the time of day alone, the whole
-  // date and time in its tooltip.
-  function times(root) {
-    if (window.localTimes) window.localTimes(root);
-    for (const el of root.querySelectorAll("#timeline time[datetime], time.short[datetime]")) {
-      const when = new Date(el.getAttribute("datetime"));
-      if (!isNaN(when)) el.textContent = when.toLocaleTimeString(undefined, { timeStyle: "medium" });
-    }
-  }
+  // The reader's own timezone (console.js; the timeline's rows are <time class="short">).
+  const times = (root) => window.localTimes && window.localTimes(root);
 
   // --- the stream ------------------------------------------------------------------------------
 
@@ -298,7 +291,5 @@
     });
   }
 
-  // After console.js's own pass over the page (its listener was added first).
-  document.addEventListener("DOMContentLoaded", () => times(timeline));
   connect();
 })();
