@@ -240,6 +240,10 @@ SPECTACULAR_SETTINGS = {
 
 # Orchestration limits.
 MAX_TASKS_PER_SESSION = env_int("MAX_TASKS_PER_SESSION", 200, minimum=1)
+# Fair share (tasks/fairshare.py, docs/ROUTING.md): a tenant may have this many messages in
+# flight per slot of its weighted share of a capability; above 1, a few wait on the queue so that
+# no slot idles between a finish and the next release.
+FAIR_SHARE_BURST = env_float("FAIR_SHARE_BURST", 1.5, minimum=1.0)
 MAX_TEXT_CHARS = env_int("MAX_TEXT_CHARS", 20_000, minimum=100)
 TASK_DEADLINE_SECONDS = env_int("TASK_DEADLINE_SECONDS", 1800, minimum=1)
 # A claim holds its task for this long; the agent renews it while the claiming process lives

@@ -14,6 +14,7 @@ from the database: run_task sends a task's message when its last upstream comple
 """
 
 import operator
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import reduce
@@ -23,7 +24,7 @@ from celery.canvas import Signature, _chain
 
 from sessions.models import Session
 
-from . import statements
+from . import fairshare, statements
 from .dag import topological_levels
 from .messages import FINALIZE_SESSION, RUN_TASK, message, run_task_options
 from .models import Task
@@ -150,8 +151,19 @@ def _as_chain(steps: list[Expr]) -> Expr | None:
     return None if not steps else steps[0] if len(steps) == 1 else ("chain", steps)
 
 
-def node_signature(task: Task, priority: int) -> Signature:
-    return message(RUN_TASK, **run_task_options(task, queue=task.queue, priority=priority))
+def node_signature(task: Task) -> Signature:
+    return message(RUN_TASK, **run_task_options(task, queue=task.queue))
+
+
+def peak_widths(expr: Expr, tasks: Mapping[str, Task]) -> Counter:
+    """The most messages of each capability the canvas of `expr` can have in flight at once:
+    a group's parts run side by side, a chain's one after another."""
+    if isinstance(expr, str):
+        task = tasks[expr]
+        return Counter() if task.pinned_via_gateway else Counter({task.capability: 1})
+    kind, parts = expr
+    widths = [peak_widths(part, tasks) for part in parts]
+    return reduce(operator.add if kind == "group" else operator.or_, widths)
 
 
 def _to_signature(expr: Expr, nodes: dict[str, Signature], in_group: bool = False) -> Signature:
@@ -213,9 +225,9 @@ def build_canvas(session: Session) -> tuple[Signature | None, list[Task]]:
     for ups in deps.values():
         ups.sort(key=lambda key: tasks[key].position)
     plan = plan_dag(deps, waiting_outside)
-    nodes = {
-        key: node_signature(task, session.broker_priority) for key, task in tasks.items() if key not in plan.released
-    }
+    if not fairshare.reserve_canvas(session, dict(peak_widths(plan.canvas, tasks)) if plan.canvas else {}):
+        plan = Plan(None, set(tasks))  # no room for the canvas in the tenant's share: all released
+    nodes = {key: node_signature(task) for key, task in tasks.items() if key not in plan.released}
     for key, task in tasks.items():
         task.via_canvas = key not in plan.released
         task.message_id = nodes[key].id if task.via_canvas else ""

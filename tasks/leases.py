@@ -14,7 +14,7 @@ from sessions.models import ACTIVE, Session
 
 from . import statements
 from .models import Task
-from .release import ask_to_abort, dispatch_task, leave_canvas, release_dependents
+from .release import ask_to_abort, leave_canvas, release_dependents, send_released
 
 logger = logging.getLogger(__name__)
 log = structlog.get_logger(__name__)
@@ -73,7 +73,7 @@ def recover_lost_task(task: Task, lost: str, **as_read) -> str | None:
                 status=Task.Status.QUEUED, queued_at=now, lease_expires_at=None, worker_pid=None, error=lost
             ):
                 leave_canvas(task)
-                dispatch_task(task, priority=session.broker_priority)
+                send_released([task.pk])
                 outcome, note = "requeued", f"task {task.key}: {lost}; re-queued"
     else:
         error = f"gave up after {task.attempts} attempts: {lost}"
@@ -90,7 +90,7 @@ def recover_lost_task(task: Task, lost: str, **as_read) -> str | None:
                 outcome = "orphaned"
             else:  # paused, or orphaned by another lost task: what follows is released as after a failure
                 task.status = Task.Status.FAILED
-                release_dependents(task, session.broker_priority)
+                release_dependents(task)
                 note = f"{reason}; failed"
     if note:
         session.note(note, actor="beat")

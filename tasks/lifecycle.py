@@ -20,7 +20,7 @@ from .canvas import build_canvas
 from .decomposition import Plan, plan_session
 from .messages import DISPATCH_SESSION, message
 from .models import Task
-from .release import release_ready_tasks, send_released, stop_open_tasks
+from .release import release_held, release_ready_tasks, send_released, stop_open_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -253,7 +253,7 @@ def dispatch_session(session_id) -> bool:
     # Read now, not when compiled: an upstream that finished while the canvas was built may
     # have queued a task before it was marked as released (and so sent nothing). A duplicate
     # message is harmless.
-    send_released([t.pk for t in released], session.broker_priority)
+    send_released([t.pk for t in released])
     return True
 
 
@@ -329,6 +329,8 @@ def settle_session(session_id) -> str | None:
         row.save(update_fields=["result"])
 
     event = session.transition(outcome, reason=reason, only_from=ACTIVE, effects=store_summary)
+    for capability in session.canvas_width if event else ():  # its canvas's share is free again
+        release_held(capability)
     return outcome if event else None
 
 

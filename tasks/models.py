@@ -88,6 +88,10 @@ class Task(models.Model):
             models.Index(fields=["agent"], condition=Q(status="running"), name="task_running_agent"),
             models.Index(fields=["lease_expires_at"], condition=Q(status="running"), name="task_running_lease"),
             models.Index(fields=["queued_at"], condition=Q(status="queued"), name="task_queued"),
+            # Fair share counts what each tenant has in flight per capability, and its held tasks.
+            models.Index(
+                fields=["capability"], condition=Q(status__in=["queued", "running"]), name="task_open_capability"
+            ),
             models.Index(fields=["session"], condition=Q(status="pending", upstream_open=0), name="task_unblocked"),
         ]
         constraints = [models.UniqueConstraint(fields=["session", "key"], name="unique_task_key_per_session")]

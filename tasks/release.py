@@ -19,7 +19,7 @@ from django.db import connection, transaction
 from orchestrator_project import metrics
 from orchestrator_project.redis_client import redis_client
 
-from . import statements
+from . import fairshare, statements
 from .messages import RUN_TASK, message, run_task_options
 from .models import Task
 from .routing import queue_for
@@ -66,13 +66,23 @@ def release_tasks(ids) -> tuple[dict, list]:
     return moved, to_send
 
 
-def send_released(ids, priority: int) -> None:
-    """Send the messages of the queued tasks among `ids` (released by the database)."""
+def send_released(ids) -> None:
+    """Send the messages of the queued tasks among `ids` (released by the database) that their
+    tenant's fair share has room for; the rest are held (tasks.fairshare)."""
     if not ids:
         return  # the common case: a canvas sends what follows
+    queued = Task.objects.filter(pk__in=ids, status=Task.Status.QUEUED).select_related("session__tenant")
+    fairshare.admit(list(queued.order_by("-session__priority", "position")), _sender())
+
+
+def release_held(capability: str) -> int:
+    """Send the held tasks of the capability that fair share now has room for."""
+    return fairshare.release_held(capability, _sender())
+
+
+def _sender():
     routed: dict[str, int] = {}  # agent name -> tasks sent there in this round (not yet claimed)
-    for task in Task.objects.filter(pk__in=ids, status=Task.Status.QUEUED):
-        dispatch_task(task, priority=priority, routed=routed)
+    return lambda task: dispatch_task(task, routed=routed)
 
 
 def release_ready_tasks(session_id) -> None:
@@ -85,7 +95,7 @@ def release_ready_tasks(session_id) -> None:
     release_tasks(list(ready.values_list("pk", flat=True)))
 
 
-def release_dependents(task: Task, priority: int, recorded: RecordedDependents | None = None) -> bool:
+def release_dependents(task: Task, recorded: RecordedDependents | None = None) -> bool:
     """After `task` finished, queue or skip the dependents that can move now (skips pass on
     down), and send the messages of those the database releases rather than a canvas.
 
@@ -100,14 +110,15 @@ def release_dependents(task: Task, priority: int, recorded: RecordedDependents |
         unsent = dependents.filter(status=Task.Status.QUEUED, via_canvas=False).values_list("pk", flat=True)
         recorded = RecordedDependents(pending, pending, list(unsent))
     moved, to_send = release_tasks(recorded.lowered if blocks_dependents(task) else recorded.ready)
-    send_released([*recorded.to_send, *to_send], priority)
+    send_released([*recorded.to_send, *to_send])
     return any(moved.get(pk) != Task.Status.SKIPPED for pk in recorded.lowered)
 
 
-def dispatch_task(task: Task, *, priority: int, routed: dict[str, int] | None = None) -> None:
+def dispatch_task(task: Task, *, routed: dict[str, int] | None = None) -> None:
     """Send one run_task message after commit, on the queue routing picks (pin, affinity or
-    capability), and remember its id so a cancel can revoke it."""
-    options = run_task_options(task, queue=queue_for(task, routed), priority=priority)
+    capability), and remember its id so a cancel can revoke it. Only through fairshare, which
+    decides whether the tenant has room for it."""
+    options = run_task_options(task, queue=queue_for(task, routed))
     Task.objects.filter(pk=task.pk).update(message_id=options["task_id"], dispatched_to=options["queue"])
     transaction.on_commit(lambda: message(RUN_TASK).apply_async(**options))
 
@@ -129,7 +140,7 @@ def resend_queued_task(task: Task, **changes) -> bool:
         for field, value in changes.items():
             setattr(task, field, value)
         leave_canvas(task)
-        dispatch_task(task, priority=task.session.broker_priority)
+        send_released([task.pk])
     return True
 
 

@@ -29,10 +29,10 @@ from sessions import feed
 from sessions.models import ACTIVE, Session, broker_priority
 from sessions.workspaces import workspace_of
 
-from . import statements
+from . import fairshare, statements
 from .messages import FINALIZE_SESSION, MARK_SESSION_RUNNING, message
 from .models import Task
-from .release import RecordedDependents, abort_key, release_dependents, release_tasks, stop_open_tasks
+from .release import RecordedDependents, abort_key, release_dependents, release_held, release_tasks, stop_open_tasks
 from .routing import affinity_agent
 
 logger = logging.getLogger(__name__)
@@ -387,11 +387,12 @@ def _release_what_follows(task: Task, recorded: RecordedDependents | None = None
     Runs after the outcome is committed. If it fails (database or broker trouble), the message
     is delivered again: execute_task then finds the task finished and releases again.
     """
-    priority = broker_priority(task.session_priority)
     try:
-        if not release_dependents(task, priority, recorded) and _last_to_finish(task):
+        if not release_dependents(task, recorded) and _last_to_finish(task):
             # The last task settles the session; the canvas's finalize_session may find it done.
-            message(FINALIZE_SESSION, str(task.session_id)).apply_async(priority=priority)
+            message(FINALIZE_SESSION, str(task.session_id)).apply_async(priority=broker_priority(task.session_priority))
+        if fairshare.has_held(task.capability):  # its slot is free: a held task may go
+            release_held(task.capability)
     except Exception as exc:
         logger.warning("releasing what follows task %s failed; will retry", task.pk, exc_info=True)
         raise RetryTask(countdown=2.0, reason=f"releasing what follows {task.key} failed: {exc!r}") from exc

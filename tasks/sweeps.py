@@ -19,10 +19,11 @@ from orchestrator_project.locking import LockUnavailable
 from sessions.models import ACTIVE, SETTLED, Session
 from sessions.workspaces import WorkspaceError, remove_workspace
 
+from . import fairshare
 from .broker import lost_message_ids
 from .lifecycle import mark_session_running, settle_session
 from .models import Task
-from .release import release_tasks, resend_queued_task, send_released, stop_open_tasks
+from .release import release_held, release_tasks, resend_queued_task, send_released, stop_open_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -102,13 +103,16 @@ def sweep_stuck_sessions() -> dict[str, int]:
     """Move on the sessions that nothing else would: past their deadline (timeout), waiting
     on messages the broker lost (sent again) or on tasks nobody released, finished but never
     settled, or running while still marked queued."""
-    done = {"timed_out": 0, "resent": 0, "released": 0, "settled": 0, "marked_running": 0}
+    done = {"timed_out": 0, "resent": 0, "released": 0, "released_held": 0, "settled": 0, "marked_running": 0}
     now = timezone.now()
     for session in Session.objects.filter(status__in=ACTIVE, deadline__lt=now):
         if time_out(session):
             done["timed_out"] += 1
     done["resent"] = redispatch_lost_messages()
     done["released"] = release_forgotten_tasks()
+    # A slot freed where no held task was looking (a session settled, paused or was cancelled;
+    # an agent joined): what fair share has room for now goes.
+    done["released_held"] = sum(release_held(capability) for capability in fairshare.held_capabilities())
     unfinished = Task.objects.filter(session=OuterRef("pk"), status__in=Task.UNFINISHED)
     for session in Session.objects.filter(status__in=ACTIVE).exclude(Exists(unfinished)):
         if settle_session(session.pk):
@@ -151,6 +155,7 @@ def redispatch_lost_messages() -> int:
     since = timezone.now() - timedelta(seconds=settings.LOST_MESSAGE_AFTER_SECONDS)
     waiting = list(
         Task.objects.filter(status=Task.Status.QUEUED, queued_at__lt=since, session__status__in=ACTIVE)
+        .exclude(fairshare.HELD)  # no message yet: fair share sends it
         .select_related("session")
         .order_by("queued_at")[: settings.SWEEP_BATCH]
     )
@@ -191,7 +196,7 @@ def release_forgotten_tasks() -> int:
     for session_id, ids in by_session.items():
         session = Session.objects.get(pk=session_id)
         moved, to_send = release_tasks(ids)
-        send_released(to_send, session.broker_priority)
+        send_released(to_send)
         keys = sorted(Task.objects.filter(pk__in=[pk for pk in ids if pk in moved]).values_list("key", flat=True))
         if keys:
             session.note(

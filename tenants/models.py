@@ -1,6 +1,7 @@
 from django.conf import settings
 from django.contrib.postgres.fields import ArrayField
 from django.core.exceptions import ValidationError
+from django.core.validators import MinValueValidator
 from django.db import models
 
 from orchestrator_project.repositories import RefusedRepository, parse_url_prefix, path_under, url_has_prefix
@@ -24,6 +25,11 @@ class Tenant(models.Model):
         blank=True,
         help_text="Comma-separated URL prefixes, each under one of REPOSITORY_URL_PREFIXES; "
         "empty: REPOSITORY_URL_PREFIXES.",
+    )
+    weight = models.PositiveIntegerField(
+        default=1,
+        validators=[MinValueValidator(1)],
+        help_text="Fair share weight on shared capability queues: slots are shared in proportion to it.",
     )
     created_at = models.DateTimeField(auto_now_add=True)
 

@@ -3,9 +3,12 @@ import json
 import pytest
 from celery import chain
 from celery.canvas import Signature, _chain, chord, group
+from django.conf import settings
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
 
+from agents.models import Agent
 from sessions.models import Session
 from tasks.canvas import build_canvas, in_series, plan_dag
 from tasks.messages import task_of_message
@@ -92,6 +95,16 @@ def test_in_series_builds_exactly_what_celerys_chain_builds(pattern):
     assert json.dumps(in_series(list(parts))) == json.dumps(chain(*parts))
 
 
+@pytest.fixture(autouse=True)
+def wide_fleet(db):
+    """Room in every tenant's fair share for the widest canvas here (tasks.fairshare): with no
+    live agent, a share is a slot or two and a wide canvas is released by the database."""
+    Agent.objects.create(
+        name="wide", capabilities=["code_generation"], concurrency=100, status=Agent.Status.ONLINE,
+        last_heartbeat=timezone.now(),
+    )  # fmt: skip
+
+
 def make_session(edges: dict[str, list[str]], priority: int = 5, slug: str = "acme") -> Session:
     tenant = Tenant.objects.create(slug=slug, name=slug)
     session = Session.objects.create(tenant=tenant, title="t", requirements="r", priority=priority)
@@ -165,14 +178,16 @@ def test_only_chord_members_keep_their_celery_result(db):
     assert kept == {"a": None, "b": False, "c": False, "d": None}
 
 
-def test_nodes_carry_the_session_priority_inverted_for_redis_and_pinned_queues(db):
-    session = make_session({"a": []}, priority=9)
-    session.tasks.update(pinned_agent="gpu-box")
+def test_nodes_carry_one_broker_priority_whatever_the_session_priority_and_pinned_queues(db):
+    # On queues that tenants share, a session priority would let one tenant's flood overtake
+    # another's work (tasks.fairshare); the session's priority orders only its tenant's releases.
+    urgent, calm = make_session({"a": []}, priority=9), make_session({"a": []}, priority=0, slug="calm")
+    urgent.tasks.update(pinned_agent="gpu-box")
 
-    canvas, _ = build_canvas(session)
+    first, other = build_canvas(urgent)[0].tasks[0], build_canvas(calm)[0].tasks[0]
 
-    first = canvas.tasks[0]
-    assert first.options["priority"] == 0 and first.options["queue"] == "agent.gpu-box"
+    assert first.options["priority"] == other.options["priority"] == settings.CELERY_TASK_DEFAULT_PRIORITY
+    assert first.options["queue"] == "agent.gpu-box"
 
 
 def test_a_per_task_deadline_becomes_the_messages_time_limits(db):

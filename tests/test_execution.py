@@ -219,7 +219,7 @@ def test_a_fan_in_counts_every_upstream_whichever_finishes_last(db):
     finish(session, "b", TS.COMPLETED)
     finish(session, "c", TS.COMPLETED)
 
-    release_dependents(session.tasks.get(key="c"), priority=4)
+    release_dependents(session.tasks.get(key="c"))
 
     assert statuses(session)["d"] == "skipped"
 
@@ -229,11 +229,11 @@ def test_a_fan_in_is_queued_only_when_its_last_upstream_completes(db):
     finish(session, "a", TS.COMPLETED)
     session.tasks.filter(key="b").update(status=TS.RUNNING)
 
-    release_dependents(session.tasks.get(key="a"), priority=4)
+    release_dependents(session.tasks.get(key="a"))
     assert statuses(session)["d"] == "pending"
 
     finish(session, "b", TS.COMPLETED)
-    release_dependents(session.tasks.get(key="b"), priority=4)
+    release_dependents(session.tasks.get(key="b"))
     assert statuses(session)["d"] == "queued"
 
 

@@ -189,7 +189,7 @@ def test_a_queued_task_the_broker_lost_is_sent_again_once_and_the_session_says_w
 def test_no_message_is_sent_again_while_its_queue_has_messages_waiting(db, django_capture_on_commit_callbacks):
     session = make_session({"a": [], "b": [], "c": []})
     with django_capture_on_commit_callbacks(execute=True):
-        dispatch_task(session.tasks.get(key="a"), priority=5)
+        dispatch_task(session.tasks.get(key="a"))
     waiting = queue_lost(session, "a", message_id=session.tasks.get(key="a").message_id)
     # b's message is lost, but it might be behind a's on the same queue until that drains.
     queue_lost(session, "b")
@@ -204,7 +204,7 @@ def test_no_message_is_sent_again_while_its_queue_has_messages_waiting(db, djang
 def test_a_message_taken_by_a_consumer_that_is_no_live_worker_is_sent_again(db, django_capture_on_commit_callbacks):
     session = make_session({"a": []})
     with django_capture_on_commit_callbacks(execute=True):
-        dispatch_task(session.tasks.get(), priority=5)
+        dispatch_task(session.tasks.get())
     task = queue_lost(session, "a", message_id=session.tasks.get().message_id)
     with current_app.connection_for_read() as conn:  # taken, never acked, by no worker that answers
         assert conn.default_channel.basic_get("cap.code_generation", no_ack=False) is not None
@@ -222,7 +222,7 @@ def test_a_message_a_live_worker_holds_is_not_sent_again(stack):
     stack.agent("holder", ["code_generation"], concurrency=1)
     session = make_session({"a": []})
     task = session.tasks.get()
-    options = run_task_options(task, queue="cap.code_generation", priority=5)
+    options = run_task_options(task, queue="cap.code_generation")
     Task.objects.filter(pk=task.pk).update(message_id=options["task_id"], dispatched_to=options["queue"])
     queue_lost(session, "a", message_id=options["task_id"])
     message(RUN_TASK).apply_async(countdown=60, **options)  # a retry's countdown: the worker holds it

@@ -1,0 +1,187 @@
+"""Fair share of the shared capability queues across tenants (docs/ROUTING.md, "Fair share").
+
+A broker queue is first in, first out: once one tenant has put 400 messages on `cap.<x>`, another
+tenant's message waits behind all of them, whatever its priority. So a tenant may only have its
+share of a capability's slots in flight; the rest of its ready work waits in the database and is
+released as slots free up:
+
+- in flight, per tenant and capability: the messages the database sent that are not finished
+  (queued with a message, or running), plus, for each of its active sessions that runs a canvas,
+  the canvas's peak width in that capability (a canvas sends its own messages without asking,
+  never more at once than its widest group);
+- the limit: `ceil(slots * FAIR_SHARE_BURST * weight / total weight)`, at least 1, where slots is
+  the concurrency of the live, undrained agents with the capability and the total weight is that
+  of the tenants with work in flight or held for it (so a tenant alone gets every slot);
+- held: a ready task released by the database that has no message yet (status queued,
+  message_id ''). When a slot frees up, the tenant furthest below its weighted share sends its
+  next held task, most urgent session first (weighted round robin).
+
+run_task messages all carry the same broker priority (messages.run_task_options): across tenants,
+the order is the share's; within a tenant, the session priority orders what it releases.
+Decisions for one capability are taken under a transaction-level advisory lock, so two releases
+that race never both take the last slot.
+"""
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.db.models import Q
+
+from agents.models import Agent
+from sessions.models import ACTIVE
+
+from .models import Task
+
+# Tasks whose message goes to a shared queue (an EAP-pinned task waits on its own agent's pull).
+SHARED = Q(pinned_via_gateway=False)
+HELD = Q(status=Task.Status.QUEUED, message_id="", via_canvas=False) & SHARED
+
+_ACTIVE = sorted(ACTIVE)
+
+# Per tenant with work for the capability: its weight, what it has in flight, what it holds.
+LOADS = """
+WITH sent AS (
+    SELECT s.tenant_id,
+           count(*) FILTER (WHERE t.status = 'running' OR (t.message_id <> '' AND s.status = ANY(%(active)s)))
+               AS in_flight,
+           count(*) FILTER (WHERE t.status = 'queued' AND t.message_id = '' AND s.status = ANY(%(active)s)) AS held
+    FROM tasks_task t JOIN agent_sessions_session s ON s.id = t.session_id
+    WHERE t.capability = %(capability)s AND t.status IN ('queued', 'running')
+      AND NOT t.via_canvas AND NOT t.pinned_via_gateway
+    GROUP BY s.tenant_id
+), canvas AS (
+    SELECT tenant_id, sum((canvas_width ->> %(capability)s)::int) AS in_flight
+    FROM agent_sessions_session
+    WHERE status = ANY(%(active)s) AND canvas_width ? %(capability)s
+    GROUP BY tenant_id
+)
+SELECT tenant.id, tenant.weight, COALESCE(sent.in_flight, 0) + COALESCE(canvas.in_flight, 0), COALESCE(sent.held, 0)
+FROM sent FULL JOIN canvas USING (tenant_id) JOIN tenants_tenant tenant ON tenant.id = tenant_id
+"""
+
+
+@dataclass
+class Load:
+    weight: int
+    in_flight: int = 0
+    held: int = 0
+    limit: int = 0
+
+    @property
+    def room(self) -> int:
+        return max(0, self.limit - self.in_flight)
+
+
+def slots(capability: str) -> int:
+    """The concurrency of the live, undrained agents with the capability."""
+    agents = Agent.objects.filter(
+        mode=Agent.Mode.WORKER, status__in=(Agent.Status.ONLINE, Agent.Status.BUSY), capabilities__contains=[capability]
+    ).only("concurrency", "status", "last_heartbeat")
+    return sum(agent.concurrency for agent in agents if agent.is_live)
+
+
+def loads(capability: str, weights: dict[int, int] | None = None) -> dict[int, Load]:
+    """Each tenant's load on the capability, with its limit. `weights`: tenants about to send work
+    (a new canvas), counted as having work even before they have any."""
+    found = {
+        tenant: Load(weight, in_flight, held)
+        for tenant, weight, in_flight, held in _rows(capability)
+        if in_flight or held
+    }
+    for tenant, weight in (weights or {}).items():
+        found.setdefault(tenant, Load(weight))
+    total = sum(load.weight for load in found.values())
+    capacity = max(1, slots(capability)) * settings.FAIR_SHARE_BURST
+    for load in found.values():
+        load.limit = max(1, math.ceil(capacity * load.weight / total))
+    return found
+
+
+def _rows(capability: str) -> list[tuple]:
+    with connection.cursor() as cursor:
+        cursor.execute(LOADS, {"capability": capability, "active": _ACTIVE})
+        return cursor.fetchall()
+
+
+def _lock(capabilities) -> None:
+    """Serialize share decisions per capability until the transaction ends (sorted: no deadlock)."""
+    with connection.cursor() as cursor:
+        for capability in sorted(set(capabilities)):
+            cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [f"fairshare:{capability}"])
+
+
+def reserve_canvas(session, widths: dict[str, int]) -> bool:
+    """Whether the session may run a canvas whose peak widths per capability are `widths`: the
+    tenant holds nothing for those capabilities and the canvas fits in its room. If so, the widths
+    count as in flight for the tenant while the session is active; if not, its tasks are released
+    by the database (and held while the tenant has no room)."""
+    tenant, weight = session.tenant_id, session.tenant.weight
+    with transaction.atomic():
+        _lock(widths)
+        for capability, width in widths.items():
+            load = loads(capability, {tenant: weight})[tenant]
+            if load.held or load.in_flight + width > load.limit:
+                widths = {}
+                break
+        type(session).objects.filter(pk=session.pk).update(canvas_width=widths)
+    return bool(widths)
+
+
+def admit(tasks: list[Task], send) -> None:
+    """Send the queued tasks (the database released them) for which their tenants have room, by
+    `send(task)`; the rest stay held. Within a capability, in the given order."""
+    by_capability: dict[str, list[Task]] = {}
+    for task in tasks:
+        by_capability.setdefault(task.capability, []).append(task)
+    with transaction.atomic():
+        _lock(by_capability)
+        for capability, waiting in by_capability.items():
+            shares = loads(capability, {t.session.tenant_id: t.session.tenant.weight for t in waiting})
+            for task in waiting:
+                load = shares[task.session.tenant_id]
+                if task.pinned_via_gateway or load.room:
+                    load.in_flight += 0 if task.pinned_via_gateway else 1
+                    send(task)
+                else:
+                    Task.objects.filter(pk=task.pk, status=Task.Status.QUEUED).update(message_id="", dispatched_to="")
+
+
+def release_held(capability: str, send) -> int:
+    """Send held tasks of the capability while some tenant with held work has room: each next
+    slot goes to the tenant furthest below its weighted share. Returns how many were sent."""
+    with transaction.atomic():
+        _lock([capability])
+        shares = {tenant: load for tenant, load in loads(capability).items() if load.held and load.room}
+        quota: Counter = Counter()
+        while shares:
+            tenant = min(shares, key=lambda t: (shares[t].in_flight / shares[t].weight, t))
+            load = shares[tenant]
+            quota[tenant] += 1
+            load.in_flight += 1
+            load.held -= 1
+            if not (load.held and load.room):
+                del shares[tenant]
+        sent = 0
+        for tenant, count in quota.items():
+            next_up = (
+                Task.objects.filter(HELD, capability=capability, session__tenant_id=tenant, session__status__in=ACTIVE)
+                .select_related("session__tenant")
+                .order_by("-session__priority", "queued_at", "position")
+                .select_for_update(of=("self",), skip_locked=True)[:count]
+            )
+            for task in next_up:
+                send(task)
+                sent += 1
+        return sent
+
+
+def has_held(capability: str) -> bool:
+    """Whether any task of the capability is held (cheap: a partial index)."""
+    return Task.objects.filter(HELD, capability=capability).exists()
+
+
+def held_capabilities() -> list[str]:
+    return list(Task.objects.filter(HELD).values_list("capability", flat=True).distinct())
