@@ -1,86 +1,117 @@
-"""B5 sandbox cost: a zero-work shell task with and without the sandbox, and how long a task's
-`opencode serve` takes to start in it (docs/SECURITY.md). In process: no broker, no database."""
+"""B5 fair share (issue 16): how long one tenant's ready task waits behind another tenant's flood.
 
-import logging
+Tenant "flood" starts FLOOD_TASKS ready tasks at priority 9 (two sessions of 200 independent
+tasks: the largest a session may be), each sleeping TASK_S, on one agent of concurrency
+CONCURRENCY. Once the flood runs, tenant "calm" starts one task at priority 0. Its wait is the
+time from start_session() to the task's started_at, divided by one task's duration (target <= 2).
+Then the flood is cancelled (what follows would measure nothing) and the next run starts.
+
+Without fair share every flood message is on the queue ahead of the calm tenant's, and at a
+higher priority: it waits for all of them, FLOOD_TASKS * TASK_S / CONCURRENCY = 20 s, about 100
+task durations. The flood's own throughput is shown too: fair share must not idle the agent.
+"""
+
 import statistics
-import tempfile
 import time
-import uuid
-from contextlib import contextmanager
-from pathlib import Path
 
-from django.conf import settings
-from django.test import override_settings
+from django.db.models import Max, Min
+from django.utils import timezone
 
-from agents.executors import TaskContext
-from agents.executors.opencode.server import OpenCodeServer
-from agents.executors.shell import ShellExecutor
-from agents.sandbox import Sandbox
+from bench import BenchError
+from bench.ours import new_session, vacuum
+from bench.shapes import CAPABILITY, task
+from bench.workers import Workers
+from sessions.models import ACTIVE, Session
+from tasks.lifecycle import cancel_session, start_session
+from tasks.models import Task
+from tenants.models import Tenant
 
-TARGET_ADDED_MS = 100.0
-WORKSPACE_FILES = 200  # a small repository's worth: the sandbox gives them to its user
-
-
-def _context(workspace: Path) -> TaskContext:
-    return TaskContext(str(uuid.uuid4()), str(uuid.uuid4()), "b5", "zero work", "testing", "", {}, workspace, 1, 60)
-
-
-def _shell_task_ms(workspace: Path, mode: str, repeats: int) -> list[float]:
-    executor = ShellExecutor(commands={"testing": "true"})
-    times = []
-    # SANDBOX=none warns at every task start, as it should; here it is the baseline, on purpose.
-    with override_settings(SANDBOX=mode), _quiet("agents.sandbox"):
-        for _ in range(repeats + 1):  # the first one warms caches up and is not counted
-            started = time.perf_counter()
-            executor.execute(_context(workspace))
-            times.append((time.perf_counter() - started) * 1000)
-    return times[1:]
+FLOOD_TASKS = 400
+SESSION_TASKS = 200
+CONCURRENCY = 4
+TASK_S = 0.2
+TARGET_WAITS = 2.0
+FLOOD_RUNS_S = 1.0  # the flood runs this long before the calm tenant's task arrives
+TIMEOUT_S = 120.0
+AGENT = "bench-fair"
 
 
-def _opencode_start_ms(workspace: Path, mode: str, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        with _quiet("agents.sandbox"), Sandbox(workspace, kind=mode) as sandbox, OpenCodeServer.from_settings(sandbox):
-            times.append((time.perf_counter() - started) * 1000)
-    return times
+def _tenant(slug: str) -> Tenant:
+    tenant, _ = Tenant.objects.get_or_create(slug=slug, defaults={"name": slug})
+    Session.objects.filter(tenant=tenant).delete()
+    return tenant
 
 
-@contextmanager
-def _quiet(name: str):
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
+def _session(tenant: Tenant, title: str, count: int, priority: int) -> Session:
+    session = new_session(tenant, title, [task(f"t{i:03d}", seconds=TASK_S) for i in range(count)])
+    Session.objects.filter(pk=session.pk).update(priority=priority)
+    session.priority = priority
+    return session
 
 
-def run_b5(repeats: int) -> dict:
-    with tempfile.TemporaryDirectory(prefix="bench-b5-") as tmp:
-        workspace = Path(tmp) / "ws"
-        (workspace / "src").mkdir(parents=True)
-        for n in range(WORKSPACE_FILES):
-            (workspace / "src" / f"module_{n}.py").write_text(f"VALUE = {n}\n")
-        shell = {mode: _shell_task_ms(workspace, mode, repeats) for mode in ("none", "bwrap")}
-        opencode_repeats = min(repeats, 5)
-        has_opencode = Path(settings.OPENCODE_BIN).exists()
-        opencode = (
-            {mode: _opencode_start_ms(workspace, mode, opencode_repeats) for mode in ("none", "bwrap")}
-            if has_opencode
-            else {}
-        )
-    bare, boxed = statistics.median(shell["none"]), statistics.median(shell["bwrap"])
+def _wait(what: str, done) -> None:
+    deadline = time.monotonic() + TIMEOUT_S
+    while not done():
+        if time.monotonic() > deadline:
+            raise BenchError(f"B5: {what} not seen after {TIMEOUT_S:g}s; see .run/{AGENT}.log")
+        time.sleep(0.01)
+
+
+def one_run(flood: Tenant, calm: Tenant, rep: int) -> dict:
+    floods = [
+        _session(flood, f"B5 flood #{rep} part {n}", SESSION_TASKS, 9) for n in range(FLOOD_TASKS // SESSION_TASKS)
+    ]
+    lone = _session(calm, f"B5 calm #{rep}", 1, 0)
+    vacuum()
+    flood_tasks = Task.objects.filter(session__in=floods)
+    for session in floods:
+        start_session(session, actor="bench")
+    _wait("the flood's first task", lambda: flood_tasks.filter(started_at__isnull=False).exists())
+    time.sleep(FLOOD_RUNS_S)
+    asked = timezone.now()
+    start_session(lone, actor="bench")
+    lone_task = Task.objects.filter(session=lone)
+    _wait("the calm tenant's task starting", lambda: lone_task.filter(started_at__isnull=False).exists())
+    started = lone_task.get().started_at
+    span = flood_tasks.filter(started_at__isnull=False).aggregate(first=Min("started_at"), last=Max("started_at"))
+    ran = flood_tasks.filter(started_at__isnull=False).count()
+    flood_before = flood_tasks.filter(started_at__gt=asked, started_at__lt=started).count()
+    for session in floods:
+        session.refresh_from_db()
+        if session.status in ACTIVE:
+            cancel_session(session, actor="bench")
+    _wait("the calm session settling", lambda: Session.objects.get(pk=lone.pk).status not in ACTIVE)
+    _wait(
+        "the flood stopping",
+        lambda: not Task.objects.filter(session__in=floods, status=Task.Status.RUNNING).exists(),
+    )
+    flood_s = (span["last"] - span["first"]).total_seconds()
     return {
-        "repeats": repeats,
-        "workspace_files": WORKSPACE_FILES,
-        "shell_none_ms": round(bare, 1),
-        "shell_bwrap_ms": round(boxed, 1),
-        "added_ms": round(boxed - bare, 1),
-        "target_added_ms": TARGET_ADDED_MS,
-        "met": boxed - bare <= TARGET_ADDED_MS,
-        "shell_runs_ms": {mode: [round(t, 1) for t in runs] for mode, runs in shell.items()},
-        "opencode_start_ms": {mode: round(statistics.median(runs), 1) for mode, runs in opencode.items()},
-        "opencode_repeats": opencode_repeats if has_opencode else 0,
+        "wait_s": (started - asked).total_seconds(),
+        "flood_started_meanwhile": flood_before,
+        # Flood tasks started per second while it ran, against what the agent can do.
+        "flood_rate": (ran - 1) / flood_s if flood_s > 0 else 0.0,
+    }
+
+
+def run_b5(workers: Workers, repeats: int) -> dict:
+    flood, calm = _tenant("b5-flood"), _tenant("b5-calm")
+    workers.agent(AGENT, CONCURRENCY)
+    try:
+        runs = [one_run(flood, calm, rep + 1) for rep in range(min(repeats, 5))]
+    finally:
+        workers.stop(AGENT)
+    waits = [run["wait_s"] / TASK_S for run in runs]
+    best_rate = CONCURRENCY / TASK_S
+    return {
+        "setup": f"{FLOOD_TASKS} ready tasks of tenant b5-flood at priority 9 ({FLOOD_TASKS // SESSION_TASKS} "
+        f"sessions), then 1 of tenant b5-calm at priority 0; one agent x concurrency {CONCURRENCY}, "
+        f"{TASK_S:g} s tasks, capability {CAPABILITY}",
+        "runs": len(runs),
+        "wait_in_tasks": round(statistics.median(waits), 2),
+        "wait_in_tasks_max": round(max(waits), 2),
+        "flood_started_meanwhile": statistics.median(run["flood_started_meanwhile"] for run in runs),
+        "flood_utilisation": round(statistics.median(run["flood_rate"] for run in runs) / best_rate, 2),
+        "target": TARGET_WAITS,
+        "met": max(waits) <= TARGET_WAITS,
     }

@@ -1,4 +1,4 @@
-"""`python -m bench`: prepare the bench resources, profile, start workers, run B1 to B7, report."""
+"""`python -m bench`: prepare the bench resources, profile, start workers, run B1 to B8, report."""
 
 import argparse
 import os
@@ -10,10 +10,21 @@ from typing import Any
 
 from bench import BenchError
 from bench.env import RUN_DIR, bench_environment, configure_django, prepare_services
-from bench.report import b1_text, b2_text, b3_text, b4_text, b5_text, b6_text, b7_text, profile_text, write_json
+from bench.report import (
+    b1_text,
+    b2_text,
+    b3_text,
+    b4_text,
+    b5_text,
+    b6_text,
+    b7_text,
+    b8_text,
+    profile_text,
+    write_json,
+)
 
 JSON_PATH = RUN_DIR / "bench.json"
-BENCHMARKS = ("b1", "b2", "b3", "b4", "b5", "b6", "b7")
+BENCHMARKS = ("b1", "b2", "b3", "b4", "b5", "b6", "b7", "b8")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -51,6 +62,7 @@ def run(args: argparse.Namespace, env: dict[str, str]) -> dict:
     from bench.b5 import run_b5
     from bench.b6 import run_b6
     from bench.b7 import run_b7
+    from bench.b8 import run_b8
     from bench.ours import bench_tenant, forget_earlier_runs
     from bench.queries import profile_queries
     from bench.workers import Workers
@@ -70,9 +82,10 @@ def run(args: argparse.Namespace, env: dict[str, str]) -> dict:
         "b2": ("B2: makespan", lambda: run_b2(workers, tenant, args.repeats, args.unit)),
         "b3": ("B3: lock", lambda: run_b3(args.repeats)),
         "b4": ("B4: cost against history", lambda: run_b4(workers, args.million)),
-        "b5": ("B5: sandbox cost", lambda: run_b5(args.repeats)),
+        "b5": ("B5: fair share", lambda: run_b5(workers, args.repeats)),
         "b6": ("B6: observability cost", lambda: run_b6(workers, tenant, args.repeats)),
         "b7": ("B7: console and event streams", lambda: run_b7(env, tenant, args.repeats)),
+        "b8": ("B8: sandbox cost", lambda: run_b8(args.repeats)),
     }
     workers = Workers(env)
     try:
@@ -94,7 +107,16 @@ def host() -> dict:
 
 
 def print_report(results: dict) -> None:
-    texts = {"b1": b1_text, "b2": b2_text, "b3": b3_text, "b4": b4_text, "b5": b5_text, "b6": b6_text, "b7": b7_text}
+    texts = {
+        "b1": b1_text,
+        "b2": b2_text,
+        "b3": b3_text,
+        "b4": b4_text,
+        "b5": b5_text,
+        "b6": b6_text,
+        "b7": b7_text,
+        "b8": b8_text,
+    }
     sections = [text(results[name]) for name, text in texts.items() if name in results]
     if "profile" in results:
         sections.append(profile_text(results["profile"]))
