@@ -1,0 +1,229 @@
+"""Fair share of the shared capability queues across tenants (tasks/fairshare.py, docs/ROUTING.md).
+
+The dispatch and release paths are the real ones, on the test database and the test broker; a
+task "finishes" here by its row moving to completed, as the record statement would."""
+
+import threading
+from datetime import timedelta
+
+import pytest
+from django.db import connection
+from django.test import override_settings
+from django.utils import timezone
+
+from agents.models import Agent
+from sessions.models import Session
+from tasks import fairshare
+from tasks.lifecycle import dispatch_session
+from tasks.models import Task
+from tasks.release import release_held, release_ready_tasks
+from tasks.sweeps import sweep_stuck_sessions
+from tenants.models import Tenant
+
+from .conftest import create_and_start, member_client, queued_broker_messages, run_task_message_ids, wait_until
+
+CAP = "code_generation"
+
+
+def online_agent(concurrency: int, name: str = "pool") -> Agent:
+    return Agent.objects.create(
+        name=name, capabilities=[CAP], concurrency=concurrency, status=Agent.Status.ONLINE,
+        last_heartbeat=timezone.now(),
+    )  # fmt: skip
+
+
+def ready_session(slug: str, count: int, *, priority: int = 5, weight: int = 1, deps=None) -> Session:
+    """A started session of `count` tasks (independent unless `deps` says otherwise): ready ones
+    are queued, none is sent yet."""
+    tenant, _ = Tenant.objects.get_or_create(slug=slug, defaults={"name": slug, "weight": weight})
+    session = Session.objects.create(
+        tenant=tenant, title=f"{slug} p{priority}", requirements="r", status=Session.Status.QUEUED, priority=priority
+    )
+    tasks = [
+        Task.objects.create(session=session, key=f"t{i}", title=f"t{i}", capability=CAP, position=i)
+        for i in range(count)
+    ]
+    for key, ups in (deps or {}).items():
+        task = next(t for t in tasks if t.key == key)
+        task.depends_on.set([t for t in tasks if t.key in ups])
+        Task.objects.filter(pk=task.pk).update(upstream_open=len(ups))
+    release_ready_tasks(session.pk)
+    return session
+
+
+def dispatch(session: Session, capture) -> None:
+    with capture(execute=True):
+        dispatch_session(session.pk)
+
+
+def sent(session: Session) -> list[Task]:
+    return list(session.tasks.filter(status=Task.Status.QUEUED).exclude(message_id="").order_by("position"))
+
+
+def held(session: Session) -> int:
+    return session.tasks.filter(fairshare.HELD).count()
+
+
+def finish(task: Task, capture) -> int:
+    Task.objects.filter(pk=task.pk).update(status=Task.Status.COMPLETED, finished_at=timezone.now())
+    with capture(execute=True):
+        return release_held(CAP)
+
+
+def test_a_tenant_alone_sends_its_share_of_the_slots_and_holds_the_rest(db, django_capture_on_commit_callbacks):
+    online_agent(concurrency=2)  # 2 slots x FAIR_SHARE_BURST 1.5: 3 in flight
+    flood = ready_session("acme", 10)
+
+    dispatch(flood, django_capture_on_commit_callbacks)
+
+    assert len(sent(flood)) == 3 and held(flood) == 7
+    assert sorted(run_task_message_ids()) == sorted(t.message_id for t in sent(flood))
+    # Too wide for a canvas in that share: the database released every task.
+    flood.refresh_from_db()
+    assert flood.canvas_width == {} and not flood.tasks.filter(via_canvas=True).exists()
+
+
+def test_another_tenants_task_goes_at_once_behind_only_what_the_flood_has_in_flight(
+    db, django_capture_on_commit_callbacks
+):
+    online_agent(concurrency=2)
+    flood = ready_session("acme", 10, priority=9)
+    dispatch(flood, django_capture_on_commit_callbacks)
+    calm = ready_session("globex", 1, priority=0)
+
+    dispatch(calm, django_capture_on_commit_callbacks)
+
+    messages = queued_broker_messages("cap.*")
+    # The flood's 3 and the calm tenant's: it waits behind 3 messages, not 10.
+    assert sorted(m["headers"]["id"] for m in messages) == sorted(t.message_id for t in [*sent(flood), *sent(calm)])
+    # One broker priority for all: the flood's session priority does not jump the queue.
+    assert {m["properties"]["priority"] for m in messages} == {messages[0]["properties"]["priority"]}
+    calm.refresh_from_db()
+    assert calm.canvas_width == {CAP: 1}  # a one-task canvas, counted in the calm tenant's share
+
+
+def test_a_freed_slot_sends_the_tenants_most_urgent_held_task(db, django_capture_on_commit_callbacks):
+    online_agent(concurrency=2)
+    calm = ready_session("acme", 5, priority=1)
+    dispatch(calm, django_capture_on_commit_callbacks)
+    urgent = ready_session("acme", 2, priority=8)
+    dispatch(urgent, django_capture_on_commit_callbacks)
+    assert (len(sent(calm)), held(calm), held(urgent)) == (3, 2, 2)
+
+    assert finish(sent(calm)[0], django_capture_on_commit_callbacks) == 1
+
+    assert len(sent(urgent)) == 1 and held(calm) == 2
+
+
+@override_settings(FAIR_SHARE_BURST=1.0)
+def test_slots_are_shared_by_weight_and_the_tenant_furthest_below_its_share_goes_next(
+    db, django_capture_on_commit_callbacks
+):
+    online_agent(concurrency=4)
+    light, heavy = ready_session("light", 10, weight=1), ready_session("heavy", 10, weight=3)
+    # Queued, never sent: held, as a flood's tasks are once the database released them.
+    Task.objects.filter(session__in=[light, heavy]).update(message_id="", via_canvas=False)
+
+    with django_capture_on_commit_callbacks(execute=True):
+        assert release_held(CAP) == 4
+
+    assert (len(sent(light)), len(sent(heavy))) == (1, 3)  # 4 slots, weights 1:3
+    # The heavy tenant's task finishes: its slot is its own again, the light tenant has its share.
+    assert finish(sent(heavy)[0], django_capture_on_commit_callbacks) == 1
+    assert (len(sent(light)), len(sent(heavy))) == (1, 3)
+
+
+def test_a_canvas_that_fits_runs_as_a_canvas_and_its_peak_width_counts(db, django_capture_on_commit_callbacks):
+    online_agent(concurrency=4)  # a share of 6 in flight
+    diamond = ready_session("acme", 5, deps={"t1": ["t0"], "t2": ["t0"], "t3": ["t0"], "t4": ["t1", "t2", "t3"]})
+    dispatch(diamond, django_capture_on_commit_callbacks)
+    diamond.refresh_from_db()
+    assert diamond.canvas_width == {CAP: 3} and diamond.tasks.filter(via_canvas=True).count() == 5
+
+    wide = ready_session("acme", 5)
+    dispatch(wide, django_capture_on_commit_callbacks)
+
+    assert len(sent(wide)) == 3 and held(wide) == 2  # 6 - 3 of the diamond's peak
+
+
+def test_held_tasks_are_not_resent_as_lost_and_the_sweep_sends_them_when_room_appears(
+    db, django_capture_on_commit_callbacks
+):
+    flood = ready_session("acme", 5)  # no live agent: a share of one slot's worth, 2 in flight
+    dispatch(flood, django_capture_on_commit_callbacks)
+    assert len(sent(flood)) == 2 and held(flood) == 3
+    flood.tasks.update(queued_at=timezone.now() - timedelta(hours=1))
+
+    with django_capture_on_commit_callbacks(execute=True):
+        done = sweep_stuck_sessions()
+    assert (done["resent"], done["released_held"]) == (0, 0)
+
+    online_agent(concurrency=4)
+    with django_capture_on_commit_callbacks(execute=True):
+        assert sweep_stuck_sessions()["released_held"] == 3
+    assert held(flood) == 0 and len(run_task_message_ids()) == 5
+
+
+@pytest.mark.django_db(transaction=True)
+def test_racing_releases_never_send_more_than_the_share():
+    online_agent(concurrency=2)
+    flood = ready_session("acme", 30)
+    Task.objects.filter(session=flood).update(message_id="", via_canvas=False)
+    barrier, sent_counts, errors = threading.Barrier(8), [], []
+
+    def release() -> None:
+        try:
+            barrier.wait()
+            sent_counts.append(release_held(CAP))
+        except Exception as exc:  # reported by the assertion below
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=release) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+
+    assert errors == [] and sum(sent_counts) == 3
+    assert len(sent(flood)) == 3 and len(run_task_message_ids()) == 3
+
+
+@pytest.mark.e2e
+@pytest.mark.every_broker
+def test_on_real_workers_a_calm_tenants_task_overtakes_a_priority_9_flood(stack):
+    stack.agent("shared", ["code_generation"], concurrency=2)
+    flooder, calm = member_client("acme", "alice"), member_client("globex", "bob")
+    flood = {
+        "title": "flood",
+        "requirements": "many slow tasks",
+        "priority": 9,
+        "tasks": [
+            {"key": f"t{i}", "title": f"t{i}", "capability": CAP, "params": {"duration_s": 0.3}} for i in range(30)
+        ],
+    }
+    flood_id = create_and_start(flooder, flood)
+    flood_tasks = Task.objects.filter(session_id=flood_id)
+    wait_until(lambda: flood_tasks.filter(started_at__isnull=False).exists(), what="the flood running")
+    asked = timezone.now()
+
+    lone_id = create_and_start(
+        calm,
+        {
+            "title": "one",
+            "requirements": "one task",
+            "priority": 0,
+            "tasks": [{"key": "a", "title": "a", "capability": CAP}],
+        },
+    )
+
+    lone = Task.objects.filter(session_id=lone_id)
+    wait_until(lambda: lone.filter(status=Task.Status.COMPLETED).exists(), timeout=60, what="the calm task done")
+    started = lone.get().started_at
+    overtook = flood_tasks.filter(started_at__gt=asked, started_at__lt=started).count()
+    # Only what the flood had in flight went first (its share: 2 slots x 1.5); without fair
+    # share it was every one of its 30 messages, all ahead on the queue and at a higher priority.
+    assert overtook <= 3
+    assert flood_tasks.filter(status__in=[Task.Status.QUEUED, Task.Status.PENDING]).exists()
+    assert flood_tasks.filter(message_id="", status=Task.Status.QUEUED).exists()  # the rest held, not lost
