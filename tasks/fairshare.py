@@ -7,8 +7,8 @@ released as slots free up:
 
 - in flight, per tenant and capability: the messages the database sent that are not finished
   (queued with a message, or running), plus, for each of its active sessions that runs a canvas,
-  the canvas's peak width in that capability (a canvas sends its own messages without asking,
-  never more at once than its widest group);
+  the canvas's peak width in that capability, or its unfinished nodes if fewer (a canvas sends its
+  own messages without asking, never more at once than its widest group);
 - the limit: `ceil(slots * FAIR_SHARE_BURST * weight / total weight)`, at least 1, where slots is
   the concurrency of the live, undrained agents with the capability and the total weight is that
   of the tenants with work in flight or held for it (so a tenant alone gets every slot);
@@ -50,13 +50,19 @@ WITH sent AS (
            count(*) FILTER (WHERE t.status = 'queued' AND t.message_id = '' AND s.status = ANY(%(active)s)) AS held
     FROM tasks_task t JOIN agent_sessions_session s ON s.id = t.session_id
     WHERE t.capability = %(capability)s AND t.status IN ('queued', 'running')
-      AND NOT t.via_canvas AND NOT t.pinned_via_gateway
+      AND NOT t.via_canvas AND NOT t.pinned_via_gateway AND s.id IS DISTINCT FROM %(replanned)s
     GROUP BY s.tenant_id
 ), canvas AS (
-    SELECT tenant_id, sum((canvas_width ->> %(capability)s)::int) AS in_flight
-    FROM agent_sessions_session
-    WHERE status = ANY(%(active)s) AND canvas_width ? %(capability)s
-    GROUP BY tenant_id
+    -- A canvas never has more messages in flight than its peak width, nor than its unfinished nodes
+    -- (nodes that left it are counted above; a canvas that is done counts nothing).
+    SELECT s.tenant_id, sum(LEAST((s.canvas_width ->> %(capability)s)::int, (
+        SELECT count(*) FROM tasks_task n
+        WHERE n.session_id = s.id AND n.capability = %(capability)s AND n.via_canvas
+          AND n.status IN ('pending', 'queued', 'running')
+    ))) AS in_flight
+    FROM agent_sessions_session s
+    WHERE s.status = ANY(%(active)s) AND s.canvas_width ? %(capability)s AND s.id IS DISTINCT FROM %(replanned)s
+    GROUP BY s.tenant_id
 )
 SELECT tenant.id, tenant.weight, COALESCE(sent.in_flight, 0) + COALESCE(canvas.in_flight, 0), COALESCE(sent.held, 0)
 FROM sent FULL JOIN canvas USING (tenant_id) JOIN tenants_tenant tenant ON tenant.id = tenant_id
@@ -83,12 +89,13 @@ def slots(capability: str) -> int:
     return sum(agent.concurrency for agent in agents if agent.is_live)
 
 
-def loads(capability: str, weights: dict[int, int] | None = None) -> dict[int, Load]:
+def loads(capability: str, weights: dict[int, int] | None = None, replanned=None) -> dict[int, Load]:
     """Each tenant's load on the capability, with its limit. `weights`: tenants about to send work
-    (a new canvas), counted as having work even before they have any."""
+    (a new canvas), counted as having work even before they have any. `replanned`: a session
+    being dispatched again, whose earlier messages and canvas do not count."""
     found = {
         tenant: Load(weight, in_flight, held)
-        for tenant, weight, in_flight, held in _rows(capability)
+        for tenant, weight, in_flight, held in _rows(capability, replanned)
         if in_flight or held
     }
     for tenant, weight in (weights or {}).items():
@@ -100,9 +107,9 @@ def loads(capability: str, weights: dict[int, int] | None = None) -> dict[int, L
     return found
 
 
-def _rows(capability: str) -> list[tuple]:
+def _rows(capability: str, replanned) -> list[tuple]:
     with connection.cursor() as cursor:
-        cursor.execute(LOADS, {"capability": capability, "active": _ACTIVE})
+        cursor.execute(LOADS, {"capability": capability, "active": _ACTIVE, "replanned": replanned})
         return cursor.fetchall()
 
 
@@ -122,7 +129,7 @@ def reserve_canvas(session, widths: dict[str, int]) -> bool:
     with transaction.atomic():
         _lock(widths)
         for capability, width in widths.items():
-            load = loads(capability, {tenant: weight})[tenant]
+            load = loads(capability, {tenant: weight}, replanned=session.pk)[tenant]
             if load.held or load.in_flight + width > load.limit:
                 widths = {}
                 break
@@ -138,6 +145,10 @@ def admit(tasks: list[Task], send) -> None:
         by_capability.setdefault(task.capability, []).append(task)
     with transaction.atomic():
         _lock(by_capability)
+        # Being sent (again): whatever message they had does not count as in flight any more.
+        Task.objects.filter(pk__in=[t.pk for t in tasks], status=Task.Status.QUEUED).update(
+            message_id="", dispatched_to=""
+        )
         for capability, waiting in by_capability.items():
             shares = loads(capability, {t.session.tenant_id: t.session.tenant.weight for t in waiting})
             for task in waiting:
@@ -145,8 +156,6 @@ def admit(tasks: list[Task], send) -> None:
                 if task.pinned_via_gateway or load.room:
                     load.in_flight += 0 if task.pinned_via_gateway else 1
                     send(task)
-                else:
-                    Task.objects.filter(pk=task.pk, status=Task.Status.QUEUED).update(message_id="", dispatched_to="")
 
 
 def release_held(capability: str, send) -> int:

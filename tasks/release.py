@@ -71,7 +71,8 @@ def send_released(ids) -> None:
     tenant's fair share has room for; the rest are held (tasks.fairshare)."""
     if not ids:
         return  # the common case: a canvas sends what follows
-    queued = Task.objects.filter(pk__in=ids, status=Task.Status.QUEUED).select_related("session__tenant")
+    queued = Task.objects.filter(pk__in=ids, status=Task.Status.QUEUED, via_canvas=False)
+    queued = queued.select_related("session__tenant")
     fairshare.admit(list(queued.order_by("-session__priority", "position")), _sender())
 
 

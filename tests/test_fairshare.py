@@ -16,7 +16,7 @@ from sessions.models import Session
 from tasks import fairshare
 from tasks.lifecycle import dispatch_session
 from tasks.models import Task
-from tasks.release import release_held, release_ready_tasks
+from tasks.release import release_held, release_ready_tasks, resend_queued_task
 from tasks.sweeps import sweep_stuck_sessions
 from tenants.models import Tenant
 
@@ -227,3 +227,21 @@ def test_on_real_workers_a_calm_tenants_task_overtakes_a_priority_9_flood(stack)
     assert overtook <= 3
     assert flood_tasks.filter(status__in=[Task.Status.QUEUED, Task.Status.PENDING]).exists()
     assert flood_tasks.filter(message_id="", status=Task.Status.QUEUED).exists()  # the rest held, not lost
+
+
+def test_canvas_nodes_sent_again_are_counted_once_and_never_held_behind_their_own_canvas(
+    db, django_capture_on_commit_callbacks
+):
+    online_agent(concurrency=2)  # a share of 3
+    sessions = [ready_session("acme", 1) for _ in range(3)]
+    for session in sessions:
+        dispatch(session, django_capture_on_commit_callbacks)
+    assert [s.tasks.get().via_canvas for s in sessions] == [True] * 3
+
+    # Their messages were lost (a broker restart): each is sent again and leaves its canvas.
+    for session in sessions:
+        with django_capture_on_commit_callbacks(execute=True):
+            assert resend_queued_task(session.tasks.get(), queued_at=timezone.now())
+
+    assert [held(s) for s in sessions] == [0, 0, 0]
+    assert all(len(sent(s)) == 1 and not s.tasks.get().via_canvas for s in sessions)
