@@ -459,3 +459,18 @@ def test_the_admin_refuses_a_bad_quota_and_saves_nothing(admin_client, db, field
     assert response.status_code == 200
     assert field in response.context["adminform"].form.errors
     assert Tenant.objects.filter(pk=tenant.pk).values().get() == before
+
+
+def test_the_admins_retry_action_reports_a_full_quota_and_leaves_the_session(admin_client, api):
+    from tests.test_admin import run_action
+
+    session = failed_session(api)
+    set_quotas(max_active_sessions=1)
+    create(api)
+
+    response = run_action(admin_client, "retry_sessions", session)
+
+    assert response.status_code == 200
+    assert "quota active_sessions exceeded" in response.content.decode()
+    session.refresh_from_db()
+    assert (session.status, session.retry_count) == (Session.Status.FAILED, 0)
