@@ -4,6 +4,7 @@ retry; the preview; GET /api/v1/tenant/; and the admin that edits them."""
 
 import threading
 
+import jsonschema
 import pytest
 from django.core.exceptions import ValidationError
 from django.db import connection
@@ -388,6 +389,22 @@ def test_the_schema_describes_the_tenant_answer_and_the_429(client, db):
         ("/api/v1/decompositions/preview/", "post"),
     ]:
         assert "429" in schema["paths"][path][method]["responses"], path
+
+
+def test_the_tenant_answer_and_a_429_validate_against_the_schema(api, client):
+    schema = client.get("/api/schema/", {"format": "json"}).json()
+    paths = schema["paths"]
+    components = {"components": schema["components"]}
+    set_quotas(max_active_sessions=1)
+    create(api)
+
+    def body_schema(path: str, method: str, status: str) -> dict:
+        return paths[path][method]["responses"][status]["content"]["application/json"]["schema"] | components
+
+    jsonschema.validate(api.get(TENANT).json(), body_schema("/api/v1/tenant/", "get", "200"))
+    refused = create(api)
+    assert refused.status_code == 429
+    jsonschema.validate(refused.json(), body_schema("/api/v1/sessions/", "post", "429"))
 
 
 # The admin
