@@ -1,5 +1,6 @@
 """The one exception handler: every error is {"error": {"code", "message", "details"}}, and the
-domain's errors get their HTTP status here (an illegal transition 409, a refused input 400)."""
+domain's errors get their HTTP status here (an illegal transition 409, a refused input 400, a
+tenant's quota 429)."""
 
 from django.core.exceptions import ObjectDoesNotExist, PermissionDenied
 from django.http import Http404
@@ -10,6 +11,7 @@ from rest_framework.views import exception_handler as drf_exception_handler
 from orchestrator_project.locking import LockUnavailable, StaleFencingToken
 from orchestrator_project.validation import InvalidInput, flatten_errors
 from sessions.models import InvalidTransition
+from tenants.quotas import QuotaExceeded
 
 
 def error_response(code: str, message: str, details, http_status: int, headers=None) -> Response:
@@ -24,6 +26,8 @@ def exception_handler(exc, context):
     if isinstance(exc, InvalidTransition):
         details = {"from": exc.from_status, "to": exc.to_status, "allowed": exc.allowed}
         return error_response("invalid_transition", str(exc), details, status.HTTP_409_CONFLICT)
+    if isinstance(exc, QuotaExceeded):
+        return error_response("quota_exceeded", str(exc), exc.details, status.HTTP_429_TOO_MANY_REQUESTS)
     if isinstance(exc, LockUnavailable | StaleFencingToken):
         return error_response("conflict", f"{exc}; try again", {}, status.HTTP_409_CONFLICT)
     if isinstance(exc, Http404 | ObjectDoesNotExist):  # the latter: deleted while we worked on it

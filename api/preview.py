@@ -12,8 +12,10 @@ from agents.capabilities import CAPABILITIES
 from tasks.decomposition import DEFAULT_ESTIMATE, Plan, critical_path, edges, nodes_from_specs, topological_order
 from tasks.decomposition.analyzer import HIGH, LOW, MEDIUM
 from tasks.lifecycle import check_new_session, plan_new_session
+from tenants.quotas import check_request
 
 from .inputs import EstimateSerializer, SessionCreateSerializer
+from .tenant import QUOTA_EXCEEDED
 
 
 class PlannedTaskSerializer(serializers.Serializer):
@@ -71,10 +73,11 @@ class DecompositionPreviewView(APIView):
 
     @extend_schema(
         request=SessionCreateSerializer,
-        responses={200: DecompositionPreviewSerializer},
+        responses={200: DecompositionPreviewSerializer, 429: QUOTA_EXCEEDED},
         summary="Preview the decomposition: tasks, edges, order, critical path and makespan, nothing stored",
         description="The same body as creating a session, checked the same way; nothing is stored. Any member "
-        "of a tenant may ask, viewers too.",
+        "of a tenant may ask, viewers too. 429 quota_exceeded when the tenant's tasks per session, or the highest "
+        "priority of your role, would refuse the session (the quotas that count use are checked on create only).",
     )
     def post(self, request):
         payload = SessionCreateSerializer(data=request.data)
@@ -86,11 +89,14 @@ class DecompositionPreviewView(APIView):
             memberships = memberships.filter(tenant__slug=slug)
             if not memberships:
                 raise ValidationError({"tenant": [f"you are not a member of tenant {slug!r}"]})
-        tenant = memberships[0].tenant if len(memberships) == 1 else None
+        membership = memberships[0] if len(memberships) == 1 else None
+        tenant = membership.tenant if membership else None
         if "repository" in data and tenant is None:  # whose repository rules would apply?
             raise ValidationError({"tenant": ["you belong to several tenants; name one"]})
         check_new_session(data, tenant=tenant)
         plan = plan_new_session(data)
+        if membership:  # the quotas one request can break alone; use changes by the moment
+            check_request(tenant, tasks=len(plan.tasks), priority=data["priority"], role=membership.role)
         return Response(DecompositionPreviewSerializer(preview_of(plan)).data)
 
 

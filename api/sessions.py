@@ -11,7 +11,7 @@ from orchestrator_project import logs
 from sessions.models import Checkpoint, Session
 from tasks import lifecycle
 from tasks.summaries import add_task_counts
-from tenants.permissions import TenantScopedMixin, tenant_for_write
+from tenants.permissions import TenantScopedMixin, membership_for_write
 
 from .inputs import SessionCreateSerializer
 from .pagination import Pagination, SessionCursorPagination
@@ -22,6 +22,7 @@ from .serializers import (
     SessionSerializer,
     TaskSerializer,
 )
+from .tenant import QUOTA_EXCEEDED
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 
@@ -47,7 +48,7 @@ def _actor(request) -> str:
     return f"user:{request.user.get_username()}"
 
 
-def _transition_action(name: str, service, summary: str, description: str):
+def _transition_action(name: str, service, summary: str, description: str, errors: dict | None = None):
     def transition(self, request, pk=None):
         session = self.get_object()
         service(session, actor=_actor(request))
@@ -57,7 +58,8 @@ def _transition_action(name: str, service, summary: str, description: str):
     # DRF matches an action's function name to its attribute name.
     transition.__name__ = name
     decorated = action(detail=True, methods=["post"], url_path=name, url_name=name)(transition)
-    schema = extend_schema(request=None, responses={202: SessionSerializer}, summary=summary, description=description)
+    responses = {202: SessionSerializer, **(errors or {})}
+    schema = extend_schema(request=None, responses=responses, summary=summary, description=description)
     return schema(decorated)
 
 
@@ -113,9 +115,10 @@ class SessionViewSet(
         summary="Create a session",
         description="From an explicit DAG (tasks), or from requirements that a template decomposes (named, or "
         "inferred). The session is pending until it is started. A request with an Idempotency-Key already used "
-        "in the tenant gets the session that key created, with 200.",
+        "in the tenant gets the session that key created, with 200. 429 quota_exceeded when the tenant's quotas "
+        "(active sessions, open tasks, tasks per session, the highest priority of your role) have no room for it.",
         request=SessionCreateSerializer,
-        responses={201: SessionDetailSerializer, 200: SessionDetailSerializer},
+        responses={201: SessionDetailSerializer, 200: SessionDetailSerializer, 429: QUOTA_EXCEEDED},
         parameters=[OpenApiParameter(IDEMPOTENCY_HEADER, str, OpenApiParameter.HEADER, required=False)],
     )
     def create(self, request, *args, **kwargs):
@@ -124,9 +127,10 @@ class SessionViewSet(
             raise ValidationError({IDEMPOTENCY_HEADER: ["must be 1 to 128 characters"]})
         payload = SessionCreateSerializer(data=request.data)
         payload.is_valid(raise_exception=True)
-        tenant = tenant_for_write(request.user, payload.validated_data.pop("tenant", None))
+        membership = membership_for_write(request.user, payload.validated_data.pop("tenant", None))
+        tenant = membership.tenant
         session, created = lifecycle.create_session(
-            tenant=tenant, user=request.user, data=payload.validated_data, idempotency_key=key
+            tenant=tenant, user=request.user, data=payload.validated_data, idempotency_key=key, role=membership.role
         )
         logs.bind(session_id=str(session.pk), tenant=tenant.pk)
         body = SessionDetailSerializer(
@@ -166,7 +170,9 @@ class SessionViewSet(
         lifecycle.retry_session,
         "Retry: completed tasks stay, the rest run again",
         "failed, timeout, stopped or orphaned -> queued, at most max_retries times: completed tasks keep their "
-        "results and do not run again; every other task runs again. 409 otherwise.",
+        "results and do not run again; every other task runs again. 409 otherwise; 429 quota_exceeded when the "
+        "tenant's active sessions or open tasks quota has no room for it.",
+        errors={429: QUOTA_EXCEEDED},
     )
 
     @property

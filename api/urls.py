@@ -15,6 +15,7 @@ from .metrics import metrics_view
 from .preview import DecompositionPreviewView
 from .sessions import SessionViewSet
 from .tasks import TaskViewSet
+from .tenant import TenantView
 
 # The admin's "View site" link opens the console.
 admin.site.site_url = "/console/"
@@ -26,6 +27,7 @@ router.register("agents", AgentViewSet, basename="agent")
 
 urlpatterns = [
     path("api/v1/decompositions/preview/", DecompositionPreviewView.as_view(), name="decomposition-preview"),
+    path("api/v1/tenant/", TenantView.as_view(), name="tenant"),
     path("api/v1/eap/register/", eap.RegisterView.as_view(), name="eap-register"),
     path("api/v1/eap/heartbeat/", eap.HeartbeatView.as_view(), name="eap-heartbeat"),
     path("api/v1/eap/tasks/next/", eap.NextTaskView.as_view(), name="eap-tasks-next"),

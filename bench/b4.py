@@ -20,7 +20,7 @@ from rest_framework.test import APIClient
 from agents.models import Agent
 from agents.runtime import AgentRuntime
 from bench import BenchError, history, shapes
-from bench.ours import new_session, session_events, wait_settled
+from bench.ours import bench_tenant, new_session, session_events, wait_settled
 from bench.workers import ORCHESTRATOR, Workers
 from sessions.models import Session
 from tasks import leases, sweeps
@@ -165,7 +165,7 @@ def measure_level(tenant: Tenant, client: APIClient, agents: dict[str, Agent], w
 
 
 def run_b4(workers: Workers, million: bool) -> dict:
-    tenant, _ = Tenant.objects.get_or_create(slug="bench-history", defaults={"name": "B4 history"})
+    tenant = bench_tenant("bench-history", "B4 history")
     history.forget_all()
     inprocess = register_worker(
         name=INPROCESS_AGENT, capabilities=[shapes.CAPABILITY], executor="scripted", concurrency=CONCURRENCY

@@ -245,6 +245,16 @@ MAX_TASKS_PER_SESSION = env_int("MAX_TASKS_PER_SESSION", 200, minimum=1)
 # no slot idles between a finish and the next release.
 FAIR_SHARE_BURST = env_float("FAIR_SHARE_BURST", 1.5, minimum=1.0)
 MAX_TEXT_CHARS = env_int("MAX_TEXT_CHARS", 20_000, minimum=100)
+# Per-tenant quotas' defaults (tenants/quotas.py); the admin overrides them per tenant. A tenant's
+# tasks per session defaults to MAX_TASKS_PER_SESSION and may only narrow it.
+QUOTA_ACTIVE_SESSIONS = env_int("QUOTA_ACTIVE_SESSIONS", 20)
+QUOTA_OPEN_TASKS = env_int("QUOTA_OPEN_TASKS", 1000)
+QUOTA_MAX_PRIORITY_DEVELOPER = env_int("QUOTA_MAX_PRIORITY_DEVELOPER", 5)
+QUOTA_MAX_PRIORITY_OPERATOR = env_int("QUOTA_MAX_PRIORITY_OPERATOR", 9)
+QUOTA_MAX_PRIORITY_ADMIN = env_int("QUOTA_MAX_PRIORITY_ADMIN", 9)
+for _name in ("QUOTA_MAX_PRIORITY_DEVELOPER", "QUOTA_MAX_PRIORITY_OPERATOR", "QUOTA_MAX_PRIORITY_ADMIN"):
+    if globals()[_name] > 9:
+        raise ImproperlyConfigured(f"{_name} must be a session priority, 0..9")
 TASK_DEADLINE_SECONDS = env_int("TASK_DEADLINE_SECONDS", 1800, minimum=1)
 # A claim holds its task for this long; the agent renews it while the claiming process lives
 # (and Beat for agents that still beat). A task whose lease ran out is re-queued (Beat).

@@ -9,6 +9,7 @@ from django.utils.html import format_html
 from orchestrator_project.admin_display import ViewOnly, redacted
 from orchestrator_project.locking import LockUnavailable, StaleFencingToken
 from sessions.models import InvalidTransition, Session, SessionEvent
+from tenants.quotas import QuotaExceeded
 
 from . import lifecycle
 from .models import Task
@@ -57,7 +58,7 @@ def _run_transition(modeladmin, request, queryset, service, verb: str) -> None:
         try:
             service(session, actor=f"admin:{request.user.get_username()}")
             done += 1
-        except (InvalidTransition, LockUnavailable, StaleFencingToken) as exc:
+        except (InvalidTransition, LockUnavailable, StaleFencingToken, QuotaExceeded) as exc:
             modeladmin.message_user(request, f"{session.title}: {exc}", messages.WARNING)
     if done:
         modeladmin.message_user(request, f"{verb} {done} session(s).", messages.SUCCESS)

@@ -15,6 +15,7 @@ from orchestrator_project.validation import InvalidInput
 from sessions import feed
 from sessions.models import ACTIVE, RETRYABLE, Session
 from sessions.workspaces import WorkspaceError, check_repository, finish_workspace, prepare_workspace
+from tenants import quotas
 
 from .canvas import build_canvas
 from .decomposition import Plan, plan_session
@@ -77,22 +78,30 @@ def plan_new_session(data: dict) -> Plan:
     )
 
 
-def create_session(*, tenant, user, data: dict, idempotency_key: str | None = None) -> tuple[Session, bool]:
+def create_session(
+    *, tenant, user, data: dict, idempotency_key: str | None = None, role: str | None = None
+) -> tuple[Session, bool]:
     """Create a session and its task DAG in one transaction; returns (session, created).
 
     `data` is validated input (see api/inputs.py), checked here (check_new_session); the DAG
     is its `tasks`, or else the decomposition of its requirements (plan_new_session). Both raise
     InvalidInput. With an idempotency key already used in this tenant, the existing session is
-    returned and nothing is written.
+    returned and nothing is written, whatever the quotas. Otherwise the tenant's quotas must
+    allow it (tenants/quotas.py; the priority cap of `role`, None for internal callers), or
+    QuotaExceeded is raised and nothing is written.
     """
     check_new_session(data, tenant=tenant)
-    if idempotency_key:
-        existing = Session.objects.filter(tenant=tenant, idempotency_key=idempotency_key).first()
-        if existing:
-            return existing, False
+    if idempotency_key and (existing := _session_with_key(tenant, idempotency_key)):
+        return existing, False
     plan = plan_new_session(data)
+    quotas.check_request(tenant, tasks=len(plan.tasks), priority=data["priority"], role=role)
     try:
         with transaction.atomic():
+            tenant = quotas.lock_tenant(tenant.pk)
+            # Under the lock: a request with the same key that was first has committed by now.
+            if idempotency_key and (existing := _session_with_key(tenant, idempotency_key)):
+                return existing, False
+            quotas.check_usage(tenant, sessions=1, tasks=len(plan.tasks))
             session = Session.objects.create(
                 tenant=tenant,
                 created_by=user,
@@ -112,11 +121,15 @@ def create_session(*, tenant, user, data: dict, idempotency_key: str | None = No
             transaction.on_commit(lambda: feed.announce(tenant.pk, session.pk))  # the tenant's live lists
     except IntegrityError:
         # Two requests with the same key raced; the other one's session is the answer.
-        existing = Session.objects.filter(tenant=tenant, idempotency_key=idempotency_key).first()
-        if idempotency_key and existing:
+        existing = _session_with_key(tenant, idempotency_key) if idempotency_key else None
+        if existing:
             return existing, False
         raise
     return session, True
+
+
+def _session_with_key(tenant, idempotency_key: str) -> Session | None:
+    return Session.objects.filter(tenant=tenant, idempotency_key=idempotency_key).first()
 
 
 def _create_tasks(session: Session, specs: list[dict]) -> None:
@@ -213,9 +226,14 @@ def cancel_session(session: Session, *, actor: str) -> None:
 
 def retry_session(session: Session, *, actor: str) -> None:
     """Run a failed, timed-out, stopped or orphaned session again: completed tasks keep their
-    status and results and do not run again; every other task starts over."""
+    status and results and do not run again; every other task starts over. Raises QuotaExceeded
+    (and changes nothing) when the tenant's quotas have no room for it."""
 
     def reset_unfinished_tasks(row: Session) -> None:
+        # Back among the unsettled: the tenant's quotas must have room for it and for the tasks
+        # that will run again (the tenant locked after the session: creates lock no session).
+        again = row.tasks.exclude(status=Task.Status.COMPLETED).count()
+        quotas.check_usage(quotas.lock_tenant(row.tenant_id), sessions=1, tasks=again, excluding=row)
         fresh = {"status": Task.Status.PENDING, "error": "", "agent": None, "started_at": None, "finished_at": None}
         to_run_again = row.tasks.exclude(status__in=(Task.Status.COMPLETED, Task.Status.RUNNING))
         to_run_again.update(attempts=0, queued_at=None, **fresh)

@@ -11,7 +11,7 @@ class MembershipInline(admin.TabularInline):
 
 @admin.register(Tenant)
 class TenantAdmin(admin.ModelAdmin):
-    list_display = ["slug", "name", "created_at"]
+    list_display = ["slug", "name", "weight", "created_at"]
     search_fields = ["slug", "name"]
     inlines = [MembershipInline]
     fieldsets = [
@@ -24,6 +24,22 @@ class TenantAdmin(admin.ModelAdmin):
                 "(REPOSITORY_ROOTS, REPOSITORY_URL_PREFIXES). Empty: the settings' own.",
             },
         ),
+        (
+            "Quotas",
+            {
+                "fields": [
+                    "max_active_sessions",
+                    "max_open_tasks",
+                    "max_tasks_per_session",
+                    "max_priority_developer",
+                    "max_priority_operator",
+                    "max_priority_admin",
+                ],
+                "description": "A request that would go over one is refused with 429 quota_exceeded. "
+                "Empty: the setting named under the field.",
+            },
+        ),
+        ("Fair share", {"fields": ["weight"]}),
     ]
 
 

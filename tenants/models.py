@@ -1,10 +1,11 @@
 from django.conf import settings
 from django.contrib.postgres.fields import ArrayField
 from django.core.exceptions import ValidationError
-from django.core.validators import MinValueValidator
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 
 from orchestrator_project.repositories import RefusedRepository, parse_url_prefix, path_under, url_has_prefix
+from sessions.models import MAX_PRIORITY
 
 
 class Tenant(models.Model):
@@ -26,10 +27,51 @@ class Tenant(models.Model):
         help_text="Comma-separated URL prefixes, each under one of REPOSITORY_URL_PREFIXES; "
         "empty: REPOSITORY_URL_PREFIXES.",
     )
-    weight = models.PositiveIntegerField(
-        default=1,
+    # Quotas (tenants/quotas.py enforces them). Empty: the setting named in the help text.
+    max_active_sessions = models.PositiveIntegerField(
+        "active sessions",
+        null=True,
+        blank=True,
+        help_text="Sessions not yet settled (pending, queued, running, degraded, paused) at once; "
+        "0 stops new sessions. Empty: QUOTA_ACTIVE_SESSIONS.",
+    )
+    max_open_tasks = models.PositiveIntegerField(
+        "open tasks",
+        null=True,
+        blank=True,
+        help_text="Unfinished tasks (pending, queued, running) across the tenant's unsettled sessions. "
+        "Empty: QUOTA_OPEN_TASKS.",
+    )
+    max_tasks_per_session = models.PositiveIntegerField(
+        "tasks per session",
+        null=True,
+        blank=True,
         validators=[MinValueValidator(1)],
-        help_text="Fair share weight on shared capability queues: slots are shared in proportion to it.",
+        help_text="At most MAX_TASKS_PER_SESSION, which it may only narrow. Empty: MAX_TASKS_PER_SESSION.",
+    )
+    max_priority_developer = models.PositiveSmallIntegerField(
+        "highest priority of a developer",
+        null=True,
+        blank=True,
+        validators=[MaxValueValidator(MAX_PRIORITY)],
+        help_text="0..9. Empty: QUOTA_MAX_PRIORITY_DEVELOPER.",
+    )
+    max_priority_operator = models.PositiveSmallIntegerField(
+        "highest priority of an operator",
+        null=True,
+        blank=True,
+        validators=[MaxValueValidator(MAX_PRIORITY)],
+        help_text="0..9. Empty: QUOTA_MAX_PRIORITY_OPERATOR.",
+    )
+    max_priority_admin = models.PositiveSmallIntegerField(
+        "highest priority of an admin",
+        null=True,
+        blank=True,
+        validators=[MaxValueValidator(MAX_PRIORITY)],
+        help_text="0..9. Empty: QUOTA_MAX_PRIORITY_ADMIN.",
+    )
+    weight = models.PositiveIntegerField(
+        default=1, validators=[MinValueValidator(1)], help_text="fair share weight on shared capability queues"
     )
     created_at = models.DateTimeField(auto_now_add=True)
 
@@ -47,6 +89,8 @@ class Tenant(models.Model):
         wide = [prefix for prefix in self.repository_url_prefixes if not _prefix_within_settings(prefix)]
         if wide:
             errors["repository_url_prefixes"] = f"not under any of REPOSITORY_URL_PREFIXES: {', '.join(wide)}"
+        if self.max_tasks_per_session is not None and self.max_tasks_per_session > settings.MAX_TASKS_PER_SESSION:
+            errors["max_tasks_per_session"] = f"at most MAX_TASKS_PER_SESSION ({settings.MAX_TASKS_PER_SESSION})"
         if errors:
             raise ValidationError(errors)
 
@@ -62,6 +106,34 @@ class Tenant(models.Model):
         if not self.repository_url_prefixes:
             return list(settings.REPOSITORY_URL_PREFIXES)
         return [prefix for prefix in self.repository_url_prefixes if _prefix_within_settings(prefix)]
+
+    def active_sessions_limit(self) -> int:
+        return _or_default(self.max_active_sessions, settings.QUOTA_ACTIVE_SESSIONS)
+
+    def open_tasks_limit(self) -> int:
+        return _or_default(self.max_open_tasks, settings.QUOTA_OPEN_TASKS)
+
+    def tasks_per_session_limit(self) -> int:
+        """The tenant's own limit, never above MAX_TASKS_PER_SESSION (even if that setting fell
+        after the tenant was saved)."""
+        ceiling = settings.MAX_TASKS_PER_SESSION
+        return min(_or_default(self.max_tasks_per_session, ceiling), ceiling)
+
+    def max_priority_of(self, role: str) -> int | None:
+        """The highest session priority a member in `role` may set; None for a role that may
+        not create sessions at all (viewer)."""
+        if role not in PRIORITY_ROLES:
+            return None
+        default = getattr(settings, f"QUOTA_MAX_PRIORITY_{role.upper()}")
+        return _or_default(getattr(self, f"max_priority_{role}"), default)
+
+
+# The roles that may create sessions; each has a highest priority (Tenant.max_priority_of).
+PRIORITY_ROLES = ("admin", "operator", "developer")
+
+
+def _or_default(value: int | None, default: int) -> int:
+    return default if value is None else value
 
 
 def _root_within_settings(root: str) -> bool:

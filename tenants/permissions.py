@@ -1,15 +1,16 @@
 from rest_framework.exceptions import PermissionDenied, ValidationError
 from rest_framework.permissions import SAFE_METHODS, BasePermission
 
-from .models import Membership, Tenant
+from .models import Membership
 
 
 def membership_for(user, tenant_id: int) -> Membership | None:
     return Membership.objects.filter(user=user, tenant_id=tenant_id).first()
 
 
-def tenant_for_write(user, slug: str | None) -> Tenant:
-    """The tenant a new object goes to: the named one, or the caller's only tenant."""
+def membership_for_write(user, slug: str | None) -> Membership:
+    """The caller's membership in the tenant a new object goes to: the named one, or the caller's
+    only tenant. Raises ValidationError for a tenant not theirs, PermissionDenied for a viewer."""
     memberships = Membership.objects.filter(user=user).select_related("tenant")
     if slug:
         memberships = memberships.filter(tenant__slug=slug)
@@ -20,7 +21,7 @@ def tenant_for_write(user, slug: str | None) -> Tenant:
     membership = memberships[0]
     if not membership.can_mutate:
         raise PermissionDenied(f"role {membership.role} in tenant {membership.tenant.slug} cannot create sessions")
-    return membership.tenant
+    return membership
 
 
 class IsTenantMember(BasePermission):

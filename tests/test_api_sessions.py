@@ -61,14 +61,14 @@ def viewer(db) -> APIClient:
 
 
 def test_create_with_explicit_dag_stores_tasks_and_dependencies(api):
-    response = api.post(SESSIONS, dag_payload(priority=7, metadata={"ticket": "PAY-1"}), format="json")
+    response = api.post(SESSIONS, dag_payload(priority=4, metadata={"ticket": "PAY-1"}), format="json")
 
     assert response.status_code == 201
     body = response.json()
     assert response["Location"] == url(body["id"])
     assert body["status"] == "pending"
     assert body["version"] == 0
-    assert body["priority"] == 7
+    assert body["priority"] == 4
     assert body["tenant"] == "acme"
     assert body["task_counts"]["pending"] == 6
     assert sum(body["task_counts"].values()) == 6
@@ -388,13 +388,13 @@ def test_filter_by_status_accepts_several_values(api):
 
 
 def test_filter_by_priority(api):
-    create(api, dag_payload(priority=9))
+    create(api, dag_payload(priority=5))
     create(api, dag_payload(priority=1))
 
-    body = api.get(SESSIONS, {"priority": 9}).json()
+    body = api.get(SESSIONS, {"priority": 5}).json()
 
     assert body["count"] == 1
-    assert body["results"][0]["priority"] == 9
+    assert body["results"][0]["priority"] == 5
 
 
 def test_filter_by_created_range(api):

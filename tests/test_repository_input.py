@@ -206,6 +206,7 @@ def test_the_admin_refuses_a_tenant_narrowing_that_widens(admin_client, allowed,
         "name": "T",
         "repository_roots": str(tmp_path / "secret"),
         "repository_url_prefixes": PREFIX + "team/",
+        "weight": "1",
         "memberships-TOTAL_FORMS": "0",
         "memberships-INITIAL_FORMS": "0",
     }

@@ -8,7 +8,7 @@ class Migration(migrations.Migration):
 
     dependencies = [
         ('agent_sessions', '0009_feed_event'),
-        ('tenants', '0004_tenant_weight'),
+        ('tenants', '0004_tenant_quotas_weight'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
