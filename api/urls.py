@@ -15,6 +15,7 @@ from .metrics import metrics_view
 from .preview import DecompositionPreviewView
 from .sessions import SessionViewSet
 from .tasks import TaskViewSet
+from .tokens import TokenViewSet
 
 # The admin's "View site" link opens the console.
 admin.site.site_url = "/console/"
@@ -23,6 +24,7 @@ router = DefaultRouter()
 router.register("sessions", SessionViewSet, basename="session")
 router.register("tasks", TaskViewSet, basename="task")
 router.register("agents", AgentViewSet, basename="agent")
+router.register("tokens", TokenViewSet, basename="token")
 
 urlpatterns = [
     path("api/v1/decompositions/preview/", DecompositionPreviewView.as_view(), name="decomposition-preview"),

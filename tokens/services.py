@@ -5,6 +5,8 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.utils import timezone
+from knox.models import get_digest_token
+from knox.settings import CONSTANTS
 
 from .models import ApiToken
 
@@ -16,16 +18,11 @@ class TooManyTokens(Exception):
     """The user has MAX_TOKENS_PER_USER valid tokens already."""
 
 
-def default_lifetime() -> timedelta | None:
-    """How long a new token lives unless asked for less: API_TOKEN_TTL_DAYS (0: no expiry)."""
+def default_expiry(now: datetime) -> datetime | None:
+    """When a token issued at `now` expires unless asked for sooner: API_TOKEN_TTL_DAYS later,
+    which is also the latest it may (None: never, and no limit, when the setting is 0)."""
     days = settings.API_TOKEN_TTL_DAYS
-    return timedelta(days=days) if days else None
-
-
-def latest_allowed_expiry(now: datetime) -> datetime | None:
-    """The furthest expiry a new token may have (None: unbounded, API_TOKEN_TTL_DAYS=0)."""
-    lifetime = default_lifetime()
-    return now + lifetime if lifetime else None
+    return now + timedelta(days=days) if days else None
 
 
 def valid_tokens(user):
@@ -35,14 +32,24 @@ def valid_tokens(user):
 
 
 def issue_token(user, *, name: str = "", expiry: datetime | None = None) -> tuple[ApiToken, str]:
-    """A new token for `user`, expiring at `expiry` (default: now + API_TOKEN_TTL_DAYS). Returns
-    the row and the plaintext, which is not kept anywhere. The user's expired tokens go now."""
+    """A new token for `user`, expiring at `expiry` (default: default_expiry). Returns the row and
+    the plaintext (knox's: `io_` and 64 random hex digits), which is not kept anywhere. The
+    user's expired tokens go now."""
     now = timezone.now()
     ApiToken.objects.filter(user=user, expiry__lte=now).delete()
     if valid_tokens(user).count() >= MAX_TOKENS_PER_USER:
         raise TooManyTokens(f"you have {MAX_TOKENS_PER_USER} valid tokens already: revoke one first")
-    lifetime = expiry - now if expiry is not None else default_lifetime()
-    return ApiToken.objects.create(user=user, expiry=lifetime, name=name)
+    digest, key = get_digest_token()
+    # Not ApiToken.objects.create: knox's takes a lifetime, and its `now` would not be ours.
+    token = ApiToken(
+        user=user,
+        digest=digest,
+        token_key=key[: CONSTANTS.TOKEN_KEY_LENGTH],
+        expiry=expiry if expiry is not None else default_expiry(now),
+        name=name,
+    )
+    token.save(force_insert=True)
+    return token, key
 
 
 def revoke_tokens(user, *, keep: ApiToken | None = None) -> int:
