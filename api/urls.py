@@ -30,6 +30,7 @@ urlpatterns = [
     path("api/v1/decompositions/preview/", DecompositionPreviewView.as_view(), name="decomposition-preview"),
     path("api/v1/eap/register/", eap.RegisterView.as_view(), name="eap-register"),
     path("api/v1/eap/heartbeat/", eap.HeartbeatView.as_view(), name="eap-heartbeat"),
+    path("api/v1/eap/rotate/", eap.RotateView.as_view(), name="eap-rotate"),
     path("api/v1/eap/tasks/next/", eap.NextTaskView.as_view(), name="eap-tasks-next"),
     path("api/v1/eap/tasks/<str:task_id>/result/", eap.ResultView.as_view(), name="eap-task-result"),
     # Served by the stream process (api/stream_urls.py); here, a pointer to it.
