@@ -236,3 +236,27 @@ def test_the_admin_never_shows_the_previous_secrets(admin_client, registered):
 
     assert agent.previous_token_hash not in text and agent.previous_signing_secret not in text
     assert agent.signing_secret not in text and registered["signing_secret"] not in text
+
+
+def reference_agent():
+    """examples/eap_agent.py, loaded from its file (it is a script, not a package module)."""
+    import importlib.util
+
+    from .conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("eap_agent", ROOT / "examples" / "eap_agent.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_reference_agent_accepts_a_push_in_grace_by_either_signature_and_nothing_else():
+    agent = reference_agent()
+    body, stamp, now = b'{"task_id": "t"}', "1700000000", 1700000000.0
+    old, new = "old-secret", "new-secret"
+    signed = {"signature": eap.sign(new, stamp, body), "previous_signature": eap.sign(old, stamp, body)}
+
+    assert agent.signature_problem(new, stamp, body, now=now, **signed) is None
+    assert agent.signature_problem(old, stamp, body, now=now, **signed) is None  # a replica not yet updated
+    assert agent.signature_problem("stolen?", stamp, body, now=now, **signed) == "bad X-EAP-Signature"
+    assert agent.signature_problem(old, stamp, body, eap.sign(new, stamp, body), now) == "bad X-EAP-Signature"
