@@ -189,3 +189,23 @@ def test_run_agent_rejects_bad_arguments_before_registering(db, args, message):
         run_agent(*args)
 
     assert not Agent.objects.exists()
+
+
+def test_issue_token_prints_a_token_for_an_existing_user_who_needs_no_tenant(db):
+    staff = get_user_model().objects.create_user("ops", is_staff=True)
+    out = StringIO()
+
+    call_command("issue_token", "ops", "--name", "runbook", stdout=out)
+
+    key = out.getvalue().strip()
+    assert ApiToken.objects.get(user=staff).name == "runbook"
+    assert token_client(key).get("/api/v1/agents/").status_code == 200
+
+
+@pytest.mark.parametrize("args, message", [(["ghost"], "no active user"), (["ops", "--name", "x" * 101], "--name")])
+def test_issue_token_refuses_an_unknown_user_or_a_long_name(db, args, message):
+    get_user_model().objects.create_user("ops")
+
+    with pytest.raises(CommandError, match=message):
+        call_command("issue_token", *args, stdout=StringIO())
+    assert not ApiToken.objects.exists()
