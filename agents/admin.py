@@ -2,7 +2,7 @@ from django.contrib import admin, messages
 
 from orchestrator_project.admin_display import ViewOnly, redacted
 
-from . import services
+from . import eap, services
 from .models import Agent, AgentEvent, EapDelivery
 
 
@@ -18,6 +18,16 @@ def resume_agents(modeladmin, request, queryset):
     for agent in queryset:
         services.resume_agent(agent, actor=f"admin:{request.user.get_username()}")
     modeladmin.message_user(request, f"Resumed {len(queryset)} agent(s).", messages.SUCCESS)
+
+
+@admin.action(description="Revoke the credentials of the selected external agents (they go offline)")
+def revoke_agent_credentials(modeladmin, request, queryset):
+    external = [agent for agent in queryset if agent.is_external]
+    for agent in external:
+        eap.revoke_credentials(agent, actor=f"admin:{request.user.get_username()}")
+    skipped = len(queryset) - len(external)
+    note = f"; {skipped} platform worker(s) skipped (they have none)" if skipped else ""
+    modeladmin.message_user(request, f"Revoked the credentials of {len(external)} agent(s){note}.", messages.SUCCESS)
 
 
 @admin.register(Agent)
@@ -40,8 +50,8 @@ class AgentAdmin(admin.ModelAdmin):
     list_filter = ["status", "executor", "mode"]
     search_fields = ["name", "hostname"]
     # The token's hash and the signing secret never show: they are not on the form at all.
-    exclude = ["token_hash", "signing_secret"]
-    actions = [drain_agents, resume_agents]
+    exclude = ["token_hash", "signing_secret", "previous_token_hash", "previous_signing_secret"]
+    actions = [drain_agents, resume_agents, revoke_agent_credentials]
 
     def has_add_permission(self, request) -> bool:
         return False

@@ -21,7 +21,7 @@ from django.utils import timezone
 from orchestrator_project import metrics
 
 from .breakers import read_states, redis_circuit_breaker
-from .models import Agent, EapDelivery, latest_finishes, recent_figures
+from .models import Agent, AgentEvent, EapDelivery, latest_finishes, recent_figures
 
 logger = logging.getLogger(__name__)
 TOKEN_SCHEME = "eap"  # noqa: S105 - the tag tokens start with, not a secret
@@ -65,11 +65,23 @@ def sign(secret: str, timestamp: str, body: bytes) -> str:
     return f"sha256={digest}"
 
 
+def new_credentials() -> dict:
+    """A fresh token (returned as `token`, stored as its prefix and hash) and signing secret."""
+    prefix = secrets.token_hex(6)
+    token = f"{TOKEN_SCHEME}_{prefix}_{secrets.token_urlsafe(32)}"
+    return {
+        "token": token,
+        "token_prefix": prefix,
+        "token_hash": hash_token(token),
+        "signing_secret": secrets.token_hex(32),
+    }
+
+
 def register_external_agent(*, tenant, name: str, capabilities: list[str], mode: str, endpoint_url: str = "") -> tuple:
     """Create an external agent, online from now on; returns it and its token (shown only now:
     only the token's hash is kept). Raises NameTaken."""
-    prefix = secrets.token_hex(6)
-    token = f"{TOKEN_SCHEME}_{prefix}_{secrets.token_urlsafe(32)}"
+    credentials = new_credentials()
+    token = credentials.pop("token")
     try:
         with transaction.atomic():
             agent = Agent.objects.create(
@@ -79,9 +91,7 @@ def register_external_agent(*, tenant, name: str, capabilities: list[str], mode:
                 executor=Agent.Executor.EAP,
                 mode=mode,
                 endpoint_url=endpoint_url,
-                token_prefix=prefix,
-                token_hash=hash_token(token),
-                signing_secret=secrets.token_hex(32),
+                **credentials,
                 status=Agent.Status.ONLINE,
                 last_heartbeat=timezone.now(),
             )
@@ -91,16 +101,76 @@ def register_external_agent(*, tenant, name: str, capabilities: list[str], mode:
     return agent, token
 
 
-def agent_for_token(token: str) -> Agent | None:
-    """The external agent whose token this is, or None. Found by the token's (public) prefix,
-    then the hashes compared in constant time."""
+def agent_for_token(token: str) -> tuple[Agent, bool] | None:
+    """The external agent whose token this is, and whether it is the previous token of a
+    rotation (still in its grace), or None. Found by the token's (public) prefix, then the
+    hashes compared in constant time."""
     scheme, _, rest = token.partition("_")
     prefix, _, _ = rest.partition("_")
-    agent = None
+    agent, previous = None, False
     if scheme == TOKEN_SCHEME and prefix:
-        agent = Agent.objects.exclude(mode=Agent.Mode.WORKER).filter(token_prefix=prefix).first()
-    matches = hmac.compare_digest(hash_token(token), agent.token_hash if agent else _NO_HASH)
-    return agent if agent is not None and matches else None
+        in_grace = Q(previous_token_prefix=prefix, previous_credentials_expire_at__gt=timezone.now())
+        agent = Agent.objects.exclude(mode=Agent.Mode.WORKER).filter(Q(token_prefix=prefix) | in_grace).first()
+        previous = agent is not None and agent.token_prefix != prefix
+    expected = (agent.previous_token_hash if previous else agent.token_hash) if agent else _NO_HASH
+    matches = hmac.compare_digest(hash_token(token), expected or _NO_HASH)
+    return (agent, previous) if agent is not None and matches else None
+
+
+def rotate_credentials(agent: Agent) -> dict:
+    """Give the agent a new token and signing secret (returned: {"token", "signing_secret"},
+    shown only now). The ones replaced stay valid for EAP_ROTATION_GRACE_SECONDS, so that every
+    replica of the agent can take up the new ones; a rotation's own previous credentials, if
+    still in grace, end now. Audited as an AgentEvent."""
+    credentials = new_credentials()
+    token = credentials.pop("token")
+    now = timezone.now()
+    grace = settings.EAP_ROTATION_GRACE_SECONDS
+    with transaction.atomic():
+        current = Agent.objects.select_for_update().get(pk=agent.pk)
+        previous = {
+            "previous_token_prefix": current.token_prefix if grace else "",
+            "previous_token_hash": current.token_hash if grace else "",
+            "previous_signing_secret": current.signing_secret if grace else "",
+            "previous_credentials_expire_at": now + timedelta(seconds=grace) if grace else None,
+        }
+        Agent.objects.filter(pk=agent.pk).update(**credentials, **previous)
+        _audit(current, AgentEvent.Action.ROTATE, actor=f"agent:{current.name}", reason=f"grace {grace}s")
+    logger.info("external agent %s rotated its credentials (grace %ss)", agent.name, grace)
+    return {"token": token, "signing_secret": credentials["signing_secret"]}
+
+
+def revoke_credentials(agent: Agent, *, actor: str, reason: str = "") -> None:
+    """Refuse the agent's token and signing secret, current and previous, from now on: they are
+    cleared, and the agent goes offline, so no task is routed to it. Audited as an AgentEvent."""
+    cleared = {
+        "token_prefix": "",
+        "token_hash": "",
+        "signing_secret": "",
+        "previous_token_prefix": "",
+        "previous_token_hash": "",
+        "previous_signing_secret": "",
+        "previous_credentials_expire_at": None,
+    }
+    with transaction.atomic():
+        current = Agent.objects.select_for_update().get(pk=agent.pk)
+        Agent.objects.filter(pk=agent.pk).update(
+            **cleared, credentials_revoked_at=timezone.now(), status=Agent.Status.OFFLINE
+        )
+        _audit(current, AgentEvent.Action.REVOKE, actor=actor, reason=reason, to_status=Agent.Status.OFFLINE)
+    logger.info("external agent %s: credentials revoked by %s", agent.name, actor)
+
+
+def _audit(agent: Agent, action: str, *, actor: str, reason: str = "", to_status: str | None = None) -> None:
+    AgentEvent.objects.create(
+        agent_id=agent.pk,
+        agent_name=agent.name,
+        action=action,
+        actor=actor[:100],
+        reason=reason[:500],
+        from_status=agent.status,
+        to_status=to_status or agent.status,
+    )
 
 
 def record_heartbeat(agent: Agent, *, status: str, current_load: int) -> None:
@@ -134,7 +204,7 @@ def _live_external_agents():
     return (
         Agent.objects.exclude(mode=Agent.Mode.WORKER)
         .exclude(status__in=(Agent.Status.OFFLINE, Agent.Status.DRAINING))
-        .filter(last_heartbeat__gte=silent_since)
+        .filter(last_heartbeat__gte=silent_since, credentials_revoked_at__isnull=True)
     )
 
 

@@ -64,6 +64,14 @@ class RegistrationSerializer(serializers.Serializer):
     )
 
 
+class RotationSerializer(serializers.Serializer):
+    token = serializers.CharField(help_text="The new X-Agent-Token. Shown only now: only its hash is stored.")
+    signing_secret = serializers.CharField(help_text="The new signing secret. Shown only now; keep it secret.")
+    grace_seconds = serializers.IntegerField(
+        help_text="How long the previous token and signing secret stay valid (EAP_ROTATION_GRACE_SECONDS)."
+    )
+
+
 class HeartbeatSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
     status = serializers.ChoiceField(choices=["online", "busy", "draining"])
     current_load = StrictIntegerField(min_value=0, max_value=100_000, help_text="Tasks the agent runs now.")

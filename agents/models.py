@@ -87,6 +87,15 @@ class Agent(models.Model):
     token_prefix = models.CharField(max_length=16, blank=True)
     token_hash = models.CharField(max_length=64, blank=True)
     signing_secret = models.CharField(max_length=128, blank=True)
+    # After POST /api/v1/eap/rotate/ the credentials replaced stay valid until
+    # previous_credentials_expire_at (EAP_ROTATION_GRACE_SECONDS): the token is accepted and push
+    # bodies carry a second signature, by the previous secret. An operator's revocation clears
+    # every credential at once and marks when.
+    previous_token_prefix = models.CharField(max_length=16, blank=True)
+    previous_token_hash = models.CharField(max_length=64, blank=True)
+    previous_signing_secret = models.CharField(max_length=128, blank=True)
+    previous_credentials_expire_at = models.DateTimeField(null=True, blank=True)
+    credentials_revoked_at = models.DateTimeField(null=True, blank=True)
 
     objects = AgentQuerySet.as_manager()
 
@@ -119,6 +128,11 @@ class Agent(models.Model):
     @property
     def is_external(self) -> bool:
         return self.mode != self.Mode.WORKER
+
+    def previous_signing_secret_in_grace(self, now) -> str:
+        """The signing secret a rotation replaced, while its grace lasts; else ""."""
+        expires = self.previous_credentials_expire_at
+        return self.previous_signing_secret if expires is not None and now < expires else ""
 
     @property
     def queues(self) -> list[str]:
@@ -163,13 +177,16 @@ class Agent(models.Model):
 
 
 class AgentEvent(models.Model):
-    """Append-only audit of what people did to an agent: who drained or resumed it, when, why,
+    """Append-only audit of what people did to an agent: who drained or resumed it, rotated or
+    revoked its credentials, when, why,
     and the status it was in (agents/services.py writes it, whichever way the action came: the
     API, the console or the admin). It outlives the agent: the name is kept with it."""
 
     class Action(models.TextChoices):
         DRAIN = "drain"
         RESUME = "resume"
+        ROTATE = "rotate"  # an external agent replaced its token and signing secret
+        REVOKE = "revoke"  # an operator revoked an external agent's credentials
 
     agent = models.ForeignKey(Agent, null=True, blank=True, on_delete=models.SET_NULL, related_name="events")
     agent_name = models.CharField(max_length=100)

@@ -6,10 +6,11 @@ from rest_framework.decorators import action
 from rest_framework.permissions import BasePermission, IsAuthenticated
 from rest_framework.response import Response
 
-from agents import services
+from agents import eap, services
 from agents.models import Agent
 from tenants.permissions import IsTenantMember
 
+from .eap import Conflict
 from .serializers import AgentSerializer
 
 
@@ -51,7 +52,7 @@ class AgentViewSet(viewsets.ReadOnlyModelViewSet):
     filterset_fields = ["status", "executor"]
 
     def get_permissions(self):
-        if self.action in ("drain", "resume"):
+        if self.action in ("drain", "resume", "revoke_credentials"):
             return [IsAuthenticated(), MaySteer()]
         return [StaffOrMember()]
 
@@ -77,6 +78,24 @@ class AgentViewSet(viewsets.ReadOnlyModelViewSet):
     @action(detail=True, methods=["post"])
     def resume(self, request, pk=None):
         return self._steer(services.resume_agent)
+
+    @extend_schema(
+        request=None,
+        responses={200: AgentSerializer},
+        summary="Revoke an external agent's credentials",
+        description="Its token and signing secret (and the previous ones of a rotation in grace) are refused from "
+        "now on and the agent goes offline: no task is routed to it, a task it runs is handed to another. It "
+        "cannot get new credentials: register it again under another name. The agent's tenant's operators "
+        "and admins only (403 otherwise); 409 for a platform worker, which has no such credentials.",
+    )
+    @action(detail=True, methods=["post"], url_path="revoke-credentials")
+    def revoke_credentials(self, request, pk=None):
+        agent = self.get_object()
+        if not agent.is_external:
+            raise Conflict(f"agent {agent.name} is a platform worker: it has no EAP credentials")
+        eap.revoke_credentials(agent, actor=f"user:{request.user.get_username()}")
+        agent.refresh_from_db()
+        return Response(self.get_serializer(agent).data)
 
     def _steer(self, service) -> Response:
         agent = self.get_object()

@@ -23,6 +23,7 @@ from agents.eap_serializers import (
     RegisterSerializer,
     RegistrationSerializer,
     ResultSerializer,
+    RotationSerializer,
     TaskOfferSerializer,
     offer_of,
 )
@@ -45,9 +46,11 @@ class ExternalAgentUser:
     is_anonymous = False
     is_staff = False
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: Agent, *, by_previous_token: bool = False) -> None:
         self.agent = agent
         self.pk = f"eap-agent-{agent.pk}"  # what throttling keys on
+        # Authenticated by the token a rotation replaced (in its grace), not the current one.
+        self.by_previous_token = by_previous_token
 
     def __str__(self) -> str:
         return f"external agent {self.agent.name}"
@@ -63,10 +66,11 @@ class AgentTokenAuthentication(BaseAuthentication):
             raise AuthenticationFailed(
                 f"missing {TOKEN_HEADER} header: send the token that POST /api/v1/eap/register/ returned"
             )
-        agent = eap.agent_for_token(token)
-        if agent is None:
+        found = eap.agent_for_token(token)
+        if found is None:
             raise AuthenticationFailed(f"invalid {TOKEN_HEADER}: no external agent has this token")
-        return ExternalAgentUser(agent), agent
+        agent, previous = found
+        return ExternalAgentUser(agent, by_previous_token=previous), agent
 
     def authenticate_header(self, request) -> str:
         return TOKEN_HEADER  # makes failures 401s rather than 403s
@@ -101,7 +105,7 @@ def errors(*codes: int) -> dict:
     described = {
         400: "Malformed JSON or an invalid body; details name each bad field.",
         401: f"Missing or invalid credentials ({TOKEN_HEADER} for agents).",
-        403: "The caller's role may not do this.",
+        403: "The caller's role may not do this (for rotate: the token is the previous one of a rotation).",
         404: "Not a task id.",
         409: "Conflict; the message says why.",
     }
@@ -165,6 +169,28 @@ class RegisterView(APIView):
             "signing_secret": agent.signing_secret,
         }
         return Response(RegistrationSerializer(registration).data, status=status.HTTP_201_CREATED)
+
+
+class RotateView(AgentView):
+    @extend_schema(
+        tags=["eap"],
+        operation_id="eap_rotate",
+        summary="Rotate the agent's token and signing secret",
+        description=(
+            "Returns a new token and signing secret, shown only in this answer. The ones replaced stay valid "
+            "for grace_seconds (EAP_ROTATION_GRACE_SECONDS): the old token is accepted, and pushes carry "
+            "X-EAP-Signature-Previous, signed with the old secret, beside X-EAP-Signature. Only the current "
+            "token may rotate (403 with the previous one)."
+        ),
+        request=None,
+        responses={200: RotationSerializer, **errors(401, 403)},
+    )
+    def post(self, request):
+        if request.user.by_previous_token:
+            raise PermissionDenied("this token was replaced by a rotation: rotate with the current token")
+        rotated = eap.rotate_credentials(self.agent)
+        answer = {**rotated, "grace_seconds": settings.EAP_ROTATION_GRACE_SECONDS}
+        return Response(RotationSerializer(answer).data)
 
 
 class HeartbeatView(AgentView):

@@ -33,13 +33,13 @@ from django.db import DatabaseError, connection
 from django.http import HttpResponseRedirect, JsonResponse, StreamingHttpResponse
 from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
-from rest_framework.authentication import TokenAuthentication
 from rest_framework.exceptions import AuthenticationFailed
 
 from orchestrator_project.redaction import redact_data
 from sessions import feed
 from sessions.models import Session
 from tenants.models import Membership
+from tokens.authentication import ApiTokenAuthentication
 
 logger = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ async def events(*, tenant: int, user: int, session: str | None, position: feed.
 def _authenticate(request):
     """The API's authentication: a token (Authorization: Token ...), or the console's login."""
     try:
-        found = TokenAuthentication().authenticate(request)
+        found = ApiTokenAuthentication().authenticate(request)
     except AuthenticationFailed as exc:
         return None, str(exc.detail)
     if found is not None:

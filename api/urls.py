@@ -16,6 +16,7 @@ from .preview import DecompositionPreviewView
 from .sessions import SessionViewSet
 from .tasks import TaskViewSet
 from .tenant import TenantView
+from .tokens import TokenViewSet
 
 # The admin's "View site" link opens the console.
 admin.site.site_url = "/console/"
@@ -24,12 +25,14 @@ router = DefaultRouter()
 router.register("sessions", SessionViewSet, basename="session")
 router.register("tasks", TaskViewSet, basename="task")
 router.register("agents", AgentViewSet, basename="agent")
+router.register("tokens", TokenViewSet, basename="token")
 
 urlpatterns = [
     path("api/v1/decompositions/preview/", DecompositionPreviewView.as_view(), name="decomposition-preview"),
     path("api/v1/tenant/", TenantView.as_view(), name="tenant"),
     path("api/v1/eap/register/", eap.RegisterView.as_view(), name="eap-register"),
     path("api/v1/eap/heartbeat/", eap.HeartbeatView.as_view(), name="eap-heartbeat"),
+    path("api/v1/eap/rotate/", eap.RotateView.as_view(), name="eap-rotate"),
     path("api/v1/eap/tasks/next/", eap.NextTaskView.as_view(), name="eap-tasks-next"),
     path("api/v1/eap/tasks/<str:task_id>/result/", eap.ResultView.as_view(), name="eap-task-result"),
     # Served by the stream process (api/stream_urls.py); here, a pointer to it.

@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable
 
 from django.contrib.auth import get_user_model
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from agents.models import Agent
@@ -30,6 +29,7 @@ from tasks.models import Task
 from tasks.routing import queue_for
 from tasks.running import execute_task
 from tenants.models import Membership, Tenant
+from tokens.services import issue_token, revoke_tokens
 
 TARGET_RATIO = 1.5
 LEVELS = (1_000, 100_000)
@@ -57,9 +57,9 @@ def median_ms(call: Callable[[], object], samples: int = SAMPLES) -> float:
 def api_client(tenant: Tenant) -> APIClient:
     user, _ = get_user_model().objects.get_or_create(username="bench-b4-reader")
     Membership.objects.get_or_create(user=user, tenant=tenant, defaults={"role": Membership.Role.VIEWER})
-    token, _ = Token.objects.get_or_create(user=user)
+    revoke_tokens(user)  # the previous run's
     client = APIClient(SERVER_NAME="127.0.0.1")
-    client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
+    client.credentials(HTTP_AUTHORIZATION=f"Token {issue_token(user, name='bench b4')[1]}")
     return client
 
 

@@ -27,7 +27,6 @@ import httpx
 from django.contrib.auth import get_user_model
 from django.test import Client
 from django.urls import reverse
-from rest_framework.authtoken.models import Token
 
 from api.inputs import SessionCreateSerializer
 from api.stream import server_argv
@@ -37,6 +36,7 @@ from sessions import feed
 from tasks.lifecycle import create_session
 from tasks.models import Task
 from tenants.models import Membership, Tenant
+from tokens.services import issue_token, revoke_tokens
 
 CLIENTS = 200
 EVENTS = 40
@@ -62,8 +62,8 @@ def _watcher(tenant: Tenant, number: int = 0):
     STREAM_MAX_PER_USER streams open)."""
     user, _ = get_user_model().objects.get_or_create(username=f"bench-watcher-{number}")
     Membership.objects.get_or_create(user=user, tenant=tenant, defaults={"role": Membership.Role.VIEWER})
-    token, _ = Token.objects.get_or_create(user=user)
-    return user, token.key
+    revoke_tokens(user)  # the previous run's
+    return user, issue_token(user, name="bench b7")[1]
 
 
 def _session(tenant: Tenant, user, size: int):

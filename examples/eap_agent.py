@@ -41,16 +41,19 @@ def log(message: str) -> None:
     print(f"eap-agent: {message}", file=sys.stderr, flush=True)
 
 
-def signature_problem(secret: str, timestamp: str, body: bytes, signature: str, now: float) -> str | None:
+def signature_problem(
+    secret: str, timestamp: str, body: bytes, signature: str, now: float, previous_signature: str = ""
+) -> str | None:
     """Why a push request's signature is not acceptable, or None. The signed material is
     "<X-EAP-Timestamp>.<raw body>"; the timestamp must be recent, so an old capture cannot be
-    replayed."""
+    replayed. In the grace of a rotation, X-EAP-Signature is by the new secret and
+    X-EAP-Signature-Previous by the old one: either matching our secret will do."""
     if not timestamp.isdigit():
         return "missing or malformed X-EAP-Timestamp"
     if abs(now - int(timestamp)) > SIGNATURE_TOLERANCE_S:
         return "X-EAP-Timestamp is too old or in the future"
     expected = "sha256=" + hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
-    if not hmac.compare_digest(expected.encode(), signature.encode()):
+    if not any(hmac.compare_digest(expected.encode(), given.encode()) for given in (signature, previous_signature)):
         return "bad X-EAP-Signature"
     return None
 
@@ -222,6 +225,7 @@ def push_handler(agent: Agent) -> type[BaseHTTPRequestHandler]:
                 body,
                 self.headers.get("X-EAP-Signature", ""),
                 time.time(),
+                self.headers.get("X-EAP-Signature-Previous", ""),
             )
             if problem:
                 log(f"refused a push: {problem}")

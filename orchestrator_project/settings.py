@@ -3,6 +3,7 @@
 import ipaddress
 import json
 import os
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -104,12 +105,13 @@ INSTALLED_APPS = [
     "whitenoise.runserver_nostatic",
     "django.contrib.staticfiles",
     "rest_framework",
-    "rest_framework.authtoken",
+    "knox",
     "django_filters",
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "django_celery_beat",
     "tenants",
+    "tokens",
     "sessions.apps.SessionsConfig",
     "tasks.apps.TasksConfig",
     "agents",
@@ -201,7 +203,7 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("MAX_REQUEST_BYTES", 1_048_576, minimum=10
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework.authentication.TokenAuthentication",
+        "tokens.authentication.ApiTokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["tenants.permissions.IsTenantMember"],
@@ -217,6 +219,21 @@ REST_FRAMEWORK = {
     "DEFAULT_THROTTLE_CLASSES": ["rest_framework.throttling.UserRateThrottle"],
     "DEFAULT_THROTTLE_RATES": {"user": os.environ.get("API_THROTTLE_USER", "6000/min")},
     "PAGE_SIZE": 50,
+}
+# API tokens (docs/SECURITY.md, "Credential lifecycle"): knox, hashed at rest, `io_`-prefixed,
+# several per user. A new token lives API_TOKEN_TTL_DAYS unless asked for less (0: no expiry and
+# no cap). The DRF tokens of before are migrated once, to expire API_TOKEN_LEGACY_GRACE_DAYS later.
+API_TOKEN_TTL_DAYS = env_int("API_TOKEN_TTL_DAYS", 90)
+API_TOKEN_LEGACY_GRACE_DAYS = env_int("API_TOKEN_LEGACY_GRACE_DAYS", 30, minimum=1)
+KNOX_TOKEN_MODEL = "tokens.ApiToken"  # noqa: S105 - a model name
+# knox's own migrations create its table although the model is swapped out (their CreateModel
+# lacks the swappable option): an unused table whose foreign key to auth_user breaks flush.
+MIGRATION_MODULES = {"knox": None}
+REST_KNOX = {
+    "TOKEN_PREFIX": "io_",
+    "AUTH_HEADER_PREFIX": "Token",
+    "TOKEN_TTL": timedelta(days=API_TOKEN_TTL_DAYS) if API_TOKEN_TTL_DAYS else None,
+    "AUTO_REFRESH": False,
 }
 # A list's count stops here (api/pagination.py): counting every row costs as much as the rows.
 API_COUNT_LIMIT = env_int("API_COUNT_LIMIT", 10_000, minimum=100)
@@ -554,3 +571,5 @@ EAP_BREAKER_FAIL_MAX = env_int("EAP_BREAKER_FAIL_MAX", 5, minimum=1)
 EAP_BREAKER_RESET_SECONDS = env_int("EAP_BREAKER_RESET_SECONDS", 30, minimum=1)
 # How often the gateway looks at a delivery it waits on (a result, a cancel, the deadline).
 EAP_POLL_INTERVAL_SECONDS = env_float("EAP_POLL_INTERVAL_SECONDS", 0.3, minimum=0.05)
+# After POST /api/v1/eap/rotate/, the agent's previous token and signing secret stay valid this long.
+EAP_ROTATION_GRACE_SECONDS = env_int("EAP_ROTATION_GRACE_SECONDS", 3600)

@@ -259,7 +259,9 @@ def is_ready(client: httpx.Client) -> bool:
 
 
 def bootstrap_token(env: dict[str, str]) -> str:
+    # --rotate: the command prints a token only when it issues one (tokens are stored hashed).
     command = [sys.executable, "manage.py", "bootstrap_tenant", "demo", "--user", "demo", "--role", "developer"]
+    command += ["--rotate"]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0 or not done.stdout.strip():
         raise DemoError(f"bootstrap_tenant failed (exit {done.returncode}): {done.stderr.strip()[-1000:]}")

@@ -156,22 +156,23 @@ def member_client(tenant_slug: str, username: str, role: str = Membership.Role.D
 
 
 def member_token(tenant_slug: str, username: str, role: str = Membership.Role.DEVELOPER) -> str:
-    """The API token of a new member of the tenant, made by the real command."""
+    """An API token of a member of the tenant (created if new), issued by the real command."""
     from io import StringIO
 
     out = StringIO()
-    call_command("bootstrap_tenant", tenant_slug, user=username, role=role, stdout=out, stderr=StringIO())
+    call_command("bootstrap_tenant", tenant_slug, user=username, role=role, rotate=True, stdout=out, stderr=StringIO())
     return out.getvalue().strip().splitlines()[-1]
 
 
 def staff_client() -> APIClient:
     """An API client authenticated as a staff user, a member of no tenant (who runs the platform)."""
     from django.contrib.auth import get_user_model
-    from rest_framework.authtoken.models import Token
+
+    from tokens.services import issue_token
 
     user = get_user_model().objects.create_user("root-of-platform", is_staff=True)
     client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
+    client.credentials(HTTP_AUTHORIZATION=f"Token {issue_token(user)[1]}")
     return client
 
 

@@ -808,11 +808,12 @@ def test_invalid_token_is_401(db):
 
 def test_user_without_membership_is_403(db):
     from django.contrib.auth import get_user_model
-    from rest_framework.authtoken.models import Token
+
+    from tokens.services import issue_token
 
     loner = get_user_model().objects.create(username="loner")
     client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=loner).key}")
+    client.credentials(HTTP_AUTHORIZATION=f"Token {issue_token(loner)[1]}")
 
     assert_error(client.get(SESSIONS), 403)
     assert_error(client.post(SESSIONS, dag_payload(), format="json"), 403)

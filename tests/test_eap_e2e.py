@@ -37,7 +37,15 @@ TOKEN_PATTERN = re.compile(r"eap_[0-9a-f]{12}_")
 
 def operator_token() -> str:
     out = StringIO()
-    call_command("bootstrap_tenant", "acme", user="olga", role=Membership.Role.OPERATOR, stdout=out, stderr=StringIO())
+    call_command(
+        "bootstrap_tenant",
+        "acme",
+        user="olga",
+        role=Membership.Role.OPERATOR,
+        rotate=True,
+        stdout=out,
+        stderr=StringIO(),
+    )
     return out.getvalue().strip().splitlines()[-1]
 
 

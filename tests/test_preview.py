@@ -139,11 +139,12 @@ def test_preview_without_a_token_is_401(db):
 
 def test_preview_by_a_user_without_membership_is_403(db):
     from django.contrib.auth import get_user_model
-    from rest_framework.authtoken.models import Token
+
+    from tokens.services import issue_token
 
     loner = get_user_model().objects.create(username="loner")
     client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=loner).key}")
+    client.credentials(HTTP_AUTHORIZATION=f"Token {issue_token(loner)[1]}")
 
     error_of(client.post(PREVIEW, {"requirements": DEMO_REQUIREMENTS}, format="json"), 403)
 

@@ -210,6 +210,8 @@ def _post_once(agent: Agent, body: bytes) -> tuple[int, bytes]:
         target = endpoints.pinned(agent.endpoint_url.rstrip("/") + "/task")
     except endpoints.EndpointRefused as exc:
         raise eap.PushFailed(f"its endpoint is refused: {exc}", transient=False) from None
+    if not agent.signing_secret:  # revoked since it was chosen: nothing to sign with
+        raise eap.PushFailed("its credentials were revoked", transient=False)
     timestamp = str(int(time.time()))
     headers = {
         "Host": target.host_header,
@@ -217,6 +219,10 @@ def _post_once(agent: Agent, body: bytes) -> tuple[int, bytes]:
         "X-EAP-Timestamp": timestamp,
         "X-EAP-Signature": eap.sign(agent.signing_secret, timestamp, body),
     }
+    # In a rotation's grace, replicas of the agent may still hold the previous secret.
+    previous_secret = agent.previous_signing_secret_in_grace(timezone.now())
+    if previous_secret:
+        headers["X-EAP-Signature-Previous"] = eap.sign(previous_secret, timestamp, body)
     timeout = settings.EAP_PUSH_TIMEOUT_SECONDS
     try:
         with (

@@ -40,7 +40,7 @@ BARRIER_TIMEOUT_S = 30
 def tenant_token(tenant_slug: str, username: str) -> str:
     """The API token of a member of the tenant, made by the real command (as member_client does)."""
     out = StringIO()
-    call_command("bootstrap_tenant", tenant_slug, user=username, stdout=out, stderr=StringIO())
+    call_command("bootstrap_tenant", tenant_slug, user=username, rotate=True, stdout=out, stderr=StringIO())
     return out.getvalue().strip().splitlines()[-1]
 
 
