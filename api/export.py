@@ -1,34 +1,41 @@
 """GET /api/v1/tenant/export/: a tenant's data as streamed JSON Lines, for its admins
 (tenants/export.py writes the lines; docs/DATA.md, "Export")."""
 
+import re
+
 from django.http import StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework.exceptions import PermissionDenied, ValidationError
+from rest_framework.negotiation import BaseContentNegotiation
 from rest_framework.permissions import IsAuthenticated
-from rest_framework.renderers import BaseRenderer, JSONRenderer
+from rest_framework.renderers import JSONRenderer
 from rest_framework.views import APIView
 
+from agents.eap_serializers import EapErrorSerializer
 from tenants.export import export_lines
 from tenants.models import Membership
 
 NDJSON = "application/x-ndjson"
+SLUG = re.compile(r"[-a-zA-Z0-9_]{1,64}")
 
 
-class NDJSONRenderer(BaseRenderer):
-    """Lets a client ask for JSON Lines (Accept: application/x-ndjson). The export itself is a
-    streamed response; only an error passes through here, as one JSON line."""
+class JSONErrorsNegotiation(BaseContentNegotiation):
+    """The export answers JSON Lines, whatever the client accepts; an error is always JSON (the
+    one error shape), never a 406 for an Accept: application/x-ndjson."""
 
-    media_type = NDJSON
-    format = "ndjson"
+    def select_parser(self, request, parsers):
+        return parsers[0] if parsers else None
 
-    def render(self, data, accepted_media_type=None, renderer_context=None) -> bytes:
-        return JSONRenderer().render(data) + b"\n"
+    def select_renderer(self, request, renderers, format_suffix=None):
+        return renderers[0], renderers[0].media_type
 
 
 def admin_membership(user, slug: str | None) -> Membership:
     """The caller's admin membership of the named tenant, or of their only tenant."""
     memberships = Membership.objects.filter(user=user).select_related("tenant")
+    if slug and not SLUG.fullmatch(slug):  # checked before the query: a NUL byte is a database error
+        raise ValidationError({"tenant": ["not a tenant slug (letters, digits, '-' and '_', at most 64)"]})
     if slug:
         memberships = memberships.filter(tenant__slug=slug)
         if not memberships:
@@ -45,7 +52,8 @@ def admin_membership(user, slug: str | None) -> Membership:
 
 class TenantExportView(APIView):
     permission_classes = [IsAuthenticated]
-    renderer_classes = [JSONRenderer, NDJSONRenderer]
+    renderer_classes = [JSONRenderer]
+    content_negotiation_class = JSONErrorsNegotiation
 
     @extend_schema(
         summary="Export the tenant's data",
@@ -59,9 +67,9 @@ class TenantExportView(APIView):
         ],
         responses={
             (200, NDJSON): OpenApiResponse(OpenApiTypes.STR, description="JSON Lines, one object per line."),
-            (400, "application/json"): OpenApiResponse(description="Unknown or ambiguous tenant."),
-            (401, "application/json"): OpenApiResponse(description="Not authenticated."),
-            (403, "application/json"): OpenApiResponse(description="Not an admin of the tenant."),
+            400: OpenApiResponse(EapErrorSerializer, description="Unknown or ambiguous tenant."),
+            401: OpenApiResponse(EapErrorSerializer, description="Not authenticated."),
+            403: OpenApiResponse(EapErrorSerializer, description="Not an admin of the tenant."),
         },
     )
     def get(self, request):

@@ -135,6 +135,21 @@ def test_a_member_of_several_tenants_names_one_and_must_be_its_admin(filled):
     assert {line["title"] for line in lines if line["type"] == "session"} == {"acme work"}
 
 
+@pytest.mark.parametrize("slug", ["a\x00b", "x" * 65, "../acme", "acme work"])
+def test_export_refuses_a_tenant_that_is_no_slug_with_a_400(filled, slug):
+    error = error_of(filled["admin"].get(EXPORT, {"tenant": slug}), 400)
+
+    assert error["details"] == {"tenant": ["not a tenant slug (letters, digits, '-' and '_', at most 64)"]}
+
+
+def test_the_export_answers_json_lines_and_json_errors_whatever_the_client_accepts(filled):
+    developer = member_client("acme", "dev", Membership.Role.DEVELOPER)
+
+    assert lines_of(filled["admin"].get(EXPORT, HTTP_ACCEPT="text/html"))
+    refused = developer.get(EXPORT, HTTP_ACCEPT="application/x-ndjson")
+    assert refused["Content-Type"] == "application/json" and error_of(refused, 403)
+
+
 def test_export_tenant_writes_the_same_lines_as_the_api(filled, tmp_path):
     target = tmp_path / "acme.jsonl"
 
