@@ -111,6 +111,22 @@ def test_the_export_is_streamed_and_redacts_what_agents_wrote_before_write_time_
     assert "hunter2-old-row" not in build["error"] and "[redacted]" in build["error"]
 
 
+def test_the_export_reads_each_table_once_however_many_sessions(filled):
+    """Each table is one chunked (server-side cursor) query: no query per session or task."""
+    from django.test.utils import CaptureQueriesContext
+
+    def queries_of_export() -> int:
+        with CaptureQueriesContext(connection) as queries:
+            lines_of(filled["admin"].get(EXPORT))
+        return len(queries)
+
+    few = queries_of_export()
+    for i in range(20):
+        make_session("acme", f"more {i}", keys=("x", "y", "z")).transition("queued", reason="go", actor="user:ada")
+
+    assert queries_of_export() == few
+
+
 @pytest.mark.parametrize("role", [Membership.Role.OPERATOR, Membership.Role.DEVELOPER, Membership.Role.VIEWER])
 def test_only_an_admin_of_the_tenant_may_export(filled, role):
     client = member_client("acme", f"member-{role}", role)
