@@ -19,6 +19,7 @@ from django.db.models import Case, F, Q, Value, When
 from django.utils import timezone
 
 from orchestrator_project import metrics
+from orchestrator_project.redaction import redact_data
 
 from .breakers import read_states, redis_circuit_breaker
 from .models import Agent, AgentEvent, EapDelivery, latest_finishes, recent_figures
@@ -272,6 +273,7 @@ def report_result(agent: Agent, *, task_id, result: dict) -> EapDelivery:
         task = delivery.task
         if task.status != "running" or task.attempts != delivery.attempt:
             raise NotYourTask(f"{not_yours}: it is {task.status} (attempt {task.attempts})")
+        result = redact_data(result)  # the agent's output, stored redacted (docs/DATA.md)
         delivery.state, delivery.result, delivery.finished_at = EapDelivery.State.DONE, result, timezone.now()
         delivery.error = _failure_of(agent, result)
         delivery.save(update_fields=["state", "result", "error", "finished_at"])
@@ -283,6 +285,7 @@ def finish_delivery(delivery_id: int, agent: Agent, result: dict) -> None:
     """claimed -> done with a result the agent answered a push with (inline); nothing if the
     delivery was given up meanwhile (the wait then reads why)."""
     claimed = EapDelivery.objects.filter(pk=delivery_id, state=EapDelivery.State.CLAIMED)
+    result = redact_data(result)  # the agent's output, stored redacted (docs/DATA.md)
     claimed.update(
         state=EapDelivery.State.DONE, result=result, error=_failure_of(agent, result), finished_at=timezone.now()
     )

@@ -11,6 +11,7 @@ from orchestrator_project import health
 
 from . import eap, stream
 from .agents import AgentViewSet
+from .export import TenantExportView
 from .metrics import metrics_view
 from .preview import DecompositionPreviewView
 from .sessions import SessionViewSet
@@ -30,6 +31,7 @@ router.register("tokens", TokenViewSet, basename="token")
 urlpatterns = [
     path("api/v1/decompositions/preview/", DecompositionPreviewView.as_view(), name="decomposition-preview"),
     path("api/v1/tenant/", TenantView.as_view(), name="tenant"),
+    path("api/v1/tenant/export/", TenantExportView.as_view(), name="tenant-export"),
     path("api/v1/eap/register/", eap.RegisterView.as_view(), name="eap-register"),
     path("api/v1/eap/heartbeat/", eap.HeartbeatView.as_view(), name="eap-heartbeat"),
     path("api/v1/eap/rotate/", eap.RotateView.as_view(), name="eap-rotate"),

@@ -309,6 +309,9 @@ LOST_MESSAGE_AFTER_SECONDS = env_int("LOST_MESSAGE_AFTER_SECONDS", 30, minimum=1
 # Settled sessions (and their tasks and events) are deleted this many days after they finished;
 # 0 keeps them forever.
 SESSION_RETENTION_DAYS = env_int("SESSION_RETENTION_DAYS", 90)
+# Sessions left pending (never started) or paused, untouched this many days, are deleted with
+# their workspaces and branches (docs/DATA.md); 0 keeps them forever.
+ABANDONED_SESSION_DAYS = env_int("ABANDONED_SESSION_DAYS", 30)
 # The most rows one sweep step reads or deletes at once.
 SWEEP_BATCH = env_int("SWEEP_BATCH", 500, minimum=1)
 # Lease of the lock the leading Beat holds; a second Beat takes over at most this long after it dies.

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from django.conf import settings
 
-from orchestrator_project.locking import FairLock, NotLockOwner
+from orchestrator_project.locking import FairLock, LockUnavailable, NotLockOwner
 from orchestrator_project.repositories import (
     RefusedRepository,
     is_url,
@@ -374,13 +374,49 @@ def _count(figure: str) -> int | None:
 
 
 def remove_workspace(session) -> None:
-    """Delete the session's workspace directory (the branch stays in a local repository)."""
+    """Delete the session's workspace directory (remove_session_branch deletes its branch)."""
     path = workspace_of(session.pk)
     if session.repository:
         with owning(session):
             _remove(session, path)
     elif path.exists():
         shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_session_branch(session) -> bool:
+    """Delete the session's `io/session-*` branch from its local source repository, under the
+    repository's lock; returns whether there was one to delete. Idempotent: no branch, no
+    repository, or a URL (whose clone is the workspace itself, nothing is pushed) is nothing to
+    do. Only the settings' roots are checked (the session's tenant may be gone already). Raises
+    WorkspaceError when git refuses, for one checked out in the source, say."""
+    if not session.repository or is_remote(session.repository):
+        return False
+    source = _local_source(session.repository, None)
+    if not source.is_dir():
+        return False
+    ref = f"refs/heads/{session.branch}"
+    with owning(session):
+        try:
+            git("rev-parse", "--verify", "--quiet", ref, cwd=source, timeout=10)
+        except WorkspaceError:
+            return False  # no such branch: deleted before, or never fetched back
+        git("branch", "--delete", "--force", "--", session.branch, cwd=source)
+    logger.info("session %s: branch %s deleted from its repository", session.pk, session.branch)
+    return True
+
+
+def discard_session_files(session) -> list[str]:
+    """Remove what a deleted session left outside the database: its workspace directory and its
+    branch. Returns what stays and why (each also logged), for the caller to report; an empty
+    list when everything is gone. Run after the session's rows are deleted and committed."""
+    stays = []
+    for what, remove in (("workspace", remove_workspace), ("branch", remove_session_branch)):
+        try:
+            remove(session)
+        except (WorkspaceError, LockUnavailable) as exc:
+            logger.warning("session %s: its %s stays: %s", session.pk, what, exc)
+            stays.append(f"session {session.pk}: its {what} stays: {exc}")
+    return stays
 
 
 def _remove(session, path: Path) -> None:

@@ -11,6 +11,7 @@ from django.db.models import Q
 from agents.models import Agent
 from orchestrator_project import logs
 from orchestrator_project.locking import LockUnavailable
+from orchestrator_project.redaction import redact_data
 from orchestrator_project.validation import InvalidInput
 from sessions import feed
 from sessions.models import ACTIVE, RETRYABLE, Session
@@ -343,7 +344,8 @@ def settle_session(session_id) -> str | None:
             return None
 
     def store_summary(row: Session) -> None:
-        row.result = {**row.result, **summary}
+        # The diff is what the agents wrote: redacted before it is stored (docs/DATA.md).
+        row.result = {**row.result, **redact_data(summary)}
         row.save(update_fields=["result"])
 
     event = session.transition(outcome, reason=reason, only_from=ACTIVE, effects=store_summary)

@@ -24,6 +24,7 @@ from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_expo
 from agents.executors import TaskAborted, TaskContext, TaskFailed, TransientError
 from agents.runtime import AgentRuntime
 from orchestrator_project import logs, metrics
+from orchestrator_project.redaction import redact, redact_data
 from orchestrator_project.redis_client import redis_client
 from sessions import feed
 from sessions.models import ACTIVE, Session, broker_priority
@@ -308,7 +309,10 @@ def _retry_or_fail(task: Task, attempt: int, error: str, *, runtime: AgentRuntim
             _report_finished(task, attempt, runtime, Task.Status.FAILED, cause=cause, ran=ran, error=failed)
         return "failed"
     requeued = Task.objects.filter(pk=task.pk, status=Task.Status.RUNNING, attempts=attempt).update(
-        status=Task.Status.QUEUED, error=f"attempt {attempt} failed: {error}", lease_expires_at=None, queued_at=Now()
+        status=Task.Status.QUEUED,
+        error=redact(f"attempt {attempt} failed: {error}")[:5000],
+        lease_expires_at=None,
+        queued_at=Now(),
     )
     if not requeued:
         return "taken"
@@ -321,17 +325,19 @@ def record_outcome(task: Task, attempt: int, status: str, *, result: dict | None
     """running -> completed|failed|cancelled for this attempt, then release what follows;
     returns whether the outcome is this attempt's (False: a newer attempt took the task over).
 
-    `task` comes from take_task. The outcome, its checkpoint and the dependents' bookkeeping are
-    one statement (statements.RECORD); a stale attempt (the task was taken over) changes
-    nothing. Dependents that wait for other upstreams too are released after that commit: two
-    upstreams finishing at once must each see the other's committed status.
+    `task` comes from take_task. The result and the error are the agent's output, hostile
+    input: they are redacted here, before they are stored (docs/DATA.md). The outcome, its
+    checkpoint and the dependents' bookkeeping are one statement (statements.RECORD); a stale
+    attempt (the task was taken over) changes nothing. Dependents that wait for other upstreams
+    too are released after that commit: two upstreams finishing at once must each see the
+    other's committed status.
     """
     params = {
         "task": task.pk,
         "attempt": attempt,
         "status": status,
-        "result": json.dumps(result or {}, cls=DjangoJSONEncoder),
-        "error": error[:5000],
+        "result": json.dumps(redact_data(result or {}), cls=DjangoJSONEncoder),
+        "error": redact(error)[:5000],
     }
     [(recorded, *dependents)] = _record(params)
     if not recorded:

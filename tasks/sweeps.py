@@ -15,9 +15,8 @@ from django.utils import timezone
 
 from agents.eap import external_capabilities
 from agents.models import Agent
-from orchestrator_project.locking import LockUnavailable
 from sessions.models import ACTIVE, SETTLED, Session
-from sessions.workspaces import WorkspaceError, remove_workspace
+from sessions.workspaces import discard_session_files
 
 from . import fairshare
 from .broker import lost_message_ids
@@ -208,28 +207,50 @@ def release_forgotten_tasks() -> int:
 
 def apply_retention() -> int:
     """Delete sessions settled more than SESSION_RETENTION_DAYS ago, with their tasks, events,
-    checkpoints and workspace directories (0 keeps everything; branches stay in their
-    repositories). In batches, so a large backlog never holds long locks."""
+    checkpoints, workspace directories and `io/session-*` branches (0 keeps everything)."""
     days = settings.SESSION_RETENTION_DAYS
     if not days:
         return 0
     cutoff = timezone.now() - timedelta(days=days)
+    old = Session.objects.filter(status__in=SETTLED, finished_at__lt=cutoff).order_by("finished_at")
+    deleted = _delete_in_batches(old)
+    if deleted:
+        logger.info("retention: deleted %d sessions settled before %s", deleted, cutoff)
+    return deleted
+
+
+ABANDONED = frozenset({Session.Status.PENDING, Session.Status.PAUSED})
+
+
+def delete_abandoned_sessions() -> int:
+    """Delete sessions left pending (never started) or paused and untouched (updated_at) for
+    more than ABANDONED_SESSION_DAYS, as retention deletes settled ones (0 keeps them). A paused
+    session with a task still running is left until that task has finished."""
+    days = settings.ABANDONED_SESSION_DAYS
+    if not days:
+        return 0
+    cutoff = timezone.now() - timedelta(days=days)
+    running = Task.objects.filter(session=OuterRef("pk"), status=Task.Status.RUNNING)
+    abandoned = Session.objects.filter(status__in=ABANDONED, updated_at__lt=cutoff).exclude(Exists(running))
+    deleted = _delete_in_batches(abandoned.order_by("updated_at"))
+    if deleted:
+        logger.info("retention: deleted %d sessions abandoned in pending or paused before %s", deleted, cutoff)
+    return deleted
+
+
+def _delete_in_batches(sessions) -> int:
+    """Delete `sessions` (a query that re-checks their status) SWEEP_BATCH at a time, each batch
+    in its own transaction so a backlog never holds long locks, then their files and branches."""
     deleted = 0
     while True:
-        old = Session.objects.filter(status__in=SETTLED, finished_at__lt=cutoff).order_by("finished_at")
         with transaction.atomic():
-            # Locked as a transition locks them: a retry that comes first keeps its session.
-            locked = old.select_for_update(skip_locked=True).values_list("pk", "repository")
+            # Locked as a transition locks them: a retry or resume that comes first keeps its session.
+            locked = sessions.select_for_update(skip_locked=True).values_list("pk", "repository")
             batch = list(locked[: settings.SWEEP_BATCH])
             if not batch:
                 break
             Session.objects.filter(pk__in=[pk for pk, _ in batch]).delete()
         for pk, repository in batch:  # after the commit: a rolled-back delete keeps its workspace
-            try:
-                remove_workspace(Session(pk=pk, repository=repository))
-            except (WorkspaceError, LockUnavailable) as exc:
-                logger.warning("retention: the workspace of session %s stays: %s", pk, exc)
+            discard_session_files(Session(pk=pk, repository=repository))
         deleted += len(batch)
-    if deleted:
-        logger.info("retention: deleted %d sessions settled before %s", deleted, cutoff)
     return deleted

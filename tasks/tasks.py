@@ -131,6 +131,6 @@ def sweep_stuck_sessions() -> dict[str, int]:
 
 @shared_task(name="sessions.apply_retention", acks_late=True)
 def apply_retention() -> int:
-    deleted = sweeps.apply_retention()
-    _swept("sessions.apply_retention", {"deleted_sessions": deleted})
-    return deleted
+    deleted, abandoned = sweeps.apply_retention(), sweeps.delete_abandoned_sessions()
+    _swept("sessions.apply_retention", {"deleted_sessions": deleted, "deleted_abandoned_sessions": abandoned})
+    return deleted + abandoned

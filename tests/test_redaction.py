@@ -4,6 +4,7 @@ console page or an event stream."""
 import pytest
 from django.conf import settings
 
+from agents.executors import TaskFailed, TransientError
 from orchestrator_project.redaction import REDACTED, Redactor, redact, redact_data
 
 
@@ -65,3 +66,123 @@ def test_a_megabyte_of_hostile_output_is_redacted_in_one_pass(hostile):
     pattern that scanned to the end from every position would take hours here (and the suite's
     per-test timeout would fail this test with a traceback)."""
     assert redact(f"{hostile} password=hunter2-at-the-end").endswith(" password=[redacted]")
+
+
+# Redaction at write time (docs/DATA.md): what an agent wrote is stored redacted.
+
+GITHUB_TOKEN = "ghp_" + "W" * 36
+DB_PASSWORD = "pw-never-stored-7781"
+AWS_KEY = "AKIA" + "Q" * 16
+
+
+class LeakyExecutor:
+    """An agent that prints secrets in its output, its diff and its error (what a test run or a
+    tool may print); `fail`: as a business failure, `transient`: as an error to retry."""
+
+    kind = "leaky"
+
+    def __init__(self, how: str):
+        self.how = how
+
+    def execute(self, ctx):
+        result = {
+            "output": f"pushed with {GITHUB_TOKEN}",
+            "diff": [{"file": ".env", "patch": f"+DATABASE_URL=postgres://app:{DB_PASSWORD}@db/app"}],
+            "artifacts": [{"path": "creds.txt", "aws": AWS_KEY}],
+        }
+        if self.how == "fail":
+            raise TaskFailed(f"tests failed: export password={DB_PASSWORD}; key {AWS_KEY}", result=result)
+        if self.how == "transient":
+            raise TransientError(f"cannot reach postgres://app:{DB_PASSWORD}@db/app")
+        return result
+
+
+def assert_stored_nowhere(*secrets: str) -> None:
+    from tests.test_data_lifecycle import text_columns_holding
+
+    for secret in secrets:
+        assert text_columns_holding(secret) == {}, secret
+
+
+@pytest.mark.parametrize("how", ["complete", "fail", "transient"])
+def test_an_agents_output_diff_and_error_reach_the_database_redacted(db, how):
+    from tasks.models import Task
+    from tasks.running import RetryTask, execute_task
+    from tests.test_execution import make_session, runtime
+
+    session = make_session({"a": []})
+    session.tasks.update(status="queued")
+    task = session.tasks.get()
+
+    if how == "transient":
+        with pytest.raises(RetryTask):
+            execute_task(task_id=task.pk, runtime=runtime(LeakyExecutor(how)))
+    else:
+        execute_task(task_id=task.pk, runtime=runtime(LeakyExecutor(how)))
+
+    task = Task.objects.get(pk=task.pk)
+    assert task.status == {"complete": "completed", "fail": "failed", "transient": "queued"}[how]
+    if how != "transient":
+        assert task.result["output"] == f"pushed with {REDACTED}"
+        assert task.result["diff"][0]["patch"] == f"+DATABASE_URL=postgres://app:{REDACTED}@db/app"
+    if how != "complete":
+        assert REDACTED in task.error
+    assert_stored_nowhere(GITHUB_TOKEN, DB_PASSWORD, AWS_KEY)
+
+
+def test_the_scripted_agents_output_is_stored_redacted(db):
+    from tasks.models import Task
+    from tasks.running import execute_task
+    from tests.test_execution import make_session, runtime
+
+    session = make_session({"a": []})
+    session.tasks.update(status="queued", params={"output": f"token: {GITHUB_TOKEN}"})
+
+    assert execute_task(task_id=session.tasks.get().pk, runtime=runtime()) == "completed"
+
+    assert Task.objects.get(session=session).result["output"] == f"token: {REDACTED}"
+    # Only where the client wrote it itself (what it asked the simulator to print).
+    from tests.test_data_lifecycle import text_columns_holding
+
+    assert set(text_columns_holding(GITHUB_TOKEN)) == {"tasks_task.params"}
+
+
+def test_the_sessions_final_diff_is_stored_redacted(db, tmp_path, settings):
+    from sessions.models import Session
+    from sessions.workspaces import prepare_workspace
+    from tasks.lifecycle import settle_session
+    from tests.conftest import commit_repository
+    from tests.test_data_lifecycle import make_session
+
+    settings.WORKSPACE_ROOT = tmp_path / "workspaces"
+    settings.REPOSITORY_ROOTS = [str(tmp_path)]
+    repo = commit_repository(tmp_path / "repo", {"app.py": "print('hi')\n"})
+    session = make_session("acme", repository=str(repo), status="running")
+    session.tasks.update(status="completed")
+    path = prepare_workspace(session)
+    (path / "deploy.sh").write_text(f"export GITHUB_TOKEN={GITHUB_TOKEN}\ncurl -H 'Authorization: Bearer {AWS_KEY}'\n")
+
+    assert settle_session(session.pk) == "completed"
+
+    diff = Session.objects.get(pk=session.pk).result["workspace"]["diff"]
+    assert "+export GITHUB_TOKEN=[redacted]" in diff and "deploy.sh" in diff
+    assert_stored_nowhere(GITHUB_TOKEN, AWS_KEY)
+
+
+def test_an_external_agents_reported_result_is_stored_redacted(db):
+    from agents.models import EapDelivery
+    from tenants.models import Membership
+    from tests.conftest import member_client
+    from tests.test_eap import as_agent, claimed_by, register, result_url
+
+    operator = member_client("acme", "olga", role=Membership.Role.OPERATOR)
+    registered = register(operator)
+    delivery = claimed_by(registered["token"])
+    report = {"status": "failed", "output": f"leaked {GITHUB_TOKEN}", "error": f"password={DB_PASSWORD}"}
+
+    response = as_agent(registered["token"]).post(result_url(delivery.task_id), report, format="json")
+
+    assert response.status_code == 200, response.content
+    delivery = EapDelivery.objects.get(pk=delivery.pk)
+    assert delivery.result["output"] == f"leaked {REDACTED}" and delivery.error == f"password={REDACTED}"
+    assert_stored_nowhere(GITHUB_TOKEN, DB_PASSWORD)

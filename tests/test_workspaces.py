@@ -345,7 +345,7 @@ def test_check_repository_accepts_a_good_local_repository_and_branch(repo):
         check_repository(str(repo), "develop")
 
 
-def test_retention_removes_the_workspace_of_a_deleted_session_and_keeps_its_branch(api, repo, settings):
+def test_retention_removes_the_workspace_and_the_branch_of_a_deleted_session(api, repo, settings):
     settings.SESSION_RETENTION_DAYS = 30
     session = new_session(api, repository=str(repo))
     path = prepare_workspace(session)
@@ -359,4 +359,4 @@ def test_retention_removes_the_workspace_of_a_deleted_session_and_keeps_its_bran
     assert apply_retention() == 1
 
     assert not path.exists() and kept_path.exists()
-    assert branches(repo) == [session.branch]
+    assert branches(repo) == []
