@@ -254,6 +254,7 @@ AXES_COOLOFF_TIME = timedelta(minutes=env_int("LOGIN_LOCKOUT_MINUTES", 15, minim
 AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
 AXES_RESET_ON_SUCCESS = True
 AXES_CLIENT_IP_CALLABLE = "api.throttling.client_address"  # NUM_PROXIES, as the API's throttles
+AXES_VERBOSE = False  # no "AXES: BEGIN" line at every process's start; failures are still logged
 AXES_COOLOFF_MESSAGE = (
     f"Too many failed logins for this username from your address: locked out for "
     f"{AXES_COOLOFF_TIME.total_seconds() / 60:g} minutes. An operator can lift it sooner with "

@@ -7,12 +7,14 @@ throttles' clock is pinned (`clock`), so that no test straddles a window by chan
 
 import datetime
 import json
+import threading
 
 import httpx
 import pytest
 from axes.models import AccessAttempt
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
+from django.db import connection
 from django.test import Client
 from django.utils import timezone
 
@@ -122,6 +124,30 @@ def test_the_tenant_throttle_applies_to_writes_too_and_writes_nothing_when_refus
 
     assert_throttled(alice.post(SESSIONS, body, format="json"))
     assert Session.objects.count() == 1
+
+
+def test_concurrent_requests_never_pass_more_than_the_rate(transactional_db, rates):
+    # Twenty requests of one user at once, each in a thread of its own (as gunicorn's threads or
+    # processes would serve them) against a budget of five: the count is one atomic increment.
+    rates(user="5/min")
+    token = member_token("acme", "alice")
+    start = threading.Barrier(20)
+    statuses = []
+
+    def one_request():
+        start.wait()
+        try:
+            statuses.append(Client(HTTP_AUTHORIZATION=f"Token {token}").get(SESSIONS).status_code)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=one_request) for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert sorted(statuses) == [200] * 5 + [429] * 15
 
 
 # Failed authentication per client address
