@@ -255,6 +255,9 @@ AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
 AXES_RESET_ON_SUCCESS = True
 AXES_CLIENT_IP_CALLABLE = "api.throttling.client_address"  # NUM_PROXIES, as the API's throttles
 AXES_VERBOSE = False  # no "AXES: BEGIN" line at every process's start; failures are still logged
+# Keep no row per successful login (address, user agent, time): only the failed attempts a
+# lockout needs, which are deleted once their cool-off has passed.
+AXES_DISABLE_ACCESS_LOG = True
 AXES_COOLOFF_MESSAGE = (
     f"Too many failed logins for this username from your address: locked out for "
     f"{AXES_COOLOFF_TIME.total_seconds() / 60:g} minutes. An operator can lift it sooner with "

@@ -11,7 +11,7 @@ import threading
 
 import httpx
 import pytest
-from axes.models import AccessAttempt
+from axes.models import AccessAttempt, AccessLog
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.db import connection
@@ -339,3 +339,10 @@ def test_a_successful_login_resets_the_failures(root, settings):
 
     for _ in range(2):
         assert log_in("/admin/login/", "wrong")[1].status_code == 200  # counting from zero again
+
+
+def test_a_successful_login_leaves_no_record_of_the_address(root):
+    assert log_in("/console/login/", "right-password-1")[1].status_code == 302
+
+    assert AccessLog.objects.count() == 0
+    assert AccessAttempt.objects.count() == 0
