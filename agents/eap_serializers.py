@@ -5,6 +5,7 @@ from django.core.validators import URLValidator
 from rest_framework import serializers
 
 from orchestrator_project.validation import (
+    CappedListField,
     RejectUnknownFieldsMixin,
     StrictCharField,
     StrictIntegerField,
@@ -112,7 +113,7 @@ def offer_of(delivery) -> dict:
 class ResultSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
     status = serializers.ChoiceField(choices=["completed", "failed"])
     output = StrictCharField(allow_blank=True, trim_whitespace=False, max_length=MAX_OUTPUT_CHARS)
-    artifacts = serializers.ListField(
+    artifacts = CappedListField(
         child=serializers.DictField(), default=list, max_length=100, help_text="JSON objects, e.g. {path, content}."
     )
     error = StrictCharField(

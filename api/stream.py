@@ -35,6 +35,7 @@ from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from rest_framework.exceptions import AuthenticationFailed
 
+from api.throttling import FailedAuthenticationThrottle, carries_credentials, throttled_response
 from orchestrator_project.redaction import redact_data
 from sessions import feed
 from sessions.models import Session
@@ -292,10 +293,17 @@ def _tenant_of(user, slug: str | None) -> int | JsonResponse:
 
 
 def _connect(request, session_id):
-    """Who asks and for what, at connect: (user, tenant, error response)."""
+    """Who asks and for what, at connect: (user, tenant, error response). A token from an address
+    over its budget of failed authentications is refused before it is looked at, and a bad one
+    counts against it, as in the API's process (api/throttling.py)."""
+    failures = FailedAuthenticationThrottle() if carries_credentials(request) else None
     try:
+        if failures and (wait := failures.wait_before_trying(request)) is not None:
+            return None, None, throttled_response(wait)
         user, problem = _authenticate(request)
         if user is None:
+            if failures:
+                failures.record_failure(request)
             problem = problem or "Authentication credentials were not provided."
             return None, None, _error(401, "not_authenticated", problem)
         if session_id is not None:

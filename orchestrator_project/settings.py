@@ -3,6 +3,7 @@
 import ipaddress
 import json
 import os
+import re
 from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlparse
@@ -59,6 +60,15 @@ def env_list(name: str, default: str) -> list[str]:
     return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
 
 
+def env_rate(name: str, default: str) -> str:
+    """A throttle rate as DRF reads it: requests/period, the period s, m, h or d (or a word
+    starting with one: 6000/min)."""
+    rate = env_str(name, default).strip()
+    if not re.fullmatch(r"[0-9]+/[smhd][a-z]*", rate):
+        raise ImproperlyConfigured(f"{name} must be a rate like 100/min (per s, min, hour or day), got {rate!r}.")
+    return rate
+
+
 def env_absolute_paths(name: str, default: str) -> list[str]:
     paths = env_list(name, default)
     for path in paths:
@@ -110,6 +120,7 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "django_celery_beat",
+    "axes",
     "tenants",
     "tokens",
     "sessions.apps.SessionsConfig",
@@ -122,6 +133,7 @@ MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "orchestrator_project.middleware.LogContextMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    "api.throttling.FailedAuthenticationMiddleware",
     "orchestrator_project.middleware.RequestSizeLimitMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -130,7 +142,13 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # django-axes: refuses a locked-out login (admin and console) before the view runs.
+    "axes.middleware.AxesMiddleware",
     "django_prometheus.middleware.PrometheusAfterMiddleware",
+]
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",  # first: counts failures, refuses locked-out logins
+    "django.contrib.auth.backends.ModelBackend",
 ]
 
 ROOT_URLCONF = "api.urls"
@@ -216,8 +234,17 @@ REST_FRAMEWORK = {
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "api.errors.exception_handler",
-    "DEFAULT_THROTTLE_CLASSES": ["rest_framework.throttling.UserRateThrottle"],
-    "DEFAULT_THROTTLE_RATES": {"user": os.environ.get("API_THROTTLE_USER", "6000/min")},
+    # api/throttling.py; counted in the default cache (Redis), shared by every process.
+    "DEFAULT_THROTTLE_CLASSES": ["api.throttling.UserRateThrottle", "api.throttling.TenantRateThrottle"],
+    "DEFAULT_THROTTLE_RATES": {
+        "user": env_rate("API_THROTTLE_USER", "6000/min"),
+        "tenant": env_rate("API_THROTTLE_TENANT", "20000/min"),
+        # 401s answered to requests with credentials, per client address (api/throttling.py).
+        "auth_failures": env_rate("API_THROTTLE_AUTH_FAILURES", "20/min"),
+    },
+    # Proxies in front of the web and stream processes: the client's address is the one this
+    # many proxies back in X-Forwarded-For; with 0, REMOTE_ADDR and X-Forwarded-For is ignored.
+    "NUM_PROXIES": env_int("NUM_PROXIES", 0),
     "PAGE_SIZE": 50,
 }
 # API tokens (docs/SECURITY.md, "Credential lifecycle"): knox, hashed at rest, `io_`-prefixed,
@@ -235,6 +262,23 @@ REST_KNOX = {
     "TOKEN_TTL": timedelta(days=API_TOKEN_TTL_DAYS) if API_TOKEN_TTL_DAYS else None,
     "AUTO_REFRESH": False,
 }
+# Login lockout (django-axes) on the admin's and the console's login: after LOGIN_FAILURE_LIMIT
+# failed logins for one username from one address, that pair is refused (429) for
+# LOGIN_LOCKOUT_MINUTES. `manage.py axes_reset_username NAME` lifts a lockout early.
+AXES_FAILURE_LIMIT = env_int("LOGIN_FAILURE_LIMIT", 5, minimum=1)
+AXES_COOLOFF_TIME = timedelta(minutes=env_int("LOGIN_LOCKOUT_MINUTES", 15, minimum=1))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_CLIENT_IP_CALLABLE = "api.throttling.client_address"  # NUM_PROXIES, as the API's throttles
+AXES_VERBOSE = False  # no "AXES: BEGIN" line at every process's start; failures are still logged
+# Keep no row per successful login (address, user agent, time): only the failed attempts a
+# lockout needs, which are deleted once their cool-off has passed.
+AXES_DISABLE_ACCESS_LOG = True
+AXES_COOLOFF_MESSAGE = (
+    f"Too many failed logins for this username from your address: locked out for "
+    f"{AXES_COOLOFF_TIME.total_seconds() / 60:g} minutes. An operator can lift it sooner with "
+    "`manage.py axes_reset_username USERNAME`."
+)
 # A list's count stops here (api/pagination.py): counting every row costs as much as the rows.
 API_COUNT_LIMIT = env_int("API_COUNT_LIMIT", 10_000, minimum=100)
 

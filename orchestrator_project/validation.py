@@ -57,6 +57,16 @@ class StrictNumberField(serializers.FloatField):
         return super().to_internal_value(data)
 
 
+class CappedListField(serializers.ListField):
+    """A ListField whose max_length is checked before its items are validated (DRF's own checks
+    it after validating every item)."""
+
+    def to_internal_value(self, data):
+        if isinstance(data, list) and self.max_length is not None and len(data) > self.max_length:
+            self.fail("max_length", max_length=self.max_length)
+        return super().to_internal_value(data)
+
+
 class RejectUnknownFieldsMixin:
     """A misspelt field ("depends" for "depends_on") is an error, not silently dropped."""
 
@@ -80,11 +90,25 @@ def _check_json_string(text: str) -> None:
 
 def validate_json_object(value: dict) -> dict:
     """Free-form JSON (metadata, params) that PostgreSQL's jsonb can store and we can re-encode:
-    valid UTF-8 text without NUL characters, bounded nesting and size."""
-    validate_storable_json(value)
-    if len(json.dumps(value)) > METADATA_MAX_BYTES:
+    bounded size (measured first, by the C encoder, so that an oversize value is refused before
+    it is walked), then valid UTF-8 text without NUL characters and bounded nesting."""
+    try:
+        size = len(json.dumps(value))
+    except RecursionError:
+        raise serializers.ValidationError(f"nested deeper than {JSON_MAX_DEPTH} levels") from None
+    if size > METADATA_MAX_BYTES:
         raise serializers.ValidationError(f"at most {METADATA_MAX_BYTES} bytes of JSON")
-    return value
+    return validate_storable_json(value)
+
+
+class JSONObjectField(serializers.DictField):
+    """A free-form JSON object (validate_json_object), checked whole before DRF looks at its
+    entries one by one: a megabyte of keys is refused by its size, not after a pass over each."""
+
+    def to_internal_value(self, data):
+        if isinstance(data, dict):
+            validate_json_object(data)
+        return super().to_internal_value(data)
 
 
 def validate_storable_json(value):

@@ -23,6 +23,7 @@ os.environ.setdefault("LOST_MESSAGE_AFTER_SECONDS", "3")
 
 from orchestrator_project.settings import *  # noqa: F403
 
-REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"] = {"user": "100000/min"}  # noqa: F405
+# Out of the way of every test but tests/test_throttling.py, which sets its own.
+REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"] = {"user": "100000/min", "tenant": "100000/min", "auth_failures": "100000/min"}  # noqa: F405
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 STATIC_ROOT = None  # the tests serve no collected static files; WhiteNoise would warn it is missing

@@ -17,6 +17,7 @@ HELPERS = {
     "env_absolute_paths",
     "env_url_prefixes",
     "env_json_dict",
+    "env_rate",
 }
 
 

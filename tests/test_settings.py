@@ -140,6 +140,12 @@ def test_debug_settings_load_without_a_secret_key():
         ("REPOSITORY_URL_PREFIXES", "https://github.com/acme/,git@github.com:acme/"),
         ("REPOSITORY_URL_PREFIXES", "file:///srv/"),
         ("REPOSITORY_GIT_CONFIG", "gitconfig"),
+        ("API_THROTTLE_USER", "lots"),
+        ("API_THROTTLE_TENANT", "100 per minute"),
+        ("API_THROTTLE_AUTH_FAILURES", "20/fortnight"),
+        ("NUM_PROXIES", "-1"),
+        ("LOGIN_FAILURE_LIMIT", "0"),
+        ("LOGIN_LOCKOUT_MINUTES", "soon"),
     ],
 )
 def test_a_bad_variable_stops_the_settings_import_naming_it(name, value):
