@@ -10,6 +10,7 @@ from agents import services
 from agents.models import Agent
 from tenants.permissions import IsTenantMember
 
+from .filters import FiltersNarrowListsOnly
 from .serializers import AgentSerializer
 
 
@@ -38,7 +39,7 @@ class MaySteer(BasePermission):
     ),
     retrieve=extend_schema(summary="Get an agent", description="One agent, as the list shows it."),
 )
-class AgentViewSet(viewsets.ReadOnlyModelViewSet):
+class AgentViewSet(FiltersNarrowListsOnly, viewsets.ReadOnlyModelViewSet):
     """The platform's agent workers; shared by every tenant, so not tenant-scoped."""
 
     queryset = Agent.objects.all()
