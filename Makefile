@@ -66,6 +66,7 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
+	$(BIN)/python scripts/check_secrets.py  # detect-secrets: no secret the audited .secrets.baseline lacks
 
 format: venv
 	$(BIN)/ruff format .
