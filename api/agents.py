@@ -11,6 +11,7 @@ from agents.models import Agent
 from tenants.permissions import IsTenantMember
 
 from .eap import Conflict
+from .filters import FiltersNarrowListsOnly
 from .serializers import AgentSerializer
 
 
@@ -39,7 +40,7 @@ class MaySteer(BasePermission):
     ),
     retrieve=extend_schema(summary="Get an agent", description="One agent, as the list shows it."),
 )
-class AgentViewSet(viewsets.ReadOnlyModelViewSet):
+class AgentViewSet(FiltersNarrowListsOnly, viewsets.ReadOnlyModelViewSet):
     """The platform's agent workers; shared by every tenant, so not tenant-scoped."""
 
     queryset = Agent.objects.all()

@@ -3,7 +3,8 @@ domain's errors get their HTTP status here (an illegal transition 409, a refused
 tenant's quota 429)."""
 
 from django.core.exceptions import ObjectDoesNotExist, PermissionDenied
-from django.http import Http404
+from django.http import Http404, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
@@ -49,3 +50,10 @@ def exception_handler(exc, context):
         details, message = {}, str(getattr(exc, "detail", exc))
     headers = {k: v for k, v in response.items() if k in ("WWW-Authenticate", "Retry-After", "Allow")}
     return error_response(code, str(message), details, response.status_code, headers)
+
+
+@csrf_exempt  # it changes nothing and says nothing; CSRF's own 403 page would be HTML
+def not_found(request, *args, **kwargs) -> JsonResponse:
+    """A URL under /api/ that names no endpoint (an id with a dot or a slash in it, a misspelt
+    action): a 404 in the one error shape, not Django's HTML page."""
+    return JsonResponse({"error": {"code": "not_found", "message": "Not found.", "details": {}}}, status=404)

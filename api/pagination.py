@@ -1,6 +1,7 @@
 """Pagination: page numbers for every list (50 a page by default, at most 200) over a count
 that stops at API_COUNT_LIMIT, and cursors for the session list, whose pages stay as cheap at
-page 10,000 as at page 1."""
+page 10,000 as at page 1. A page or page size that is not a whole number from 1 is a 400 (a
+page past the end stays a 404); a page size over 200 is read as 200."""
 
 from django.conf import settings
 from django.core.exceptions import ValidationError as DjangoValidationError
@@ -43,12 +44,34 @@ class CappedCountPaginator(DjangoPaginator):
             ) from None
 
 
-class Pagination(PageNumberPagination):
+def whole_number_from_1(name: str, raw: str) -> int:
+    """`raw`, a query parameter, as a whole number from 1; a 400 naming `name` otherwise (ASCII
+    digits only, and few enough of them that int() is cheap)."""
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 9 and int(raw) >= 1):
+        raise ValidationError({name: ["must be a whole number from 1"]})
+    return int(raw)
+
+
+class StrictPageSize:
+    """?page_size= read strictly: DRF ignores a bad one and pages by its default."""
+
+    def get_page_size(self, request):
+        raw = request.query_params.get(self.page_size_query_param)
+        if raw is None:
+            return self.page_size
+        return min(whole_number_from_1(self.page_size_query_param, raw), self.max_page_size)
+
+
+class Pagination(StrictPageSize, PageNumberPagination):
     page_size = 50
     page_size_query_param = "page_size"
     max_page_size = 200
     django_paginator_class = CappedCountPaginator
     invalid_page_message = "Invalid page: {message}."
+
+    def get_page_number(self, request, paginator):
+        number = super().get_page_number(request, paginator)
+        return number if isinstance(number, int) else whole_number_from_1(self.page_query_param, number)
 
     def get_paginated_response(self, data):
         return Response(
@@ -74,7 +97,7 @@ class Pagination(PageNumberPagination):
         return response
 
 
-class SessionCursorPagination(CursorPagination):
+class SessionCursorPagination(StrictPageSize, CursorPagination):
     """`?cursor=` (empty for the first page), then each answer's `next` / `previous`: no count,
     and each page is one index range however deep, where `?page=N` skips N pages of rows."""
 
@@ -99,3 +122,12 @@ class SessionCursorPagination(CursorPagination):
             except DjangoValidationError as exc:
                 raise ValidationError({self.cursor_query_param: ["Invalid cursor"]}) from exc
         return cursor
+
+
+class SessionPagination(Pagination):
+    """The session list's page numbers. Its schema says what either way of paging answers: a
+    page with a count, or (?cursor=) a page without."""
+
+    def get_paginated_response_schema(self, schema):
+        by_cursor = SessionCursorPagination().get_paginated_response_schema(schema)
+        return {"anyOf": [super().get_paginated_response_schema(schema), by_cursor]}

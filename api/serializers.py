@@ -130,7 +130,7 @@ class CheckpointSerializer(serializers.ModelSerializer):
 class TaskSerializer(serializers.ModelSerializer):
     session = serializers.UUIDField(source="session_id", read_only=True)
     depends_on = serializers.SlugRelatedField(slug_field="key", many=True, read_only=True)
-    agent = serializers.SlugRelatedField(slug_field="name", read_only=True)
+    agent = serializers.SlugRelatedField(slug_field="name", read_only=True, allow_null=True)  # null until claimed
 
     class Meta:
         model = Task

@@ -13,8 +13,9 @@ from tasks import lifecycle
 from tasks.summaries import add_task_counts
 from tenants.permissions import TenantScopedMixin, membership_for_write
 
+from .filters import FiltersNarrowListsOnly, UtcIsoDateTimeFilter
 from .inputs import SessionCreateSerializer
-from .pagination import Pagination, SessionCursorPagination
+from .pagination import Pagination, SessionCursorPagination, SessionPagination
 from .serializers import (
     CheckpointSerializer,
     EventSerializer,
@@ -32,8 +33,8 @@ class SessionFilter(django_filters.FilterSet):
     # so no row can match twice, and DISTINCT sorts every matching session to page 50 of them.
     status = django_filters.MultipleChoiceFilter(choices=Session.Status.choices, distinct=False)
     priority = django_filters.NumberFilter()
-    created_after = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
-    created_before = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
+    created_after = UtcIsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
+    created_before = UtcIsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
     search = django_filters.CharFilter(method="filter_search", help_text="Words in the title or requirements.")
 
     class Meta:
@@ -83,6 +84,7 @@ def _transition_action(name: str, service, summary: str, description: str, error
     ),
 )
 class SessionViewSet(
+    FiltersNarrowListsOnly,
     TenantScopedMixin,
     mixins.ListModelMixin,
     mixins.RetrieveModelMixin,
@@ -97,6 +99,9 @@ class SessionViewSet(
     queryset = Session.objects.select_related("tenant").order_by("-created_at", "-pk")
     serializer_class = SessionSerializer
     filterset_class = SessionFilter
+    # The list's; a session's tasks, events and checkpoints page by number only (their actions
+    # say so, and drf-spectacular documents each from its pagination_class).
+    pagination_class = SessionPagination
 
     def initial(self, request, *args, **kwargs):
         super().initial(request, *args, **kwargs)  # authenticates
@@ -180,7 +185,7 @@ class SessionViewSet(
         """Page numbers, or cursors when the list is asked for with ?cursor=."""
         if not hasattr(self, "_paginator"):
             by_cursor = self.action == "list" and "cursor" in self.request.query_params
-            self._paginator = SessionCursorPagination() if by_cursor else Pagination()
+            self._paginator = SessionCursorPagination() if by_cursor else self.pagination_class()
         return self._paginator
 
     def paginate_queryset(self, queryset):
@@ -199,7 +204,7 @@ class SessionViewSet(
         summary="A session's tasks",
         description="The session's DAG in order: each task's status, dependencies, agent, attempts, result and error.",
     )
-    @action(detail=True, methods=["get"])
+    @action(detail=True, methods=["get"], pagination_class=Pagination)
     def tasks(self, request, pk=None):
         session = self.get_object()
         return self._page(session.tasks.select_related("agent").prefetch_related("depends_on"), TaskSerializer)
@@ -211,7 +216,7 @@ class SessionViewSet(
         "the session's status.",
         parameters=[OpenApiParameter("after", int, description="Only events with a larger id.")],
     )
-    @action(detail=True, methods=["get"])
+    @action(detail=True, methods=["get"], pagination_class=Pagination)
     def events(self, request, pk=None):
         session = self.get_object()
         events = session.events.all()
@@ -228,7 +233,7 @@ class SessionViewSet(
         summary="The audit trail of completions",
         description="One entry per task the session completed, in order, with the keys completed up to it.",
     )
-    @action(detail=True, methods=["get"])
+    @action(detail=True, methods=["get"], pagination_class=Pagination)
     def checkpoints(self, request, pk=None):
         return self._page(
             self.get_object().checkpoints.select_related("task"),

@@ -2,14 +2,14 @@
 console (/, which sends people to the console's sessions)."""
 
 from django.contrib import admin
-from django.urls import include, path
+from django.urls import include, path, re_path
 from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import DefaultRouter
 
 from orchestrator_project import health
 
-from . import eap, stream
+from . import eap, errors, stream
 from .agents import AgentViewSet
 from .export import TenantExportView
 from .metrics import metrics_view
@@ -43,6 +43,9 @@ urlpatterns = [
     path("api/v1/", include(router.urls)),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
+    # Last under api/: what matched nothing above. Only paths ending in a slash, so that a missing
+    # slash is still redirected to the URL with it (APPEND_SLASH) before it can be a 404.
+    re_path(r"^api/.*/$", errors.not_found, name="api-not-found"),
     path("health/live/", health.live, name="health-live"),
     path("health/ready/", health.ready, name="health-ready"),
     path("metrics", metrics_view, name="metrics"),

@@ -297,6 +297,8 @@ SPECTACULAR_SETTINGS = {
     },
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    # drf-spectacular's default (enums as components), then the error responses every operation has.
+    "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums", "api.schema.document_client_errors"],
 }
 
 # Orchestration limits.

@@ -3,6 +3,7 @@ with the path of the bad field, and leaves nothing behind: no session, no task, 
 
 import json
 import uuid
+from urllib.parse import urlencode
 
 import pytest
 from rest_framework.test import APIClient
@@ -559,6 +560,86 @@ def test_huge_after_on_events_is_an_empty_page(api):
 
 def test_page_beyond_the_last_is_404(api):
     error_of(api.get(SESSIONS, {"page": 99}), 404)
+
+
+@pytest.mark.parametrize("path", ["", "{sid}/tasks/", "{sid}/events/", "{sid}/checkpoints/"])
+@pytest.mark.parametrize(
+    ("query", "param"),
+    [
+        ({"page": 0}, "page"),
+        ({"page": -3}, "page"),
+        ({"page": "abc"}, "page"),
+        ({"page": "\u00b2"}, "page"),
+        ({"page": "9" * 30}, "page"),
+        ({"page_size": -106}, "page_size"),
+        ({"page_size": 0}, "page_size"),
+        ({"page_size": "ten"}, "page_size"),
+    ],
+)
+def test_bad_page_or_page_size_is_400_naming_it(api, path, query, param):
+    session_id = post(api, dag_payload()).json()["id"]
+
+    error = error_of(api.get(SESSIONS + path.format(sid=session_id), query), 400)
+
+    assert error["code"] == "invalid"
+    assert param in error["details"]
+
+
+def test_bad_page_size_on_the_cursor_list_is_400(api):
+    error = error_of(api.get(SESSIONS, {"cursor": "", "page_size": -1}), 400)
+
+    assert "page_size" in error["details"]
+
+
+@pytest.mark.parametrize(
+    "when",
+    [
+        "4838-06-18T13:43:36+23:39",
+        "2000-10-29T01:44:45+23:50",
+        "0864-04-18T06:58:09+16:11",
+        "0173-11-24T22:53:43-21:08",
+    ],
+)
+def test_a_date_filter_with_any_valid_offset_is_read_in_utc(api, when):
+    """PostgreSQL refuses offsets past ±15:59 that Python parses (once a 500 DataError)."""
+    post(api, dag_payload())
+
+    after = api.get(SESSIONS, {"created_after": when})
+    before = api.get(SESSIONS, {"created_before": when})
+
+    assert after.status_code == before.status_code == 200
+    assert after.json()["count"] + before.json()["count"] == 1
+
+
+@pytest.mark.parametrize("when", ["0001-01-01T00:00:00+05:00", "9999-12-31T23:59:59-05:00"])
+def test_a_date_filter_with_no_utc_equivalent_is_400(api, when):
+    error = error_of(api.get(SESSIONS, {"created_after": when}), 400)
+
+    assert "created_after" in error["details"]
+
+
+@pytest.mark.parametrize("path", ["{sid}/", "{sid}/tasks/", "{sid}/events/", "{sid}/checkpoints/", "{sid}/cancel/"])
+def test_list_filters_do_not_touch_one_sessions_endpoints(api, path):
+    """A session's own endpoints read no list filter: ?status=running does not make a pending
+    session a 404, and a date PostgreSQL cannot compare does not reach its lookup."""
+    session_id = post(api, dag_payload()).json()["id"]
+    query = {"status": "running", "created_after": "4838-06-18T13:43:36+23:39", "priority": "high"}
+
+    call = api.post if path.endswith("cancel/") else api.get
+    response = call(f"{SESSIONS}{path.format(sid=session_id)}?{urlencode(query)}")
+
+    assert response.status_code in (200, 202), response.content
+
+
+@pytest.mark.parametrize("method", ["get", "post"])
+@pytest.mark.parametrize(
+    "path", [f"{SESSIONS}0.5/start/", f"{SESSIONS}0.5/tasks/", "/api/v1/tasks/a.b/", "/api/v1/nothing/"]
+)
+def test_an_api_url_that_names_no_endpoint_is_a_json_404(api, method, path):
+    response = getattr(api, method)(path)
+
+    assert response["Content-Type"] == "application/json"
+    assert error_of(response, 404)["code"] == "not_found"
 
 
 # Idempotency-Key

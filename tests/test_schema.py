@@ -78,7 +78,9 @@ def test_response_objects_carry_the_contract_fields(schema):
         components["Task"]["properties"]
     )
     assert {"id", "from_status", "to_status", "reason", "created_at"} <= set(components["Event"]["properties"])
-    assert {"count", "next", "previous", "results"} <= set(components["PaginatedSessionList"]["properties"])
+    by_page, by_cursor = components["PaginatedSessionList"]["anyOf"]
+    assert {"count", "next", "previous", "results"} <= set(by_page["properties"])
+    assert {"next", "previous", "results"} == set(by_cursor["properties"])
 
 
 @pytest.mark.parametrize("action", ["start", "pause", "resume", "cancel", "retry"])
@@ -136,3 +138,31 @@ def test_spectacular_command_validates_without_warnings(db, tmp_path):
     written = yaml.safe_load(target.read_text())
     assert "/api/v1/sessions/{id}/events/" in written["paths"]
     assert set(create_request_schema(written)["properties"]) >= CREATE_FIELDS
+
+
+def test_a_tasks_agent_is_nullable_as_an_unclaimed_task_has_none(schema):
+    assert schema["components"]["schemas"]["Task"]["properties"]["agent"]["nullable"] is True
+
+
+def test_every_operation_documents_its_client_errors_in_the_one_error_shape(schema):
+    error = schema["components"]["schemas"]["Error"]
+    assert error["required"] == ["error"]
+    assert error["properties"]["error"]["required"] == ["code", "message", "details"]
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            content = operation["responses"]["4XX"]["content"]["application/json"]
+            assert content["schema"] == {"$ref": "#/components/schemas/Error"}, (method, path)
+
+
+def test_the_session_list_documents_both_ways_of_paging(schema):
+    pages = schema["components"]["schemas"]["PaginatedSessionList"]["anyOf"]
+
+    assert [page["required"] for page in pages] == [["count", "count_exact", "results"], ["results"]]
+    tasks = schema["paths"]["/api/v1/sessions/{id}/tasks/"]["get"]["responses"]["200"]["content"]
+    assert tasks["application/json"]["schema"] == {"$ref": "#/components/schemas/PaginatedTaskList"}
+
+
+def test_one_sessions_endpoints_take_no_list_filters(schema):
+    for path in ("/api/v1/sessions/{id}/tasks/", "/api/v1/sessions/{id}/events/", "/api/v1/sessions/{id}/checkpoints/"):
+        names = {parameter["name"] for parameter in schema["paths"][path]["get"]["parameters"]}
+        assert not names & {"status", "priority", "created_after", "created_before", "search"}, path

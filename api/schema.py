@@ -1,0 +1,37 @@
+"""Additions to the OpenAPI schema drf-spectacular generates (SPECTACULAR_SETTINGS'
+POSTPROCESSING_HOOKS)."""
+
+ERROR_SCHEMA = {
+    "type": "object",
+    "description": 'Every error: {"error": {"code", "message", "details"}} (api/errors.py).',
+    "properties": {
+        "error": {
+            "type": "object",
+            "properties": {
+                "code": {"type": "string", "description": "Machine-readable: invalid, not_found, invalid_transition…"},
+                "message": {"type": "string"},
+                "details": {"type": "object", "additionalProperties": {}, "description": "Messages by field path."},
+            },
+            "required": ["code", "message", "details"],
+        }
+    },
+    "required": ["error"],
+}
+CLIENT_ERROR = {
+    "description": "A client error in the one error shape: 400 a bad body or parameter (details name each), "
+    "401 missing or bad credentials, 403 a role that may not, 404 no such object (or a page past the end), "
+    "409 a transition the status does not allow, 429 throttled (Retry-After says when to try again).",
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+}
+HTTP_METHODS = {"get", "put", "post", "patch", "delete", "head", "options", "trace"}
+
+
+def document_client_errors(result: dict, generator, request, public) -> dict:
+    """Every operation may answer a 4xx, always in the one error shape: each gets a `4XX`
+    response with the Error schema, beside the codes it documents itself."""
+    result.setdefault("components", {}).setdefault("schemas", {})["Error"] = ERROR_SCHEMA
+    for operations in result.get("paths", {}).values():
+        for method, operation in operations.items():
+            if method in HTTP_METHODS:
+                operation.setdefault("responses", {}).setdefault("4XX", CLIENT_ERROR)
+    return result
