@@ -12,7 +12,7 @@ from rest_framework.views import exception_handler as drf_exception_handler
 from orchestrator_project.locking import LockUnavailable, StaleFencingToken
 from orchestrator_project.validation import InvalidInput, flatten_errors
 from sessions.models import InvalidTransition
-from tenants.quotas import QuotaExceeded
+from tasks.quotas import QuotaExceeded
 
 
 def error_response(code: str, message: str, details, http_status: int, headers=None) -> Response:

@@ -1,5 +1,5 @@
 """GET /api/v1/tenant/export/: a tenant's data as streamed JSON Lines, for its admins
-(tenants/export.py writes the lines; docs/DATA.md, "Export")."""
+(tasks/export.py writes the lines; docs/DATA.md, "Export")."""
 
 import re
 
@@ -13,7 +13,7 @@ from rest_framework.renderers import JSONRenderer
 from rest_framework.views import APIView
 
 from agents.eap_serializers import EapErrorSerializer
-from tenants.export import export_lines
+from tasks.export import export_lines
 from tenants.models import Membership
 
 NDJSON = "application/x-ndjson"

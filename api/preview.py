@@ -12,7 +12,7 @@ from agents.capabilities import CAPABILITIES
 from tasks.decomposition import DEFAULT_ESTIMATE, Plan, critical_path, edges, nodes_from_specs, topological_order
 from tasks.decomposition.analyzer import HIGH, LOW, MEDIUM
 from tasks.lifecycle import check_new_session, plan_new_session
-from tenants.quotas import check_request
+from tasks.quotas import check_request
 
 from .inputs import EstimateSerializer, SessionCreateSerializer
 from .tenant import QUOTA_EXCEEDED

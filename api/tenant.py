@@ -7,8 +7,8 @@ from rest_framework.exceptions import ValidationError
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from tasks.quotas import ACTIVE_SESSIONS, MAX_PRIORITY, OPEN_TASKS, TASKS_PER_SESSION, usage_of
 from tenants.models import PRIORITY_ROLES, Membership, Tenant
-from tenants.quotas import ACTIVE_SESSIONS, MAX_PRIORITY, OPEN_TASKS, TASKS_PER_SESSION, usage_of
 
 
 class UsageSerializer(serializers.Serializer):

@@ -308,7 +308,7 @@ MAX_TASKS_PER_SESSION = env_int("MAX_TASKS_PER_SESSION", 200, minimum=1)
 # no slot idles between a finish and the next release.
 FAIR_SHARE_BURST = env_float("FAIR_SHARE_BURST", 1.5, minimum=1.0)
 MAX_TEXT_CHARS = env_int("MAX_TEXT_CHARS", 20_000, minimum=100)
-# Per-tenant quotas' defaults (tenants/quotas.py); the admin overrides them per tenant. A tenant's
+# Per-tenant quotas' defaults (tasks/quotas.py); the admin overrides them per tenant. A tenant's
 # tasks per session defaults to MAX_TASKS_PER_SESSION and may only narrow it.
 QUOTA_ACTIVE_SESSIONS = env_int("QUOTA_ACTIVE_SESSIONS", 20)
 QUOTA_OPEN_TASKS = env_int("QUOTA_OPEN_TASKS", 1000)

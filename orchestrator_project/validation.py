@@ -7,6 +7,8 @@ import json
 from rest_framework import serializers
 
 METADATA_MAX_BYTES = 16_384
+# A session's priority: 0..9, 9 most urgent (sessions.models; a tenant's priority caps, tenants.models).
+MAX_PRIORITY = 9
 JSON_MAX_DEPTH = 32
 
 

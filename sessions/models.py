@@ -13,6 +13,7 @@ from django.utils import timezone
 
 from orchestrator_project import metrics
 from orchestrator_project.locking import LockUnavailable
+from orchestrator_project.validation import MAX_PRIORITY
 
 from . import feed
 from .locking import session_lock
@@ -82,7 +83,6 @@ ACTIVE = frozenset({Status.QUEUED, Status.RUNNING, Status.DEGRADED})
 
 # The bounds of what a client may ask of a session (api/inputs.py). The fields' validators repeat
 # them for the admin's form, which edits a pending session's parameters (tasks/admin.py).
-MAX_PRIORITY = 9
 MAX_TIMEOUT_SECONDS = 7 * 86400
 MAX_RETRIES = 10
 

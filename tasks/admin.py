@@ -9,7 +9,7 @@ from django.utils.html import format_html
 from orchestrator_project.admin_display import ViewOnly, redacted
 from orchestrator_project.locking import LockUnavailable, StaleFencingToken
 from sessions.models import InvalidTransition, Session, SessionEvent
-from tenants.quotas import QuotaExceeded
+from tasks.quotas import QuotaExceeded
 
 from . import lifecycle
 from .models import Task

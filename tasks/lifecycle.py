@@ -16,8 +16,8 @@ from orchestrator_project.validation import InvalidInput
 from sessions import feed
 from sessions.models import ACTIVE, RETRYABLE, Session
 from sessions.workspaces import WorkspaceError, check_repository, finish_workspace, prepare_workspace
-from tenants import quotas
 
+from . import quotas
 from .canvas import build_canvas
 from .decomposition import Plan, plan_session
 from .messages import DISPATCH_SESSION, message
@@ -88,7 +88,7 @@ def create_session(
     is its `tasks`, or else the decomposition of its requirements (plan_new_session). Both raise
     InvalidInput. With an idempotency key already used in this tenant, the existing session is
     returned and nothing is written, whatever the quotas. Otherwise the tenant's quotas must
-    allow it (tenants/quotas.py; the priority cap of `role`, None for internal callers), or
+    allow it (tasks/quotas.py; the priority cap of `role`, None for internal callers), or
     QuotaExceeded is raised and nothing is written.
     """
     check_new_session(data, tenant=tenant)

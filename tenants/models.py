@@ -5,7 +5,7 @@ from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 
 from orchestrator_project.repositories import RefusedRepository, parse_url_prefix, path_under, url_has_prefix
-from sessions.models import MAX_PRIORITY
+from orchestrator_project.validation import MAX_PRIORITY
 
 
 class Tenant(models.Model):
@@ -27,7 +27,7 @@ class Tenant(models.Model):
         help_text="Comma-separated URL prefixes, each under one of REPOSITORY_URL_PREFIXES; "
         "empty: REPOSITORY_URL_PREFIXES.",
     )
-    # Quotas (tenants/quotas.py enforces them). Empty: the setting named in the help text.
+    # Quotas (tasks/quotas.py enforces them). Empty: the setting named in the help text.
     max_active_sessions = models.PositiveIntegerField(
         "active sessions",
         null=True,

@@ -24,8 +24,8 @@ from sessions.models import Checkpoint, FeedEvent, Session, SessionEvent
 from sessions.workspaces import finish_workspace, prepare_workspace, workspace_of
 from tasks.models import Task
 from tasks.sweeps import delete_abandoned_sessions
+from tasks.tenancy import pseudonym
 from tenants.models import Membership, Tenant
-from tenants.services import pseudonym
 from tests.conftest import commit_repository, error_of, member_client
 from tokens.models import ApiToken
 

@@ -71,7 +71,7 @@ def test_a_megabyte_of_hostile_output_is_redacted_in_one_pass(hostile):
 # Redaction at write time (docs/DATA.md): what an agent wrote is stored redacted.
 
 GITHUB_TOKEN = "ghp_" + "W" * 36
-DB_PASSWORD = "pw-never-stored-7781"
+DB_PASSWORD = "pw-never-stored-7781"  # pragma: allowlist secret
 AWS_KEY = "AKIA" + "Q" * 16
 
 

@@ -18,9 +18,9 @@ from django.db.models.functions import Cast
 from agents.models import AgentEvent, EapDelivery
 from sessions.models import ACTIVE, FeedEvent, Session, SessionEvent
 from sessions.workspaces import discard_session_files
-from tasks.models import Task
+from tenants.models import Membership, Tenant
 
-from .models import Membership, Tenant
+from .models import Task
 
 logger = logging.getLogger(__name__)
 

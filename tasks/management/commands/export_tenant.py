@@ -1,6 +1,6 @@
 from django.core.management.base import BaseCommand, CommandError
 
-from tenants.export import export_lines
+from tasks.export import export_lines
 from tenants.models import Tenant
 
 

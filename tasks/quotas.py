@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from django.db.models import Q
 
 from sessions.models import SETTLED, Session
-from tasks.models import Task
+from tenants.models import Tenant
 
-from .models import Tenant
+from .models import Task
 
 # Sessions that hold a place in the active-sessions quota: every status but the settled ones
 # (pending, queued, running, degraded, paused). A pending or paused session counts because it

@@ -20,9 +20,9 @@ from django.utils import timezone
 from agents.models import EapDelivery
 from orchestrator_project.redaction import redact, redact_data
 from sessions.models import Checkpoint, Session, SessionEvent
-from tasks.models import Task
+from tenants.models import Membership, Tenant
 
-from .models import Membership, Tenant
+from .models import Task
 
 FORMAT_VERSION = 1
 CHUNK = 500

@@ -1,7 +1,7 @@
 from django.core.management.base import BaseCommand, CommandError
 
+from tasks.tenancy import TenantBusy, delete_tenant
 from tenants.models import Tenant
-from tenants.services import TenantBusy, delete_tenant
 
 
 class Command(BaseCommand):

@@ -1,7 +1,7 @@
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
-from tenants.services import erase_user
+from tasks.tenancy import erase_user
 
 
 class Command(BaseCommand):
