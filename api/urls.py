@@ -45,7 +45,7 @@ urlpatterns = [
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
     # Last under api/: what matched nothing above. Only paths ending in a slash, so that a missing
     # slash is still redirected to the URL with it (APPEND_SLASH) before it can be a 404.
-    re_path(r"^api/.*/$", errors.not_found, name="api-not-found"),
+    re_path(r"^api/[\s\S]*/$", errors.not_found, name="api-not-found"),  # any path, newlines too
     path("health/live/", health.live, name="health-live"),
     path("health/ready/", health.ready, name="health-ready"),
     path("metrics", metrics_view, name="metrics"),

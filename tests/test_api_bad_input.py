@@ -633,7 +633,14 @@ def test_list_filters_do_not_touch_one_sessions_endpoints(api, path):
 
 @pytest.mark.parametrize("method", ["get", "post"])
 @pytest.mark.parametrize(
-    "path", [f"{SESSIONS}0.5/start/", f"{SESSIONS}0.5/tasks/", "/api/v1/tasks/a.b/", "/api/v1/nothing/"]
+    "path",
+    [
+        f"{SESSIONS}0.5/start/",
+        f"{SESSIONS}0.5/tasks/",
+        "/api/v1/tasks/a.b/",
+        "/api/v1/nothing/",
+        "/api/v1/tokens/d%0A/",
+    ],
 )
 def test_an_api_url_that_names_no_endpoint_is_a_json_404(api, method, path):
     response = getattr(api, method)(path)
