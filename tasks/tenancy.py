@@ -7,6 +7,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 
+from axes.models import AccessAttempt, AccessFailureLog
 from django.conf import settings
 from django.contrib.admin.models import LogEntry
 from django.contrib.auth import get_user_model
@@ -103,9 +104,10 @@ class UserErased:
 def erase_user(user) -> UserErased:
     """Erase a person: wherever our rows name them as an actor (`user:<name>`, `admin:<name>` in
     session events, the live feed, agent events, task and delivery errors, the admin's log),
-    the name becomes a stable pseudonym; their memberships and API tokens go with their user
-    row, which is deleted (the sessions they created stay, without a creator). One
-    transaction: all of it or none. Logs already written are out of reach (docs/DATA.md)."""
+    the name becomes a stable pseudonym; the login lockout's failed attempts under the name are
+    deleted; their memberships and API tokens go with their user row, which is deleted (the
+    sessions they created stay, without a creator). One transaction: all of it or none. Logs
+    already written are out of reach (docs/DATA.md)."""
     username = user.get_username()
     alias = pseudonym(user)
     named = re.compile(rf"\b(user|admin):{re.escape(username)}(?![\w.@+-])")
@@ -122,6 +124,10 @@ def erase_user(user) -> UserErased:
         rows["feed events"] = _rename_feed(username, rename)
         rows["admin log entries"] = _rename_admin_log(user, username, alias)
         rows["memberships"] = Membership.objects.filter(user=user).count()
+        # The login lockout's records of failed logins under the name (django-axes).
+        rows["failed logins"] = sum(
+            model.objects.filter(username=username).delete()[0] for model in (AccessAttempt, AccessFailureLog)
+        )
         get_user_model().objects.filter(pk=user.pk).delete()  # memberships, tokens and sessions' creator with it
     logger.info("user %s erased as %s", user.pk, alias)
     return UserErased(pseudonym=alias, rows=rows)

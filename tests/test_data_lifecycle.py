@@ -9,11 +9,13 @@ from io import StringIO
 from pathlib import Path
 
 import pytest
+from axes.models import AccessAttempt
 from django.contrib.admin.models import CHANGE, LogEntry
 from django.contrib.auth import get_user_model
 from django.contrib.contenttypes.models import ContentType
 from django.core.management import CommandError, ManagementUtility, call_command
 from django.db import connection
+from django.test import Client
 from django.utils import timezone
 from psycopg import sql
 from rest_framework.test import APIClient
@@ -237,6 +239,10 @@ def test_erase_user_leaves_a_pseudonym_wherever_the_name_was_and_the_name_nowher
         user=staff, content_type=ContentType.objects.get_for_model(user), object_id=str(user.pk),
         object_repr=NAME, action_flag=CHANGE, change_message=f"changed {NAME}",
     )  # fmt: skip
+    # Two failed logins under her name: the lockout keeps them (django-axes).
+    for _ in range(2):
+        Client().post("/admin/login/", {"username": NAME, "password": "wrong"})
+    assert AccessAttempt.objects.filter(username=NAME).exists()
     alias = pseudonym(user)
     assert text_columns_holding(NAME)  # the test's data does hold the name
 
