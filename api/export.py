@@ -15,6 +15,7 @@ from rest_framework.views import APIView
 from agents.eap_serializers import EapErrorSerializer
 from tasks.export import export_lines
 from tenants.models import Membership
+from tenants.permissions import membership_in
 
 NDJSON = "application/x-ndjson"
 SLUG = re.compile(r"[-a-zA-Z0-9_]{1,64}")
@@ -33,18 +34,9 @@ class JSONErrorsNegotiation(BaseContentNegotiation):
 
 def admin_membership(user, slug: str | None) -> Membership:
     """The caller's admin membership of the named tenant, or of their only tenant."""
-    memberships = Membership.objects.filter(user=user).select_related("tenant")
     if slug and not SLUG.fullmatch(slug):  # checked before the query: a NUL byte is a database error
         raise ValidationError({"tenant": ["not a tenant slug (letters, digits, '-' and '_', at most 64)"]})
-    if slug:
-        memberships = memberships.filter(tenant__slug=slug)
-        if not memberships:
-            raise ValidationError({"tenant": [f"you are not a member of tenant {slug!r}"]})
-    elif len(memberships) > 1:
-        raise ValidationError({"tenant": ["you belong to several tenants; name one"]})
-    membership = memberships.first()
-    if membership is None:
-        raise PermissionDenied("you are a member of no tenant")
+    membership = membership_in(user, slug)
     if membership.role != Membership.Role.ADMIN:
         raise PermissionDenied(f"only an admin of tenant {membership.tenant.slug} may export its data")
     return membership

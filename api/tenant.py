@@ -3,12 +3,12 @@ limit and, for the counting ones, the tenant's use now."""
 
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import serializers
-from rest_framework.exceptions import ValidationError
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from tasks.quotas import ACTIVE_SESSIONS, MAX_PRIORITY, OPEN_TASKS, TASKS_PER_SESSION, usage_of
 from tenants.models import PRIORITY_ROLES, Membership, Tenant
+from tenants.permissions import membership_in
 
 
 class UsageSerializer(serializers.Serializer):
@@ -97,15 +97,7 @@ class TenantView(APIView):
     def get(self, request):
         query = TenantQuerySerializer(data=request.query_params)
         query.is_valid(raise_exception=True)
-        memberships = Membership.objects.filter(user=request.user).select_related("tenant")
-        slug = query.validated_data.get("tenant")
-        if slug is not None:
-            memberships = memberships.filter(tenant__slug=slug)
-            if not memberships:
-                raise ValidationError({"tenant": [f"you are not a member of tenant {slug!r}"]})
-        elif len(memberships) > 1:
-            raise ValidationError({"tenant": ["you belong to several tenants; name one"]})
-        membership = memberships[0]
+        membership = membership_in(request.user, query.validated_data.get("tenant"))
         tenant = membership.tenant
         body = {
             "slug": tenant.slug,

@@ -8,9 +8,10 @@ def membership_for(user, tenant_id: int) -> Membership | None:
     return Membership.objects.filter(user=user, tenant_id=tenant_id).first()
 
 
-def membership_for_write(user, slug: str | None) -> Membership:
-    """The caller's membership in the tenant a new object goes to: the named one, or the caller's
-    only tenant. Raises ValidationError for a tenant not theirs, PermissionDenied for a viewer."""
+def membership_in(user, slug: str | None) -> Membership:
+    """The caller's membership in the named tenant, or in their only tenant. Raises
+    ValidationError for a tenant not theirs or for a member of several who named none,
+    PermissionDenied for a member of none."""
     memberships = Membership.objects.filter(user=user).select_related("tenant")
     if slug:
         memberships = memberships.filter(tenant__slug=slug)
@@ -18,7 +19,16 @@ def membership_for_write(user, slug: str | None) -> Membership:
             raise ValidationError({"tenant": [f"you are not a member of tenant {slug!r}"]})
     elif len(memberships) > 1:
         raise ValidationError({"tenant": ["you belong to several tenants; name one"]})
-    membership = memberships[0]
+    membership = memberships.first()
+    if membership is None:
+        raise PermissionDenied("you are a member of no tenant")
+    return membership
+
+
+def membership_for_write(user, slug: str | None) -> Membership:
+    """The caller's membership in the tenant a new object goes to (membership_in); a viewer's
+    is refused (PermissionDenied)."""
+    membership = membership_in(user, slug)
     if not membership.can_mutate:
         raise PermissionDenied(f"role {membership.role} in tenant {membership.tenant.slug} cannot create sessions")
     return membership
