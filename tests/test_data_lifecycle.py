@@ -241,7 +241,7 @@ def test_erase_user_leaves_a_pseudonym_wherever_the_name_was_and_the_name_nowher
     )  # fmt: skip
     # Two failed logins under her name: the lockout keeps them (django-axes).
     for _ in range(2):
-        Client().post("/admin/login/", {"username": NAME, "password": "wrong"})
+        Client().post("/admin/login/", {"username": NAME, "password": "wrong"})  # pragma: allowlist secret
     assert AccessAttempt.objects.filter(username=NAME).exists()
     alias = pseudonym(user)
     assert text_columns_holding(NAME)  # the test's data does hold the name
