@@ -422,6 +422,7 @@ def task_summary(result: dict[str, Any]) -> str:
 def print_where_to_look(database_url: str) -> None:
     say(
         "\nWhere to look, with `make up` running (API on :8000, Flower on :5555):\n"
+        "  console   http://127.0.0.1:8000/console/  (the live sessions, their DAGs and the fleet; same login)\n"
         "  admin     http://127.0.0.1:8000/admin/  (create a login: .venv/bin/python manage.py createsuperuser)\n"
         "  API docs  http://127.0.0.1:8000/api/docs/\n"
         "  Flower    http://127.0.0.1:5555/  (login: the FLOWER_BASIC_AUTH that make up prints)\n"
