@@ -38,6 +38,10 @@ class NotYourTask(Exception):
     """The task is not running on this external agent (another agent's, finished, cancelled, unknown)."""
 
 
+class StaleCredentials(Exception):
+    """The agent's token was replaced by a rotation meanwhile."""
+
+
 class PushFailed(Exception):
     """A POST {endpoint}/task that did not reach the agent (transient: worth another try) or that
     it answered with an error (`status`)."""
@@ -129,6 +133,8 @@ def rotate_credentials(agent: Agent) -> dict:
     grace = settings.EAP_ROTATION_GRACE_SECONDS
     with transaction.atomic():
         current = Agent.objects.select_for_update().get(pk=agent.pk)
+        if current.token_hash != agent.token_hash:  # another rotation came first: this token is old now
+            raise StaleCredentials("this token was replaced by a rotation: rotate with the current token")
         previous = {
             "previous_token_prefix": current.token_prefix if grace else "",
             "previous_token_hash": current.token_hash if grace else "",

@@ -188,7 +188,10 @@ class RotateView(AgentView):
     def post(self, request):
         if request.user.by_previous_token:
             raise PermissionDenied("this token was replaced by a rotation: rotate with the current token")
-        rotated = eap.rotate_credentials(self.agent)
+        try:
+            rotated = eap.rotate_credentials(self.agent)
+        except eap.StaleCredentials as exc:
+            raise PermissionDenied(str(exc)) from exc
         answer = {**rotated, "grace_seconds": settings.EAP_ROTATION_GRACE_SECONDS}
         return Response(RotationSerializer(answer).data)
 

@@ -137,8 +137,8 @@ class Session(models.Model):
     base_commit = models.CharField(max_length=64, blank=True)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     updated_at = models.DateTimeField(auto_now=True)
-    # While the session is active: the peak width per capability of the canvas it runs, which
-    # counts against its tenant's fair share (tasks.fairshare); {} when it runs no canvas.
+    # The peak width per capability of the canvas the session runs, which had to fit its tenant's
+    # fair share when it was dispatched (tasks.fairshare); {} when it runs no canvas.
     canvas_width = models.JSONField(default=dict, blank=True, editable=False)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
@@ -157,12 +157,6 @@ class Session(models.Model):
         ]
         indexes = [
             models.Index(fields=["tenant", "status"]),
-            # Fair share sums the canvas widths of the active sessions that run a canvas.
-            models.Index(
-                fields=["tenant"],
-                condition=models.Q(status__in=sorted(ACTIVE)) & ~models.Q(canvas_width={}),
-                name="session_active_canvas",
-            ),
             # Retention looks for the oldest settled sessions: a range of this index, not every row.
             models.Index(
                 fields=["finished_at"], condition=models.Q(finished_at__isnull=False), name="session_finished"

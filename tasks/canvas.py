@@ -160,7 +160,7 @@ def peak_widths(expr: Expr, tasks: Mapping[str, Task]) -> Counter:
     a group's parts run side by side, a chain's one after another."""
     if isinstance(expr, str):
         task = tasks[expr]
-        return Counter() if task.pinned_via_gateway else Counter({task.capability: 1})
+        return Counter() if task.pinned_agent else Counter({task.capability: 1})  # a pin: its agent's queue
     kind, parts = expr
     widths = [peak_widths(part, tasks) for part in parts]
     return reduce(operator.add if kind == "group" else operator.or_, widths)

@@ -5,10 +5,12 @@ tenant's message waits behind all of them, whatever its priority. So a tenant ma
 share of a capability's slots in flight; the rest of its ready work waits in the database and is
 released as slots free up:
 
-- in flight, per tenant and capability: the messages the database sent that are not finished
-  (queued with a message, or running), plus, for each of its active sessions that runs a canvas,
-  the canvas's peak width in that capability, or its unfinished nodes if fewer (a canvas sends its
-  own messages without asking, never more at once than its widest group);
+- in flight, per tenant and capability: its tasks on the shared queues whose message is out and
+  not finished (queued with a message, or running), whoever sent it, the database or a canvas;
+- a canvas sends its own messages without asking, never more at once than its widest group: a
+  session runs a canvas only if that peak width fits in its tenant's room when it is dispatched
+  (reserve_canvas), and is released by the database otherwise (a group it sends later, once its
+  upstream finishes, may take the tenant over its room by at most that width);
 - the limit: `ceil(slots * FAIR_SHARE_BURST * weight / total weight)`, at least 1, where slots is
   the concurrency of the live, undrained agents with the capability and the total weight is that
   of the tenants with work in flight or held for it (so a tenant alone gets every slot);
@@ -35,37 +37,27 @@ from sessions.models import ACTIVE
 
 from .models import Task
 
-# Tasks whose message goes to a shared queue (an EAP-pinned task waits on its own agent's pull).
-SHARED = Q(pinned_via_gateway=False)
+# Tasks whose message goes to a shared queue: a pinned task waits on its own agent's queue (or,
+# pinned to an external agent, for its pull), which no other tenant's work shares.
+SHARED = Q(pinned_agent="")
 HELD = Q(status=Task.Status.QUEUED, message_id="", via_canvas=False) & SHARED
 
 _ACTIVE = sorted(ACTIVE)
 
 # Per tenant with work for the capability: its weight, what it has in flight, what it holds.
 LOADS = """
-WITH sent AS (
+SELECT tenant.id, tenant.weight, load.in_flight, load.held
+FROM (
     SELECT s.tenant_id,
            count(*) FILTER (WHERE t.status = 'running' OR (t.message_id <> '' AND s.status = ANY(%(active)s)))
                AS in_flight,
-           count(*) FILTER (WHERE t.status = 'queued' AND t.message_id = '' AND s.status = ANY(%(active)s)) AS held
+           count(*) FILTER (WHERE t.status = 'queued' AND t.message_id = '' AND NOT t.via_canvas
+                            AND s.status = ANY(%(active)s)) AS held
     FROM tasks_task t JOIN agent_sessions_session s ON s.id = t.session_id
-    WHERE t.capability = %(capability)s AND t.status IN ('queued', 'running')
-      AND NOT t.via_canvas AND NOT t.pinned_via_gateway AND s.id IS DISTINCT FROM %(replanned)s
+    WHERE t.capability = %(capability)s AND t.status IN ('queued', 'running') AND t.pinned_agent = ''
+      AND s.id IS DISTINCT FROM %(replanned)s
     GROUP BY s.tenant_id
-), canvas AS (
-    -- A canvas never has more messages in flight than its peak width, nor than its unfinished nodes
-    -- (nodes that left it are counted above; a canvas that is done counts nothing).
-    SELECT s.tenant_id, sum(LEAST((s.canvas_width ->> %(capability)s)::int, (
-        SELECT count(*) FROM tasks_task n
-        WHERE n.session_id = s.id AND n.capability = %(capability)s AND n.via_canvas
-          AND n.status IN ('pending', 'queued', 'running')
-    ))) AS in_flight
-    FROM agent_sessions_session s
-    WHERE s.status = ANY(%(active)s) AND s.canvas_width ? %(capability)s AND s.id IS DISTINCT FROM %(replanned)s
-    GROUP BY s.tenant_id
-)
-SELECT tenant.id, tenant.weight, COALESCE(sent.in_flight, 0) + COALESCE(canvas.in_flight, 0), COALESCE(sent.held, 0)
-FROM sent FULL JOIN canvas USING (tenant_id) JOIN tenants_tenant tenant ON tenant.id = tenant_id
+) load JOIN tenants_tenant tenant ON tenant.id = load.tenant_id
 """
 
 
@@ -122,19 +114,20 @@ def _lock(capabilities) -> None:
 
 def reserve_canvas(session, widths: dict[str, int]) -> bool:
     """Whether the session may run a canvas whose peak widths per capability are `widths`: the
-    tenant holds nothing for those capabilities and the canvas fits in its room. If so, the widths
-    count as in flight for the tenant while the session is active; if not, its tasks are released
-    by the database (and held while the tenant has no room)."""
+    tenant holds nothing for those capabilities and the canvas fits in its room now. If not, its
+    tasks are released by the database (and held while the tenant has no room). The widths are
+    stored on the session: when it settles, what it had room for may go to held work."""
     tenant, weight = session.tenant_id, session.tenant.weight
     with transaction.atomic():
         _lock(widths)
-        for capability, width in widths.items():
-            load = loads(capability, {tenant: weight}, replanned=session.pk)[tenant]
-            if load.held or load.in_flight + width > load.limit:
-                widths = {}
-                break
-        type(session).objects.filter(pk=session.pk).update(canvas_width=widths)
-    return bool(widths)
+        fits = all(_fits(loads(capability, {tenant: weight}, replanned=session.pk)[tenant], width)
+                   for capability, width in widths.items())  # fmt: skip
+        type(session).objects.filter(pk=session.pk).update(canvas_width=widths if fits else {})
+    return fits
+
+
+def _fits(load: Load, width: int) -> bool:
+    return not load.held and load.in_flight + width <= load.limit
 
 
 def admit(tasks: list[Task], send) -> None:
@@ -151,11 +144,16 @@ def admit(tasks: list[Task], send) -> None:
         )
         for capability, waiting in by_capability.items():
             shares = loads(capability, {t.session.tenant_id: t.session.tenant.weight for t in waiting})
+            held_any = False
             for task in waiting:
                 load = shares[task.session.tenant_id]
-                if task.pinned_via_gateway or load.room:
-                    load.in_flight += 0 if task.pinned_via_gateway else 1
+                if task.pinned_agent or load.room:
+                    load.in_flight += 0 if task.pinned_agent else 1
                     send(task)
+                else:
+                    held_any = True
+            if held_any:  # a slot that frees up before this commits sees nothing held: look again after
+                transaction.on_commit(lambda capability=capability: release_held(capability, send))
 
 
 def release_held(capability: str, send) -> int:

@@ -73,7 +73,7 @@ def recover_lost_task(task: Task, lost: str, **as_read) -> str | None:
                 status=Task.Status.QUEUED, queued_at=now, lease_expires_at=None, worker_pid=None, error=lost
             ):
                 leave_canvas(task)
-                send_released([task.pk])
+                send_released([task.pk], again=True)
                 outcome, note = "requeued", f"task {task.key}: {lost}; re-queued"
     else:
         error = f"gave up after {task.attempts} attempts: {lost}"

@@ -66,12 +66,14 @@ def release_tasks(ids) -> tuple[dict, list]:
     return moved, to_send
 
 
-def send_released(ids) -> None:
+def send_released(ids, *, again: bool = False) -> None:
     """Send the messages of the queued tasks among `ids` (released by the database) that their
-    tenant's fair share has room for; the rest are held (tasks.fairshare)."""
+    tenant's fair share has room for; the rest are held (tasks.fairshare). Only those with no
+    message yet, unless `again`: their message is lost or stranded, and they are sent anew."""
     if not ids:
         return  # the common case: a canvas sends what follows
     queued = Task.objects.filter(pk__in=ids, status=Task.Status.QUEUED, via_canvas=False)
+    queued = queued if again else queued.filter(message_id="")
     queued = queued.select_related("session__tenant")
     fairshare.admit(list(queued.order_by("-session__priority", "position")), _sender())
 
@@ -141,7 +143,7 @@ def resend_queued_task(task: Task, **changes) -> bool:
         for field, value in changes.items():
             setattr(task, field, value)
         leave_canvas(task)
-        send_released([task.pk])
+        send_released([task.pk], again=True)
     return True
 
 
@@ -157,6 +159,9 @@ def leave_canvas(task: Task) -> None:
         released.add(pk)
         stack.extend(Task.objects.filter(depends_on=pk).exclude(pk__in=released).values_list("pk", flat=True))
     Task.objects.filter(pk__in=released).update(via_canvas=False)
+    # The canvas's ids of those still pending name messages that will not come: when the database
+    # releases them, they have none yet (send_released sends only those).
+    Task.objects.filter(pk__in=released, status=Task.Status.PENDING).update(message_id="", dispatched_to="")
 
 
 def abort_key(task_id, attempt: int) -> str:

@@ -48,10 +48,13 @@ def delete_tenant(tenant: Tenant) -> TenantDeleted:
     callback, so only once the rows are gone for good; outside a transaction that is before
     this returns, and `stays` then lists what could not be removed."""
     with transaction.atomic():
-        # The tenant's row lock holds back new sessions (their foreign key check waits on it,
-        # then fails); the sessions' row locks hold back transitions until we are done.
-        Tenant.objects.select_for_update().get(pk=tenant.pk)
+        # The sessions' row locks hold back transitions until we are done; the tenant's row lock
+        # then holds back new sessions (create_session locks it). Sessions first, as a retry
+        # locks its session, then the tenant (its quotas): the same order, no deadlock. Then the
+        # sessions again, with any created before the tenant's lock was ours.
         locked = Session.objects.select_for_update().filter(tenant=tenant)
+        list(locked.values_list("pk"))
+        Tenant.objects.select_for_update().get(pk=tenant.pk)
         sessions = list(locked.values_list("pk", "repository", "status"))
         _refuse_if_busy(tenant, sessions)
         ids = [pk for pk, _, _ in sessions]

@@ -109,6 +109,19 @@ def test_the_previous_token_may_not_rotate(registered):
     assert beats(rotated["token"]) == 204
 
 
+def test_of_two_racing_rotations_with_one_token_the_second_is_refused_and_changes_nothing(registered):
+    # Both authenticated with the same current token; the first rotates, the second comes after.
+    as_read = Agent.objects.get(pk=registered["agent_id"])
+    first = eap.rotate_credentials(Agent.objects.get(pk=registered["agent_id"]))
+    before = agent_row_as_text(registered["agent_id"])
+
+    with pytest.raises(eap.StaleCredentials):
+        eap.rotate_credentials(as_read)
+
+    assert agent_row_as_text(registered["agent_id"]) == before
+    assert beats(first["token"]) == 204 and beats(registered["token"]) == 204  # new, and old in grace
+
+
 @pytest.mark.parametrize("token", [None, "", "eap_nope_nope", "eap__x", "x" * 5000])
 def test_rotate_without_a_valid_agent_token_is_401_and_changes_nothing(registered, token):
     client = APIClient()

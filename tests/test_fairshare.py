@@ -18,7 +18,7 @@ from tasks.lifecycle import dispatch_session
 from tasks.models import Task
 from tasks.release import release_held, release_ready_tasks, resend_queued_task
 from tasks.sweeps import sweep_stuck_sessions
-from tenants.models import Tenant
+from tenants.models import Membership, Tenant
 
 from .conftest import create_and_start, member_client, queued_broker_messages, run_task_message_ids, wait_until
 
@@ -133,17 +133,19 @@ def test_slots_are_shared_by_weight_and_the_tenant_furthest_below_its_share_goes
     assert (len(sent(light)), len(sent(heavy))) == (1, 3)
 
 
-def test_a_canvas_that_fits_runs_as_a_canvas_and_its_peak_width_counts(db, django_capture_on_commit_callbacks):
+def test_a_canvas_runs_if_its_peak_width_fits_and_counts_what_it_has_sent(db, django_capture_on_commit_callbacks):
     online_agent(concurrency=4)  # a share of 6 in flight
     diamond = ready_session("acme", 5, deps={"t1": ["t0"], "t2": ["t0"], "t3": ["t0"], "t4": ["t1", "t2", "t3"]})
     dispatch(diamond, django_capture_on_commit_callbacks)
     diamond.refresh_from_db()
     assert diamond.canvas_width == {CAP: 3} and diamond.tasks.filter(via_canvas=True).count() == 5
 
-    wide = ready_session("acme", 5)
+    wide = ready_session("acme", 6)
     dispatch(wide, django_capture_on_commit_callbacks)
 
-    assert len(sent(wide)) == 3 and held(wide) == 2  # 6 - 3 of the diamond's peak
+    # The diamond has one message out (its first node): room for 5 of 6, so no canvas for them.
+    wide.refresh_from_db()
+    assert wide.canvas_width == {} and len(sent(wide)) == 5 and held(wide) == 1
 
 
 def test_held_tasks_are_not_resent_as_lost_and_the_sweep_sends_them_when_room_appears(
@@ -194,7 +196,8 @@ def test_racing_releases_never_send_more_than_the_share():
 @pytest.mark.every_broker
 def test_on_real_workers_a_calm_tenants_task_overtakes_a_priority_9_flood(stack):
     stack.agent("shared", ["code_generation"], concurrency=2)
-    flooder, calm = member_client("acme", "alice"), member_client("globex", "bob")
+    # An operator may set priority 9 (a developer's quota stops at 5).
+    flooder, calm = member_client("acme", "alice", Membership.Role.OPERATOR), member_client("globex", "bob")
     flood = {
         "title": "flood",
         "requirements": "many slow tasks",
@@ -245,3 +248,30 @@ def test_canvas_nodes_sent_again_are_counted_once_and_never_held_behind_their_ow
 
     assert [held(s) for s in sessions] == [0, 0, 0]
     assert all(len(sent(s)) == 1 and not s.tasks.get().via_canvas for s in sessions)
+
+
+def test_pinned_tasks_neither_count_against_the_share_nor_wait_for_it(db, django_capture_on_commit_callbacks):
+    online_agent(concurrency=1)  # a share of 2
+    pinned = ready_session("acme", 3)
+    pinned.tasks.update(pinned_agent="gpu-box")  # an agent of its own queue, offline: they wait there
+    dispatch(pinned, django_capture_on_commit_callbacks)
+    free = ready_session("acme", 2)
+
+    dispatch(free, django_capture_on_commit_callbacks)
+
+    assert len(sent(pinned)) == 3 and len(sent(free)) == 2 and held(free) == 0
+
+
+def test_what_leaves_a_canvas_waits_for_the_database_without_the_canvas_message_ids(
+    db, django_capture_on_commit_callbacks
+):
+    online_agent(concurrency=4)
+    chain = ready_session("acme", 3, deps={"t1": ["t0"], "t2": ["t1"]})
+    dispatch(chain, django_capture_on_commit_callbacks)
+    assert chain.tasks.exclude(message_id="").count() == 3  # every canvas node has its id
+
+    with django_capture_on_commit_callbacks(execute=True):
+        assert resend_queued_task(chain.tasks.get(key="t0"), queued_at=timezone.now())
+
+    later = chain.tasks.filter(key__in=["t1", "t2"])
+    assert list(later.values_list("via_canvas", "message_id")) == [(False, ""), (False, "")]

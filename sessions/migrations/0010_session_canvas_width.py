@@ -18,8 +18,4 @@ class Migration(migrations.Migration):
             name='canvas_width',
             field=models.JSONField(blank=True, default=dict, editable=False),
         ),
-        migrations.AddIndex(
-            model_name='session',
-            index=models.Index(condition=models.Q(('status__in', ['degraded', 'queued', 'running']), models.Q(('canvas_width', {}), _negated=True)), fields=['tenant'], name='session_active_canvas'),
-        ),
     ]
