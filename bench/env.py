@@ -39,6 +39,8 @@ def bench_environment(broker: str = "redis") -> dict[str, str]:
         SECRET_KEY=secrets.token_urlsafe(32),
         LOG_LEVEL="WARNING",
         ALLOWED_HOSTS="127.0.0.1",  # B4 calls the API in process, as this host
+        # B1's fan is 500 tasks: the bench tenant's tasks-per-session quota is this setting's.
+        MAX_TASKS_PER_SESSION="500",
         PYTHONUNBUFFERED="1",
     )
     return env
