@@ -12,17 +12,15 @@ def membership_in(user, slug: str | None) -> Membership:
     """The caller's membership in the named tenant, or in their only tenant. Raises
     ValidationError for a tenant not theirs or for a member of several who named none,
     PermissionDenied for a member of none."""
-    memberships = Membership.objects.filter(user=user).select_related("tenant")
-    if slug:
-        memberships = memberships.filter(tenant__slug=slug)
-        if not memberships:
-            raise ValidationError({"tenant": [f"you are not a member of tenant {slug!r}"]})
-    elif len(memberships) > 1:
+    mine = Membership.objects.filter(user=user).select_related("tenant")
+    memberships = list(mine.filter(tenant__slug=slug) if slug else mine)  # one query
+    if slug and not memberships:
+        raise ValidationError({"tenant": [f"you are not a member of tenant {slug!r}"]})
+    if len(memberships) > 1:
         raise ValidationError({"tenant": ["you belong to several tenants; name one"]})
-    membership = memberships.first()
-    if membership is None:
+    if not memberships:
         raise PermissionDenied("you are a member of no tenant")
-    return membership
+    return memberships[0]
 
 
 def membership_for_write(user, slug: str | None) -> Membership:
