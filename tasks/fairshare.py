@@ -138,10 +138,6 @@ def admit(tasks: list[Task], send) -> None:
         by_capability.setdefault(task.capability, []).append(task)
     with transaction.atomic():
         _lock(by_capability)
-        # Being sent (again): whatever message they had does not count as in flight any more.
-        Task.objects.filter(pk__in=[t.pk for t in tasks], status=Task.Status.QUEUED).update(
-            message_id="", dispatched_to=""
-        )
         for capability, waiting in by_capability.items():
             shares = loads(capability, {t.session.tenant_id: t.session.tenant.weight for t in waiting})
             held_any = False
@@ -175,7 +171,6 @@ def release_held(capability: str, send) -> int:
         for tenant, count in quota.items():
             next_up = (
                 Task.objects.filter(HELD, capability=capability, session__tenant_id=tenant, session__status__in=ACTIVE)
-                .select_related("session__tenant")
                 .order_by("-session__priority", "queued_at", "position")
                 .select_for_update(of=("self",), skip_locked=True)[:count]
             )

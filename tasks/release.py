@@ -73,7 +73,10 @@ def send_released(ids, *, again: bool = False) -> None:
     if not ids:
         return  # the common case: a canvas sends what follows
     queued = Task.objects.filter(pk__in=ids, status=Task.Status.QUEUED, via_canvas=False)
-    queued = queued if again else queued.filter(message_id="")
+    if again:  # the message they had is gone: it does not count as in flight any more
+        queued.update(message_id="", dispatched_to="")
+    else:
+        queued = queued.filter(message_id="")
     queued = queued.select_related("session__tenant")
     fairshare.admit(list(queued.order_by("-session__priority", "position")), _sender())
 
