@@ -257,7 +257,7 @@ def retry_session(session: Session, *, actor: str) -> None:
 def dispatch_session(session_id) -> bool:
     """Send the session's unfinished DAG: a canvas for its series-parallel part, single messages
     for the tasks the database releases that are ready now. Returns whether anything was sent."""
-    session = Session.objects.filter(pk=session_id).first()
+    session = Session.objects.select_related("tenant").filter(pk=session_id).first()  # its weight: build_canvas
     if session is None or session.status not in ACTIVE:
         return False
     logs.bind(tenant=session.tenant_id)
