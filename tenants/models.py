@@ -8,6 +8,18 @@ from orchestrator_project.repositories import RefusedRepository, parse_url_prefi
 from orchestrator_project.validation import MAX_PRIORITY
 
 
+def _priority_cap(member: str) -> models.PositiveSmallIntegerField:
+    """A tenant's highest session priority for `member` ("a developer"); empty: the setting's."""
+    role = member.split()[-1]
+    return models.PositiveSmallIntegerField(
+        f"highest priority of {member}",
+        null=True,
+        blank=True,
+        validators=[MaxValueValidator(MAX_PRIORITY)],
+        help_text=f"0..9. Empty: QUOTA_MAX_PRIORITY_{role.upper()}.",
+    )
+
+
 class Tenant(models.Model):
     slug = models.SlugField(max_length=64, unique=True)
     name = models.CharField(max_length=200)
@@ -49,27 +61,9 @@ class Tenant(models.Model):
         validators=[MinValueValidator(1)],
         help_text="At most MAX_TASKS_PER_SESSION, which it may only narrow. Empty: MAX_TASKS_PER_SESSION.",
     )
-    max_priority_developer = models.PositiveSmallIntegerField(
-        "highest priority of a developer",
-        null=True,
-        blank=True,
-        validators=[MaxValueValidator(MAX_PRIORITY)],
-        help_text="0..9. Empty: QUOTA_MAX_PRIORITY_DEVELOPER.",
-    )
-    max_priority_operator = models.PositiveSmallIntegerField(
-        "highest priority of an operator",
-        null=True,
-        blank=True,
-        validators=[MaxValueValidator(MAX_PRIORITY)],
-        help_text="0..9. Empty: QUOTA_MAX_PRIORITY_OPERATOR.",
-    )
-    max_priority_admin = models.PositiveSmallIntegerField(
-        "highest priority of an admin",
-        null=True,
-        blank=True,
-        validators=[MaxValueValidator(MAX_PRIORITY)],
-        help_text="0..9. Empty: QUOTA_MAX_PRIORITY_ADMIN.",
-    )
+    max_priority_developer = _priority_cap("a developer")
+    max_priority_operator = _priority_cap("an operator")
+    max_priority_admin = _priority_cap("an admin")
     weight = models.PositiveIntegerField(
         default=1, validators=[MinValueValidator(1)], help_text="fair share weight on shared capability queues"
     )
