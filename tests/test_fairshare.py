@@ -275,3 +275,29 @@ def test_what_leaves_a_canvas_waits_for_the_database_without_the_canvas_message_
 
     later = chain.tasks.filter(key__in=["t1", "t2"])
     assert list(later.values_list("via_canvas", "message_id")) == [(False, ""), (False, "")]
+
+
+def test_has_held_in_sql_agrees_with_the_held_filter_for_every_kind_of_row(db):
+    """has_held is HELD written in SQL for the hot path: each way a queued task is not held
+    (sent, a canvas node, pinned, another capability, not queued) must read as not held."""
+    session = ready_session("acme", 1)
+    task = session.tasks.get()
+    not_held = [
+        {"message_id": "m.1"},
+        {"via_canvas": True},
+        {"pinned_agent": "pool"},
+        {"capability": "testing"},
+        {"status": Task.Status.RUNNING},
+    ]
+    held_row = {
+        "status": Task.Status.QUEUED,
+        "message_id": "",
+        "via_canvas": False,
+        "pinned_agent": "",
+        "capability": CAP,
+    }
+    for change in not_held:
+        Task.objects.filter(pk=task.pk).update(**{**held_row, **change})
+        assert fairshare.has_held(CAP) is Task.objects.filter(fairshare.HELD, capability=CAP).exists() is False
+    Task.objects.filter(pk=task.pk).update(**held_row)
+    assert fairshare.has_held(CAP) is Task.objects.filter(fairshare.HELD, capability=CAP).exists() is True
