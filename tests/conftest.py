@@ -397,7 +397,18 @@ class Stack:
             tail = (self.logs / f"{name}.log").read_text(errors="replace").splitlines()[-lines:]
             print(f"--- last {lines} lines of {name} ---", *tail, sep="\n")
 
+    def kill_all(self) -> None:
+        """End every process at once, as a crashed host would lose them: a test's stack at its
+        end. Celery's graceful shutdown takes 2-3 s per worker, most of a short test's time; the
+        tests of that shutdown call stop()."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                with suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
     def stop(self) -> None:
+        """Stop every process as an operator would (SIGTERM), and wait for them."""
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -423,14 +434,14 @@ def pytest_runtest_makereport(item, call):
 
 @contextmanager
 def running_stack(request, env: dict | None = None, orchestrator_env: dict | None = None) -> Iterator[Stack]:
-    """A Stack with its orchestrator worker started; stopped at the end, with the logs' tails
-    printed when the test failed. `env`: every process's; `orchestrator_env`: its own."""
+    """A Stack with its orchestrator worker started; killed at the end (Stack.kill_all), with the
+    logs' tails printed when the test failed. `env`: every process's; `orchestrator_env`: its own."""
     running = Stack(env=env)
     try:
         running.orchestrator(orchestrator_env)
         yield running
     finally:
-        running.stop()
+        running.kill_all()
         report = getattr(request.node, "report_call", None)
         if report is not None and report.failed:
             running.print_log_tails()
