@@ -79,14 +79,19 @@ export TEST_AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/orchestrator_test
 test-services: venv
 	@$(BIN)/python scripts/ensure_services.py --tests
 
+# The tests that start no worker process, on two pytest workers (pytest-xdist; each has a test
+# database and a Redis database of its own, tests/settings.py).
+FAST := -n 2 -m "not e2e and not fuzz"
+
 test: lint test-services opencode
 	$(BIN)/python manage.py makemigrations --check --dry-run
-	$(BIN)/pytest
+	$(BIN)/pytest $(FAST)
+	$(BIN)/pytest -m "e2e or fuzz"  # one at a time: worker processes, restarts of Redis and PostgreSQL
 	TEST_BROKER_URL=$(TEST_AMQP_URL) $(BIN)/pytest  # conftest.py picks the tests that depend on the broker
 
 test-fast: lint test-services opencode
 	$(BIN)/python manage.py makemigrations --check --dry-run
-	$(BIN)/pytest -m "not e2e and not fuzz"
+	$(BIN)/pytest $(FAST)
 
 clean:
 	rm -rf $(VENV) staticfiles .pytest_cache .ruff_cache

@@ -2,7 +2,6 @@
 with the path of the bad field, and leaves nothing behind: no session, no task, no event."""
 
 import json
-import uuid
 from urllib.parse import urlencode
 
 import pytest
@@ -14,6 +13,8 @@ from tasks.models import Task
 from tests.conftest import dag_payload, error_of
 
 SESSIONS = "/api/v1/sessions/"
+# An id no object has: fixed, so that every pytest-xdist worker collects the same test ids.
+UNKNOWN = "5c4a1e58-0f6d-4f35-9d55-7d3c2f0b6a11"
 
 
 def assert_nothing_written() -> None:
@@ -479,7 +480,7 @@ def test_non_numeric_content_length_is_400(api):
         "{sid}/checkpoints/",
     ],
 )
-@pytest.mark.parametrize("sid", [str(uuid.uuid4()), "not-a-uuid", "123"], ids=["uuid", "garbage", "number"])
+@pytest.mark.parametrize("sid", [UNKNOWN, "not-a-uuid", "123"], ids=["uuid", "garbage", "number"])
 def test_unknown_session_id_is_404_on_reads(api, path, sid):
     error = error_of(api.get(SESSIONS + path.format(sid=sid)), 404)
 
@@ -487,7 +488,7 @@ def test_unknown_session_id_is_404_on_reads(api, path, sid):
 
 
 @pytest.mark.parametrize("action", ["start", "pause", "resume", "cancel", "retry"])
-@pytest.mark.parametrize("sid", [str(uuid.uuid4()), "not-a-uuid"], ids=["uuid", "garbage"])
+@pytest.mark.parametrize("sid", [UNKNOWN, "not-a-uuid"], ids=["uuid", "garbage"])
 def test_unknown_session_id_is_404_on_transitions(api, action, sid):
     error = error_of(api.post(f"{SESSIONS}{sid}/{action}/"), 404)
 
@@ -498,7 +499,7 @@ def test_unknown_session_id_is_404_on_transitions(api, action, sid):
 @pytest.mark.parametrize(
     "path",
     [
-        f"/api/v1/tasks/{uuid.uuid4()}/",
+        f"/api/v1/tasks/{UNKNOWN}/",
         "/api/v1/tasks/garbage/",
         "/api/v1/agents/999999/",
         "/api/v1/agents/garbage/",
