@@ -4,7 +4,7 @@ console (/, which sends people to the console's sessions)."""
 from django.contrib import admin
 from django.urls import include, path, re_path
 from django.views.generic import RedirectView
-from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from drf_spectacular.views import SpectacularSwaggerView
 from rest_framework.routers import DefaultRouter
 
 from orchestrator_project import health
@@ -14,6 +14,7 @@ from .agents import AgentViewSet
 from .export import TenantExportView
 from .metrics import metrics_view
 from .preview import DecompositionPreviewView
+from .schema import SchemaView
 from .sessions import SessionViewSet
 from .tasks import TaskViewSet
 from .tenant import TenantView
@@ -41,7 +42,7 @@ urlpatterns = [
     path("api/v1/sessions/<str:pk>/stream/", stream.elsewhere, name="session-stream"),
     path("api/v1/stream/", stream.elsewhere, name="tenant-stream"),
     path("api/v1/", include(router.urls)),
-    path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("api/schema/", SchemaView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
     # Last under api/: what matched nothing above. Only paths ending in a slash, so that a missing
     # slash is still redirected to the URL with it (APPEND_SLASH) before it can be a 404.

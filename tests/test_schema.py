@@ -2,11 +2,16 @@
 served, valid, warning-free, and carries every field of the create request and of the objects."""
 
 import inspect
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 import yaml
 from django.core.management import call_command
 from django.urls import get_resolver
+from drf_spectacular.generators import SchemaGenerator
 
 CREATE_FIELDS = {"title", "requirements", "priority", "timeout_seconds", "max_retries", "metadata", "tasks"}
 TASK_SPEC_FIELDS = {"key", "title", "capability", "depends_on", "required", "instructions", "params"}
@@ -166,3 +171,33 @@ def test_one_sessions_endpoints_take_no_list_filters(schema):
     for path in ("/api/v1/sessions/{id}/tasks/", "/api/v1/sessions/{id}/events/", "/api/v1/sessions/{id}/checkpoints/"):
         names = {parameter["name"] for parameter in schema["paths"][path]["get"]["parameters"]}
         assert not names & {"status", "priority", "created_after", "created_before", "search"}, path
+
+
+def test_requests_at_once_generate_the_schema_one_at_a_time(live_server, monkeypatch):
+    """drf-spectacular's generator is not thread-safe (api/schema.py): the live server answers
+    each request in a thread, as gunicorn's --threads does, and four requests at once must each
+    get the schema, generated one after another. The generator is watched (and slowed, so that
+    any overlap shows), not replaced."""
+    generate = SchemaGenerator.get_schema
+    at_once, most = 0, 0
+    count = threading.Lock()
+
+    def watched(self, *args, **kwargs):
+        nonlocal at_once, most
+        with count:
+            at_once += 1
+            most = max(most, at_once)
+        try:
+            time.sleep(0.2)
+            return generate(self, *args, **kwargs)
+        finally:
+            with count:
+                at_once -= 1
+
+    monkeypatch.setattr(SchemaGenerator, "get_schema", watched)
+    url = f"{live_server.url}/api/schema/?format=json"
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: httpx.get(url, timeout=60), range(4)))
+
+    assert [answer.status_code for answer in answers] == [200] * 4
+    assert most == 1
