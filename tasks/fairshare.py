@@ -32,7 +32,6 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import Q
 
-from agents.models import Agent
 from sessions.models import ACTIVE
 
 from .models import Task
@@ -44,10 +43,16 @@ HELD = Q(status=Task.Status.QUEUED, message_id="", via_canvas=False) & SHARED
 
 _ACTIVE = sorted(ACTIVE)
 
-# Per tenant with work for the capability: its weight, what it has in flight, what it holds.
+# The capability's slots - the concurrency of its live, undrained agents (Agent.is_live in SQL)
+# - and, per tenant with work for it, its weight, what it has in flight and what it holds. One
+# row with no tenant when none has work.
 LOADS = """
-SELECT tenant.id, tenant.weight, load.in_flight, load.held
+SELECT slots.n, tenant.id, tenant.weight, load.in_flight, load.held
 FROM (
+    SELECT COALESCE(sum(a.concurrency), 0) AS n FROM agents_agent a
+    WHERE a.mode = '' AND a.status IN ('online', 'busy') AND a.capabilities @> jsonb_build_array(%(capability)s::text)
+      AND a.last_heartbeat > now() - make_interval(secs => %(offline_after)s)
+) slots LEFT JOIN ((
     SELECT s.tenant_id,
            count(*) FILTER (WHERE t.status = 'running' OR (t.message_id <> '' AND s.status = ANY(%(active)s)))
                AS in_flight,
@@ -57,7 +62,7 @@ FROM (
     WHERE t.capability = %(capability)s AND t.status IN ('queued', 'running') AND t.pinned_agent = ''
       AND s.id IS DISTINCT FROM %(replanned)s
     GROUP BY s.tenant_id
-) load JOIN tenants_tenant tenant ON tenant.id = load.tenant_id
+) load JOIN tenants_tenant tenant ON tenant.id = load.tenant_id) ON true
 """
 
 
@@ -73,36 +78,32 @@ class Load:
         return max(0, self.limit - self.in_flight)
 
 
-def slots(capability: str) -> int:
-    """The concurrency of the live, undrained agents with the capability."""
-    agents = Agent.objects.filter(
-        mode=Agent.Mode.WORKER, status__in=(Agent.Status.ONLINE, Agent.Status.BUSY), capabilities__contains=[capability]
-    ).only("concurrency", "status", "last_heartbeat")
-    return sum(agent.concurrency for agent in agents if agent.is_live)
-
-
 def loads(capability: str, weights: dict[int, int] | None = None, replanned=None) -> dict[int, Load]:
     """Each tenant's load on the capability, with its limit. `weights`: tenants about to send work
     (a new canvas), counted as having work even before they have any. `replanned`: a session
     being dispatched again, whose earlier messages and canvas do not count."""
+    params = {
+        "capability": capability,
+        "active": _ACTIVE,
+        "replanned": replanned,
+        "offline_after": settings.AGENT_OFFLINE_AFTER_SECONDS,
+    }
+    with connection.cursor() as cursor:
+        cursor.execute(LOADS, params)
+        rows = cursor.fetchall()
+    slots = rows[0][0]
     found = {
         tenant: Load(weight, in_flight, held)
-        for tenant, weight, in_flight, held in _rows(capability, replanned)
-        if in_flight or held
+        for _, tenant, weight, in_flight, held in rows
+        if tenant is not None and (in_flight or held)
     }
     for tenant, weight in (weights or {}).items():
         found.setdefault(tenant, Load(weight))
     total = sum(load.weight for load in found.values())
-    capacity = max(1, slots(capability)) * settings.FAIR_SHARE_BURST
+    capacity = max(1, slots) * settings.FAIR_SHARE_BURST
     for load in found.values():
         load.limit = max(1, math.ceil(capacity * load.weight / total))
     return found
-
-
-def _rows(capability: str, replanned) -> list[tuple]:
-    with connection.cursor() as cursor:
-        cursor.execute(LOADS, {"capability": capability, "active": _ACTIVE, "replanned": replanned})
-        return cursor.fetchall()
 
 
 def _lock(capabilities) -> None:
@@ -130,9 +131,10 @@ def _fits(load: Load, width: int) -> bool:
     return not load.held and load.in_flight + width <= load.limit
 
 
-def admit(tasks: list[Task], send) -> None:
+def admit(tasks: list[Task], send, release) -> None:
     """Send the queued tasks (the database released them) for which their tenants have room, by
-    `send(task)`; the rest stay held. Within a capability, in the given order."""
+    `send(task)`; the rest stay held, and `release(capability)` looks at them again after this
+    commits. Within a capability, in the given order."""
     by_capability: dict[str, list[Task]] = {}
     for task in tasks:
         by_capability.setdefault(task.capability, []).append(task)
@@ -149,12 +151,17 @@ def admit(tasks: list[Task], send) -> None:
                 else:
                     held_any = True
             if held_any:  # a slot that frees up before this commits sees nothing held: look again after
-                transaction.on_commit(lambda capability=capability: release_held(capability, send))
+                transaction.on_commit(lambda capability=capability: release(capability))
 
 
-def release_held(capability: str, send) -> int:
-    """Send held tasks of the capability while some tenant with held work has room: each next
-    slot goes to the tenant furthest below its weighted share. Returns how many were sent."""
+def release_held(capability: str, mark) -> list[Task]:
+    """The held tasks of the capability to send now, while some tenant with held work has room:
+    each next slot goes to the tenant furthest below its weighted share.
+
+    Only the choice is taken under the capability's lock: `mark(tasks)` gives the chosen tasks
+    their message ids there (in flight from then on, so a release racing this one counts them),
+    and the caller routes and sends them after the lock is let go. Releases of one capability
+    run after every finish; they wait for each other only while they count and choose."""
     with transaction.atomic():
         _lock([capability])
         shares = {tenant: load for tenant, load in loads(capability).items() if load.held and load.room}
@@ -167,17 +174,16 @@ def release_held(capability: str, send) -> int:
             load.held -= 1
             if not (load.held and load.room):
                 del shares[tenant]
-        sent = 0
+        chosen: list[Task] = []
         for tenant, count in quota.items():
-            next_up = (
+            chosen += (
                 Task.objects.filter(HELD, capability=capability, session__tenant_id=tenant, session__status__in=ACTIVE)
                 .order_by("-session__priority", "queued_at", "position")
                 .select_for_update(of=("self",), skip_locked=True)[:count]
             )
-            for task in next_up:
-                send(task)
-                sent += 1
-        return sent
+        if chosen:
+            mark(chosen)
+    return chosen
 
 
 # HELD in SQL: asked after every finish, where compiling the ORM's query would cost more than

@@ -45,15 +45,20 @@ def task_of_message(message_id: str) -> uuid.UUID | None:
         return None
 
 
-def run_task_options(task: Task, *, queue: str) -> dict:
-    """Options of a run_task message: queue, a fresh id naming the task (stored on the task so a
-    cancel can revoke it) and, for a task with its own deadline, its time limits.
+def run_task_options(task: Task, *, queue: str, message_id: str | None = None) -> dict:
+    """Options of a run_task message: queue, an id naming the task (stored on the task so a
+    cancel can revoke it; `message_id` if given, a fresh one otherwise) and, for a task with its
+    own deadline, its time limits.
 
     Every run_task message has the same broker priority, whatever its session's: on a queue that
     tenants share, a priority would let one tenant's flood overtake another's work. Fair share
     (tasks.fairshare) decides what reaches the queues; the session priority orders a tenant's
     own releases."""
-    options = {"queue": queue, "priority": settings.CELERY_TASK_DEFAULT_PRIORITY, "task_id": new_message_id(task)}
+    options = {
+        "queue": queue,
+        "priority": settings.CELERY_TASK_DEFAULT_PRIORITY,
+        "task_id": message_id or new_message_id(task),
+    }
     if task.timeout_seconds:
         options.update(soft_time_limit=task.timeout_seconds, time_limit=task.timeout_seconds + 60)
     return options

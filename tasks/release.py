@@ -20,7 +20,7 @@ from orchestrator_project import metrics
 from orchestrator_project.redis_client import redis_client
 
 from . import fairshare, statements
-from .messages import RUN_TASK, message, run_task_options
+from .messages import RUN_TASK, message, new_message_id, run_task_options
 from .models import Task
 from .routing import queue_for
 
@@ -78,12 +78,23 @@ def send_released(ids, *, again: bool = False) -> None:
     else:
         queued = queued.filter(message_id="")
     queued = queued.select_related("session__tenant")
-    fairshare.admit(list(queued.order_by("-session__priority", "position")), _sender())
+    fairshare.admit(list(queued.order_by("-session__priority", "position")), _sender(), release_held)
 
 
 def release_held(capability: str) -> int:
-    """Send the held tasks of the capability that fair share now has room for."""
-    return fairshare.release_held(capability, _sender())
+    """Send the held tasks of the capability that fair share now has room for; returns how many."""
+    chosen = fairshare.release_held(capability, _mark_sending)
+    routed: dict[str, int] = {}
+    for task in chosen:
+        dispatch_task(task, routed=routed, message_id=task.message_id)
+    return len(chosen)
+
+
+def _mark_sending(tasks: list[Task]) -> None:
+    """The message ids of tasks about to be sent (dispatch_task sends each under its id)."""
+    for task in tasks:
+        task.message_id = new_message_id(task)
+    Task.objects.bulk_update(tasks, ["message_id"])
 
 
 def _sender():
@@ -120,11 +131,11 @@ def release_dependents(task: Task, recorded: RecordedDependents | None = None) -
     return any(moved.get(pk) != Task.Status.SKIPPED for pk in recorded.lowered)
 
 
-def dispatch_task(task: Task, *, routed: dict[str, int] | None = None) -> None:
+def dispatch_task(task: Task, *, routed: dict[str, int] | None = None, message_id: str | None = None) -> None:
     """Send one run_task message after commit, on the queue routing picks (pin, affinity or
-    capability), and remember its id so a cancel can revoke it. Only through fairshare, which
-    decides whether the tenant has room for it."""
-    options = run_task_options(task, queue=queue_for(task, routed))
+    capability), and remember its id (`message_id`, or a fresh one) so a cancel can revoke it.
+    Only through fairshare, which decides whether the tenant has room for it."""
+    options = run_task_options(task, queue=queue_for(task, routed), message_id=message_id)
     Task.objects.filter(pk=task.pk).update(message_id=options["task_id"], dispatched_to=options["queue"])
     transaction.on_commit(lambda: message(RUN_TASK).apply_async(**options))
 

@@ -301,3 +301,30 @@ def test_has_held_in_sql_agrees_with_the_held_filter_for_every_kind_of_row(db):
         assert fairshare.has_held(CAP) is Task.objects.filter(fairshare.HELD, capability=CAP).exists() is False
     Task.objects.filter(pk=task.pk).update(**held_row)
     assert fairshare.has_held(CAP) is Task.objects.filter(fairshare.HELD, capability=CAP).exists() is True
+
+
+def test_the_slots_are_those_of_live_undrained_worker_agents_with_the_capability(db):
+    """LOADS counts the slots in SQL: each agent that must not count, and one that must."""
+    now = timezone.now()
+    online_agent(concurrency=2, name="counts")
+    online_agent(concurrency=8, name="draining")
+    online_agent(concurrency=8, name="offline")
+    online_agent(concurrency=8, name="silent")
+    online_agent(concurrency=8, name="external")
+    online_agent(concurrency=8, name="other-capability")
+    Agent.objects.filter(name="draining").update(status=Agent.Status.DRAINING)
+    Agent.objects.filter(name="offline").update(status=Agent.Status.OFFLINE)
+    Agent.objects.filter(name="silent").update(last_heartbeat=now - timedelta(hours=1))
+    Agent.objects.filter(name="external").update(mode=Agent.Mode.PUSH)
+    Agent.objects.filter(name="other-capability").update(capabilities=["testing"])
+    live = [
+        a for a in Agent.objects.all()
+        if a.mode == Agent.Mode.WORKER and a.status in (Agent.Status.ONLINE, Agent.Status.BUSY)
+        and CAP in a.capabilities and a.is_live
+    ]  # fmt: skip
+    assert [a.name for a in live] == ["counts"]
+    tenant = Tenant.objects.create(slug="acme", name="acme")
+
+    [load] = fairshare.loads(CAP, {tenant.pk: 1}).values()
+
+    assert load.limit == 3  # 2 slots x FAIR_SHARE_BURST 1.5
