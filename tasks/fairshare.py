@@ -160,8 +160,10 @@ def release_held(capability: str, mark) -> list[Task]:
 
     Only the choice is taken under the capability's lock: `mark(tasks)` gives the chosen tasks
     their message ids there (in flight from then on, so a release racing this one counts them),
-    and the caller routes and sends them after the lock is let go. Releases of one capability
-    run after every finish; they wait for each other only while they count and choose."""
+    and the caller routes and sends them once this commits, which lets the lock go (in
+    autocommit, as every finish runs it; inside a transaction of the caller's, the lock lasts
+    until that commits). Releases of one capability run after every finish; they wait for each
+    other only while they count and choose."""
     with transaction.atomic():
         _lock([capability])
         shares = {tenant: load for tenant, load in loads(capability).items() if load.held and load.room}

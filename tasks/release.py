@@ -15,6 +15,7 @@ import redis
 import structlog
 from celery import current_app
 from django.db import connection, transaction
+from django.db.models import Q
 
 from orchestrator_project import metrics
 from orchestrator_project.redis_client import redis_client
@@ -85,8 +86,12 @@ def release_held(capability: str) -> int:
     """Send the held tasks of the capability that fair share now has room for; returns how many."""
     chosen = fairshare.release_held(capability, _mark_sending)
     routed: dict[str, int] = {}
-    for task in chosen:
-        dispatch_task(task, routed=routed, message_id=task.message_id)
+    for sent, task in enumerate(chosen):
+        try:
+            dispatch_task(task, routed=routed, message_id=task.message_id)
+        except Exception:
+            _hold_again(chosen[sent:])  # not sent: held again, for the release that comes next
+            raise
     return len(chosen)
 
 
@@ -95,6 +100,16 @@ def _mark_sending(tasks: list[Task]) -> None:
     for task in tasks:
         task.message_id = new_message_id(task)
     Task.objects.bulk_update(tasks, ["message_id"])
+
+
+def _hold_again(tasks: list[Task]) -> None:
+    """Tasks given a message id that did not go out (the database or the broker failed): held
+    again, unless something sent them meanwhile. Should this fail too, the lost-message sweep
+    sends them."""
+    unsent = Q()
+    for task in tasks:
+        unsent |= Q(pk=task.pk, message_id=task.message_id)
+    Task.objects.filter(unsent, status=Task.Status.QUEUED).update(message_id="", dispatched_to="")
 
 
 def _sender():
@@ -136,7 +151,11 @@ def dispatch_task(task: Task, *, routed: dict[str, int] | None = None, message_i
     capability), and remember its id (`message_id`, or a fresh one) so a cancel can revoke it.
     Only through fairshare, which decides whether the tenant has room for it."""
     options = run_task_options(task, queue=queue_for(task, routed), message_id=message_id)
-    Task.objects.filter(pk=task.pk).update(message_id=options["task_id"], dispatched_to=options["queue"])
+    row = Task.objects.filter(pk=task.pk)
+    if message_id:  # chosen under fair share's lock, sent after it: only if nothing sent it since
+        row = row.filter(status=Task.Status.QUEUED, message_id=message_id)
+    if not row.update(message_id=options["task_id"], dispatched_to=options["queue"]) and message_id:
+        return
     transaction.on_commit(lambda: message(RUN_TASK).apply_async(**options))
 
 

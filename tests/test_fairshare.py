@@ -7,9 +7,11 @@ import threading
 from datetime import timedelta
 
 import pytest
+from celery.canvas import Signature
 from django.db import connection
 from django.test import override_settings
 from django.utils import timezone
+from kombu.exceptions import OperationalError
 
 from agents.models import Agent
 from sessions.models import Session
@@ -328,3 +330,33 @@ def test_the_slots_are_those_of_live_undrained_worker_agents_with_the_capability
     [load] = fairshare.loads(CAP, {tenant.pk: 1}).values()
 
     assert load.limit == 3  # 2 slots x FAIR_SHARE_BURST 1.5
+
+
+def test_chosen_tasks_the_broker_did_not_take_are_held_again_for_the_next_release(transactional_db, monkeypatch):
+    """release_held chooses under the lock and sends after it: a send that fails (the broker
+    here, an edge we do not own) leaves that task and those after it held, not stranded with a
+    message id that no message carries."""
+    online_agent(concurrency=2)  # a share of 3
+    flood = ready_session("acme", 6)
+    dispatch_session(flood.pk)
+    first = sent(flood)
+    assert len(first) == 3 and held(flood) == 3
+    Task.objects.filter(pk__in=[t.pk for t in first[:2]]).update(status=Task.Status.COMPLETED)
+    publish, calls = Signature.apply_async, []
+
+    def broker_fails_the_second_time(self, *args, **kwargs):
+        calls.append(kwargs.get("task_id"))
+        if len(calls) == 2:
+            raise OperationalError("the broker went away")
+        return publish(self, *args, **kwargs)
+
+    monkeypatch.setattr(Signature, "apply_async", broker_fails_the_second_time)
+
+    with pytest.raises(OperationalError):
+        release_held(CAP)
+
+    assert held(flood) == 2  # two slots freed: one sent, the other held again
+    [went] = [t for t in sent(flood) if t.pk not in {f.pk for f in first}]
+    assert went.message_id == calls[0] and went.message_id in run_task_message_ids()
+    monkeypatch.setattr(Signature, "apply_async", publish)
+    assert release_held(CAP) == 1 and held(flood) == 1
