@@ -131,27 +131,30 @@ def _fits(load: Load, width: int) -> bool:
     return not load.held and load.in_flight + width <= load.limit
 
 
-def admit(tasks: list[Task], send, release) -> None:
-    """Send the queued tasks (the database released them) for which their tenants have room, by
-    `send(task)`; the rest stay held, and `release(capability)` looks at them again after this
-    commits. Within a capability, in the given order."""
+def admit(tasks: list[Task], mark) -> tuple[list[Task], set[str]]:
+    """Of the queued tasks (the database released them), those their tenants have room for, in
+    the given order within a capability; the rest stay held. Returns them, given their message
+    ids by `mark` under the lock (see release_held), and the capabilities of those left held: a
+    slot that frees up before this commits sees nothing held, so the caller looks again after."""
     by_capability: dict[str, list[Task]] = {}
     for task in tasks:
         by_capability.setdefault(task.capability, []).append(task)
+    chosen: list[Task] = []
+    held: set[str] = set()
     with transaction.atomic():
         _lock(by_capability)
         for capability, waiting in by_capability.items():
             shares = loads(capability, {t.session.tenant_id: t.session.tenant.weight for t in waiting})
-            held_any = False
             for task in waiting:
                 load = shares[task.session.tenant_id]
                 if task.pinned_agent or load.room:
                     load.in_flight += 0 if task.pinned_agent else 1
-                    send(task)
+                    chosen.append(task)
                 else:
-                    held_any = True
-            if held_any:  # a slot that frees up before this commits sees nothing held: look again after
-                transaction.on_commit(lambda capability=capability: release(capability))
+                    held.add(capability)
+        if chosen:
+            mark(chosen)
+    return chosen, held
 
 
 def release_held(capability: str, mark) -> list[Task]:

@@ -15,7 +15,6 @@ import redis
 import structlog
 from celery import current_app
 from django.db import connection, transaction
-from django.db.models import Q
 
 from orchestrator_project import metrics
 from orchestrator_project.redis_client import redis_client
@@ -79,42 +78,43 @@ def send_released(ids, *, again: bool = False) -> None:
     else:
         queued = queued.filter(message_id="")
     queued = queued.select_related("session__tenant")
-    fairshare.admit(list(queued.order_by("-session__priority", "position")), _sender(), release_held)
+    chosen, held = fairshare.admit(list(queued.order_by("-session__priority", "position")), _mark_sending)
+    _send(chosen)
+    for capability in held:
+        transaction.on_commit(lambda capability=capability: release_held(capability))
 
 
 def release_held(capability: str) -> int:
     """Send the held tasks of the capability that fair share now has room for; returns how many."""
     chosen = fairshare.release_held(capability, _mark_sending)
-    routed: dict[str, int] = {}
-    for sent, task in enumerate(chosen):
-        try:
-            dispatch_task(task, routed=routed, message_id=task.message_id)
-        except Exception:
-            _hold_again(chosen[sent:])  # not sent: held again, for the release that comes next
-            raise
+    _send(chosen)
     return len(chosen)
 
 
 def _mark_sending(tasks: list[Task]) -> None:
-    """The message ids of tasks about to be sent (dispatch_task sends each under its id)."""
+    """Fair share chose these tasks: their message ids, in flight from now on (_send sends them)."""
     for task in tasks:
         task.message_id = new_message_id(task)
     Task.objects.bulk_update(tasks, ["message_id"])
 
 
-def _hold_again(tasks: list[Task]) -> None:
-    """Tasks given a message id that did not go out (the database or the broker failed): held
-    again, unless something sent them meanwhile. Should this fail too, the lost-message sweep
-    sends them."""
-    unsent = Q()
-    for task in tasks:
-        unsent |= Q(pk=task.pk, message_id=task.message_id)
-    Task.objects.filter(unsent, status=Task.Status.QUEUED).update(message_id="", dispatched_to="")
-
-
-def _sender():
+def _send(chosen: list[Task]) -> None:
+    """Route and send the tasks fair share chose, after its lock. One that could not be sent (the
+    database or the broker failed) is held again with those after it, for the next release;
+    inside a caller's transaction, that transaction's rollback does it. A sender that dies
+    leaves its tasks to the lost-message sweep."""
     routed: dict[str, int] = {}  # agent name -> tasks sent there in this round (not yet claimed)
-    return lambda task: dispatch_task(task, routed=routed)
+    for sent, task in enumerate(chosen):
+        try:
+            dispatch_task(task, routed=routed)
+        except Exception:
+            if not connection.in_atomic_block:
+                Task.objects.filter(
+                    pk__in=[t.pk for t in chosen[sent:]],
+                    status=Task.Status.QUEUED,
+                    message_id__in=[t.message_id for t in chosen[sent:]],  # unless something sent them since
+                ).update(message_id="", dispatched_to="")
+            raise
 
 
 def release_ready_tasks(session_id) -> None:
@@ -146,23 +146,20 @@ def release_dependents(task: Task, recorded: RecordedDependents | None = None) -
     return any(moved.get(pk) != Task.Status.SKIPPED for pk in recorded.lowered)
 
 
-def dispatch_task(task: Task, *, routed: dict[str, int] | None = None, message_id: str | None = None) -> None:
-    """Send one run_task message after commit, on the queue routing picks (pin, affinity or
-    capability), and remember its id (`message_id`, or a fresh one) so a cancel can revoke it.
-    Only through fairshare, which decides whether the tenant has room for it."""
-    options = run_task_options(task, queue=queue_for(task, routed), message_id=message_id)
-    row = Task.objects.filter(pk=task.pk)
-    if message_id:  # chosen under fair share's lock, sent after it: only if nothing sent it since
-        row = row.filter(status=Task.Status.QUEUED, message_id=message_id)
-    if not row.update(message_id=options["task_id"], dispatched_to=options["queue"]) and message_id:
-        return
-    transaction.on_commit(lambda: message(RUN_TASK).apply_async(**options))
+def dispatch_task(task: Task, *, routed: dict[str, int] | None = None) -> None:
+    """Send the run_task message of a task fair share chose (it has its message id, so a cancel
+    can revoke it) after commit, on the queue routing picks (pin, affinity or capability); not
+    if something sent it since it was chosen."""
+    options = run_task_options(task, queue=queue_for(task, routed), message_id=task.message_id)
+    chosen = Task.objects.filter(pk=task.pk, status=Task.Status.QUEUED, message_id=task.message_id)
+    if chosen.update(dispatched_to=options["queue"]):
+        transaction.on_commit(lambda: message(RUN_TASK).apply_async(**options))
 
 
 def resend_queued_task(task: Task, **changes) -> bool:
     """Send a queued task's message again (its first was lost, or waits on the queue of an agent
     that went away), writing `changes` with it; returns whether this call did. A compare-and-set
-    on the message id, which dispatch_task replaces: two sweeps that read the same row send once.
+    on the message id, which sending it again replaces: two sweeps that read the same row send once.
 
     A canvas node leaves the canvas: it and its descendants are released from the database from
     now on, since the chain that would have sent them waits behind the lost or stranded message.

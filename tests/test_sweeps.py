@@ -11,7 +11,7 @@ from tasks.broker import message_ids_held_by_workers
 from tasks.leases import recover_lost_task
 from tasks.messages import RUN_TASK, message, run_task_options
 from tasks.models import Task
-from tasks.release import abort_key, dispatch_task, resend_queued_task
+from tasks.release import abort_key, resend_queued_task, send_released
 from tasks.sweeps import apply_retention, sweep_degraded_sessions, sweep_stuck_sessions, time_out
 from tasks.tasks import mark_silent_agents_offline
 from tenants.models import Tenant
@@ -159,6 +159,13 @@ def test_the_deadline_does_not_run_while_the_session_is_paused(db):
     assert timedelta(minutes=10) < shifted < timedelta(minutes=12), (deadline, shifted)
 
 
+def send_for_real(session: Session, key: str) -> None:
+    """The task's message on its queue, sent as the database sends a released task."""
+    task = session.tasks.get(key=key)
+    Task.objects.filter(pk=task.pk).update(status="queued", via_canvas=False)
+    send_released([task.pk])
+
+
 def queue_lost(session: Session, key: str, *, ago_s: float = 60, message_id: str = "lost") -> Task:
     Task.objects.filter(session=session, key=key).update(
         status="queued", queued_at=timezone.now() - timedelta(seconds=ago_s), message_id=message_id
@@ -189,7 +196,7 @@ def test_a_queued_task_the_broker_lost_is_sent_again_once_and_the_session_says_w
 def test_no_message_is_sent_again_while_its_queue_has_messages_waiting(db, django_capture_on_commit_callbacks):
     session = make_session({"a": [], "b": [], "c": []})
     with django_capture_on_commit_callbacks(execute=True):
-        dispatch_task(session.tasks.get(key="a"))
+        send_for_real(session, "a")
     waiting = queue_lost(session, "a", message_id=session.tasks.get(key="a").message_id)
     # b's message is lost, but it might be behind a's on the same queue until that drains.
     queue_lost(session, "b")
@@ -204,7 +211,7 @@ def test_no_message_is_sent_again_while_its_queue_has_messages_waiting(db, djang
 def test_a_message_taken_by_a_consumer_that_is_no_live_worker_is_sent_again(db, django_capture_on_commit_callbacks):
     session = make_session({"a": []})
     with django_capture_on_commit_callbacks(execute=True):
-        dispatch_task(session.tasks.get())
+        send_for_real(session, "a")
     task = queue_lost(session, "a", message_id=session.tasks.get().message_id)
     with current_app.connection_for_read() as conn:  # taken, never acked, by no worker that answers
         assert conn.default_channel.basic_get("cap.code_generation", no_ack=False) is not None
