@@ -12,8 +12,10 @@ def membership_in(user, slug: str | None) -> Membership:
     """The caller's membership in the named tenant, or in their only tenant. Raises
     ValidationError for a tenant not theirs or for a member of several who named none,
     PermissionDenied for a member of none."""
-    mine = Membership.objects.filter(user=user).select_related("tenant")
-    memberships = list(mine.filter(tenant__slug=slug) if slug else mine)  # one query
+    memberships = Membership.objects.filter(user=user).select_related("tenant")
+    if slug:
+        memberships = memberships.filter(tenant__slug=slug)
+    memberships = list(memberships)  # read once: every check below counts these
     if slug and not memberships:
         raise ValidationError({"tenant": [f"you are not a member of tenant {slug!r}"]})
     if len(memberships) > 1:
