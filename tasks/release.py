@@ -92,10 +92,17 @@ def release_held(capability: str) -> int:
 
 
 def _mark_sending(tasks: list[Task]) -> None:
-    """Fair share chose these tasks: their message ids, in flight from now on (_send sends them)."""
+    """Fair share chose these tasks: their message ids, in flight from now on (_send sends them).
+    The statement the canvas writes its nodes' ids with; the rest of each row stays as it is."""
     for task in tasks:
         task.message_id = new_message_id(task)
-    Task.objects.bulk_update(tasks, ["message_id"])
+    columns = {
+        "ids": [t.pk for t in tasks],
+        "via_canvas": [t.via_canvas for t in tasks],
+        "message_ids": [t.message_id for t in tasks],
+        "queues": [t.dispatched_to for t in tasks],
+    }
+    statements.run(statements.MARK_SENDING, columns)
 
 
 def _send(chosen: list[Task]) -> None:
@@ -106,15 +113,18 @@ def _send(chosen: list[Task]) -> None:
     routed: dict[str, int] = {}  # agent name -> tasks sent there in this round (not yet claimed)
     for sent, task in enumerate(chosen):
         try:
-            dispatch_task(task, routed=routed)
+            dispatch_task(task, routed)
         except Exception:
             if not connection.in_atomic_block:
-                Task.objects.filter(
-                    pk__in=[t.pk for t in chosen[sent:]],
-                    status=Task.Status.QUEUED,
-                    message_id__in=[t.message_id for t in chosen[sent:]],  # unless something sent them since
-                ).update(message_id="", dispatched_to="")
+                _hold_again(chosen[sent:])
             raise
+
+
+def _hold_again(unsent: list[Task]) -> None:
+    """Chosen tasks whose message did not go out: held again, unless something sent them since."""
+    Task.objects.filter(
+        pk__in=[t.pk for t in unsent], status=Task.Status.QUEUED, message_id__in=[t.message_id for t in unsent]
+    ).update(message_id="", dispatched_to="")
 
 
 def release_ready_tasks(session_id) -> None:
@@ -146,7 +156,7 @@ def release_dependents(task: Task, recorded: RecordedDependents | None = None) -
     return any(moved.get(pk) != Task.Status.SKIPPED for pk in recorded.lowered)
 
 
-def dispatch_task(task: Task, *, routed: dict[str, int] | None = None) -> None:
+def dispatch_task(task: Task, routed: dict[str, int]) -> None:
     """Send the run_task message of a task fair share chose (it has its message id, so a cancel
     can revoke it) after commit, on the queue routing picks (pin, affinity or capability); not
     if something sent it since it was chosen."""
