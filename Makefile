@@ -82,12 +82,14 @@ test-services: venv
 # The tests that start no worker process, on two pytest workers (pytest-xdist; each has a test
 # database and a Redis database of its own, tests/settings.py).
 FAST := -n 2 -m "not e2e and not fuzz"
+# The slowest tests of each run are printed, so that a run that grows shows where.
+DURATIONS := --durations=30 --durations-min=5
 
 test: lint test-services opencode
 	$(BIN)/python manage.py makemigrations --check --dry-run
-	$(BIN)/pytest $(FAST)
-	$(BIN)/pytest -m "e2e or fuzz"  # one at a time: worker processes, restarts of Redis and PostgreSQL
-	TEST_BROKER_URL=$(TEST_AMQP_URL) $(BIN)/pytest  # conftest.py picks the tests that depend on the broker
+	$(BIN)/pytest $(FAST) $(DURATIONS)
+	$(BIN)/pytest -m "e2e or fuzz" $(DURATIONS)  # one at a time: worker processes, restarts of Redis and PostgreSQL
+	TEST_BROKER_URL=$(TEST_AMQP_URL) $(BIN)/pytest $(DURATIONS)  # conftest.py picks the tests that depend on the broker
 
 test-fast: lint test-services opencode
 	$(BIN)/python manage.py makemigrations --check --dry-run
