@@ -129,10 +129,22 @@ def test_debug_settings_load_without_a_secret_key():
     assert import_settings(DEBUG="true").returncode == 0
 
 
+def test_production_settings_refuse_to_run_agents_outside_the_sandbox():
+    result = import_settings(DEBUG="false", SECRET_KEY="a-real-secret-from-the-environment", SANDBOX="none")
+
+    assert result.returncode != 0
+    assert "SANDBOX=none runs agent code next to the platform's secrets: DEBUG only." in result.stderr
+
+
+def test_debug_settings_allow_running_agents_outside_the_sandbox():
+    assert import_settings(DEBUG="true", SANDBOX="none").returncode == 0
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [
         ("DEBUG", "sometimes"),
+        ("SANDBOX", "docker"),
         ("MAX_TASKS_PER_SESSION", "lots"),
         ("SANDBOX_SERVER_MEMORY_MB", "1024"),  # below SANDBOX_MEMORY_MB (2048), the tools' limit
         ("SHELL_EXECUTOR_COMMANDS", "[1]"),
