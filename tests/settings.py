@@ -17,8 +17,10 @@ if _worker.startswith("gw") and _worker[2:].isdigit():
     os.environ["REDIS_URL"] = f"{_base}/{int(_db) - int(_worker[2:])}"
 # `make test` runs the tests that depend on the broker a second time on RabbitMQ, with
 # TEST_BROKER_URL (an amqp:// URL with a vhost of the tests' own; conftest.py picks the tests).
+# Under pytest-xdist, each worker its own vhost (the URL's, with the worker's name appended),
+# made empty before every test (conftest.py's clean_redis).
 if os.environ.get("TEST_BROKER_URL"):
-    os.environ["CELERY_BROKER_URL"] = os.environ["TEST_BROKER_URL"]
+    os.environ["CELERY_BROKER_URL"] = os.environ["TEST_BROKER_URL"] + (f"_{_worker}" if _worker else "")
 else:
     os.environ.pop("CELERY_BROKER_URL", None)
 os.environ.pop("CELERY_RESULT_BACKEND", None)

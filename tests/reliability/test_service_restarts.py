@@ -35,7 +35,7 @@ from tests.conftest import (
 
 from .conftest import settled
 
-pytestmark = [pytest.mark.e2e, pytest.mark.chaos]
+pytestmark = [pytest.mark.e2e, pytest.mark.chaos, pytest.mark.restarts]
 
 SESSIONS = 10
 TASK_S = 1.0
