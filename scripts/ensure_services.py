@@ -221,8 +221,16 @@ def reset_vhost(url: str) -> None:
 # What the test suite needs besides the services: network namespaces and veths (the partition
 # test's hosts), socat to forward the services to them, and Prometheus with promtool (the alert
 # rules' tests, and the real Prometheus that scrapes a stack; Debian's package starts no server
-# where no init system runs, and the tests start their own).
-TEST_TOOLS = {"ip": "iproute2", "socat": "socat", "promtool": "prometheus", "prometheus": "prometheus"}
+# where no init system runs, and the tests start their own), and rabbitmqctl (the tests empty their
+# vhost with it before each test, and restart the broker with it: a RabbitMQ that answers is not
+# enough).
+TEST_TOOLS = {
+    "ip": "iproute2",
+    "socat": "socat",
+    "promtool": "prometheus",
+    "prometheus": "prometheus",
+    "rabbitmqctl": "rabbitmq-server",
+}
 # The browser tests: Playwright drives Debian's Chromium (never a browser build of its own, which
 # would be a download outside the package registries). Its fonts come with it: fontconfig depends
 # on fonts-dejavu-core.
