@@ -227,6 +227,7 @@ def forget_measured(tenant: Tenant, settle_timeout_s: float = 30.0) -> None:
             f"DELETE FROM agent_sessions_checkpoint WHERE session_id IN ({sessions})",
             f"DELETE FROM agent_sessions_sessionevent WHERE session_id IN ({sessions})",
             f"DELETE FROM agents_eapdelivery WHERE task_id IN ({tasks})",
+            f"DELETE FROM agent_sessions_feedevent WHERE session_id IN ({sessions})",  # its triggers' rows
             f"DELETE FROM tasks_task WHERE session_id IN ({sessions})",
             f"DELETE FROM agent_sessions_session WHERE id IN ({sessions})",
         ):
