@@ -232,13 +232,7 @@ def build_canvas(session: Session) -> tuple[Signature | None, list[Task]]:
         task.via_canvas = key not in plan.released
         task.message_id = nodes[key].id if task.via_canvas else ""
         task.dispatched_to = nodes[key].options["queue"] if task.via_canvas else ""
-    columns = {
-        "ids": [t.pk for t in tasks.values()],
-        "via_canvas": [t.via_canvas for t in tasks.values()],
-        "message_ids": [t.message_id for t in tasks.values()],
-        "queues": [t.dispatched_to for t in tasks.values()],
-    }
-    statements.run(statements.MARK_SENDING, columns)
+    statements.mark_sending(list(tasks.values()))
     released = [tasks[key] for key in tasks if key in plan.released]
     if plan.canvas is None:
         return None, released

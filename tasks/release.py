@@ -96,13 +96,7 @@ def _mark_sending(tasks: list[Task]) -> None:
     The statement the canvas writes its nodes' ids with; the rest of each row stays as it is."""
     for task in tasks:
         task.message_id = new_message_id(task)
-    columns = {
-        "ids": [t.pk for t in tasks],
-        "via_canvas": [t.via_canvas for t in tasks],
-        "message_ids": [t.message_id for t in tasks],
-        "queues": [t.dispatched_to for t in tasks],
-    }
-    statements.run(statements.MARK_SENDING, columns)
+    statements.mark_sending(tasks)
 
 
 def _send(chosen: list[Task]) -> None:

@@ -201,6 +201,19 @@ def run(sql: str, params) -> list[tuple]:
         return _execute_again(sql, params)
 
 
+def mark_sending(tasks) -> None:
+    """MARK_SENDING for these tasks, with the via_canvas, message_id and dispatched_to each carries."""
+    run(
+        MARK_SENDING,
+        {
+            "ids": [t.pk for t in tasks],
+            "via_canvas": [t.via_canvas for t in tasks],
+            "message_ids": [t.message_id for t in tasks],
+            "queues": [t.dispatched_to for t in tasks],
+        },
+    )
+
+
 def _execute(sql: str, params) -> list[tuple]:
     connection.close_if_health_check_failed()
     connection.ensure_connection()
