@@ -222,18 +222,26 @@ def forget_measured(tenant: Tenant, settle_timeout_s: float = 30.0) -> None:
     tasks = f"SELECT id FROM tasks_task WHERE session_id IN ({sessions})"
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute(f"{sessions} FOR UPDATE", {"tenant": tenant.pk})
-        for sql in (
-            f"DELETE FROM tasks_task_depends_on WHERE from_task_id IN ({tasks})",
-            f"DELETE FROM agent_sessions_checkpoint WHERE session_id IN ({sessions})",
-            f"DELETE FROM agent_sessions_sessionevent WHERE session_id IN ({sessions})",
-            f"DELETE FROM agents_eapdelivery WHERE task_id IN ({tasks})",
-            f"DELETE FROM agent_sessions_feedevent WHERE session_id IN ({sessions})",  # its triggers' rows
+        deletes = [
+            *deletes_referring(Task, tasks),
+            *deletes_referring(Session, sessions, but=Task),
             f"DELETE FROM tasks_task WHERE session_id IN ({sessions})",
             f"DELETE FROM agent_sessions_session WHERE id IN ({sessions})",
-        ):
+        ]
+        for sql in deletes:
             cursor.execute(sql, {"tenant": tenant.pk})
     with connection.cursor() as cursor:
         cursor.execute("VACUUM (ANALYZE)")
+
+
+def deletes_referring(model, ids: str, but=None) -> list[str]:
+    """A DELETE, of the rows that point at the rows `ids` selects, for every table with a foreign
+    key to `model` (a many-to-many's through table too; not `but`'s): a table added later as well."""
+    return [
+        f"DELETE FROM {f.related_model._meta.db_table} WHERE {f.field.column} IN ({ids})"
+        for f in model._meta.get_fields(include_hidden=True)
+        if f.one_to_many and f.related_model is not but
+    ]
 
 
 def forget_all() -> None:
