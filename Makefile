@@ -80,14 +80,15 @@ test-services: venv
 	@$(BIN)/python scripts/ensure_services.py --tests
 
 # The tests that start no worker process, on two pytest workers (pytest-xdist; each has a test
-# database, a Redis database and a RabbitMQ vhost of its own, tests/settings.py).
+# database and a Redis database of its own, tests/settings.py).
 FAST := -n 2 -m "not e2e and not fuzz"
 # The slowest tests of each run are printed, so that a run that grows shows where.
 DURATIONS := --durations=30 --durations-min=5
 
 # Everything on two pytest workers, but the tests that restart Redis, RabbitMQ or PostgreSQL
 # (marked restarts): those run alone, as they would break what runs beside them. Then the same on
-# RabbitMQ: tests/conftest.py picks the tests that depend on the broker.
+# RabbitMQ, each pytest worker in a vhost of its own: tests/conftest.py picks the tests that depend
+# on the broker.
 test: lint test-services opencode
 	$(BIN)/python manage.py makemigrations --check --dry-run
 	$(BIN)/pytest -n 2 -m "not restarts" $(DURATIONS)
