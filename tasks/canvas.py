@@ -26,7 +26,7 @@ from sessions.models import Session
 
 from . import fairshare, statements
 from .dag import topological_levels
-from .messages import FINALIZE_SESSION, RUN_TASK, message, run_task_options
+from .messages import FINALIZE_SESSION, RUN_TASK, backlog_priority, message, run_task_options
 from .models import Task
 
 # An SP expression: a task key, ("chain", [parts]) or ("group", [parts]).
@@ -151,8 +151,8 @@ def _as_chain(steps: list[Expr]) -> Expr | None:
     return None if not steps else steps[0] if len(steps) == 1 else ("chain", steps)
 
 
-def node_signature(task: Task) -> Signature:
-    return message(RUN_TASK, **run_task_options(task, queue=task.queue))
+def node_signature(task: Task, priority: int | None = None) -> Signature:
+    return message(RUN_TASK, **run_task_options(task, queue=task.queue, priority=priority))
 
 
 def peak_widths(expr: Expr, tasks: Mapping[str, Task]) -> Counter:
@@ -225,9 +225,11 @@ def build_canvas(session: Session) -> tuple[Signature | None, list[Task]]:
     for ups in deps.values():
         ups.sort(key=lambda key: tasks[key].position)
     plan = plan_dag(deps, waiting_outside)
-    if not fairshare.reserve_canvas(session, dict(peak_widths(plan.canvas, tasks)) if plan.canvas else {}):
+    lane = fairshare.reserve_canvas(session, dict(peak_widths(plan.canvas, tasks)) if plan.canvas else {})
+    if lane is None:
         plan = Plan(None, set(tasks))  # no room for the canvas in the tenant's share: all released
-    nodes = {key: node_signature(task) for key, task in tasks.items() if key not in plan.released}
+    priority = backlog_priority(session.priority) if lane == fairshare.BACKLOG else None
+    nodes = {key: node_signature(task, priority) for key, task in tasks.items() if key not in plan.released}
     for key, task in tasks.items():
         task.via_canvas = key not in plan.released
         task.message_id = nodes[key].id if task.via_canvas else ""

@@ -8,9 +8,11 @@ released as slots free up:
 - in flight, per tenant and capability: its tasks on the shared queues whose message is out and
   not finished (queued with a message, or running), whoever sent it, the database or a canvas;
 - a canvas sends its own messages without asking, never more at once than its widest group: a
-  session runs a canvas only if that peak width fits in its tenant's room when it is dispatched
-  (reserve_canvas), and is released by the database otherwise (a group it sends later, once its
-  upstream finishes, may take the tenant over its room by at most that width);
+  session runs a canvas if that peak width fits in its tenant's room when it is dispatched
+  (reserve_canvas; a group it sends later, once its upstream finishes, may take the tenant over
+  its room by at most that width), and is released by the database otherwise - unless no other
+  tenant has work for those capabilities: then the canvas goes out whole as a backlog, below
+  every share's broker priority, so that a tenant who comes later overtakes it at once;
 - the limit: `ceil(slots * FAIR_SHARE_BURST * weight / total weight)`, at least 1, where slots is
   the concurrency of the live, undrained agents with the capability and the total weight is that
   of the tenants with work in flight or held for it (so a tenant alone gets every slot);
@@ -18,8 +20,11 @@ released as slots free up:
   message_id ''). When a slot frees up, the tenant furthest below its weighted share sends its
   next held task, most urgent session first (weighted round robin).
 
-run_task messages all carry the same broker priority (messages.run_task_options): across tenants,
-the order is the share's; within a tenant, the session priority orders what it releases.
+run_task messages within a share all carry the same broker priority (messages.run_task_options):
+across tenants, the order is the share's; within a tenant, the session priority orders what it
+releases. A backlog's messages are in flight like any other (they count against the tenant's
+share, so it sends nothing more while another tenant has room), but every share's message is
+consumed before them; among backlogs, the session priority orders them (messages.backlog_priority).
 Decisions for one capability are taken under a transaction-level advisory lock, so two releases
 that race never both take the last slot.
 """
@@ -42,6 +47,9 @@ SHARED = Q(pinned_agent="")
 HELD = Q(status=Task.Status.QUEUED, message_id="", via_canvas=False) & SHARED
 
 _ACTIVE = sorted(ACTIVE)
+
+# How a canvas runs (reserve_canvas): within its tenant's share, or as a lone tenant's backlog.
+SHARE, BACKLOG = "share", "backlog"
 
 # The capability's slots - the concurrency of its live, undrained agents (Agent.is_live in SQL)
 # - and, per tenant with work for it, its weight, what it has in flight and what it holds. One
@@ -113,18 +121,25 @@ def _lock(capabilities) -> None:
             cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [f"fairshare:{capability}"])
 
 
-def reserve_canvas(session, widths: dict[str, int]) -> bool:
-    """Whether the session may run a canvas whose peak widths per capability are `widths`: the
-    tenant holds nothing for those capabilities and the canvas fits in its room now. If not, its
-    tasks are released by the database (and held while the tenant has no room). The widths are
-    stored on the session: when it settles, what it had room for may go to held work."""
+def reserve_canvas(session, widths: dict[str, int]) -> str | None:
+    """How the session may run a canvas whose peak widths per capability are `widths`: SHARE if
+    the tenant holds nothing for those capabilities and the canvas fits in its room now; BACKLOG
+    if it does not fit but no other tenant has work for them (its messages then go below every
+    share's, messages.backlog_priority); None if neither: its tasks are released by the database
+    (and held while the tenant has no room). The widths are stored on the session: when it
+    settles, what it had room for may go to held work."""
     tenant, weight = session.tenant_id, session.tenant.weight
     with transaction.atomic():
         _lock(widths)
-        fits = all(_fits(loads(capability, {tenant: weight}, replanned=session.pk)[tenant], width)
-                   for capability, width in widths.items())  # fmt: skip
-        type(session).objects.filter(pk=session.pk).update(canvas_width=widths if fits else {})
-    return fits
+        shares = {capability: loads(capability, {tenant: weight}, replanned=session.pk) for capability in widths}
+        if all(_fits(found[tenant], widths[capability]) for capability, found in shares.items()):
+            lane = SHARE
+        elif all(found.keys() == {tenant} for found in shares.values()):
+            lane = BACKLOG
+        else:
+            lane = None
+        type(session).objects.filter(pk=session.pk).update(canvas_width=widths if lane else {})
+    return lane
 
 
 def _fits(load: Load, width: int) -> bool:

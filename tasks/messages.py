@@ -14,6 +14,8 @@ from celery import current_app
 from celery.canvas import Signature
 from django.conf import settings
 
+from sessions.models import broker_priority
+
 from .models import Task
 
 RUN_TASK = "tasks.run_task"
@@ -45,20 +47,28 @@ def task_of_message(message_id: str) -> uuid.UUID | None:
         return None
 
 
-def run_task_options(task: Task, *, queue: str, message_id: str | None = None) -> dict:
+def run_task_options(task: Task, *, queue: str, message_id: str | None = None, priority: int | None = None) -> dict:
     """Options of a run_task message: queue, an id naming the task (stored on the task so a
     cancel can revoke it; `message_id` if given, a fresh one otherwise) and, for a task with its
     own deadline, its time limits.
 
-    Every run_task message has the same broker priority, whatever its session's: on a queue that
-    tenants share, a priority would let one tenant's flood overtake another's work. Fair share
-    (tasks.fairshare) decides what reaches the queues; the session priority orders a tenant's
-    own releases."""
+    Every run_task message within a tenant's share has the same broker priority, whatever its
+    session's: on a queue that tenants share, a priority would let one tenant's flood overtake
+    another's work. Fair share (tasks.fairshare) decides what reaches the queues; the session
+    priority orders a tenant's own releases. `priority`: a lone tenant's backlog canvas
+    (backlog_priority)."""
     options = {
         "queue": queue,
-        "priority": settings.CELERY_TASK_DEFAULT_PRIORITY,
+        "priority": settings.CELERY_TASK_DEFAULT_PRIORITY if priority is None else priority,
         "task_id": message_id or new_message_id(task),
     }
     if task.timeout_seconds:
         options.update(soft_time_limit=task.timeout_seconds, time_limit=task.timeout_seconds + 60)
     return options
+
+
+def backlog_priority(session_priority: int) -> int:
+    """The broker priority of a backlog canvas's run_task messages (tasks.fairshare): below the
+    one every message within a share carries (the API's priority 5), and ordered among backlogs
+    by the session's priority, two API priorities to a step (0-1 lowest, 8-9 highest)."""
+    return broker_priority(session_priority // 2)

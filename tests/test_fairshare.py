@@ -8,6 +8,7 @@ from datetime import timedelta
 
 import pytest
 from celery.canvas import Signature
+from django.conf import settings
 from django.db import connection
 from django.test import override_settings
 from django.utils import timezone
@@ -17,6 +18,7 @@ from agents.models import Agent
 from sessions.models import Session
 from tasks import fairshare
 from tasks.lifecycle import dispatch_session
+from tasks.messages import backlog_priority
 from tasks.models import Task
 from tasks.release import release_held, release_ready_tasks, resend_queued_task
 from tasks.sweeps import sweep_stuck_sessions
@@ -53,6 +55,20 @@ def ready_session(slug: str, count: int, *, priority: int = 5, weight: int = 1, 
     return session
 
 
+def neighbour_in_flight() -> Session:
+    """Another tenant with one task of the capability in flight (its message out): no tenant
+    dispatched after it is alone on the capability, so fair share holds what does not fit."""
+    neighbour = ready_session("initech", 1)
+    neighbour.tasks.update(message_id="initech.1", dispatched_to=f"cap.{CAP}")
+    return neighbour
+
+
+def first_consumed(priority: int, other: int) -> bool:
+    """Whether a message of broker priority `priority` is consumed before one of `other`: Redis
+    consumes 0 first, RabbitMQ 9."""
+    return priority < other if settings.BROKER_PRIORITY_INVERTED else priority > other
+
+
 def dispatch(session: Session, capture) -> None:
     with capture(execute=True):
         dispatch_session(session.pk)
@@ -72,22 +88,42 @@ def finish(task: Task, capture) -> int:
         return release_held(CAP)
 
 
-def test_a_tenant_alone_sends_its_share_of_the_slots_and_holds_the_rest(db, django_capture_on_commit_callbacks):
-    online_agent(concurrency=2)  # 2 slots x FAIR_SHARE_BURST 1.5: 3 in flight
+def test_a_tenant_alone_sends_a_canvas_too_wide_for_its_share_whole_as_a_backlog(
+    db, django_capture_on_commit_callbacks
+):
+    online_agent(concurrency=2)  # 2 slots x FAIR_SHARE_BURST 1.5: a share of 3 in flight
+    flood = ready_session("acme", 10, priority=9)
+
+    dispatch(flood, django_capture_on_commit_callbacks)
+
+    # No other tenant has work for the capability: the 10-wide canvas goes out at once.
+    assert len(sent(flood)) == 10 and held(flood) == 0
+    assert flood.tasks.filter(via_canvas=True).count() == 10
+    messages = queued_broker_messages("cap.*")
+    assert sorted(m["headers"]["id"] for m in messages) == sorted(t.message_id for t in sent(flood))
+    # Below every share's priority, ordered by the session's among backlogs.
+    assert {m["properties"]["priority"] for m in messages} == {backlog_priority(9)}
+    assert first_consumed(settings.CELERY_TASK_DEFAULT_PRIORITY, backlog_priority(9))
+    assert first_consumed(backlog_priority(9), backlog_priority(7))
+    flood.refresh_from_db()
+    assert flood.canvas_width == {CAP: 10}  # what its settling frees for held work
+
+
+def test_a_tenant_with_company_sends_its_share_of_the_slots_and_holds_the_rest(db, django_capture_on_commit_callbacks):
+    online_agent(concurrency=2)  # 3 in flight for two tenants of weight 1: a share of 2 each
+    neighbour_in_flight()
     flood = ready_session("acme", 10)
 
     dispatch(flood, django_capture_on_commit_callbacks)
 
-    assert len(sent(flood)) == 3 and held(flood) == 7
+    assert len(sent(flood)) == 2 and held(flood) == 8
     assert sorted(run_task_message_ids()) == sorted(t.message_id for t in sent(flood))
     # Too wide for a canvas in that share: the database released every task.
     flood.refresh_from_db()
     assert flood.canvas_width == {} and not flood.tasks.filter(via_canvas=True).exists()
 
 
-def test_another_tenants_task_goes_at_once_behind_only_what_the_flood_has_in_flight(
-    db, django_capture_on_commit_callbacks
-):
+def test_another_tenants_task_goes_at_once_ahead_of_a_lone_tenants_backlog(db, django_capture_on_commit_callbacks):
     online_agent(concurrency=2)
     flood = ready_session("acme", 10, priority=9)
     dispatch(flood, django_capture_on_commit_callbacks)
@@ -95,26 +131,31 @@ def test_another_tenants_task_goes_at_once_behind_only_what_the_flood_has_in_fli
 
     dispatch(calm, django_capture_on_commit_callbacks)
 
-    messages = queued_broker_messages("cap.*")
-    # The flood's 3 and the calm tenant's: it waits behind 3 messages, not 10.
-    assert sorted(m["headers"]["id"] for m in messages) == sorted(t.message_id for t in [*sent(flood), *sent(calm)])
-    # One broker priority for all: the flood's session priority does not jump the queue.
-    assert {m["properties"]["priority"] for m in messages} == {messages[0]["properties"]["priority"]}
+    [mine] = [m for m in queued_broker_messages("cap.*") if m["headers"]["id"] == sent(calm)[0].message_id]
+    # Within its share, at the one priority every share has: consumed before all 10 of the
+    # flood's, whose session priority is 9 and its own 0.
+    assert mine["properties"]["priority"] == settings.CELERY_TASK_DEFAULT_PRIORITY
+    assert first_consumed(mine["properties"]["priority"], backlog_priority(9))
     calm.refresh_from_db()
     assert calm.canvas_width == {CAP: 1}  # a one-task canvas, counted in the calm tenant's share
+    # The flood's backlog counts against its share: its next session is held, not sent.
+    more = ready_session("acme", 1)
+    dispatch(more, django_capture_on_commit_callbacks)
+    assert held(more) == 1
 
 
 def test_a_freed_slot_sends_the_tenants_most_urgent_held_task(db, django_capture_on_commit_callbacks):
-    online_agent(concurrency=2)
+    online_agent(concurrency=2)  # a share of 2 beside the neighbour
+    neighbour_in_flight()
     calm = ready_session("acme", 5, priority=1)
     dispatch(calm, django_capture_on_commit_callbacks)
     urgent = ready_session("acme", 2, priority=8)
     dispatch(urgent, django_capture_on_commit_callbacks)
-    assert (len(sent(calm)), held(calm), held(urgent)) == (3, 2, 2)
+    assert (len(sent(calm)), held(calm), held(urgent)) == (2, 3, 2)
 
     assert finish(sent(calm)[0], django_capture_on_commit_callbacks) == 1
 
-    assert len(sent(urgent)) == 1 and held(calm) == 2
+    assert len(sent(urgent)) == 1 and held(calm) == 3
 
 
 @override_settings(FAIR_SHARE_BURST=1.0)
@@ -136,7 +177,8 @@ def test_slots_are_shared_by_weight_and_the_tenant_furthest_below_its_share_goes
 
 
 def test_a_canvas_runs_if_its_peak_width_fits_and_counts_what_it_has_sent(db, django_capture_on_commit_callbacks):
-    online_agent(concurrency=4)  # a share of 6 in flight
+    online_agent(concurrency=4)  # 6 in flight for two tenants: a share of 3 each
+    neighbour_in_flight()
     diamond = ready_session("acme", 5, deps={"t1": ["t0"], "t2": ["t0"], "t3": ["t0"], "t4": ["t1", "t2", "t3"]})
     dispatch(diamond, django_capture_on_commit_callbacks)
     diamond.refresh_from_db()
@@ -145,27 +187,28 @@ def test_a_canvas_runs_if_its_peak_width_fits_and_counts_what_it_has_sent(db, dj
     wide = ready_session("acme", 6)
     dispatch(wide, django_capture_on_commit_callbacks)
 
-    # The diamond has one message out (its first node): room for 5 of 6, so no canvas for them.
+    # The diamond has one message out (its first node): room for 2 of 6, so no canvas for them.
     wide.refresh_from_db()
-    assert wide.canvas_width == {} and len(sent(wide)) == 5 and held(wide) == 1
+    assert wide.canvas_width == {} and len(sent(wide)) == 2 and held(wide) == 4
 
 
 def test_held_tasks_are_not_resent_as_lost_and_the_sweep_sends_them_when_room_appears(
     db, django_capture_on_commit_callbacks
 ):
-    flood = ready_session("acme", 5)  # no live agent: a share of one slot's worth, 2 in flight
+    neighbour_in_flight()
+    flood = ready_session("acme", 5)  # no live agent: one slot's worth (1.5) for two, 1 each
     dispatch(flood, django_capture_on_commit_callbacks)
-    assert len(sent(flood)) == 2 and held(flood) == 3
+    assert len(sent(flood)) == 1 and held(flood) == 4
     flood.tasks.update(queued_at=timezone.now() - timedelta(hours=1))
 
     with django_capture_on_commit_callbacks(execute=True):
         done = sweep_stuck_sessions()
     assert (done["resent"], done["released_held"]) == (0, 0)
 
-    online_agent(concurrency=4)
+    online_agent(concurrency=4)  # a share of 3 each
     with django_capture_on_commit_callbacks(execute=True):
-        assert sweep_stuck_sessions()["released_held"] == 3
-    assert held(flood) == 0 and len(run_task_message_ids()) == 5
+        assert sweep_stuck_sessions()["released_held"] == 2
+    assert held(flood) == 2 and len(run_task_message_ids()) == 3
 
 
 @pytest.mark.django_db(transaction=True)
@@ -227,11 +270,13 @@ def test_on_real_workers_a_calm_tenants_task_overtakes_a_priority_9_flood(stack)
     wait_until(lambda: lone.filter(status=Task.Status.COMPLETED).exists(), timeout=60, what="the calm task done")
     started = lone.get().started_at
     overtook = flood_tasks.filter(started_at__gt=asked, started_at__lt=started).count()
-    # Only what the flood had in flight went first (its share: 2 slots x 1.5); without fair
-    # share it was every one of its 30 messages, all ahead on the queue and at a higher priority.
+    # The flood, alone when it started, went out whole as a backlog: all 30 messages on the
+    # queue, below the priority of the calm tenant's share. Only what the agent's two processes
+    # had taken went first; without fair share it was every one of the 30, all ahead on the
+    # queue and at a higher priority.
+    assert flood_tasks.filter(via_canvas=True).count() == 30
     assert overtook <= 3
     assert flood_tasks.filter(status__in=[Task.Status.QUEUED, Task.Status.PENDING]).exists()
-    assert flood_tasks.filter(message_id="", status=Task.Status.QUEUED).exists()  # the rest held, not lost
 
 
 def test_canvas_nodes_sent_again_are_counted_once_and_never_held_behind_their_own_canvas(
@@ -336,11 +381,12 @@ def test_chosen_tasks_the_broker_did_not_take_are_held_again_for_the_next_releas
     """release_held chooses under the lock and sends after it: a send that fails (the broker
     here, an edge we do not own) leaves that task and those after it held, not stranded with a
     message id that no message carries."""
-    online_agent(concurrency=2)  # a share of 3
+    online_agent(concurrency=2)  # a share of 2 beside the neighbour
+    neighbour_in_flight()
     flood = ready_session("acme", 6)
     dispatch_session(flood.pk)
     first = sent(flood)
-    assert len(first) == 3 and held(flood) == 3
+    assert len(first) == 2 and held(flood) == 4
     Task.objects.filter(pk__in=[t.pk for t in first[:2]]).update(status=Task.Status.COMPLETED)
     publish, calls = Signature.apply_async, []
 
@@ -355,8 +401,8 @@ def test_chosen_tasks_the_broker_did_not_take_are_held_again_for_the_next_releas
     with pytest.raises(OperationalError):
         release_held(CAP)
 
-    assert held(flood) == 2  # two slots freed: one sent, the other held again
+    assert held(flood) == 3  # two slots freed: one sent, the other held again
     [went] = [t for t in sent(flood) if t.pk not in {f.pk for f in first}]
     assert went.message_id == calls[0] and went.message_id in run_task_message_ids()
     monkeypatch.setattr(Signature, "apply_async", publish)
-    assert release_held(CAP) == 1 and held(flood) == 1
+    assert release_held(CAP) == 1 and held(flood) == 2
