@@ -140,6 +140,9 @@ class Session(models.Model):
     # The peak width per capability of the canvas the session runs, which had to fit its tenant's
     # fair share when it was dispatched (tasks.fairshare); {} when it runs no canvas.
     canvas_width = models.JSONField(default=dict, blank=True, editable=False)
+    # Whether that canvas is a lone tenant's backlog, sent whole below every share's broker
+    # priority (tasks.fairshare); its nodes count against no share.
+    canvas_backlog = models.BooleanField(default=False, editable=False)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
 

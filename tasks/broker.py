@@ -65,6 +65,18 @@ def message_ids_held_by_workers(conn: Connection, message_ids: Iterable[str]) ->
     return held & message_ids
 
 
+def busy_queues(queues: Iterable[str]) -> set[str] | None:
+    """Those of `queues` with messages waiting (queues_with_messages); None when the broker cannot
+    be asked."""
+    conn = current_app.connection_for_write()  # of its own, as lost_message_ids says
+    try:
+        with conn:
+            return queues_with_messages(conn, set(queues))
+    except (OperationalError, *conn.connection_errors):
+        logger.warning("the broker cannot be asked what it holds; lost messages are looked for later", exc_info=True)
+        return None
+
+
 def lost_message_ids(messages: dict[str, str]) -> set[str] | None:
     """Of `messages` (message id -> the queue it was sent to), those the broker and the live
     workers no longer hold; None when the broker cannot be asked."""

@@ -225,16 +225,22 @@ def build_canvas(session: Session) -> tuple[Signature | None, list[Task]]:
     for ups in deps.values():
         ups.sort(key=lambda key: tasks[key].position)
     plan = plan_dag(deps, waiting_outside)
-    lane = fairshare.reserve_canvas(session, dict(peak_widths(plan.canvas, tasks)) if plan.canvas else {})
-    if lane is None:
-        plan = Plan(None, set(tasks))  # no room for the canvas in the tenant's share: all released
-    priority = backlog_priority(session.priority) if lane == fairshare.BACKLOG else None
-    nodes = {key: node_signature(task, priority) for key, task in tasks.items() if key not in plan.released}
-    for key, task in tasks.items():
-        task.via_canvas = key not in plan.released
-        task.message_id = nodes[key].id if task.via_canvas else ""
-        task.dispatched_to = nodes[key].options["queue"] if task.via_canvas else ""
-    statements.mark_sending(list(tasks.values()))
+    nodes: dict[str, Signature] = {}
+
+    def mark(lane: str | None) -> None:
+        """Under fair share's lock: the canvas's nodes get their message ids (and so count as in
+        flight), the rest none. No lane: no room for the canvas, the database releases every task."""
+        priority = backlog_priority(session.priority) if lane == fairshare.BACKLOG else None
+        for key, task in tasks.items():
+            task.via_canvas = lane is not None and key not in plan.released
+            if task.via_canvas:
+                nodes[key] = node_signature(task, priority)
+            task.message_id = nodes[key].id if task.via_canvas else ""
+            task.dispatched_to = nodes[key].options["queue"] if task.via_canvas else ""
+        statements.mark_sending(list(tasks.values()))
+
+    if fairshare.reserve_canvas(session, dict(peak_widths(plan.canvas, tasks)) if plan.canvas else {}, mark) is None:
+        plan = Plan(None, set(tasks))
     released = [tasks[key] for key in tasks if key in plan.released]
     if plan.canvas is None:
         return None, released

@@ -6,25 +6,30 @@ share of a capability's slots in flight; the rest of its ready work waits in the
 released as slots free up:
 
 - in flight, per tenant and capability: its tasks on the shared queues whose message is out and
-  not finished (queued with a message, or running), whoever sent it, the database or a canvas;
+  not finished (queued with a message, or running), whoever sent it, the database or a canvas -
+  except a backlog's (below);
 - a canvas sends its own messages without asking, never more at once than its widest group: a
   session runs a canvas if that peak width fits in its tenant's room when it is dispatched
   (reserve_canvas; a group it sends later, once its upstream finishes, may take the tenant over
-  its room by at most that width), and is released by the database otherwise - unless no other
-  tenant has work for those capabilities: then the canvas goes out whole as a backlog, below
-  every share's broker priority, so that a tenant who comes later overtakes it at once;
+  its room by at most that width), and is released by the database otherwise;
+- a backlog: a canvas that does not fit, of a tenant that holds nothing for its capabilities,
+  while no other tenant has work for them. It goes out whole, below every share's broker priority
+  (messages.backlog_priority), so that it only fills slots the shares leave free: a tenant who
+  comes later, or the tenant's own later work, is within its share and consumed first. Its
+  messages count against no share;
 - the limit: `ceil(slots * FAIR_SHARE_BURST * weight / total weight)`, at least 1, where slots is
   the concurrency of the live, undrained agents with the capability and the total weight is that
-  of the tenants with work in flight or held for it (so a tenant alone gets every slot);
+  of the tenants with work in flight, held or in a backlog for it (so a tenant alone gets every
+  slot). While a backlog waits for the capability, `floor(slots * weight / total weight)`, at
+  least 1: no burst (the backlog fills a slot that frees up), and the shares leave the backlog's
+  tenant its own weight's worth of slots;
 - held: a ready task released by the database that has no message yet (status queued,
   message_id ''). When a slot frees up, the tenant furthest below its weighted share sends its
   next held task, most urgent session first (weighted round robin).
 
 run_task messages within a share all carry the same broker priority (messages.run_task_options):
 across tenants, the order is the share's; within a tenant, the session priority orders what it
-releases. A backlog's messages are in flight like any other (they count against the tenant's
-share, so it sends nothing more while another tenant has room), but every share's message is
-consumed before them; among backlogs, the session priority orders them (messages.backlog_priority).
+releases, and among backlogs the session priority orders them too.
 Decisions for one capability are taken under a transaction-level advisory lock, so two releases
 that race never both take the last slot.
 """
@@ -52,20 +57,24 @@ _ACTIVE = sorted(ACTIVE)
 SHARE, BACKLOG = "share", "backlog"
 
 # The capability's slots - the concurrency of its live, undrained agents (Agent.is_live in SQL)
-# - and, per tenant with work for it, its weight, what it has in flight and what it holds. One
-# row with no tenant when none has work.
+# - and, per tenant with work for it, its weight, what it has in flight, what it holds and what
+# it has in flight in backlogs. One row with no tenant when none has work.
 LOADS = """
-SELECT slots.n, tenant.id, tenant.weight, load.in_flight, load.held
+SELECT slots.n, tenant.id, tenant.weight, load.in_flight, load.held, load.backlog
 FROM (
     SELECT COALESCE(sum(a.concurrency), 0) AS n FROM agents_agent a
     WHERE a.mode = '' AND a.status IN ('online', 'busy') AND a.capabilities @> jsonb_build_array(%(capability)s::text)
       AND a.last_heartbeat > now() - make_interval(secs => %(offline_after)s)
 ) slots LEFT JOIN ((
     SELECT s.tenant_id,
-           count(*) FILTER (WHERE t.status = 'running' OR (t.message_id <> '' AND s.status = ANY(%(active)s)))
+           count(*) FILTER (WHERE NOT (s.canvas_backlog AND t.via_canvas)
+                            AND (t.status = 'running' OR (t.message_id <> '' AND s.status = ANY(%(active)s))))
                AS in_flight,
            count(*) FILTER (WHERE t.status = 'queued' AND t.message_id = '' AND NOT t.via_canvas
-                            AND s.status = ANY(%(active)s)) AS held
+                            AND s.status = ANY(%(active)s)) AS held,
+           count(*) FILTER (WHERE s.canvas_backlog AND t.via_canvas
+                            AND (t.status = 'running' OR (t.message_id <> '' AND s.status = ANY(%(active)s))))
+               AS backlog
     FROM tasks_task t JOIN agent_sessions_session s ON s.id = t.session_id
     WHERE t.capability = %(capability)s AND t.status IN ('queued', 'running') AND t.pinned_agent = ''
       AND s.id IS DISTINCT FROM %(replanned)s
@@ -79,6 +88,7 @@ class Load:
     weight: int
     in_flight: int = 0
     held: int = 0
+    backlog: int = 0
     limit: int = 0
 
     @property
@@ -99,18 +109,21 @@ def loads(capability: str, weights: dict[int, int] | None = None, replanned=None
     with connection.cursor() as cursor:
         cursor.execute(LOADS, params)
         rows = cursor.fetchall()
-    slots = rows[0][0]
+    slots = max(1, rows[0][0])
     found = {
-        tenant: Load(weight, in_flight, held)
-        for _, tenant, weight, in_flight, held in rows
-        if tenant is not None and (in_flight or held)
+        tenant: Load(weight, in_flight, held, backlog)
+        for _, tenant, weight, in_flight, held, backlog in rows
+        if tenant is not None and (in_flight or held or backlog)
     }
     for tenant, weight in (weights or {}).items():
         found.setdefault(tenant, Load(weight))
     total = sum(load.weight for load in found.values())
-    capacity = max(1, slots) * settings.FAIR_SHARE_BURST
+    backlogged = any(load.backlog for load in found.values())
     for load in found.values():
-        load.limit = max(1, math.ceil(capacity * load.weight / total))
+        if backlogged:
+            load.limit = max(1, math.floor(slots * load.weight / total))
+        else:
+            load.limit = max(1, math.ceil(slots * settings.FAIR_SHARE_BURST * load.weight / total))
     return found
 
 
@@ -121,24 +134,29 @@ def _lock(capabilities) -> None:
             cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [f"fairshare:{capability}"])
 
 
-def reserve_canvas(session, widths: dict[str, int]) -> str | None:
+def reserve_canvas(session, widths: dict[str, int], mark) -> str | None:
     """How the session may run a canvas whose peak widths per capability are `widths`: SHARE if
     the tenant holds nothing for those capabilities and the canvas fits in its room now; BACKLOG
-    if it does not fit but no other tenant has work for them (its messages then go below every
-    share's, messages.backlog_priority); None if neither: its tasks are released by the database
-    (and held while the tenant has no room). The widths are stored on the session: when it
-    settles, what it had room for may go to held work."""
+    if it does not fit, the tenant holds nothing for them and no other tenant has work for them;
+    None if neither: its tasks are released by the database (and held while the tenant has no
+    room). `mark(lane)` gives the tasks their message ids under the lock, so that a session
+    dispatched meanwhile counts them. The widths are stored on the session: when it settles,
+    what it had room for may go to held work."""
     tenant, weight = session.tenant_id, session.tenant.weight
     with transaction.atomic():
         _lock(widths)
         shares = {capability: loads(capability, {tenant: weight}, replanned=session.pk) for capability in widths}
-        if all(_fits(found[tenant], widths[capability]) for capability, found in shares.items()):
+        mine = {capability: found[tenant] for capability, found in shares.items()}
+        if all(_fits(load, widths[capability]) for capability, load in mine.items()):
             lane = SHARE
-        elif all(found.keys() == {tenant} for found in shares.values()):
+        elif all(not mine[capability].held and found.keys() == {tenant} for capability, found in shares.items()):
             lane = BACKLOG
         else:
             lane = None
-        type(session).objects.filter(pk=session.pk).update(canvas_width=widths if lane else {})
+        type(session).objects.filter(pk=session.pk).update(
+            canvas_width=widths if lane else {}, canvas_backlog=lane == BACKLOG
+        )
+        mark(lane)
     return lane
 
 

@@ -19,7 +19,7 @@ from sessions.models import ACTIVE, SETTLED, Session
 from sessions.workspaces import discard_session_files
 
 from . import fairshare
-from .broker import lost_message_ids
+from .broker import busy_queues, lost_message_ids
 from .lifecycle import mark_session_running, settle_session
 from .models import Task
 from .release import release_held, release_tasks, resend_queued_task, send_released, stop_open_tasks
@@ -152,9 +152,17 @@ def redispatch_lost_messages() -> int:
     descendants with it: the database releases them from now on. A duplicate message is harmless
     (the claim is a compare-and-set)."""
     since = timezone.now() - timedelta(seconds=settings.LOST_MESSAGE_AFTER_SECONDS)
+    candidates = Task.objects.filter(
+        status=Task.Status.QUEUED, queued_at__lt=since, session__status__in=ACTIVE
+    ).exclude(fairshare.HELD)  # no message yet: fair share sends it
+    # The tasks on a queue with messages waiting are looked at once it drains: left out before
+    # the batch is cut, so that a long backlog on one queue does not hide a lost message elsewhere.
+    queues = set(candidates.exclude(dispatched_to="").values_list("dispatched_to", flat=True).distinct())
+    busy = busy_queues(queues) if queues else set()
+    if busy is None:
+        return 0
     waiting = list(
-        Task.objects.filter(status=Task.Status.QUEUED, queued_at__lt=since, session__status__in=ACTIVE)
-        .exclude(fairshare.HELD)  # no message yet: fair share sends it
+        candidates.exclude(dispatched_to__in=busy)
         .select_related("session")
         .order_by("queued_at")[: settings.SWEEP_BATCH]
     )

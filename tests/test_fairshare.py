@@ -106,7 +106,7 @@ def test_a_tenant_alone_sends_a_canvas_too_wide_for_its_share_whole_as_a_backlog
     assert first_consumed(settings.CELERY_TASK_DEFAULT_PRIORITY, backlog_priority(9))
     assert first_consumed(backlog_priority(9), backlog_priority(7))
     flood.refresh_from_db()
-    assert flood.canvas_width == {CAP: 10}  # what its settling frees for held work
+    assert flood.canvas_width == {CAP: 10} and flood.canvas_backlog  # its settling frees the capability
 
 
 def test_a_tenant_with_company_sends_its_share_of_the_slots_and_holds_the_rest(db, django_capture_on_commit_callbacks):
@@ -137,11 +137,76 @@ def test_another_tenants_task_goes_at_once_ahead_of_a_lone_tenants_backlog(db, d
     assert mine["properties"]["priority"] == settings.CELERY_TASK_DEFAULT_PRIORITY
     assert first_consumed(mine["properties"]["priority"], backlog_priority(9))
     calm.refresh_from_db()
-    assert calm.canvas_width == {CAP: 1}  # a one-task canvas, counted in the calm tenant's share
-    # The flood's backlog counts against its share: its next session is held, not sent.
-    more = ready_session("acme", 1)
+    assert calm.canvas_width == {CAP: 1} and not calm.canvas_backlog  # counted in the calm tenant's share
+    # The flood's own later work is within its share too (the backlog counts against none): it
+    # goes ahead of the backlog, whatever the sessions' priorities.
+    more = ready_session("acme", 1, priority=2)
     dispatch(more, django_capture_on_commit_callbacks)
-    assert held(more) == 1
+    [own] = [m for m in queued_broker_messages("cap.*") if m["headers"]["id"] == sent(more)[0].message_id]
+    assert own["properties"]["priority"] == settings.CELERY_TASK_DEFAULT_PRIORITY
+
+
+def test_while_a_backlog_waits_the_shares_leave_its_tenant_its_weight_of_the_slots(
+    db, django_capture_on_commit_callbacks
+):
+    online_agent(concurrency=4)
+    backlog = ready_session("acme", 20)
+    dispatch(backlog, django_capture_on_commit_callbacks)
+    others = [ready_session(slug, 10) for slug in ("globex", "initech")]
+    for session in others:
+        dispatch(session, django_capture_on_commit_callbacks)
+
+    # globex came with one tenant beside it (floor(4 / 2) = 2), initech with two (floor(4 / 3) = 1).
+    assert [(len(sent(s)), held(s)) for s in others] == [(2, 8), (1, 9)]
+    backlog.refresh_from_db()
+    assert backlog.canvas_backlog and len(sent(backlog)) == 20
+    # globex's task finishes: it is at its 1 of 4 now, and the slot is the backlog's. With the
+    # burst, each later tenant would have ceil(6 / 3) = 2: every slot, and the backlog would starve.
+    assert finish(sent(others[0])[0], django_capture_on_commit_callbacks) == 0
+
+
+def test_a_tenant_that_holds_work_runs_no_backlog_past_it(db, django_capture_on_commit_callbacks):
+    online_agent(concurrency=2)  # a share of 3
+    urgent = ready_session("acme", 7, priority=9)
+    Task.objects.filter(session=urgent).update(message_id="", via_canvas=False)  # released by the database
+    with django_capture_on_commit_callbacks(execute=True):
+        assert release_held(CAP) == 3  # its share; 4 held
+    wide = ready_session("acme", 10, priority=1)
+
+    dispatch(wide, django_capture_on_commit_callbacks)
+
+    # A backlog would put the wide session's 10 on the queue ahead of the urgent one's 4, which
+    # wait for a slot; released by the database instead, they wait behind them.
+    wide.refresh_from_db()
+    assert not wide.canvas_backlog and held(wide) == 10 and held(urgent) == 4
+    assert finish(sent(urgent)[0], django_capture_on_commit_callbacks) == 1
+    assert (held(urgent), held(wide)) == (3, 10)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_tenants_dispatched_at_once_never_both_get_a_backlog():
+    online_agent(concurrency=2)
+    sessions = [ready_session(slug, 8) for slug in ("acme", "globex", "initech", "umbrella")]
+    barrier, errors = threading.Barrier(len(sessions)), []
+
+    def dispatch_now(session: Session) -> None:
+        try:
+            barrier.wait()
+            dispatch_session(session.pk)
+        except Exception as exc:  # reported by the assertion below
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=dispatch_now, args=(session,)) for session in sessions]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+
+    # The first under the lock is alone and sends a backlog; each later one sees it and is held.
+    assert errors == []
+    assert Session.objects.filter(pk__in=[s.pk for s in sessions], canvas_backlog=True).count() == 1
 
 
 def test_a_freed_slot_sends_the_tenants_most_urgent_held_task(db, django_capture_on_commit_callbacks):
@@ -298,7 +363,8 @@ def test_canvas_nodes_sent_again_are_counted_once_and_never_held_behind_their_ow
 
 
 def test_pinned_tasks_neither_count_against_the_share_nor_wait_for_it(db, django_capture_on_commit_callbacks):
-    online_agent(concurrency=1)  # a share of 2
+    online_agent(concurrency=2)  # a share of 2 beside the neighbour
+    neighbour_in_flight()
     pinned = ready_session("acme", 3)
     pinned.tasks.update(pinned_agent="gpu-box")  # an agent of its own queue, offline: they wait there
     dispatch(pinned, django_capture_on_commit_callbacks)
@@ -306,6 +372,7 @@ def test_pinned_tasks_neither_count_against_the_share_nor_wait_for_it(db, django
 
     dispatch(free, django_capture_on_commit_callbacks)
 
+    # Had the 3 pinned counted, the 2 free ones would not fit the share of 2: held, not sent.
     assert len(sent(pinned)) == 3 and len(sent(free)) == 2 and held(free) == 0
 
 

@@ -2,6 +2,7 @@ from datetime import timedelta
 
 import pytest
 from celery import current_app
+from django.test import override_settings
 from django.utils import timezone
 
 from agents.models import Agent
@@ -206,6 +207,26 @@ def test_no_message_is_sent_again_while_its_queue_has_messages_waiting(db, djang
 
     assert run_task_message_ids() == [waiting.message_id]
     assert not SessionEvent.objects.filter(session=session).exists()
+
+
+@override_settings(SWEEP_BATCH=2)
+def test_a_long_wait_on_one_queue_does_not_hide_a_lost_message_on_another(db, django_capture_on_commit_callbacks):
+    waiting = make_session({"a": [], "b": [], "c": []})
+    with django_capture_on_commit_callbacks(execute=True):
+        send_for_real(waiting, "a")
+    # The oldest queued tasks, more than a batch, on a queue with messages waiting (a backlog).
+    for key in "abc":
+        queue_lost(waiting, key, ago_s=300, message_id=waiting.tasks.get(key=key).message_id or f"waits.{key}")
+    waiting.tasks.update(dispatched_to="cap.code_generation")
+    lost = make_session({"x": []})
+    lost.tasks.update(capability="testing", dispatched_to="cap.testing")
+    queue_lost(lost, "x")
+
+    with django_capture_on_commit_callbacks(execute=True):
+        assert sweep_stuck_sessions()["resent"] == 1
+
+    assert lost.tasks.get().message_id in run_task_message_ids("cap.testing*")
+    assert run_task_message_ids("cap.code_generation*") == [waiting.tasks.get(key="a").message_id]
 
 
 def test_a_message_taken_by_a_consumer_that_is_no_live_worker_is_sent_again(db, django_capture_on_commit_callbacks):
