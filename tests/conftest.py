@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -20,6 +21,7 @@ import httpx
 import pytest
 from django.conf import settings
 from django.core.management import call_command
+from django.db import connections
 from playwright.sync_api import Browser, Page, sync_playwright
 from playwright.sync_api import Error as PlaywrightError
 from rest_framework.test import APIClient
@@ -69,6 +71,31 @@ def queued_broker_messages(queues: str = "orchestrator*") -> list[dict]:
         if client.type(key) == b"list":
             messages += [json.loads(raw) for raw in client.lrange(key, 0, -1)]
     return messages
+
+
+def at_once(calls: list[Callable[[], object]], *, timeout_s: float = 30) -> tuple[list, list[BaseException]]:
+    """Run the calls in threads of their own, released together by a barrier, each closing its
+    database connections when done; returns what they returned (in the order they finished) and
+    what they raised."""
+    barrier = threading.Barrier(len(calls))
+    results: list = []
+    errors: list[BaseException] = []
+
+    def run(call: Callable[[], object]) -> None:
+        try:
+            barrier.wait(timeout=timeout_s)
+            results.append(call())
+        except BaseException as exc:  # the caller asserts on them
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=run, args=(call,)) for call in calls]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=timeout_s * 4)
+    return results, errors
 
 
 def run_task_message_ids(queues: str = "cap.*") -> list[str]:

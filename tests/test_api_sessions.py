@@ -1,7 +1,6 @@
 """The sessions API on real PostgreSQL and Redis: create, read, filter, paginate,
 transitions, idempotency, and who may see or change what (tenants and roles)."""
 
-import threading
 from datetime import timedelta
 
 import pytest
@@ -14,7 +13,7 @@ from agents.models import Agent
 from sessions.models import Checkpoint, Session, SessionEvent
 from tasks.models import Task
 from tenants.models import Membership, Tenant
-from tests.conftest import dag_payload, error_of, member_client, queued_broker_messages
+from tests.conftest import at_once, dag_payload, error_of, member_client, queued_broker_messages
 
 SESSIONS = "/api/v1/sessions/"
 
@@ -183,23 +182,14 @@ def test_same_idempotency_key_in_another_tenant_creates_its_own_session(api, oth
 
 def test_concurrent_posts_with_one_idempotency_key_create_one_session(transactional_db):
     clients = [member_client("acme", "alice") for _ in range(8)]
-    barrier = threading.Barrier(len(clients))
-    results: list[tuple[int, str]] = []
 
-    def submit(client: APIClient) -> None:
-        try:
-            barrier.wait(timeout=10)
-            response = client.post(SESSIONS, dag_payload(), format="json", headers={"Idempotency-Key": "race-1"})
-            results.append((response.status_code, response.json()["id"]))
-        finally:
-            connection.close()
+    def submit(client: APIClient) -> tuple[int, str]:
+        response = client.post(SESSIONS, dag_payload(), format="json", headers={"Idempotency-Key": "race-1"})
+        return response.status_code, response.json()["id"]
 
-    threads = [threading.Thread(target=submit, args=(client,)) for client in clients]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
+    results, errors = at_once([lambda client=client: submit(client) for client in clients])
 
+    assert errors == []
     assert sorted(code for code, _ in results) == [200] * 7 + [201]
     assert len({session_id for _, session_id in results}) == 1
     assert Session.objects.count() == 1

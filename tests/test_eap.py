@@ -36,7 +36,7 @@ from tasks.sweeps import sweep_degraded_sessions
 from tasks.tasks import mark_silent_agents_offline
 from tenants.models import Membership, Tenant
 
-from .conftest import ROOT, error_of, member_client, wait_until
+from .conftest import ROOT, at_once, error_of, member_client, wait_until
 
 REGISTER = "/api/v1/eap/register/"
 HEARTBEAT = "/api/v1/eap/heartbeat/"
@@ -378,27 +378,14 @@ def test_racing_pull_agents_never_claim_the_same_delivery(transactional_db):
     operator = member_client("acme", "olga", role=Membership.Role.OPERATOR)
     agents = [Agent.objects.get(pk=register(operator, name=f"ext-{n}")["agent_id"]) for n in range(6)]
     offers = [offer(running_task(key=f"docs-{n}")).pk for n in range(10)]
-    barrier = threading.Barrier(len(agents))
     claimed: dict[str, list[int]] = {}
-    failures = []
 
     def pull(agent: Agent) -> None:
-        its_claims = []
-        try:
-            barrier.wait(timeout=30)
-            while (delivery := eap.claim_next_delivery(agent)) is not None:
-                its_claims.append(delivery.pk)
-        except BaseException as exc:
-            failures.append(exc)
-        finally:
-            claimed[agent.name] = its_claims
-            connections.close_all()
+        its_claims = claimed[agent.name] = []
+        while (delivery := eap.claim_next_delivery(agent)) is not None:
+            its_claims.append(delivery.pk)
 
-    threads = [threading.Thread(target=pull, args=(agent,)) for agent in agents]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
+    _, failures = at_once([lambda agent=agent: pull(agent) for agent in agents])
 
     assert not failures, failures
     every_claim = [pk for its_claims in claimed.values() for pk in its_claims]

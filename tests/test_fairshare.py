@@ -3,13 +3,11 @@
 The dispatch and release paths are the real ones, on the test database and the test broker; a
 task "finishes" here by its row moving to completed, as the record statement would."""
 
-import threading
 from datetime import timedelta
 
 import pytest
 from celery.canvas import Signature
 from django.conf import settings
-from django.db import connection
 from django.test import override_settings
 from django.utils import timezone
 from kombu.exceptions import OperationalError
@@ -24,7 +22,7 @@ from tasks.release import release_held, release_ready_tasks, resend_queued_task
 from tasks.sweeps import sweep_stuck_sessions
 from tenants.models import Membership, Tenant
 
-from .conftest import create_and_start, member_client, queued_broker_messages, run_task_message_ids, wait_until
+from .conftest import at_once, create_and_start, member_client, queued_broker_messages, run_task_message_ids, wait_until
 
 CAP = "code_generation"
 
@@ -187,22 +185,7 @@ def test_a_tenant_that_holds_work_runs_no_backlog_past_it(db, django_capture_on_
 def test_tenants_dispatched_at_once_never_both_get_a_backlog():
     online_agent(concurrency=2)
     sessions = [ready_session(slug, 8) for slug in ("acme", "globex", "initech", "umbrella")]
-    barrier, errors = threading.Barrier(len(sessions)), []
-
-    def dispatch_now(session: Session) -> None:
-        try:
-            barrier.wait()
-            dispatch_session(session.pk)
-        except Exception as exc:  # reported by the assertion below
-            errors.append(exc)
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=dispatch_now, args=(session,)) for session in sessions]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
+    _, errors = at_once([lambda session=session: dispatch_session(session.pk) for session in sessions])
 
     # The first under the lock is alone and sends a backlog; each later one sees it and is held.
     assert errors == []
@@ -281,22 +264,7 @@ def test_racing_releases_never_send_more_than_the_share():
     online_agent(concurrency=2)
     flood = ready_session("acme", 30)
     Task.objects.filter(session=flood).update(message_id="", via_canvas=False)
-    barrier, sent_counts, errors = threading.Barrier(8), [], []
-
-    def release() -> None:
-        try:
-            barrier.wait()
-            sent_counts.append(release_held(CAP))
-        except Exception as exc:  # reported by the assertion below
-            errors.append(exc)
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=release) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
+    sent_counts, errors = at_once([lambda: release_held(CAP)] * 8)
 
     assert errors == [] and sum(sent_counts) == 3
     assert len(sent(flood)) == 3 and len(run_task_message_ids()) == 3

@@ -2,18 +2,15 @@
 role's highest priority; refused with 429 quota_exceeded and nothing written; the 50-way race;
 retry; the preview; GET /api/v1/tenant/; and the admin that edits them."""
 
-import threading
-
 import jsonschema
 import pytest
 from django.core.exceptions import ValidationError
-from django.db import connection
 from rest_framework.test import APIClient
 
 from sessions.models import Session
 from tasks.models import Task
 from tenants.models import Membership, Tenant
-from tests.conftest import dag_payload, error_of, member_client, member_token, staff_client
+from tests.conftest import at_once, dag_payload, error_of, member_client, member_token, staff_client
 
 SESSIONS = "/api/v1/sessions/"
 PREVIEW = "/api/v1/decompositions/preview/"
@@ -119,23 +116,14 @@ def test_fifty_concurrent_creates_never_exceed_the_active_sessions_quota():
         client = APIClient()
         client.credentials(HTTP_AUTHORIZATION=f"Token {token}")
         clients.append(client)
-    barrier = threading.Barrier(len(clients))
-    answers: list[tuple[int, dict]] = []
 
-    def submit(client: APIClient) -> None:
-        try:
-            barrier.wait(timeout=30)
-            response = create(client)
-            answers.append((response.status_code, response.json()))
-        finally:
-            connection.close()
+    def submit(client: APIClient) -> tuple[int, dict]:
+        response = create(client)
+        return response.status_code, response.json()
 
-    threads = [threading.Thread(target=submit, args=(client,)) for client in clients]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
+    answers, errors = at_once([lambda client=client: submit(client) for client in clients])
 
+    assert errors == []
     codes = sorted(code for code, _ in answers)
     assert codes == [201] * 10 + [429] * 40
     refused = [body["error"] for code, body in answers if code == 429]
