@@ -241,6 +241,8 @@ def retry_session(session: Session, *, actor: str) -> None:
         # A run still going from before the stop was told to abort; it is taken over. Its attempt
         # count stays, so the old run's outcome (recorded against its own attempt) changes nothing.
         row.tasks.filter(status=Task.Status.RUNNING).update(queued_at=None, lease_expires_at=None, **fresh)
+        # Its canvas is over: until dispatch decides again, what it queues is no backlog.
+        type(row).objects.filter(pk=row.pk).update(canvas_backlog=False)
         release_ready_tasks(row.pk)
         _dispatch_after_commit(row)
 

@@ -15,7 +15,7 @@ from kombu.exceptions import OperationalError
 from agents.models import Agent
 from sessions.models import Session
 from tasks import fairshare
-from tasks.lifecycle import dispatch_session
+from tasks.lifecycle import dispatch_session, retry_session
 from tasks.messages import backlog_priority
 from tasks.models import Task
 from tasks.release import release_held, release_ready_tasks, resend_queued_task
@@ -441,3 +441,21 @@ def test_chosen_tasks_the_broker_did_not_take_are_held_again_for_the_next_releas
     assert went.message_id == calls[0] and went.message_id in run_task_message_ids()
     monkeypatch.setattr(Signature, "apply_async", publish)
     assert release_held(CAP) == 1 and held(flood) == 2
+
+
+def test_a_retried_backlog_is_no_backlog_until_dispatch_decides_again(db, django_capture_on_commit_callbacks):
+    online_agent(concurrency=2)
+    flood = ready_session("acme", 10)
+    dispatch(flood, django_capture_on_commit_callbacks)
+    flood.refresh_from_db()
+    assert flood.canvas_backlog
+    Session.objects.filter(pk=flood.pk).update(status=Session.Status.FAILED)
+    flood.refresh_from_db()
+
+    retry_session(flood, actor="test")  # its dispatch waits for the commit, not run here
+
+    # Its re-queued tasks count as the tenant's own, not as a backlog that lowers the others' shares.
+    flood.refresh_from_db()
+    assert not flood.canvas_backlog
+    [load] = fairshare.loads(CAP).values()
+    assert load.backlog == 0
