@@ -10,7 +10,8 @@ drains (which it does, or its tasks would not be waiting on it).
 """
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 from celery import current_app
 from kombu import Connection
@@ -23,6 +24,8 @@ logger = logging.getLogger(__name__)
 # How long the live agent workers get to say what they hold. One that answers later is taken for
 # gone: its message is sent again, which is harmless (the claim is a compare-and-set).
 INSPECT_TIMEOUT_S = 2.0
+
+T = TypeVar("T")
 
 
 def queues_with_messages(conn: Connection, queues: Iterable[str]) -> set[str]:
@@ -65,28 +68,31 @@ def message_ids_held_by_workers(conn: Connection, message_ids: Iterable[str]) ->
     return held & message_ids
 
 
-def busy_queues(queues: Iterable[str]) -> set[str] | None:
-    """Those of `queues` with messages waiting (queues_with_messages); None when the broker cannot
-    be asked."""
-    conn = current_app.connection_for_write()  # of its own, as lost_message_ids says
+def _ask(question: Callable[[Connection], T]) -> T | None:
+    """`question(conn)` on a broker connection of its own (one pooled across a broker restart is
+    dead); None when the broker cannot be asked."""
+    conn = current_app.connection_for_write()
     try:
         with conn:
-            return queues_with_messages(conn, set(queues))
+            return question(conn)
     except (OperationalError, *conn.connection_errors):
         logger.warning("the broker cannot be asked what it holds; lost messages are looked for later", exc_info=True)
         return None
+
+
+def busy_queues(queues: Iterable[str]) -> set[str] | None:
+    """Those of `queues` with messages waiting (queues_with_messages); None when the broker cannot
+    be asked."""
+    return _ask(lambda conn: queues_with_messages(conn, set(queues)))
 
 
 def lost_message_ids(messages: dict[str, str]) -> set[str] | None:
     """Of `messages` (message id -> the queue it was sent to), those the broker and the live
     workers no longer hold; None when the broker cannot be asked."""
-    # A connection of its own, not the pool's: one pooled across a broker restart is dead.
-    conn = current_app.connection_for_write()
-    try:
-        with conn:
-            busy = queues_with_messages(conn, set(messages.values()))
-            held = message_ids_held_by_workers(conn, messages)
-    except (OperationalError, *conn.connection_errors):
-        logger.warning("the broker cannot be asked what it holds; lost messages are looked for later", exc_info=True)
-        return None
-    return {message_id for message_id, queue in messages.items() if queue not in busy and message_id not in held}
+
+    def lost(conn: Connection) -> set[str]:
+        busy = queues_with_messages(conn, set(messages.values()))
+        held = message_ids_held_by_workers(conn, messages)
+        return {message_id for message_id, queue in messages.items() if queue not in busy and message_id not in held}
+
+    return _ask(lost)
