@@ -66,19 +66,19 @@ FROM (
     WHERE a.mode = '' AND a.status IN ('online', 'busy') AND a.capabilities @> jsonb_build_array(%(capability)s::text)
       AND a.last_heartbeat > now() - make_interval(secs => %(offline_after)s)
 ) slots LEFT JOIN ((
-    SELECT s.tenant_id,
-           count(*) FILTER (WHERE NOT (s.canvas_backlog AND t.via_canvas)
-                            AND (t.status = 'running' OR (t.message_id <> '' AND s.status = ANY(%(active)s))))
-               AS in_flight,
-           count(*) FILTER (WHERE t.status = 'queued' AND t.message_id = '' AND NOT t.via_canvas
-                            AND s.status = ANY(%(active)s)) AS held,
-           count(*) FILTER (WHERE s.canvas_backlog AND t.via_canvas
-                            AND (t.status = 'running' OR (t.message_id <> '' AND s.status = ANY(%(active)s))))
-               AS backlog
-    FROM tasks_task t JOIN agent_sessions_session s ON s.id = t.session_id
-    WHERE t.capability = %(capability)s AND t.status IN ('queued', 'running') AND t.pinned_agent = ''
-      AND s.id IS DISTINCT FROM %(replanned)s
-    GROUP BY s.tenant_id
+    SELECT tenant_id,
+           count(*) FILTER (WHERE out AND NOT in_backlog) AS in_flight,
+           count(*) FILTER (WHERE held) AS held,
+           count(*) FILTER (WHERE out AND in_backlog) AS backlog
+    FROM (
+        SELECT s.tenant_id, s.canvas_backlog AND t.via_canvas AS in_backlog,
+               t.status = 'running' OR (t.message_id <> '' AND s.status = ANY(%(active)s)) AS out,
+               t.status = 'queued' AND t.message_id = '' AND NOT t.via_canvas AND s.status = ANY(%(active)s) AS held
+        FROM tasks_task t JOIN agent_sessions_session s ON s.id = t.session_id
+        WHERE t.capability = %(capability)s AND t.status IN ('queued', 'running') AND t.pinned_agent = ''
+          AND s.id IS DISTINCT FROM %(replanned)s
+    ) task
+    GROUP BY tenant_id
 ) load JOIN tenants_tenant tenant ON tenant.id = load.tenant_id) ON true
 """
 
