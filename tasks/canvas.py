@@ -234,9 +234,10 @@ def build_canvas(session: Session) -> tuple[Signature | None, list[Task]]:
         for key, task in tasks.items():
             task.via_canvas = lane is not None and key not in plan.released
             if task.via_canvas:
-                nodes[key] = node_signature(task, priority)
-            task.message_id = nodes[key].id if task.via_canvas else ""
-            task.dispatched_to = nodes[key].options["queue"] if task.via_canvas else ""
+                node = nodes[key] = node_signature(task, priority)
+                task.message_id, task.dispatched_to = node.id, node.options["queue"]
+            else:
+                task.message_id = task.dispatched_to = ""
         statements.mark_sending(list(tasks.values()))
 
     if fairshare.reserve_canvas(session, dict(peak_widths(plan.canvas, tasks)) if plan.canvas else {}, mark) is None:
