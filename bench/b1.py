@@ -1,5 +1,9 @@
 """B1 dispatch overhead: zero-work DAGs through our system against raw Celery canvases of the same
-shape, same broker, same worker count and concurrency, measured in the same run."""
+shape, same broker, same worker count and concurrency, measured in the same run.
+
+A third side, the floor, is raw Celery whose task only claims and records a task row (bench/rawapp.py):
+what docs/DESIGN.md asks of every task at the least. floor / raw is the lowest ratio any
+implementation of the design reaches on this machine; ours / floor is what our code adds to it."""
 
 import statistics
 import time
@@ -9,8 +13,10 @@ from celery.canvas import Signature
 from django.conf import settings
 
 from bench import BenchError, rawapp, shapes
-from bench.ours import run_session
+from bench.ours import new_session, run_session, vacuum
 from bench.workers import Workers
+from sessions.models import Session
+from tasks.models import Task
 from tenants.models import Tenant
 
 CHAIN_LENGTH = 200
@@ -20,9 +26,10 @@ TARGET_RATIO = 1.5
 RUN_TIMEOUT_S = 300.0
 AGENT = "bench-dispatch"
 
-SHAPES: dict[str, tuple[int, Callable[[], list[shapes.Spec]], Callable[[], Signature]]] = {
-    "chain": (CHAIN_LENGTH, lambda: shapes.chain(CHAIN_LENGTH), lambda: rawapp.chain_canvas(CHAIN_LENGTH)),
-    "fan": (FAN_WIDTH + 2, lambda: shapes.fan(FAN_WIDTH), lambda: rawapp.fan_canvas(FAN_WIDTH)),
+# Per shape: its task count, our session's specs, and the raw canvas of the same shape from its steps.
+SHAPES: dict[str, tuple[int, Callable[[], list[shapes.Spec]], Callable[[list[Signature]], Signature]]] = {
+    "chain": (CHAIN_LENGTH, lambda: shapes.chain(CHAIN_LENGTH), rawapp.chain_canvas),
+    "fan": (FAN_WIDTH + 2, lambda: shapes.fan(FAN_WIDTH), rawapp.fan_canvas),
 }
 
 
@@ -44,28 +51,51 @@ def run_raw(build: Callable[[], Signature], timeout_s: float = RUN_TIMEOUT_S) ->
     return elapsed
 
 
-def warm_up(tenant: Tenant) -> None:
-    """One unmeasured run of each shape per side, so that connections, prepared statements and
-    imports in every pool process are warm before the first measured run."""
-    for shape, (_, specs, canvas) in SHAPES.items():
-        run_session(tenant, f"B1 warm-up {shape}", specs(), timeout_s=RUN_TIMEOUT_S)
-        run_raw(canvas)
+def run_floor(tenant: Tenant, title: str, specs: list[shapes.Spec], canvas: Callable[[list[Signature]], Signature]):
+    """The floor's seconds for one run, as run_raw measures raw Celery. Its rows are a session's
+    tasks, queued and marked as canvas nodes with a message out (so fair share takes them for
+    neither held nor its own); the session is never started, so no agent of ours sees them, and
+    is deleted after the run."""
+    session = new_session(tenant, title, specs)
+    try:
+        tasks = Task.objects.filter(session=session).order_by("position")
+        tasks.update(status=Task.Status.QUEUED, via_canvas=True, message_id="bench-floor")
+        ids = list(tasks.values_list("pk", flat=True))
+        vacuum()  # as before each of our runs
+        elapsed = run_raw(lambda: canvas(rawapp.claims(ids)))
+        if tasks.exclude(status=Task.Status.COMPLETED, attempts=1).exists():
+            raise BenchError(f"floor run {title}: not every task was claimed and recorded once")
+        return elapsed
+    finally:
+        Session.objects.filter(pk=session.pk).delete()
+
+
+def run_sides(tenant: Tenant, title: str, shape: str) -> dict[str, float]:
+    """One run of the shape on each side, in seconds."""
+    tasks, specs, canvas = SHAPES[shape]
+    return {
+        "ours": run_session(tenant, title, specs(), timeout_s=RUN_TIMEOUT_S).elapsed_s,
+        "raw": run_raw(lambda: canvas(rawapp.noops(tasks))),
+        "floor": run_floor(tenant, f"{title} (floor)", specs(), canvas),
+    }
 
 
 def measure(tenant: Tenant, repeats: int) -> dict[str, dict[str, list[float]]]:
-    """Seconds per run; the two sides alternate so that background noise hits both alike."""
-    runs = {shape: {"ours": [], "raw": []} for shape in SHAPES}
+    """Seconds per run, after one unmeasured run of each shape per side (connections, prepared
+    statements and imports warm in every pool process); the sides alternate so that background
+    noise hits them alike."""
+    for shape in SHAPES:
+        run_sides(tenant, f"B1 warm-up {shape}", shape)
+    runs = {shape: {"ours": [], "raw": [], "floor": []} for shape in SHAPES}
     for rep in range(repeats):
-        for shape, (_, specs, canvas) in SHAPES.items():
-            ours = run_session(tenant, f"B1 {shape} #{rep + 1}", specs(), timeout_s=RUN_TIMEOUT_S)
-            runs[shape]["ours"].append(ours.elapsed_s)
-            runs[shape]["raw"].append(run_raw(canvas))
+        for shape in SHAPES:
+            for side, seconds in run_sides(tenant, f"B1 {shape} #{rep + 1}", shape).items():
+                runs[shape][side].append(seconds)
     return runs
 
 
-def row(shape: str, tasks: int, ours: list[float], raw: list[float]) -> dict:
-    ours_ms = 1000 * statistics.median(ours) / tasks
-    raw_ms = 1000 * statistics.median(raw) / tasks
+def row(shape: str, tasks: int, ours: list[float], raw: list[float], floor: list[float]) -> dict:
+    ours_ms, raw_ms, floor_ms = (1000 * statistics.median(runs) / tasks for runs in (ours, raw, floor))
     ratio = ours_ms / raw_ms
     return {
         "shape": shape,
@@ -75,8 +105,12 @@ def row(shape: str, tasks: int, ours: list[float], raw: list[float]) -> dict:
         "ratio": round(ratio, 2),
         "target": TARGET_RATIO,
         "met": ratio <= TARGET_RATIO,
+        "floor_ms_per_task": round(floor_ms, 2),
+        "floor_ratio": round(floor_ms / raw_ms, 2),
+        "ours_over_floor": round(ours_ms / floor_ms, 2),
         "ours_runs_s": [round(s, 3) for s in ours],
         "raw_runs_s": [round(s, 3) for s in raw],
+        "floor_runs_s": [round(s, 3) for s in floor],
     }
 
 
@@ -84,7 +118,6 @@ def run_b1(workers: Workers, tenant: Tenant, repeats: int) -> dict:
     workers.agent(AGENT, CONCURRENCY)
     workers.raw(CONCURRENCY)
     try:
-        warm_up(tenant)
         runs = measure(tenant, repeats)
     finally:
         workers.stop(AGENT)
@@ -95,11 +128,13 @@ def run_b1(workers: Workers, tenant: Tenant, repeats: int) -> dict:
         "workers": (
             f"ours: 1 agent worker (scripted, duration 0) x concurrency {CONCURRENCY}, plus the orchestrator "
             f"worker x 2 (extra infrastructure: dispatch_session, finalize_session); "
-            f"raw: 1 worker x concurrency {CONCURRENCY}; both prefork, same {broker} broker and Redis result backend"
+            f"raw and floor: 1 worker x concurrency {CONCURRENCY}; all prefork, same {broker} broker and Redis "
+            "result backend; floor: raw Celery whose task claims and records a task row (two one-row "
+            "compare-and-sets, committed), the least docs/DESIGN.md asks of a task"
         ),
         "measured": (
-            "start_session() -> the settling event (Redis pub/sub); "
-            "apply_async() -> last result ready (polled every 10 ms)"
+            "ours: start_session() -> the settling event (Redis pub/sub); "
+            "raw and floor: apply_async() -> last result ready (polled every 10 ms)"
         ),
         "repeats": repeats,
         "rows": [row(shape, tasks, **runs[shape]) for shape, (tasks, _, _) in SHAPES.items()],

@@ -1,13 +1,21 @@
-"""The baseline of B1: a bare Celery app whose task does nothing, on the orchestrator's broker.
+"""The baselines of B1: a bare Celery app on the orchestrator's broker whose task does nothing
+(raw), and one whose task only claims and records a task row (the floor).
 
 Started as `celery -A bench.rawapp worker`. It takes its Celery settings from the project's
 settings.py (acks_late, prefetch 1, priority queues, the Redis result backend), so that the
 comparison measures our code, not a different Celery configuration.
+
+The floor is what docs/DESIGN.md section 6 asks of every task at the least, with nothing of ours
+around it: a compare-and-set claim (queued -> running, one attempt more) and a compare-and-set
+record (running -> completed for that attempt) on the task's row, each committed, through psycopg
+with prepared statements. No implementation of that design can run a task for less.
 """
 
 import importlib.util
+from functools import cache
 from pathlib import Path
 
+import psycopg
 from celery import Celery, chain, chord, group
 from celery.canvas import Signature
 
@@ -15,6 +23,7 @@ QUEUE = "bench.raw"
 SETTINGS_FILE = Path(__file__).resolve().parent.parent / "orchestrator_project" / "settings.py"
 
 
+@cache
 def _project_settings():
     # Loaded as a plain file, not as orchestrator_project.settings: importing the package would
     # run its __init__, which creates the orchestrator's Celery app (and its Django fix-up) here.
@@ -38,10 +47,47 @@ def noop() -> None:
     """Nothing: what is left of a zero-work task without our claim and bookkeeping."""
 
 
-def chain_canvas(length: int) -> Signature:
-    return chain(*(noop.si() for _ in range(length)), app=app)
+CLAIM = """
+UPDATE tasks_task SET status = 'running', attempts = attempts + 1
+WHERE id = %(task)s AND status = 'queued' RETURNING attempts
+"""
+RECORD = """
+UPDATE tasks_task SET status = 'completed'
+WHERE id = %(task)s AND status = 'running' AND attempts = %(attempt)s RETURNING id
+"""
 
 
-def fan_canvas(width: int) -> Signature:
-    """root -> `width` in parallel -> sink, the shape our compiler gives a fan-out/fan-in."""
-    return chain(noop.si(), chord(group(noop.si() for _ in range(width)), noop.si()), app=app)
+@cache
+def _database() -> psycopg.Connection:
+    """This pool process's connection to the orchestrator's database (DATABASE_URL)."""
+    db = _project_settings().DATABASES["default"]
+    return psycopg.connect(
+        dbname=db["NAME"], user=db["USER"], password=db["PASSWORD"], host=db["HOST"], port=db["PORT"], autocommit=True
+    )
+
+
+@app.task(name="bench.claim_and_record", queue=QUEUE)
+def claim_and_record(task_id: str) -> None:
+    """The floor's task: claim the queued task row, then record it completed."""
+    cursor = _database().cursor()
+    [(attempt,)] = cursor.execute(CLAIM, {"task": task_id}, prepare=True).fetchall()
+    if not cursor.execute(RECORD, {"task": task_id, "attempt": attempt}, prepare=True).fetchall():
+        raise RuntimeError(f"task {task_id}: the record found the claim gone")
+
+
+def chain_canvas(steps: list[Signature]) -> Signature:
+    return chain(*steps, app=app)
+
+
+def fan_canvas(steps: list[Signature]) -> Signature:
+    """root -> the rest in parallel -> sink, the shape our compiler gives a fan-out/fan-in."""
+    root, *middle, sink = steps
+    return chain(root, chord(group(middle), sink), app=app)
+
+
+def noops(count: int) -> list[Signature]:
+    return [noop.si() for _ in range(count)]
+
+
+def claims(task_ids: list) -> list[Signature]:
+    return [claim_and_record.si(str(task_id)) for task_id in task_ids]

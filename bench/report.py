@@ -23,10 +23,12 @@ def fmt(value: object) -> str:
 
 def b1_text(b1: dict) -> str:
     rows = [
-        (r["shape"], r["tasks"], r["ours_ms_per_task"], r["raw_ms_per_task"], r["ratio"], f"<= {r['target']}", r["met"])
+        (r["shape"], r["tasks"], r["ours_ms_per_task"], r["raw_ms_per_task"], r["ratio"], f"<= {r['target']}", r["met"],
+         r["floor_ms_per_task"], r["floor_ratio"], r["ours_over_floor"])
         for r in b1["rows"]
-    ]
-    headers = ("shape", "tasks", "ours ms/task", "raw ms/task", "ratio", "target", "met?")
+    ]  # fmt: skip
+    headers = ("shape", "tasks", "ours ms/task", "raw ms/task", "ratio", "target", "met?", "floor ms/task",
+               "floor / raw", "ours / floor")  # fmt: skip
     return "\n".join(
         [
             f"B1 dispatch overhead on {b1['broker']} (median of {b1['repeats']} runs)",

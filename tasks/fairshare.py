@@ -44,6 +44,7 @@ from django.db.models import Q
 
 from sessions.models import ACTIVE
 
+from . import statements
 from .models import Task
 
 # Tasks whose message goes to a shared queue: a pinned task waits on its own agent's queue (or,
@@ -225,18 +226,18 @@ def release_held(capability: str, mark) -> list[Task]:
 
 
 # HELD in SQL: asked after every finish, where compiling the ORM's query would cost more than
-# running it (make bench, B1).
+# running it, and planning it each time more than running it too (make bench, B1): a hot-path
+# statement, prepared once per connection.
 HAS_HELD = """
-SELECT EXISTS (SELECT FROM tasks_task WHERE capability = %s AND status = 'queued' AND message_id = ''
+SELECT EXISTS (SELECT FROM tasks_task WHERE capability = %(capability)s AND status = 'queued' AND message_id = ''
                AND NOT via_canvas AND pinned_agent = '')
 """
 
 
 def has_held(capability: str) -> bool:
     """Whether any task of the capability is held (cheap: a partial index)."""
-    with connection.cursor() as cursor:
-        cursor.execute(HAS_HELD, [capability])
-        return cursor.fetchone()[0]
+    [(held,)] = statements.run(HAS_HELD, {"capability": capability})
+    return held
 
 
 def held_capabilities() -> list[str]:
