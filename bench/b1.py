@@ -2,8 +2,9 @@
 shape, same broker, same worker count and concurrency, measured in the same run.
 
 A third side, the floor, is raw Celery whose task only claims and records a task row (bench/rawapp.py):
-what docs/DESIGN.md asks of every task at the least. floor / raw is the lowest ratio any
-implementation of the design reaches on this machine; ours / floor is what our code adds to it."""
+the database work the design asks of every task, with nothing else around it. floor / raw is a lower
+bound for the ratio of any implementation of the design on this machine; ours / floor is what our code
+adds to it (and our side's start, settling and end detection, which raw and floor do not have)."""
 
 import statistics
 import time
@@ -12,6 +13,7 @@ from collections.abc import Callable
 from celery.canvas import Signature
 from django.conf import settings
 
+from agents.models import Agent
 from bench import BenchError, rawapp, shapes
 from bench.ours import new_session, run_session, vacuum
 from bench.workers import Workers
@@ -33,8 +35,9 @@ SHAPES: dict[str, tuple[int, Callable[[], list[shapes.Spec]], Callable[[list[Sig
 }
 
 
-def run_raw(build: Callable[[], Signature], timeout_s: float = RUN_TIMEOUT_S) -> float:
+def run_raw(build: Callable[[], Signature], side: str = "raw", timeout_s: float = RUN_TIMEOUT_S) -> float:
     """Seconds from building and sending the canvas until its last task's result is stored.
+    `side`: raw or floor, for the messages.
 
     Polled every 10 ms (a Redis GET): result.get()'s pub/sub wake-up measured 40-100 ms slower
     here, which would flatter our ratio. Polling at 2 ms measured the same as at 10 ms."""
@@ -43,27 +46,31 @@ def run_raw(build: Callable[[], Signature], timeout_s: float = RUN_TIMEOUT_S) ->
     deadline = time.monotonic() + timeout_s
     while not result.ready():
         if time.monotonic() > deadline:
-            raise BenchError(f"raw canvas not done after {timeout_s:g}s; see .run/bench-raw.log")
+            raise BenchError(f"{side} canvas not done after {timeout_s:g}s; see .run/bench-raw.log")
         time.sleep(0.01)
     elapsed = time.perf_counter() - started
     if not result.successful():
-        raise BenchError(f"raw canvas failed: {result.result!r}")
+        raise BenchError(f"{side} canvas failed: {result.result!r}")
     return elapsed
 
 
-def run_floor(tenant: Tenant, title: str, specs: list[shapes.Spec], canvas: Callable[[list[Signature]], Signature]):
-    """The floor's seconds for one run, as run_raw measures raw Celery. Its rows are a session's
-    tasks, queued and marked as canvas nodes with a message out (so fair share takes them for
-    neither held nor its own); the session is never started, so no agent of ours sees them, and
-    is deleted after the run."""
+def run_floor(
+    tenant: Tenant, title: str, specs: list[shapes.Spec], canvas: Callable[[list[Signature]], Signature]
+) -> float:
+    """The floor's seconds for one run, measured as run_raw measures raw Celery, on the tasks of a
+    session made for it: marked running, its tasks queued, and deleted after the run. Nothing of
+    ours runs meanwhile (the sides take turns, and the bench starts no Beat); the tasks are marked
+    as canvas nodes with a message out, so that fair share does not take them for held ones."""
     session = new_session(tenant, title, specs)
     try:
-        tasks = Task.objects.filter(session=session).order_by("position")
-        tasks.update(status=Task.Status.QUEUED, via_canvas=True, message_id="bench-floor")
-        ids = list(tasks.values_list("pk", flat=True))
+        Session.objects.filter(pk=session.pk).update(status=Session.Status.RUNNING)
+        rows = Task.objects.filter(session=session).order_by("position")
+        rows.update(status=Task.Status.QUEUED, via_canvas=True, message_id="bench-floor")
+        ids = list(rows.values_list("pk", flat=True))
+        agent = Agent.objects.values_list("pk", flat=True).get(name=AGENT)
         vacuum()  # as before each of our runs
-        elapsed = run_raw(lambda: canvas(rawapp.claims(ids)))
-        if tasks.exclude(status=Task.Status.COMPLETED, attempts=1).exists():
+        elapsed = run_raw(lambda: canvas(rawapp.claims(ids, agent)), side="floor")
+        if rows.exclude(status=Task.Status.COMPLETED, attempts=1).exists():
             raise BenchError(f"floor run {title}: not every task was claimed and recorded once")
         return elapsed
     finally:
@@ -72,10 +79,10 @@ def run_floor(tenant: Tenant, title: str, specs: list[shapes.Spec], canvas: Call
 
 def run_sides(tenant: Tenant, title: str, shape: str) -> dict[str, float]:
     """One run of the shape on each side, in seconds."""
-    tasks, specs, canvas = SHAPES[shape]
+    count, specs, canvas = SHAPES[shape]
     return {
         "ours": run_session(tenant, title, specs(), timeout_s=RUN_TIMEOUT_S).elapsed_s,
-        "raw": run_raw(lambda: canvas(rawapp.noops(tasks))),
+        "raw": run_raw(lambda: canvas(rawapp.noops(count))),
         "floor": run_floor(tenant, f"{title} (floor)", specs(), canvas),
     }
 
@@ -129,8 +136,8 @@ def run_b1(workers: Workers, tenant: Tenant, repeats: int) -> dict:
             f"ours: 1 agent worker (scripted, duration 0) x concurrency {CONCURRENCY}, plus the orchestrator "
             f"worker x 2 (extra infrastructure: dispatch_session, finalize_session); "
             f"raw and floor: 1 worker x concurrency {CONCURRENCY}; all prefork, same {broker} broker and Redis "
-            "result backend; floor: raw Celery whose task claims and records a task row (two one-row "
-            "compare-and-sets, committed), the least docs/DESIGN.md asks of a task"
+            "result backend; floor: raw Celery whose task only claims and records a task row (two statements, "
+            "committed: the database work the design asks of every task, a lower bound)"
         ),
         "measured": (
             "ours: start_session() -> the settling event (Redis pub/sub); "

@@ -5,13 +5,16 @@ Started as `celery -A bench.rawapp worker`. It takes its Celery settings from th
 settings.py (acks_late, prefetch 1, priority queues, the Redis result backend), so that the
 comparison measures our code, not a different Celery configuration.
 
-The floor is what docs/DESIGN.md section 6 asks of every task at the least, with nothing of ours
-around it: a compare-and-set claim (queued -> running, one attempt more) and a compare-and-set
-record (running -> completed for that attempt) on the task's row, each committed, through psycopg
-with prepared statements. No implementation of that design can run a task for less.
+The floor is the database work the design asks of every task (docs/ARCHITECTURE.md: "PostgreSQL
+is the source of truth ... Every hand-off is a compare-and-set on a row"), with nothing
+of ours around it: the claim (queued -> running with one attempt more, a lease and the agent,
+while the session is active) and the record (the outcome, its result and its checkpoint row),
+each one statement, committed, through psycopg. It leaves out routing, fair share, the
+dependents' bookkeeping, logs and metrics: a lower bound for any implementation, not a rival one.
 """
 
 import importlib.util
+import os
 from functools import cache
 from pathlib import Path
 
@@ -48,30 +51,42 @@ def noop() -> None:
 
 
 CLAIM = """
-UPDATE tasks_task SET status = 'running', attempts = attempts + 1
-WHERE id = %(task)s AND status = 'queued' RETURNING attempts
+UPDATE tasks_task t
+SET status = 'running', attempts = t.attempts + 1, agent_id = %(agent)s, started_at = now(),
+    lease_expires_at = now() + interval '5 minutes', worker_pid = %(pid)s
+WHERE t.id = %(task)s AND t.status = 'queued' AND EXISTS (
+    SELECT FROM agent_sessions_session s WHERE s.id = t.session_id AND s.status IN ('queued', 'running', 'degraded')
+)
+RETURNING t.attempts
 """
 RECORD = """
-UPDATE tasks_task SET status = 'completed'
-WHERE id = %(task)s AND status = 'running' AND attempts = %(attempt)s RETURNING id
+WITH done AS (
+    UPDATE tasks_task
+    SET status = 'completed', result = '{}'::jsonb, finished_at = now(), lease_expires_at = NULL, worker_pid = NULL
+    WHERE id = %(task)s AND status = 'running' AND attempts = %(attempt)s
+    RETURNING id, session_id
+)
+INSERT INTO agent_sessions_checkpoint (session_id, task_id, created_at) SELECT session_id, id, now() FROM done
+RETURNING task_id
 """
 
 
 @cache
 def _database() -> psycopg.Connection:
-    """This pool process's connection to the orchestrator's database (DATABASE_URL)."""
-    db = _project_settings().DATABASES["default"]
-    return psycopg.connect(
-        dbname=db["NAME"], user=db["USER"], password=db["PASSWORD"], host=db["HOST"], port=db["PORT"], autocommit=True
-    )
+    """This pool process's connection to the orchestrator's database, prepared statements as ours."""
+    return psycopg.connect(os.environ["DATABASE_URL"], autocommit=True)
 
 
 @app.task(name="bench.claim_and_record", queue=QUEUE)
-def claim_and_record(task_id: str) -> None:
-    """The floor's task: claim the queued task row, then record it completed."""
+def claim_and_record(task_id: str, agent_id: int) -> None:
+    """The floor's task: claim the queued task row for the agent, then record it completed."""
+    prepare = bool(_project_settings().DB_PREPARED_STATEMENTS)
     cursor = _database().cursor()
-    [(attempt,)] = cursor.execute(CLAIM, {"task": task_id}, prepare=True).fetchall()
-    if not cursor.execute(RECORD, {"task": task_id, "attempt": attempt}, prepare=True).fetchall():
+    claimed = cursor.execute(CLAIM, {"task": task_id, "agent": agent_id, "pid": os.getpid()}, prepare=prepare)
+    row = claimed.fetchone()
+    if row is None:
+        raise RuntimeError(f"task {task_id}: the claim found no queued task of an active session")
+    if cursor.execute(RECORD, {"task": task_id, "attempt": row[0]}, prepare=prepare).fetchone() is None:
         raise RuntimeError(f"task {task_id}: the record found the claim gone")
 
 
@@ -89,5 +104,5 @@ def noops(count: int) -> list[Signature]:
     return [noop.si() for _ in range(count)]
 
 
-def claims(task_ids: list) -> list[Signature]:
-    return [claim_and_record.si(str(task_id)) for task_id in task_ids]
+def claims(task_ids: list, agent_id: int) -> list[Signature]:
+    return [claim_and_record.si(str(task_id), agent_id) for task_id in task_ids]

@@ -45,12 +45,11 @@ from django.db.models import Q
 from sessions.models import ACTIVE
 
 from . import statements
-from .models import Task
+from .models import HELD, Task
 
 # Tasks whose message goes to a shared queue: a pinned task waits on its own agent's queue (or,
 # pinned to an external agent, for its pull), which no other tenant's work shares.
 SHARED = Q(pinned_agent="")
-HELD = Q(status=Task.Status.QUEUED, message_id="", via_canvas=False) & SHARED
 
 _ACTIVE = sorted(ACTIVE)
 
@@ -235,7 +234,8 @@ SELECT EXISTS (SELECT FROM tasks_task WHERE capability = %(capability)s AND stat
 
 
 def has_held(capability: str) -> bool:
-    """Whether any task of the capability is held (cheap: a partial index)."""
+    """Whether any task of the capability is held: one entry of a partial index (Task's
+    task_held), however much else of the capability is queued or running."""
     [(held,)] = statements.run(HAS_HELD, {"capability": capability})
     return held
 

@@ -7,6 +7,10 @@ from agents.capabilities import CAPABILITIES, EAP_PINNED_QUEUE, capability_queue
 
 from .dag import pert_hours
 
+# Fair share's held tasks (tasks/fairshare.py): queued on a shared queue with no message out,
+# waiting in the database for their tenant's share of the slots.
+HELD = Q(status="queued", message_id="", via_canvas=False, pinned_agent="")
+
 
 class Task(models.Model):
     class Status(models.TextChoices):
@@ -92,6 +96,9 @@ class Task(models.Model):
             models.Index(
                 fields=["capability"], condition=Q(status__in=["queued", "running"]), name="task_open_capability"
             ),
+            # Whether anything is held for a capability, asked after every finish: an index of the
+            # held tasks alone answers it at once, however much else is queued (a backlog canvas).
+            models.Index(fields=["capability"], condition=HELD, name="task_held"),
             models.Index(fields=["session"], condition=Q(status="pending", upstream_open=0), name="task_unblocked"),
         ]
         constraints = [models.UniqueConstraint(fields=["session", "key"], name="unique_task_key_per_session")]

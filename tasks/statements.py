@@ -189,7 +189,9 @@ def run(sql: str, params) -> list[tuple]:
 
     Outside a transaction, a deadlock, a serialization failure or a lost connection is retried:
     every statement here is a compare-and-set, so running it again after it did commit (its
-    reply lost) changes nothing and reports nothing moved; callers check the row then.
+    reply lost) changes nothing and reports nothing moved; callers check the row then. Other
+    hot-path statements run through here for the preparing too (fairshare.HAS_HELD): reads only,
+    which are safe to run again.
     """
     try:
         return _execute(sql, params)
