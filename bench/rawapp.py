@@ -26,7 +26,6 @@ QUEUE = "bench.raw"
 SETTINGS_FILE = Path(__file__).resolve().parent.parent / "orchestrator_project" / "settings.py"
 
 
-@cache
 def _project_settings():
     # Loaded as a plain file, not as orchestrator_project.settings: importing the package would
     # run its __init__, which creates the orchestrator's Celery app (and its Django fix-up) here.
@@ -36,9 +35,10 @@ def _project_settings():
     return module
 
 
+SETTINGS = _project_settings()
 # Not the current app: in the benchmark's own process, the orchestrator's app must stay current.
 app = Celery("bench_raw", set_as_current=False)
-app.config_from_object(_project_settings(), namespace="CELERY")
+app.config_from_object(SETTINGS, namespace="CELERY")
 app.conf.task_default_queue = QUEUE
 app.conf.task_routes = {}
 
@@ -80,7 +80,7 @@ def _database() -> psycopg.Connection:
 @app.task(name="bench.claim_and_record", queue=QUEUE)
 def claim_and_record(task_id: str, agent_id: int) -> None:
     """The floor's task: claim the queued task row for the agent, then record it completed."""
-    prepare = bool(_project_settings().DB_PREPARED_STATEMENTS)
+    prepare = bool(SETTINGS.DB_PREPARED_STATEMENTS)
     cursor = _database().cursor()
     claimed = cursor.execute(CLAIM, {"task": task_id, "agent": agent_id, "pid": os.getpid()}, prepare=prepare)
     row = claimed.fetchone()

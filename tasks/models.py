@@ -8,7 +8,9 @@ from agents.capabilities import CAPABILITIES, EAP_PINNED_QUEUE, capability_queue
 from .dag import pert_hours
 
 # Fair share's held tasks (tasks/fairshare.py): queued on a shared queue with no message out,
-# waiting in the database for their tenant's share of the slots.
+# waiting in the database for their tenant's share of the slots. The hot path asks for them in SQL
+# (fairshare.HAS_HELD, whose condition must stay this one for the task_held index to answer it,
+# and fairshare.LOADS): a change here changes those too (test_fairshare holds HAS_HELD to it).
 HELD = Q(status="queued", message_id="", via_canvas=False, pinned_agent="")
 
 
